@@ -1,0 +1,52 @@
+# kappa-dagster: `make demo` tells the whole story, `make test` runs the full suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.DEFAULT_GOAL := help
+.PHONY: help install stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+install: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml ## Create the virtualenv and install the project
+
+stack-up: install ## Fetch jars (once) and start the local Kafka broker + S3 server
+	$(BIN)/kappa stack up
+
+stack-down: install ## Stop the local stack (data is kept)
+	$(BIN)/kappa stack down
+
+stack-status: install ## Show what runs where
+	$(BIN)/kappa stack status
+
+test: install ## Run the full test suite against the real stack
+	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
+
+test-fast: install ## Run the tests that need no stack
+	$(BIN)/pytest tests/test_config.py $(PYTEST_ARGS)
+
+lint: install ## ruff + Dagster definitions validation
+	$(BIN)/ruff check .
+	$(BIN)/dagster definitions validate -w workspace.yaml
+
+demo: install ## Start the stack and run the whole story end to end
+	$(BIN)/python -m workers.demo
+
+dagster-dev: install ## Dagster UI + daemon on http://127.0.0.1:3000
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+clean: ## Remove the virtualenv and local Dagster state (stack data is kept)
+	rm -rf $(VENV) .dagster_home .pytest_cache .ruff_cache

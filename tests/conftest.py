@@ -1,0 +1,72 @@
+"""Test fixtures: the real local stack (or your cluster), plus per-test buckets and topics.
+
+If ``KAPPA_BOOTSTRAP_SERVERS`` is set in the environment, tests use that cluster and the S3 named
+by ``KAPPA_S3_ENDPOINT_URL``/AWS credentials. Otherwise the session starts the local stack with the
+same code as ``kappa stack up`` (reusing it if already running) and stops it at the end if it
+started it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from workers import kafka as kafka_helpers
+from workers import s3 as s3_helpers
+from workers.config import Settings, apply_stack_env, load_settings
+from workers.stack import Stack
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack | None]:
+    """The running local stack (None when the environment names an external cluster)."""
+    external = "KAPPA_BOOTSTRAP_SERVERS" in os.environ
+    if external:
+        yield None
+        return
+    local = Stack(log=lambda message: print(message))
+    started = not local.running()
+    local.up()
+    apply_stack_env()
+    try:
+        yield local
+    finally:
+        if started and os.environ.get("KAPPA_KEEP_STACK") != "1":
+            local.down()
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Names that never collide between tests or runs: ``unique("events")`` -> ``events-1a2b3c4d``."""
+    return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def settings(stack: Stack | None, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings with a fresh bucket and fresh topic names, exported to the environment for subprocesses."""
+    bucket = unique("kappa-test")
+    events = unique("events")
+    monkeypatch.setenv("KAPPA_S3_BUCKET", bucket)
+    monkeypatch.setenv("KAPPA_EVENTS_TOPIC", events)
+    monkeypatch.setenv("KAPPA_DLQ_TOPIC", f"{events}.dlq")
+    current = load_settings()
+    s3_helpers.ensure_bucket(s3_helpers.s3_client(current), bucket)
+    return current
+
+
+@pytest.fixture
+def s3(settings: Settings):
+    return s3_helpers.s3_client(settings)
+
+
+@pytest.fixture
+def topic_factory(settings: Settings, unique: Callable[[str], str]) -> Callable[..., str]:
+    def create(prefix: str = "topic", partitions: int = 3) -> str:
+        name = unique(prefix)
+        kafka_helpers.ensure_topic(settings, name, partitions)
+        return name
+
+    return create

@@ -1,0 +1,62 @@
+"""Configuration: env vars map to settings, secrets never print, bad values fail with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.config import kafka_passthrough, load_settings
+from workers.errors import ConfigError
+
+BASE = {"KAPPA_BOOTSTRAP_SERVERS": "broker:9092"}
+
+
+def test_kafka_settings_pass_through_to_librdkafka() -> None:
+    env = {
+        **BASE,
+        "KAPPA_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAPPA_KAFKA_SASL_MECHANISM": "PLAIN",
+        "KAPPA_KAFKA_SASL_USERNAME": "alice",
+        "KAPPA_KAFKA_SASL_PASSWORD": "s3cr3t-value",
+    }
+    config = load_settings(env).kafka_config(**{"group.id": "g"})
+    assert config == {
+        "bootstrap.servers": "broker:9092",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": "alice",
+        "sasl.password": "s3cr3t-value",
+        "group.id": "g",
+    }
+
+
+def test_secrets_are_redacted_everywhere_printable() -> None:
+    env = {**BASE, "KAPPA_KAFKA_SASL_PASSWORD": "s3cr3t-value", "AWS_SECRET_ACCESS_KEY": "aws-s3cr3t",
+           "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}
+    settings = load_settings(env)
+    printed = repr(settings) + str(settings.redacted())
+    for secret in ("s3cr3t-value", "aws-s3cr3t", "AKIAEXAMPLE"):
+        assert secret not in printed
+
+
+def test_real_aws_when_endpoint_unset() -> None:
+    settings = load_settings(BASE)
+    assert settings.s3_endpoint_url is None
+    assert settings.s3_bucket == "kappa"
+    assert settings.dlq_topic == "events.dlq"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "KAPPA_BOOTSTRAP_SERVERS"),
+        ({**BASE, "KAPPA_S3_BUCKET": "Bad_Bucket"}, "KAPPA_S3_BUCKET"),
+        ({**BASE, "KAPPA_EVENTS_TOPIC": "bad topic!"}, "KAPPA_EVENTS_TOPIC"),
+    ],
+)
+def test_bad_config_fails_with_a_message_naming_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env)
+
+
+def test_empty_passthrough_values_are_ignored() -> None:
+    assert kafka_passthrough({"KAPPA_KAFKA_CLIENT_ID": "", "OTHER": "x"}) == {}

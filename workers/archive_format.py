@@ -1,0 +1,101 @@
+"""The raw archive format (DESIGN §2): one Parquet row per Kafka record, byte-exact.
+
+Written by the archiver, read by the replay loader, the Dagster checks and users. Readers must
+drop duplicate ``(topic, partition, offset)`` rows: a crash may leave an overlapping file.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import polars as pl
+
+from workers import keys
+
+HEADER = pl.Struct({"key": pl.String, "value": pl.Binary})
+SCHEMA = pl.Schema(
+    {
+        "topic": pl.String,
+        "partition": pl.Int32,
+        "offset": pl.Int64,
+        "timestamp": pl.Datetime("ms", "UTC"),
+        "timestamp_type": pl.Int8,
+        "key": pl.Binary,
+        "value": pl.Binary,
+        "headers": pl.List(HEADER),
+    }
+)
+RECORD_ID = ["topic", "partition", "offset"]
+
+
+def frame_from_messages(messages: Sequence[Any]) -> pl.DataFrame:
+    """Build an archive frame from confluent-kafka messages without looking inside values."""
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names()}
+    for message in messages:
+        ts_type, ts = message.timestamp()
+        columns["topic"].append(message.topic())
+        columns["partition"].append(message.partition())
+        columns["offset"].append(message.offset())
+        columns["timestamp"].append(ts)
+        columns["timestamp_type"].append(ts_type)
+        columns["key"].append(message.key())
+        columns["value"].append(message.value())
+        headers = message.headers()
+        columns["headers"].append([{"key": k, "value": v} for k, v in headers] if headers else [])
+    return frame_from_columns(columns)
+
+
+def frame_from_columns(columns: dict[str, list]) -> pl.DataFrame:
+    """Typed frame from plain columns; ``timestamp`` given as epoch milliseconds."""
+    raw = {**columns, "timestamp": pl.Series(columns["timestamp"], dtype=pl.Int64)}
+    frame = pl.DataFrame(raw, schema_overrides={k: v for k, v in SCHEMA.items() if k != "timestamp"})
+    return frame.with_columns(pl.col("timestamp").cast(pl.Datetime("ms", "UTC"))).select(SCHEMA.names())
+
+
+def with_day(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add ``dt``: the UTC date of the record's Kafka timestamp, the archive's day partition."""
+    return frame.with_columns(pl.col("timestamp").dt.date().cast(pl.String).alias("dt"))
+
+
+def to_parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.select(SCHEMA.names()).write_parquet(buffer, compression="zstd", statistics=True)
+    return buffer.getvalue()
+
+
+def from_parquet_bytes(data: bytes) -> pl.DataFrame:
+    return pl.read_parquet(io.BytesIO(data)).cast(SCHEMA)  # type: ignore[arg-type]
+
+
+def day_files(client: Any, bucket: str, topic: str, day: str) -> list[dict]:
+    """The archive objects of one day, ordered by partition and first offset."""
+    from workers.s3 import iter_keys
+
+    files = []
+    for obj in iter_keys(client, bucket, keys.raw_day_prefix(topic, day)):
+        parts = keys.parse_raw_file(obj["Key"])
+        if parts is not None:
+            files.append({**parts, "key": obj["Key"], "size": obj["Size"]})
+    return sorted(files, key=lambda f: (f["partition"], f["first_offset"], f["last_offset"]))
+
+
+def iter_day_frames(client: Any, bucket: str, topic: str, day: str) -> Iterator[pl.DataFrame]:
+    """Stream a day's archive file by file (bounded memory), duplicates NOT yet removed."""
+    for file in day_files(client, bucket, topic, day):
+        body = client.get_object(Bucket=bucket, Key=file["key"])["Body"].read()
+        yield from_parquet_bytes(body)
+
+
+def dedup(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
+    """Concatenate and keep one row per ``(topic, partition, offset)``, in offset order."""
+    frames = list(frames)
+    if not frames:
+        return SCHEMA.to_frame()
+    return pl.concat(frames).unique(subset=RECORD_ID, keep="first", maintain_order=True).sort(RECORD_ID)
+
+
+def read_day(client: Any, bucket: str, topic: str, day: str) -> pl.DataFrame:
+    """A whole day, deduplicated. For checks and tests; the loader streams instead."""
+    return dedup(iter_day_frames(client, bucket, topic, day))

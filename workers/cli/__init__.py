@@ -1,0 +1,48 @@
+"""The `kappa` command: one typer app, one module per command group."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from workers.cli import check as check_cmd
+from workers.cli import stack as stack_cmd
+from workers.errors import KappaError
+
+app = typer.Typer(
+    name="kappa",
+    help="Kappa architecture on Kafka + S3: run the live workers, replay history, read reports.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(stack_cmd.app, name="stack")
+app.command("check")(check_cmd.check)
+
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    if debug:
+        os.environ["KAPPA_DEBUG"] = "1"
+
+
+def main() -> None:
+    """Entry point: user mistakes print one red line and exit 2; --debug shows the traceback."""
+    try:
+        app()
+    except KappaError as exc:
+        if os.environ.get("KAPPA_DEBUG") == "1":
+            raise
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

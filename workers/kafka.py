@@ -1,0 +1,93 @@
+"""confluent-kafka helpers: one place builds clients and creates topics with explicit partitions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
+
+from workers.config import Settings
+from workers.errors import UnreachableError
+
+
+def admin_client(settings: Settings, quiet: bool = False) -> AdminClient:
+    """An AdminClient; ``quiet`` silences librdkafka's connection-refused chatter (for probes)."""
+    return AdminClient(settings.kafka_config(**({"log_level": 0} if quiet else {})))
+
+
+def check_reachable(settings: Settings, timeout: float = 10.0) -> ClusterMetadata:
+    """Fetch cluster metadata or fail with a clear message within ``timeout`` seconds."""
+    admin = admin_client(settings, quiet=True)
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise UnreachableError(
+            f"Kafka at {settings.bootstrap_servers} did not answer within {timeout:.0f}s ({exc.args[0].str()}); "
+            "start it with `kappa stack up` or check KAPPA_BOOTSTRAP_SERVERS and the security settings"
+        ) from None
+    if not metadata.brokers:
+        raise UnreachableError(f"Kafka at {settings.bootstrap_servers} answered with no brokers")
+    return metadata
+
+
+def ensure_topic(
+    settings: Settings,
+    topic: str,
+    partitions: int,
+    config: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> bool:
+    """Create ``topic`` if missing (auto creation is off). Returns True if it was created."""
+    admin = admin_client(settings)
+    if topic in admin.list_topics(timeout=timeout).topics:
+        return False
+    replication = int(settings.kafka_extra.get("replication.factor", "-1"))
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=replication, config=config or {})],
+        operation_timeout=timeout,
+        request_timeout=timeout,
+    )
+    try:
+        futures[topic].result(timeout=timeout)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+        return False
+    return True
+
+
+def delete_topics(settings: Settings, topics: Iterable[str], timeout: float = 30.0) -> None:
+    topics = list(topics)
+    if not topics:
+        return
+    admin = admin_client(settings)
+    for topic, future in admin.delete_topics(topics, operation_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise RuntimeError(f"could not delete topic {topic}: {exc}") from exc
+
+
+def partition_count(settings: Settings, topic: str, timeout: float = 30.0) -> int:
+    metadata = admin_client(settings).list_topics(topic, timeout=timeout)
+    info = metadata.topics.get(topic)
+    if info is None or info.error is not None:
+        raise UnreachableError(f"topic {topic!r} does not exist on {settings.bootstrap_servers}")
+    return len(info.partitions)
+
+
+def end_offsets(settings: Settings, topic: str, timeout: float = 30.0) -> dict[int, int]:
+    """High watermark per partition: the offset the next record will get."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(settings.kafka_config(**{"group.id": "kappa.offsets-probe", "enable.auto.commit": False}))
+    try:
+        result = {}
+        for partition in range(partition_count(settings, topic, timeout)):
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+            result[partition] = high
+        return result
+    finally:
+        consumer.close()

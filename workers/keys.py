@@ -1,0 +1,114 @@
+"""Every S3 key the project reads or writes, built only from validated parts.
+
+Centralising key construction keeps the layout contracts of DESIGN.md in one place and makes path
+traversal impossible: days must be real ``YYYY-MM-DD`` dates, names match a strict pattern,
+versions and partitions are integers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from workers.errors import KappaError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+REPLAY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+RAW_FILE_RE = re.compile(
+    r"^raw/(?P<topic>[A-Za-z0-9._-]+)/dt=(?P<day>\d{4}-\d{2}-\d{2})/part=(?P<partition>\d+)/"
+    r"(?P<first>\d{20})-(?P<last>\d{20})\.parquet$"
+)
+
+
+def valid_day(day: str) -> str:
+    """``2026-11-20`` -> itself; anything else (``../``, ``2026-13-45``) raises a clear error."""
+    if not isinstance(day, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
+        raise KappaError(f"day {day!r} is not a date in YYYY-MM-DD form")
+    try:
+        dt.date.fromisoformat(day)
+    except ValueError:
+        raise KappaError(f"day {day!r} is not a real calendar date") from None
+    return day
+
+
+def valid_name(name: str, what: str = "pipeline") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise KappaError(f"{what} name {name!r} must match {NAME_RE.pattern}")
+    return name
+
+
+def valid_topic(topic: str) -> str:
+    if not isinstance(topic, str) or not TOPIC_RE.match(topic) or topic in {".", ".."}:
+        raise KappaError(f"topic {topic!r} is not a valid Kafka topic name")
+    return topic
+
+
+def valid_version(version: int) -> int:
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 < version < 10_000:
+        raise KappaError(f"version {version!r} must be a positive integer")
+    return version
+
+
+def valid_replay_id(replay_id: str) -> str:
+    if not isinstance(replay_id, str) or not REPLAY_ID_RE.match(replay_id):
+        raise KappaError(f"replay id {replay_id!r} must match {REPLAY_ID_RE.pattern}")
+    return replay_id
+
+
+# ---------------------------------------------------------------- raw archive (DESIGN §2)
+
+
+def raw_topic_prefix(topic: str) -> str:
+    return f"raw/{valid_topic(topic)}/"
+
+
+def raw_day_prefix(topic: str, day: str) -> str:
+    return f"{raw_topic_prefix(topic)}dt={valid_day(day)}/"
+
+
+def raw_file(topic: str, day: str, partition: int, first_offset: int, last_offset: int) -> str:
+    if partition < 0 or first_offset < 0 or last_offset < first_offset:
+        raise KappaError(f"bad offset range {first_offset}-{last_offset} for partition {partition}")
+    return f"{raw_day_prefix(topic, day)}part={partition}/{first_offset:020d}-{last_offset:020d}.parquet"
+
+
+def parse_raw_file(key: str) -> dict[str, str | int] | None:
+    """The parts of a raw archive object key, or None if the key is not one."""
+    match = RAW_FILE_RE.match(key)
+    if match is None:
+        return None
+    parts = match.groupdict()
+    return {
+        "topic": parts["topic"],
+        "day": parts["day"],
+        "partition": int(parts["partition"]),
+        "first_offset": int(parts["first"]),
+        "last_offset": int(parts["last"]),
+    }
+
+
+def archiver_checkpoint(topic: str, partition: int) -> str:
+    """The archiver's durable resume point for one partition."""
+    return f"_state/archiver/{valid_topic(topic)}/part={int(partition)}.json"
+
+
+# ---------------------------------------------------------------- reports (DESIGN §4)
+
+
+def report_file(pipeline: str, version: int, day: str) -> str:
+    """The corrected report: ``reports/<P>/v<V>/dt=<D>/report.parquet``."""
+    return f"reports/{valid_name(pipeline)}/v{valid_version(version)}/dt={valid_day(day)}/report.parquet"
+
+
+def current_pointer(pipeline: str) -> str:
+    """``reports/<P>/CURRENT``: which version users and the dashboard read."""
+    return f"reports/{valid_name(pipeline)}/CURRENT"
+
+
+def live_prefix(pipeline: str, version: int) -> str:
+    return f"live/{valid_name(pipeline)}/v{valid_version(version)}/"
+
+
+def replay_manifest(replay_id: str) -> str:
+    return f"_state/replays/{valid_replay_id(replay_id)}/manifest.json"
