@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from workers.cli import check as check_cmd
+from workers.cli import produce as produce_cmd
 from workers.cli import stack as stack_cmd
 from workers.errors import KappaError
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(stack_cmd.app, name="stack")
 app.command("check")(check_cmd.check)
+app.command("produce")(produce_cmd.produce)
 
 err = Console(stderr=True)
 
