@@ -10,6 +10,7 @@ from rich.console import Console
 
 from workers.cli import check as check_cmd
 from workers.cli import produce as produce_cmd
+from workers.cli import replay as replay_cmd
 from workers.cli import stack as stack_cmd
 from workers.errors import KappaError
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(stack_cmd.app, name="stack")
 app.command("check")(check_cmd.check)
+app.add_typer(replay_cmd.app, name="replay")
 app.command("produce")(produce_cmd.produce)
 
 err = Console(stderr=True)
