@@ -31,20 +31,41 @@ RECORD_ID = ["topic", "partition", "offset"]
 
 
 def frame_from_messages(messages: Sequence[Any]) -> pl.DataFrame:
-    """Build an archive frame from confluent-kafka messages without looking inside values."""
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names()}
-    for message in messages:
-        ts_type, ts = message.timestamp()
-        columns["topic"].append(message.topic())
-        columns["partition"].append(message.partition())
-        columns["offset"].append(message.offset())
-        columns["timestamp"].append(ts)
-        columns["timestamp_type"].append(ts_type)
-        columns["key"].append(message.key())
-        columns["value"].append(message.value())
-        headers = message.headers()
-        columns["headers"].append([{"key": k, "value": v} for k, v in headers] if headers else [])
+    """Build an archive frame from confluent-kafka messages without looking inside values.
+
+    One list comprehension per column and a vectorised headers column: building nested
+    structs row by row costs ~20 us/record in polars, which would cap an archiver at ~50k rec/s.
+    """
+    stamps = [message.timestamp() for message in messages]
+    columns: dict[str, Any] = {
+        "topic": [message.topic() for message in messages],
+        "partition": [message.partition() for message in messages],
+        "offset": [message.offset() for message in messages],
+        "timestamp": [stamp[1] for stamp in stamps],
+        "timestamp_type": [stamp[0] for stamp in stamps],
+        "key": [message.key() for message in messages],
+        "value": [message.value() for message in messages],
+        "headers": headers_column([message.headers() for message in messages]),
+    }
     return frame_from_columns(columns)
+
+
+def headers_column(rows: Sequence[Sequence[tuple[str, bytes | None]] | None]) -> pl.Series:
+    """``[[(key, value), ...] or None, ...]`` -> the ``headers`` column, order kept, None -> ``[]``."""
+    owner, names, values = [], [], []
+    for row, headers in enumerate(rows):
+        for name, value in headers or ():
+            owner.append(row)
+            names.append(name)
+            values.append(value)
+    flat = pl.DataFrame(
+        {"row": owner, "key": names, "value": values},
+        schema={"row": pl.UInt32, "key": pl.String, "value": pl.Binary},
+    )
+    grouped = flat.group_by("row", maintain_order=True).agg(pl.struct("key", "value").alias("headers"))
+    every_row = pl.DataFrame({"row": pl.arange(0, len(rows), dtype=pl.UInt32, eager=True)})
+    joined = every_row.join(grouped, on="row", how="left", maintain_order="left")
+    return joined["headers"].fill_null(pl.lit([], dtype=pl.List(HEADER))).cast(pl.List(HEADER))
 
 
 def frame_from_columns(columns: dict[str, list]) -> pl.DataFrame:
