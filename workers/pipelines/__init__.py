@@ -1,0 +1,60 @@
+"""Pipeline registry: ``get_pipeline("orders", 2)`` -> an ``OrdersV2`` instance.
+
+Built-in pipelines register here. Add your own without touching the engine either by decorating
+the class with :func:`register` in a module imported at start-up, or by declaring an entry point
+in your package (``[project.entry-points."kappa.pipelines"] mine = "my_pkg.pipelines"``): every
+module named there is imported once, and its ``@register`` decorators run.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from workers.errors import KappaError
+from workers.pipelines.base import Pipeline
+from workers.pipelines.orders import OrdersV1, OrdersV2
+
+ENTRY_POINT_GROUP = "kappa.pipelines"
+_REGISTRY: dict[tuple[str, int], type[Pipeline]] = {}
+_plugins_loaded = False
+
+
+def register(cls: type[Pipeline]) -> type[Pipeline]:
+    """Class decorator: make ``(cls.name, cls.version)`` available to the processor and the CLI."""
+    key = (cls.name, cls.version)
+    if key in _REGISTRY and _REGISTRY[key] is not cls:
+        raise KappaError(f"pipeline {cls.name} v{cls.version} is registered twice")
+    _REGISTRY[key] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            entry.load()
+
+
+def known() -> list[tuple[str, int]]:
+    """Every registered ``(name, version)``, sorted."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_pipeline(name: str, version: int) -> Pipeline:
+    """The pipeline instance, or a one-line error listing the known ones."""
+    _load_plugins()
+    cls = _REGISTRY.get((name, version))
+    if cls is None:
+        listing = ", ".join(f"{n} v{v}" for n, v in known())
+        if any(n == name for n, _ in _REGISTRY):
+            raise KappaError(f"pipeline {name!r} has no version {version}; known pipelines: {listing}")
+        raise KappaError(f"unknown pipeline {name!r}; known pipelines: {listing}")
+    return cls()
+
+
+for _builtin in (OrdersV1, OrdersV2):
+    register(_builtin)
+
+__all__ = ["Pipeline", "get_pipeline", "known", "register"]

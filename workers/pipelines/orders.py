@@ -1,0 +1,137 @@
+"""Reference pipeline ``orders`` (DESIGN §3): events and amount per (1-minute window, type).
+
+* v1 counts every valid record, duplicates included (the original behaviour).
+* v2 (the "bug fix") counts an ``event_id`` once per window and partition (see ``base`` for why
+  per partition).
+
+Parsing is strict (msgspec): ``event_id``/``user_id`` must be JSON strings, ``type`` one of
+:data:`EVENT_TYPES`, ``amount`` a JSON number (not a bool, not a string) with ``|amount| < 1e15``.
+Extra fields are ignored. Amounts are summed exactly at micro-unit precision (``Decimal(38, 6)``
+partials) so the report never depends on the order floats were added in; the output is f64.
+
+Fast path (DESIGN §8): one ``decode_lines`` call over the newline-joined batch; only a batch that
+contains a bad value (or a value with a newline inside) is decoded value by value, with the same
+decoder, so both paths accept exactly the same values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import msgspec
+import polars as pl
+
+from workers.pipelines.base import REJECT, Pipeline
+
+EVENT_TYPES = ("page_view", "add_to_cart", "purchase", "refund")
+MAX_ABS_AMOUNT = 1e15
+AMOUNT_DECIMAL = pl.Decimal(38, 6)
+
+
+class Order(msgspec.Struct, gc=False):
+    event_id: str
+    user_id: str
+    type: Literal["page_view", "add_to_cart", "purchase", "refund"]
+    amount: float
+
+
+DECODER = msgspec.json.Decoder(Order)
+FIELDS = pl.Schema({"event_id": pl.String, "user_id": pl.String, "type": pl.String, "amount": pl.Float64})
+
+
+def decode_batch(values: Sequence[bytes | None]) -> list[Order] | None:
+    """All values decoded in one call, or None when any value needs a closer look."""
+    if not values or None in values or b"" in values:
+        return None
+    joined = b"\n".join(values)  # type: ignore[arg-type]
+    if joined.count(b"\n") != len(values) - 1:
+        return None  # a value holds a newline: lines would not line up with records
+    try:
+        orders = DECODER.decode_lines(joined)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return orders if len(orders) == len(values) else None
+
+
+def decode_one(value: bytes | None) -> Order | str:
+    """One value -> an Order, or the reason it is malformed."""
+    if value is None:
+        return "null value (tombstone)"
+    if not value.strip():
+        return "empty value"
+    try:
+        order = DECODER.decode(value)
+    except msgspec.ValidationError as exc:
+        return f"schema: {exc}"
+    except UnicodeDecodeError:
+        return "invalid UTF-8"
+    except msgspec.DecodeError as exc:
+        return f"not JSON: {exc}"
+    if not math.isfinite(order.amount) or abs(order.amount) >= MAX_ABS_AMOUNT:
+        return f"schema: amount {order.amount!r} out of range (|amount| < {MAX_ABS_AMOUNT:g})"
+    return order
+
+
+def orders_frame(orders: Sequence[Order | None], reasons: Sequence[str | None]) -> pl.DataFrame:
+    """Typed columns (null where rejected) + the reject column."""
+    columns = {
+        name: [getattr(o, name) if o is not None else None for o in orders] for name in FIELDS.names()
+    }
+    return pl.DataFrame({**columns, REJECT: reasons}, schema={**FIELDS, REJECT: pl.String})
+
+
+def parse_orders(values: Sequence[bytes | None]) -> pl.DataFrame:
+    orders = decode_batch(values)
+    if orders is not None:
+        frame = orders_frame(orders, [None] * len(orders))
+        if frame["amount"].abs().max() < MAX_ABS_AMOUNT:  # type: ignore[operator]
+            return frame
+    results = [decode_one(v) for v in values]
+    return orders_frame(
+        [r if isinstance(r, Order) else None for r in results],
+        [r if isinstance(r, str) else None for r in results],
+    )
+
+
+class OrdersV1(Pipeline):
+    name: ClassVar[str] = "orders"
+    version: ClassVar[int] = 1
+    summary: ClassVar[str] = "events and amount per (1-minute window, type); counts every valid record"
+    group_by: ClassVar[tuple[str, ...]] = ("type",)
+    partial_schema: ClassVar[pl.Schema] = pl.Schema(
+        {"window_start": pl.Datetime("ms", "UTC"), "type": pl.String, "events": pl.Int64, "amount": AMOUNT_DECIMAL}
+    )
+    output_schema: ClassVar[pl.Schema] = pl.Schema(
+        {"window_start": pl.Datetime("ms", "UTC"), "type": pl.String, "events": pl.Int64, "amount": pl.Float64}
+    )
+
+    def parse(self, values: Sequence[bytes | None]) -> pl.DataFrame:
+        return parse_orders(values)
+
+    def aggregate(self, rows: pl.DataFrame) -> pl.DataFrame:
+        return (
+            rows.group_by(self.key_columns)
+            .agg(pl.len().cast(pl.Int64).alias("events"), pl.col("amount").cast(AMOUNT_DECIMAL).sum())
+            .select(self.partial_schema.names())
+            .cast(self.partial_schema)  # type: ignore[arg-type]
+        )
+
+    def merge(self, partials: pl.DataFrame) -> pl.DataFrame:
+        return (
+            partials.group_by(self.key_columns)
+            .agg(pl.col("events").sum(), pl.col("amount").sum())
+            .select(self.partial_schema.names())
+            .cast(self.partial_schema)  # type: ignore[arg-type]
+        )
+
+    def finalize(self, partials: pl.DataFrame) -> pl.DataFrame:
+        merged = self.merge(partials).with_columns(pl.col("amount").cast(pl.Float64))
+        return merged.select(self.output_schema.names()).sort(self.key_columns)
+
+
+class OrdersV2(OrdersV1):
+    version: ClassVar[int] = 2
+    summary: ClassVar[str] = "like v1, but a repeated event_id in the same window and partition counts once"
+    dedup_by: ClassVar[tuple[str, ...]] = ("event_id",)
