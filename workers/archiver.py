@@ -1,0 +1,540 @@
+"""The exactly-once S3 archiver (DESIGN §2): every Kafka record, byte-exact, in Parquet on S3.
+
+How it stays exactly-once after dedup:
+
+1. Records are buffered per partition and never parsed. A partition is flushed when its buffer
+   reaches a size, count or age threshold: one Parquet file per UTC day of the Kafka timestamps.
+2. Only after a partition's files are in S3 is its checkpoint (the next offset) written to S3, and
+   only after that are Kafka offsets committed. A crash anywhere leaves at worst an overlapping
+   file, which readers drop by ``(topic, partition, offset)``.
+3. On assignment the archiver seeks to the S3 checkpoint, never to the Kafka commit: a lost or
+   stale commit can neither skip nor duplicate data, and a new consumer group resumes correctly.
+
+Rebalances use cooperative-sticky assignment: revoked partitions are flushed and checkpointed in
+``on_revoke``; lost partitions (fenced member) are dropped unwritten, the new owner re-reads them.
+When S3 fails, the partition is paused and retried with exponential backoff, so memory stays
+bounded by the flush thresholds and no data is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import polars as pl
+from botocore.exceptions import BotoCoreError, ClientError
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from workers import archive_format, keys
+from workers import kafka as kafka_helpers
+from workers import s3 as s3_helpers
+from workers.config import Settings
+from workers.errors import KappaError
+
+log = logging.getLogger("kappa.archiver")
+
+DEFAULT_GROUP = "kappa.archiver"
+S3_ERRORS = (BotoCoreError, ClientError, OSError)
+FIRST_BACKOFF_S = 0.5
+T = TypeVar("T")
+
+
+class ArchiverError(KappaError):
+    """The archiver could not make its buffer durable (data stays in Kafka for the next run)."""
+
+
+@dataclass(frozen=True)
+class ArchiverOptions:
+    """Tuning knobs; defaults give ~tens of MB Parquet files per partition and day."""
+
+    group: str = DEFAULT_GROUP
+    topic: str | None = None
+    flush_bytes: int = 64 * 1024 * 1024
+    flush_records: int = 1_000_000
+    flush_seconds: float = 60.0
+    batch_size: int = 10_000
+    poll_timeout: float = 0.5
+    until_end: bool = False
+    idle_exit: float | None = None
+    session_timeout: float = 45.0
+    log_interval: float = 10.0
+    metrics_port: int | None = None
+    max_backoff: float = 30.0
+    revoke_timeout: float = 30.0
+    shutdown_timeout: float = 60.0
+
+    def validate(self) -> ArchiverOptions:
+        positive = {
+            "--flush-bytes": self.flush_bytes, "--flush-records": self.flush_records,
+            "--flush-seconds": self.flush_seconds, "--batch-size": self.batch_size,
+            "--poll-timeout": self.poll_timeout, "--log-interval": self.log_interval,
+            "--max-backoff": self.max_backoff,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise KappaError(f"{name} must be > 0, got {value}")
+        if self.idle_exit is not None and self.idle_exit <= 0:
+            raise KappaError(f"--idle-exit must be > 0 seconds, got {self.idle_exit}")
+        if not 6 <= self.session_timeout <= 300:
+            raise KappaError(f"--session-timeout must be between 6 and 300 seconds, got {self.session_timeout}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise KappaError(f"--metrics-port {self.metrics_port} is not a TCP port")
+        if not self.group.strip():
+            raise KappaError("--group must not be empty")
+        return self
+
+
+def parse_size(text: str) -> int:
+    """``"64MiB"``, ``"500kB"``, ``"1048576"`` -> bytes (a clear error for anything else)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    number = text.strip().lower().rstrip("bikmg")
+    unit = text.strip().lower()[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise KappaError(f"size {text!r} is not understood; use e.g. 64MiB, 500kB or 1048576") from None
+
+
+# ---------------------------------------------------------------- pure layout (DESIGN §2)
+
+
+def split_by_day(frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    """``[(day, rows of that UTC day in offset order)]``: a late record goes to the day it belongs to."""
+    with_day = archive_format.with_day(frame)
+    parts = with_day.partition_by("dt", as_dict=True, maintain_order=True)
+    return sorted((str(day), rows.drop("dt")) for (day,), rows in parts.items())
+
+
+def archive_objects(topic: str, partition: int, frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    """The ``(object key, rows)`` a flush of one partition's buffer writes."""
+    objects = []
+    for day, rows in split_by_day(frame):
+        first, last = rows["offset"].min(), rows["offset"].max()
+        objects.append((keys.raw_file(topic, day, partition, int(first), int(last)), rows))  # type: ignore[arg-type]
+    return objects
+
+
+# ---------------------------------------------------------------- S3 side
+
+
+class ArchiveStore:
+    """Archive files and per-partition checkpoints of one topic in one bucket."""
+
+    def __init__(self, client: Any, bucket: str, topic: str) -> None:
+        self.client, self.bucket, self.topic = client, bucket, topic
+
+    def read_checkpoint(self, partition: int) -> int | None:
+        """The next offset to archive, or None if this partition was never archived here."""
+        body = s3_helpers.get_bytes(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition))
+        return None if body is None else int(json.loads(body)["next_offset"])
+
+    def write_files(self, partition: int, frame: pl.DataFrame) -> tuple[list[str], int]:
+        """Write the buffer as one Parquet object per day; returns (keys, bytes written)."""
+        written, size = [], 0
+        for key, rows in archive_objects(self.topic, partition, frame):
+            body = archive_format.to_parquet_bytes(rows)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            written.append(key)
+            size += len(body)
+        return written, size
+
+    def write_checkpoint(self, partition: int, next_offset: int, group: str, files: list[str]) -> None:
+        body = {
+            "topic": self.topic,
+            "partition": partition,
+            "next_offset": next_offset,
+            "group": group,
+            "writer": f"{socket.gethostname()}:{os.getpid()}",
+            "written_at_ms": int(time.time() * 1000),
+            "files": files,
+        }
+        key = keys.archiver_checkpoint(self.topic, partition)
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(body).encode())
+
+
+# ---------------------------------------------------------------- per-partition buffer
+
+
+@dataclass
+class PartitionState:
+    """What one assigned partition holds in memory and how far it is durable."""
+
+    durable: int | None = None  # next offset not yet in S3 (the checkpoint)
+    position: int | None = None  # next offset after what has been buffered
+    eof: int | None = None  # end offset reported by the last partition EOF
+    frames: list[pl.DataFrame] = field(default_factory=list)
+    records: int = 0
+    bytes: int = 0
+    oldest: float | None = None  # monotonic time the oldest buffered record arrived
+    paused: bool = False
+    backoff: float = 0.0
+    retry_at: float = 0.0
+
+    def add(self, frame: pl.DataFrame, now: float) -> None:
+        self.frames.append(frame)
+        self.records += frame.height
+        self.bytes += frame.estimated_size()
+        self.position = int(frame["offset"][-1]) + 1
+        self.oldest = self.oldest if self.oldest is not None else now
+
+    def frame(self) -> pl.DataFrame:
+        """The buffer as one frame (kept concatenated, so a retry does not redo the work)."""
+        if len(self.frames) > 1:
+            self.frames = [pl.concat(self.frames, rechunk=True)]
+        return self.frames[0]
+
+    def due(self, options: ArchiverOptions, now: float, end: int | None) -> bool:
+        if not self.records or now < self.retry_at:
+            return False
+        at_end = end is not None and self.position is not None and self.position >= end
+        return (
+            self.records >= options.flush_records
+            or self.bytes >= options.flush_bytes
+            or now - (self.oldest or now) >= options.flush_seconds
+            or at_end
+        )
+
+    def flushed(self, next_offset: int) -> None:
+        self.frames, self.records, self.bytes, self.oldest = [], 0, 0, None
+        self.durable, self.backoff, self.retry_at = next_offset, 0.0, 0.0
+
+    def reached(self, end: int) -> bool:
+        """Nothing buffered and everything before ``end`` durable (or the partition is empty)."""
+        return self.records == 0 and (end == 0 or max(self.durable or 0, self.eof or 0) >= end)
+
+
+# ---------------------------------------------------------------- counters
+
+
+@dataclass
+class ArchiverSummary:
+    """Totals of one run (also exported as Prometheus metrics)."""
+
+    consumed: int = 0
+    records: int = 0
+    bytes_in: int = 0
+    bytes_written: int = 0
+    files: int = 0
+    checkpoints: int = 0
+    s3_errors: int = 0
+    seconds: float = 0.0
+
+
+class ArchiverMetrics:
+    """Prometheus metrics in a registry of their own (several archivers may share a process in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.consumed = Counter("kappa_archiver_consumed_records", "Records read from Kafka", registry=registry)
+        self.records = Counter("kappa_archiver_records", "Records written to the archive", registry=registry)
+        self.bytes_in = Counter("kappa_archiver_input_bytes", "In-memory bytes of records read", registry=registry)
+        self.bytes = Counter("kappa_archiver_written_bytes", "Parquet bytes written to S3", registry=registry)
+        self.files = Counter("kappa_archiver_files", "Archive files written", registry=registry)
+        self.s3_errors = Counter("kappa_archiver_s3_errors", "Failed S3 calls (retried)", registry=registry)
+        self.lag = Gauge("kappa_archiver_lag", "Records not yet archived", ["partition"], registry=registry)
+        self.buffered = Gauge("kappa_archiver_buffered_records", "Records in memory", registry=registry)
+        self.paused = Gauge("kappa_archiver_paused_partitions", "Partitions paused by S3 errors", registry=registry)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
+
+
+# ---------------------------------------------------------------- the consumer loop
+
+
+class Archiver:
+    """One member of the archiver consumer group. ``run()`` until ``stop`` is set (or the end)."""
+
+    def __init__(self, settings: Settings, options: ArchiverOptions = ArchiverOptions(),
+                 stop: threading.Event | None = None) -> None:
+        self.settings, self.options = settings, options.validate()
+        self.topic = keys.valid_topic(options.topic or settings.events_topic)
+        self.stop = stop or threading.Event()
+        self.store = ArchiveStore(s3_helpers.s3_client(settings, retries=2), settings.s3_bucket, self.topic)
+        self.parts: dict[int, PartitionState] = {}
+        self.ends: dict[int, int] = {}
+        self.summary, self.metrics = ArchiverSummary(), ArchiverMetrics()
+        self.assigned_once = self.closing = False
+        self.consumer: Consumer | None = None
+        self.last_activity = self.last_report = time.monotonic()
+
+    # -- lifecycle
+
+    def run(self) -> ArchiverSummary:
+        """Consume, flush, checkpoint, commit until stopped; then drain everything and leave the group."""
+        started = time.monotonic()
+        self._prepare()
+        self.consumer = consumer = Consumer(self._consumer_config())
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self.last_activity = time.monotonic()
+        try:
+            while not self._should_stop():
+                self._step(consumer.consume(num_messages=self.options.batch_size, timeout=self.options.poll_timeout))
+            self._drain(time.monotonic() + self.options.shutdown_timeout)
+        finally:
+            self.closing = True
+            consumer.close()
+            self.summary.seconds = time.monotonic() - started
+            self._report(time.monotonic(), force=True)
+        return self.summary
+
+    def _prepare(self) -> None:
+        """Fail fast on a missing topic; read end offsets for --until-end; start the metrics server."""
+        kafka_helpers.partition_count(self.settings, self.topic)
+        s3_helpers.ensure_bucket(self.store.client, self.store.bucket)
+        if self.options.until_end:
+            self.ends = kafka_helpers.end_offsets(self.settings, self.topic)
+            log.info("until-end: end offsets %s", self.ends)
+        if self.options.metrics_port is not None:
+            self.metrics.serve(self.options.metrics_port)
+
+    def _consumer_config(self) -> dict[str, object]:
+        session_ms = int(self.options.session_timeout * 1000)
+        return self.settings.kafka_config(**{
+            "group.id": self.options.group,
+            "client.id": f"kappa-archiver-{socket.gethostname()}-{os.getpid()}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": session_ms,
+            "heartbeat.interval.ms": max(1000, session_ms // 6),
+            "queued.max.messages.kbytes": 32768,
+        })
+
+    def _should_stop(self) -> bool:
+        now = time.monotonic()
+        if self.stop.is_set():
+            return True
+        if self.options.idle_exit is not None and now - self.last_activity >= self.options.idle_exit:
+            log.info("idle for %.0fs: stopping", self.options.idle_exit)
+            return True
+        if self.options.until_end and self.assigned_once and self._all_at_end():
+            log.info("all assigned partitions reached the end offsets read at start: stopping")
+            return True
+        return False
+
+    def _all_at_end(self) -> bool:
+        return all(state.reached(self.ends.get(p, 0)) for p, state in self.parts.items())
+
+    # -- one iteration
+
+    def _step(self, messages: list[Message]) -> None:
+        now = time.monotonic()
+        self._ingest(messages, now)
+        due = [p for p, state in self.parts.items() if state.due(self.options, now, self.ends.get(p))]
+        if due:
+            self._flush(due)
+        self._report(now)
+
+    def _ingest(self, messages: list[Message], now: float) -> None:
+        """Append a consumed batch to the partition buffers; values are never looked at."""
+        records = [message for message in messages if message.error() is None]
+        if len(records) < len(messages):
+            self._handle_errors(message for message in messages if message.error() is not None)
+        if not records:
+            return
+        self.last_activity = now
+        frame = archive_format.frame_from_messages(records)
+        for (partition,), rows in frame.partition_by("partition", as_dict=True).items():
+            state = self.parts.get(int(partition))  # type: ignore[call-overload]
+            if state is not None:  # else: revoked meanwhile, the new owner reads it again
+                state.add(rows, now)
+        self.summary.consumed += frame.height
+        self.metrics.consumed.inc(frame.height)
+
+    def _handle_errors(self, errors: Iterable[Message]) -> None:
+        for message in errors:
+            error = message.error()
+            if error.code() == KafkaError._PARTITION_EOF:
+                state = self.parts.get(message.partition())
+                if state is not None:
+                    state.eof = message.offset()
+            elif error.fatal():
+                raise KafkaException(error)
+            else:
+                log.warning("consumer error (librdkafka retries): %s", error)
+
+    # -- making buffers durable
+
+    def _flush(self, partitions: Iterable[int]) -> list[int]:
+        """Write files then checkpoint for each partition, then commit them together. Returns failures."""
+        done, failed = [], []
+        for partition in partitions:
+            state = self.parts.get(partition)
+            if state is None or not state.records:
+                continue
+            try:
+                done.append(TopicPartition(self.topic, partition, self._persist(partition, state)))
+            except S3_ERRORS as exc:
+                self._s3_failed(partition, state, exc)
+                failed.append(partition)
+        self._commit(done)
+        return failed
+
+    def _persist(self, partition: int, state: PartitionState) -> int:
+        frame = state.frame()
+        next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
+        files, size = self.store.write_files(partition, frame)
+        self.store.write_checkpoint(partition, next_offset, self.options.group, files)
+        self._count_flush(frame.height, state.bytes, size, len(files))
+        state.flushed(next_offset)
+        if state.paused:
+            self._set_paused(partition, state, False)
+        return next_offset
+
+    def _count_flush(self, records: int, bytes_in: int, bytes_written: int, files: int) -> None:
+        summary = self.summary
+        summary.records += records
+        summary.bytes_in += bytes_in
+        summary.bytes_written += bytes_written
+        summary.files += files
+        summary.checkpoints += 1
+        self.metrics.records.inc(records)
+        self.metrics.bytes_in.inc(bytes_in)
+        self.metrics.bytes.inc(bytes_written)
+        self.metrics.files.inc(files)
+
+    def _s3_failed(self, partition: int, state: PartitionState, exc: Exception) -> None:
+        """Keep the buffer, stop fetching this partition, retry later with exponential backoff."""
+        state.backoff = min(self.options.max_backoff, state.backoff * 2 or FIRST_BACKOFF_S)
+        state.retry_at = time.monotonic() + state.backoff
+        self.summary.s3_errors += 1
+        self.metrics.s3_errors.inc()
+        log.warning("S3 write for partition %d failed (%s); %d records kept, retry in %.1fs",
+                    partition, _describe(exc), state.records, state.backoff)
+        if not state.paused:
+            self._set_paused(partition, state, True)
+
+    def _set_paused(self, partition: int, state: PartitionState, paused: bool) -> None:
+        if self.consumer is not None and not self.closing:
+            tps = [TopicPartition(self.topic, partition)]
+            self.consumer.pause(tps) if paused else self.consumer.resume(tps)
+        state.paused = paused
+        self.metrics.paused.set(sum(s.paused for s in self.parts.values()))
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        """Commit after the S3 checkpoint: informative for lag tools, never needed for correctness."""
+        if not offsets or self.consumer is None:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("offset commit failed (the S3 checkpoint is the resume point): %s", exc)
+
+    def _drain(self, deadline: float, partitions: Iterable[int] | None = None) -> None:
+        """Flush until nothing is buffered, retrying S3 with backoff until ``deadline``."""
+        pending = [p for p in (self.parts if partitions is None else partitions) if p in self.parts]
+        while True:
+            pending = self._flush(pending)
+            if not pending:
+                return
+            wait = min(state.retry_at for p, state in self.parts.items() if p in pending) - time.monotonic()
+            if time.monotonic() + max(wait, 0) > deadline:
+                records = sum(self.parts[p].records for p in pending)
+                raise ArchiverError(
+                    f"S3 stayed unavailable: {records} buffered records of partitions {pending} were not archived; "
+                    "they stay in Kafka and the next archiver run resumes from the S3 checkpoint"
+                )
+            time.sleep(max(wait, 0))
+
+    # -- rebalance callbacks (run inside consume())
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Seek every new partition to its S3 checkpoint (the durable resume point)."""
+        for tp in partitions:
+            start = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint(p), "read checkpoint")
+            tp.offset = OFFSET_BEGINNING if start is None else start
+            self.parts[tp.partition] = PartitionState(durable=start, position=start)
+        consumer.incremental_assign(partitions)
+        consumer.resume(partitions)
+        self.assigned_once = True
+        log.info("assigned %s", {tp.partition: self.parts[tp.partition].durable for tp in partitions} or "nothing")
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Flush, checkpoint and commit what we hold before another member takes over."""
+        owned = [tp.partition for tp in partitions if tp.partition in self.parts]
+        if owned and not self.closing:
+            try:
+                self._drain(time.monotonic() + self.options.revoke_timeout, owned)
+            except ArchiverError as exc:
+                log.warning("revoked partitions not flushed: %s", exc)
+        for partition in owned:
+            self.parts.pop(partition, None)
+        log.info("revoked %s", owned)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Fenced out: another member may own these already, so drop the buffers unwritten."""
+        owned = [tp.partition for tp in partitions if tp.partition in self.parts]
+        dropped = {partition: self.parts.pop(partition).records for partition in owned}
+        log.warning("partitions lost (not written, re-read by their new owner): %s", dropped)
+
+    def _retry_s3(self, call: Callable[[], T], what: str) -> T:
+        """Retry an S3 call with exponential backoff until it works or the archiver is stopped."""
+        backoff = FIRST_BACKOFF_S
+        while True:
+            try:
+                return call()
+            except S3_ERRORS as exc:
+                self.summary.s3_errors += 1
+                self.metrics.s3_errors.inc()
+                if self.stop.is_set():
+                    raise ArchiverError(f"stopped while S3 was failing ({what}: {_describe(exc)})") from None
+                log.warning("S3 %s failed (%s); retry in %.1fs", what, _describe(exc), backoff)
+                self.stop.wait(backoff)
+                backoff = min(self.options.max_backoff, backoff * 2)
+
+    # -- observability
+
+    def _report(self, now: float, force: bool = False) -> None:
+        """One log line with the counters, and the lag gauges, every ``log_interval`` seconds."""
+        if not force and now - self.last_report < self.options.log_interval:
+            return
+        self.last_report = now
+        lag = self._lag()
+        buffered = sum(state.records for state in self.parts.values())
+        self.metrics.buffered.set(buffered)
+        paused = sorted(p for p, state in self.parts.items() if state.paused)
+        s = self.summary
+        log.info(
+            "records=%d consumed=%d bytes_in=%d bytes_written=%d files=%d lag=%s buffered=%d partitions=%s paused=%s "
+            "s3_errors=%d", s.records, s.consumed, s.bytes_in, s.bytes_written, s.files,
+            sum(lag.values()) if lag else "?", buffered, sorted(self.parts), paused, s.s3_errors,
+        )
+
+    def _lag(self) -> dict[int, int]:
+        """Per partition: cached high watermark minus the durable offset (no broker round trip)."""
+        lag: dict[int, int] = {}
+        if self.consumer is None or self.closing:
+            return lag
+        for partition, state in self.parts.items():
+            try:
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                lag[partition] = max(0, high - (state.durable or 0))
+                self.metrics.lag.labels(partition=str(partition)).set(lag[partition])
+        return lag
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return f"{exc.response.get('Error', {}).get('Code', 'error')}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_archiver(settings: Settings, options: ArchiverOptions = ArchiverOptions(),
+                 stop: threading.Event | None = None) -> ArchiverSummary:
+    """Run one archiver group member until ``stop`` is set, ``--until-end`` or ``--idle-exit``."""
+    return Archiver(settings, options, stop).run()

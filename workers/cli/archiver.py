@@ -1,0 +1,44 @@
+"""`kappa archiver`: archive the events topic to S3, exactly once after dedup (DESIGN §2)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import typer
+
+from workers.archiver import DEFAULT_GROUP, ArchiverOptions, parse_size, run_archiver
+from workers.config import load_settings
+
+
+def archiver(
+    group: str = typer.Option(DEFAULT_GROUP, help="Consumer group; run several archivers with one group to scale."),
+    topic: str = typer.Option(None, help="Topic to archive (default: KAPPA_EVENTS_TOPIC)."),
+    flush_bytes: str = typer.Option("64MiB", help="Flush a partition when its buffer reaches this size."),
+    flush_records: int = typer.Option(1_000_000, help="Flush a partition when it buffers this many records."),
+    flush_seconds: float = typer.Option(60.0, help="Flush a partition when its oldest buffered record is this old."),
+    batch_size: int = typer.Option(10_000, help="Records per consume() call."),
+    until_end: bool = typer.Option(False, "--until-end", help="Stop once the assigned partitions reach the "
+                                                            "end offsets read at start (after a final flush)."),
+    idle_exit: float = typer.Option(None, help="Stop after this many seconds without new records."),
+    session_timeout: float = typer.Option(45.0, help="Kafka group session timeout in seconds (6-300)."),
+    log_interval: float = typer.Option(10.0, help="Seconds between counter log lines."),
+    metrics_port: int = typer.Option(None, help="Serve Prometheus metrics on this port."),
+    max_backoff: float = typer.Option(30.0, help="Longest wait between S3 retries, in seconds."),
+    shutdown_timeout: float = typer.Option(60.0, help="Seconds to keep retrying S3 when stopping."),
+) -> None:
+    """Consume the events topic in micro-batches and write byte-exact Parquet files plus S3 checkpoints."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    options = ArchiverOptions(
+        group=group, topic=topic, flush_bytes=parse_size(flush_bytes), flush_records=flush_records,
+        flush_seconds=flush_seconds, batch_size=batch_size, until_end=until_end, idle_exit=idle_exit,
+        session_timeout=session_timeout, log_interval=log_interval, metrics_port=metrics_port,
+        max_backoff=max_backoff, shutdown_timeout=shutdown_timeout,
+    ).validate()
+    settings = load_settings()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run_archiver(settings, options, stop)
