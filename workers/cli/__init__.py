@@ -8,6 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
+from workers.cli import archiver as archiver_cmd
 from workers.cli import check as check_cmd
 from workers.cli import produce as produce_cmd
 from workers.cli import replay as replay_cmd
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(stack_cmd.app, name="stack")
 app.command("check")(check_cmd.check)
+app.command("archiver")(archiver_cmd.archiver)
 app.add_typer(replay_cmd.app, name="replay")
 app.command("produce")(produce_cmd.produce)
 
