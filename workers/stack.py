@@ -82,7 +82,7 @@ class Layout:
 
     @property
     def env_file(self) -> Path:
-        return cfg.stack_env_file()
+        return self.root / cfg.stack_env_file().name
 
 
 # ---------------------------------------------------------------- prerequisites and jars

@@ -1,0 +1,78 @@
+"""A private stack for fault injection: its own Kafka + S3Proxy on free ports and its own data dir.
+
+Restarting the broker or stopping S3 here never disturbs the shared stack the other tests use.
+The fixture exports the private stack's addresses and credentials to the environment (for
+in-process code and subprocess workers) for the duration of each test that uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from workers import config as cfg
+from workers import s3 as s3_helpers
+from workers.config import Settings, load_settings
+from workers.stack import Layout, Ports, Stack
+
+STACK_VARIABLES = (
+    "KAPPA_BOOTSTRAP_SERVERS",
+    "KAPPA_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+)
+
+
+def free_port_block(size: int = 3) -> int:
+    """A base port with ``size`` consecutive free ports after it."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + size < 65535 and all(_free(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no block of free ports found")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def private_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if "KAPPA_BOOTSTRAP_SERVERS" in os.environ and not Path(cfg.stack_env_file()).exists():
+        pytest.skip("fault injection needs a local stack it can stop and start")
+    root = tmp_path_factory.mktemp("private-stack")
+    kafka = free_port_block(3)
+    ports = Ports(kafka=kafka, controller=kafka + 1, kafka_sasl=kafka + 2, s3=free_port_block(1))
+    stack = Stack(layout=Layout(root=root, jars_root=cfg.cache_dir() / "jars"), ports=ports, log=print)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def private_settings(private_stack: Stack, unique, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings (and environment) pointing at the private stack, with a fresh bucket and topics."""
+    values = cfg.read_env_file(private_stack.layout.env_file)
+    for name in STACK_VARIABLES:
+        monkeypatch.setenv(name, values[name])
+    events = unique("events")
+    monkeypatch.setenv("KAPPA_S3_BUCKET", unique("kappa-rel"))
+    monkeypatch.setenv("KAPPA_EVENTS_TOPIC", events)
+    monkeypatch.setenv("KAPPA_DLQ_TOPIC", f"{events}.dlq")
+    settings = load_settings()
+    s3_helpers.ensure_bucket(s3_helpers.s3_client(settings), settings.s3_bucket)
+    return settings
