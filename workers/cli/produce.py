@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workers.config import load_settings
-from workers.generator import Faults, ProduceSummary, produce_events
+from workers.generator import Faults, ProduceSummary, parse_start, produce_events
 
 console = Console(stderr=True)
 
@@ -42,11 +42,12 @@ def produce(
     settings = load_settings()
     faults = Faults(duplicates=duplicates, late=late, malformed=malformed, null_keys=null_keys, headers=headers)
     faults.validate()
+    start_ms = parse_start(start, days)  # validated before the progress bar shows
     columns = (TextColumn("[bold]produce"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=quiet) as bar:
         task = bar.add_task("produce", total=count)
         summary = produce_events(
-            settings, count, topic=topic, start=start, days=days, partitions=partitions, seed=seed,
+            settings, count, topic=topic, start=start_ms, days=days, partitions=partitions, seed=seed,
             faults=faults, rate=rate, users=users, progress=lambda n: bar.advance(task, n),
         )
     print_summary(summary)
