@@ -1,11 +1,14 @@
-"""The code location: everything under ``defs/`` loaded together."""
+"""The code location: every module under ``defs/`` loaded together (assets, checks, jobs, sensors, schedules)."""
 
-from __future__ import annotations
+import warnings
 
 import dagster as dg
 
+from kappa_dagster import defs as defs_package
 from kappa_dagster.defs import resources
 
-defs = dg.Definitions.merge(
-    resources.defs,
-)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.PreviewWarning)  # the loader is "preview"; its behaviour is what we want
+    discovered = dg.load_definitions_from_package_module(defs_package)
+
+defs = dg.Definitions.merge(discovered, resources.defs)

@@ -56,3 +56,27 @@ def build_resources() -> dict[str, object]:
 
 
 defs = dg.Definitions(resources=build_resources())
+
+
+class ReplayOptions(dg.ConfigurableResource):
+    """Run-level replay options, settable per run with ``resources: {replay: {config: {...}}}``.
+
+    ``version``/``pipeline`` left unset fall back to the ``kappa/version``/``kappa/pipeline`` run tags,
+    then to orders v2 (see ``kappa_dagster.replay_target``).
+    """
+
+    pipeline: str | None = None
+    version: int | None = None
+    partitions: int = 3
+    throttle: float | None = None
+    cleanup: bool = True
+    force: bool = False
+    live_version: int | None = None
+
+
+defs = dg.Definitions.merge(
+    defs,
+    dg.Definitions(
+        resources={"replay": ReplayOptions.configure_at_launch(), "pipes_subprocess_client": dg.PipesSubprocessClient()}
+    ),
+)

@@ -1,0 +1,185 @@
+"""Replay assets: load a day of the archive into its replay topic, then run the processor over it.
+
+``replay_load`` -> ``replay_consume`` -> ``corrected_report`` (reports.py), one daily partition per
+run. The consumer is the same program as the live worker (``python -m workers.cli processor``) in
+bounded mode, launched through Dagster Pipes so its logs, progress and result show up here.
+"""
+
+
+import json
+import sys
+from typing import Any
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from kappa_dagster.defs.assets.raw_archive import observation, raw_archive
+from kappa_dagster.defs.partitions import daily_partitions
+from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
+from kappa_dagster.replay_target import ReplayTarget, target_of
+from workers import replay_loader
+from workers import s3 as s3_helpers
+from workers.errors import KappaError
+
+
+def _fail(exc: KappaError) -> dg.Failure:
+    return dg.Failure(description=str(exc), allow_retries=False)
+
+
+def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the UI shows for a replay: where it lives and how big it is (never credentials)."""
+    return {
+        "replay_id": manifest["replay_id"],
+        "topic": manifest["replay_topic"],
+        "group": manifest["group"],
+        "pipeline": manifest["pipeline"],
+        "version": dg.MetadataValue.int(manifest["version"]),
+        "records": dg.MetadataValue.int(manifest.get("records", 0)),
+        "duplicates_dropped": dg.MetadataValue.int(manifest.get("duplicates_dropped", 0)),
+        "end_offsets": dg.MetadataValue.json(manifest.get("end_offsets", {})),
+        "source_end_offsets": dg.MetadataValue.json(manifest.get("source_end_offsets", {})),
+        "manifest": f"_state/replays/{manifest['replay_id']}/manifest.json",
+    }
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    group_name="replay",
+    kinds={"kafka", "s3"},
+    deps=[raw_archive],
+    tags={"kappa/replay": ""},
+)
+def replay_load(
+    context: dg.AssetExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
+) -> dg.MaterializeResult:
+    """Publish the day's archive (deduplicated, event-time order, byte-exact) to ``<events>.replay.<id>``.
+
+    Idempotent: an identical previous load (same archive fingerprint) is reused, a partial one redone.
+    """
+    target = target_of(context, replay)
+    settings = kafka.settings()
+    try:
+        spec = target.spec(settings, partitions=replay.partitions, throttle=replay.throttle)
+        result = replay_loader.load(
+            settings,
+            spec,
+            client=s3.get_client(),
+            force=replay.force,
+            progress=lambda p: context.log.info(f"replay {spec.replay_id} {p.describe()}"),
+        )
+    except KappaError as exc:
+        raise _fail(exc) from None
+    manifest = result.manifest
+    context.log.info(f"replay {spec.replay_id}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
+    context.log_event(
+        observation(
+            target.day,
+            {"objects": manifest["source_files"], "bytes": manifest["source_bytes"], "rows": manifest.get("rows_read")},
+            records=dg.MetadataValue.int(manifest["records"]) if "records" in manifest else None,
+            duplicate_rows=dg.MetadataValue.int(manifest["duplicates_dropped"]) if "records" in manifest else None,
+        )
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **manifest_metadata(manifest),
+            "reused": result.skipped,
+            "reason": result.reason,
+            "load_seconds": dg.MetadataValue.float(float(manifest.get("load_seconds", 0.0))),
+        }
+    )
+
+
+def processor_command(target: ReplayTarget, manifest: dict[str, Any]) -> list[str]:
+    """The live worker's entry point, in bounded replay mode."""
+    return [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "processor",
+        "--pipeline",
+        target.pipeline,
+        "--version",
+        str(target.version),
+        "--topic",
+        manifest["replay_topic"],
+        "--group",
+        manifest["group"],
+        "--from-beginning",
+        "--until-end",
+    ]
+
+
+def loaded_manifest(client: Any, bucket: str, target: ReplayTarget, settings_topic: str) -> dict[str, Any]:
+    rid = replay_loader.replay_id(target.pipeline, target.version, target.day, bucket, settings_topic)
+    manifest = replay_loader.read_manifest(client, bucket, rid)
+    if manifest is None or manifest.get("status") not in {"loaded", "reported"}:
+        raise dg.Failure(
+            description=f"replay {rid} is not loaded yet: materialize replay_load for {target.day} first",
+            allow_retries=False,
+        )
+    return manifest
+
+
+def report_is_current(client: Any, bucket: str, manifest: dict[str, Any]) -> bool:
+    """True when the report was already built from exactly this load (status reported, file present)."""
+    return (
+        manifest.get("status") == "reported"
+        and s3_helpers.get_bytes(client, bucket, manifest["report_key"]) is not None
+    )
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    group_name="replay",
+    kinds={"kafka", "python"},
+    deps=[replay_load],
+    tags={"kappa/replay": ""},
+)
+def replay_consume(
+    context: dg.AssetExecutionContext,
+    s3: S3Resource,
+    kafka: KafkaResource,
+    replay: ReplayOptions,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """Run the processor over the replay topic from offset 0 to the recorded end (new replay group)."""
+    target = target_of(context, replay)
+    settings = kafka.settings()
+    client = s3.get_client()
+    manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
+    if report_is_current(client, settings.s3_bucket, manifest) and not replay.force:
+        context.log.info(f"report of replay {manifest['replay_id']} is current: nothing to consume")
+        return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
+    invocation = pipes_subprocess_client.run(
+        command=processor_command(target, manifest),
+        context=context,
+        extras={"replay_id": manifest["replay_id"], "end_offsets": manifest["end_offsets"], "day": target.day},
+    )
+    result = _last_custom_message(invocation)
+    stats = _read_stats(client, settings.s3_bucket, target)
+    if stats.get("records") != manifest["records"]:
+        raise dg.Failure(
+            description=f"processor saw {stats.get('records')} records for {target.day}, "
+            f"the replay holds {manifest['records']}",
+        )
+    return dg.MaterializeResult(
+        metadata={
+            **manifest_metadata(manifest),
+            "reused": False,
+            "stats": dg.MetadataValue.json(stats),
+            "processor_result": dg.MetadataValue.json(result),
+        }
+    )
+
+
+def _last_custom_message(invocation: dg.PipesClientCompletedInvocation) -> dict[str, Any]:
+    messages = invocation.get_custom_messages()
+    last = messages[-1] if messages else {}
+    return last if isinstance(last, dict) else {"message": json.dumps(last, default=str)}
+
+
+def _read_stats(client: Any, bucket: str, target: ReplayTarget) -> dict[str, Any]:
+    body = s3_helpers.get_bytes(client, bucket, target.stats_key)
+    if body is None:
+        raise dg.Failure(description=f"processor wrote no stats at s3://{bucket}/{target.stats_key}")
+    return json.loads(body)

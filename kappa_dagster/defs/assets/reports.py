@@ -1,0 +1,117 @@
+"""The corrected report per day and version (DESIGN §4), written by the replayed processor.
+
+This step validates the file the processor wrote, publishes what a reviewer needs (rows, totals, a
+preview and the diff against the live results), marks the replay as reported and cleans up its
+Kafka topic and consumer group.
+"""
+
+
+import io
+import json
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from dagster_aws.s3 import S3Resource
+
+from kappa_dagster.defs.assets.replay import loaded_manifest, replay_consume
+from kappa_dagster.defs.partitions import daily_partitions
+from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
+from kappa_dagster.replay_target import ReplayTarget, target_of
+from workers import promote, replay_loader, report_diff
+from workers import s3 as s3_helpers
+from workers.config import Settings
+from workers.pipelines import get_pipeline
+
+
+def read_report(client: Any, bucket: str, target: ReplayTarget) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The report and its stats, or a Failure saying how to produce them."""
+    body = s3_helpers.get_bytes(client, bucket, target.report_key)
+    stats = s3_helpers.get_bytes(client, bucket, target.stats_key)
+    if body is None or stats is None:
+        raise dg.Failure(
+            description=f"no report at s3://{bucket}/{target.report_key} (or its stats.json): "
+            f"run the reprocess job for {target.day} first",
+            allow_retries=False,
+        )
+    return pl.read_parquet(io.BytesIO(body)), json.loads(stats)
+
+
+def live_results(settings: Settings, client: Any, target: ReplayTarget, live_version: int | None) -> Any:
+    """Live results of the version users currently read (CURRENT pointer, else v1), if a reader exists."""
+    try:
+        from workers.reports import read_live_results
+    except ImportError:
+        return None, None
+    version = live_version or promote.current_version(client, settings.s3_bucket, target.pipeline) or 1
+    try:
+        return version, read_live_results(settings, target.pipeline, version, target.day)
+    except Exception as exc:  # no live results for that day is normal; say so instead of failing
+        return version, f"{type(exc).__name__}: {exc}"
+
+
+def report_metadata(report: pl.DataFrame, stats: dict[str, Any]) -> dict[str, Any]:
+    totals = report.group_by("type").agg(pl.col("events").sum(), pl.col("amount").sum()).sort("type")
+    return {
+        "dagster/row_count": dg.MetadataValue.int(report.height),
+        "events": dg.MetadataValue.int(int(report["events"].sum())),
+        "amount": dg.MetadataValue.float(float(report["amount"].sum())),
+        "windows": dg.MetadataValue.int(report["window_start"].n_unique()),
+        "stats": dg.MetadataValue.json(stats),
+        "totals_by_type": dg.MetadataValue.md(report_diff.markdown(totals)),
+        "preview": dg.MetadataValue.md(report_diff.markdown(report)),
+    }
+
+
+def diff_metadata(live_version: int | None, live: Any, report: pl.DataFrame) -> dict[str, Any]:
+    if live is None:
+        return {"live_diff": "no live results reader available"}
+    if not isinstance(live, pl.DataFrame):
+        return {"live_version": dg.MetadataValue.int(live_version or 0), "live_diff": f"unavailable ({live})"}
+    summary = report_diff.summary(report, live)
+    return {
+        "live_version": dg.MetadataValue.int(live_version or 0),
+        "live_windows_changed": dg.MetadataValue.int(summary["windows_changed"]),
+        "live_events_delta": dg.MetadataValue.int(summary["events_delta"]),
+        "live_amount_delta": dg.MetadataValue.float(summary["amount_delta"]),
+        "live_diff": dg.MetadataValue.md(report_diff.markdown(summary["changed"], limit=20)),
+    }
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    group_name="reports",
+    kinds={"s3", "parquet", "polars"},
+    deps=[replay_consume],
+)
+def corrected_report(
+    context: dg.AssetExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
+) -> dg.MaterializeResult:
+    """``reports/<P>/v<V>/dt=<D>/report.parquet``: the day recomputed by pipeline version V."""
+    target = target_of(context, replay)
+    settings = kafka.settings()
+    client = s3.get_client()
+    manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
+    report, stats = read_report(client, settings.s3_bucket, target)
+    expected = get_pipeline(target.pipeline, target.version).output_schema
+    if report.schema != expected:
+        raise dg.Failure(description=f"report schema {dict(report.schema)} is not {dict(expected)}")
+    live_version, live = live_results(settings, client, target, replay.live_version)
+    manifest.update(status="reported", report_rows=report.height)
+    replay_loader.write_manifest(client, settings.s3_bucket, manifest)
+    if replay.cleanup and not manifest.get("cleaned"):
+        replay_loader.cleanup(settings, manifest)
+        manifest["cleaned"] = True
+        replay_loader.write_manifest(client, settings.s3_bucket, manifest)
+        context.log.info(f"deleted replay topic {manifest['replay_topic']} and group {manifest['group']}")
+    return dg.MaterializeResult(
+        metadata={
+            "path": f"s3://{settings.s3_bucket}/{target.report_key}",
+            "pipeline": target.pipeline,
+            "version": dg.MetadataValue.int(target.version),
+            "replay_id": manifest["replay_id"],
+            "source_fingerprint": manifest["source_fingerprint"],
+            **report_metadata(report, stats),
+            **diff_metadata(live_version, live, report),
+        },
+    )

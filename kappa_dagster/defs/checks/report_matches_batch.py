@@ -1,0 +1,36 @@
+"""Check: the corrected report equals the pipeline's independent batch computation over the archive."""
+
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from kappa_dagster.archive_reads import archive_day, mismatches
+from kappa_dagster.defs.assets.reports import corrected_report, read_report
+from kappa_dagster.defs.partitions import daily_partitions
+from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
+from kappa_dagster.replay_target import target_of
+from workers import report_diff
+from workers.pipelines import get_pipeline
+
+
+@dg.asset_check(asset=corrected_report, partitions_def=daily_partitions, blocking=True)
+def report_matches_batch(
+    context: dg.AssetCheckExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
+) -> dg.AssetCheckResult:
+    """Streaming (Kafka replay) and batch (polars over S3) must agree row for row."""
+    target = target_of(context, replay)
+    settings = kafka.settings()
+    client = s3.get_client()
+    report, _stats = read_report(client, settings.s3_bucket, target)
+    pipeline = get_pipeline(target.pipeline, target.version)
+    expected, _batch_stats = pipeline.batch_report(archive_day(client, settings, target))
+    wrong = mismatches(report, expected, pipeline.key_columns)
+    return dg.AssetCheckResult(
+        passed=wrong.is_empty(),
+        metadata={
+            "report_rows": dg.MetadataValue.int(report.height),
+            "batch_rows": dg.MetadataValue.int(expected.height),
+            "mismatched_rows": dg.MetadataValue.int(wrong.height),
+            "mismatches": dg.MetadataValue.md(report_diff.markdown(wrong, limit=20)),
+        },
+    )

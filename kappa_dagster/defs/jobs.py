@@ -1,0 +1,89 @@
+"""Jobs: reprocess one day (load -> consume -> report), report only (for the sensor), promote, rollback.
+
+Pick the version per run with the tag ``kappa/version`` (default 2), e.g.
+``dagster job execute -m kappa_dagster -j reprocess \
+--tags '{"dagster/partition": "2026-11-20", "kappa/version": "2"}'``.
+"""
+
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from kappa_dagster.defs.assets.replay import replay_consume, replay_load
+from kappa_dagster.defs.assets.reports import corrected_report
+from kappa_dagster.defs.partitions import daily_partitions
+from kappa_dagster.defs.resources import KafkaResource
+from kappa_dagster.replay_target import REPLAY_TAG
+from workers import promote
+from workers.errors import KappaError
+
+reprocess = dg.define_asset_job(
+    "reprocess",
+    selection=dg.AssetSelection.assets(replay_load, replay_consume, corrected_report),
+    partitions_def=daily_partitions,
+    tags={REPLAY_TAG: "true"},  # dagster.yaml limits concurrent runs with this tag
+    executor_def=dg.in_process_executor,  # steps are sequential: skip a process start per step
+    description="Reprocess one day from the S3 archive through Kafka with the pipeline version of tag "
+    "kappa/version (default 2) and write its corrected report.",
+)
+
+corrected_report_job = dg.define_asset_job(
+    "corrected_report_job",
+    selection=dg.AssetSelection.assets(corrected_report),
+    partitions_def=daily_partitions,
+    executor_def=dg.in_process_executor,
+    description="Validate and publish the corrected report of a day whose replay consumer reached the end.",
+)
+
+
+class PromoteConfig(dg.Config):
+    pipeline: str = "orders"
+    version: int = 2
+
+
+class RollbackConfig(dg.Config):
+    pipeline: str = "orders"
+
+
+@dg.op
+def promote_version(
+    context: dg.OpExecutionContext, config: PromoteConfig, s3: S3Resource, kafka: KafkaResource
+) -> None:
+    """Point reports/<P>/CURRENT at the version and record the live start offsets."""
+    settings = kafka.settings()
+    try:
+        pointer = promote.promote(
+            s3.get_client(), settings.s3_bucket, settings.events_topic, config.pipeline, config.version
+        )
+    except KappaError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    context.log.info(
+        f"{config.pipeline} CURRENT -> v{config.version}; live start offsets {pointer['live_start_offsets']}"
+    )
+
+
+@dg.op
+def rollback_version(
+    context: dg.OpExecutionContext, config: RollbackConfig, s3: S3Resource, kafka: KafkaResource
+) -> None:
+    """Restore the previous CURRENT pointer."""
+    settings = kafka.settings()
+    try:
+        restored = promote.rollback(s3.get_client(), settings.s3_bucket, config.pipeline)
+    except KappaError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    where = f"v{restored['version']}" if restored else "live results (no CURRENT)"
+    context.log.info(f"{config.pipeline} rolled back to {where}")
+
+
+@dg.job(
+    name="promote",
+    description="Atomically point reports/<P>/CURRENT at a reprocessed version (run config: pipeline, version).",
+)
+def promote_job() -> None:
+    promote_version()
+
+
+@dg.job(name="rollback", description="Atomically restore the previous reports/<P>/CURRENT pointer.")
+def rollback_job() -> None:
+    rollback_version()

@@ -1,0 +1,96 @@
+"""Which replay a run is about: pipeline, version and day, from tags and run config, validated up front.
+
+How to pick the version (first match wins):
+
+1. run tag ``kappa/version`` (CLI ``--tags``, UI launchpad, backfills, schedules, sensors);
+2. run config ``resources: {replay: {config: {version: N}}}``;
+3. the default, :data:`DEFAULT_VERSION` (the bug-fixed orders v2).
+
+Tag and config must agree when both are given. The pipeline is chosen the same way (``kappa/pipeline``
+tag, ``pipeline`` config, default ``orders``). Everything is validated before anything is written, so
+a bad day or version fails with one clear message and leaves no trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dagster as dg
+
+from workers import keys, replay_loader
+from workers.config import Settings
+from workers.errors import KappaError
+from workers.pipelines import get_pipeline
+
+VERSION_TAG = "kappa/version"
+PIPELINE_TAG = "kappa/pipeline"
+REPLAY_TAG = "kappa/replay"
+DEFAULT_VERSION = 2
+DEFAULT_PIPELINE = "orders"
+
+
+@dataclass(frozen=True)
+class ReplayTarget:
+    pipeline: str
+    version: int
+    day: str
+
+    def spec(self, settings: Settings, partitions: int = 3, throttle: float | None = None) -> replay_loader.ReplaySpec:
+        return replay_loader.ReplaySpec(
+            pipeline=self.pipeline,
+            version=self.version,
+            day=self.day,
+            source_topic=settings.events_topic,
+            bucket=settings.s3_bucket,
+            partitions=partitions,
+            throttle=throttle,
+        )
+
+    @property
+    def report_key(self) -> str:
+        return keys.report_file(self.pipeline, self.version, self.day)
+
+    @property
+    def stats_key(self) -> str:
+        return self.report_key.rsplit("/", 1)[0] + "/stats.json"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {VERSION_TAG: str(self.version), PIPELINE_TAG: self.pipeline}
+
+
+def _pick(what: str, tag: str | None, configured: str | int | None) -> str | None:
+    if tag is not None and configured is not None and str(configured) != tag:
+        raise KappaError(f"{what} given twice and differently: tag says {tag!r}, run config says {configured!r}")
+    return tag if tag is not None else (str(configured) if configured is not None else None)
+
+
+def parse_version(text: str) -> int:
+    try:
+        return keys.valid_version(int(str(text).strip().lstrip("v")))
+    except ValueError:
+        raise KappaError(f"version {text!r} is not a positive integer (e.g. 2)") from None
+
+
+def resolve(
+    tags: dict[str, str], partition_key: str, pipeline: str | None = None, version: int | None = None
+) -> ReplayTarget:
+    """The validated target of a run; raises KappaError naming what is wrong."""
+    day = keys.valid_day(partition_key)
+    name = keys.valid_name(_pick("pipeline", tags.get(PIPELINE_TAG), pipeline) or DEFAULT_PIPELINE)
+    number = parse_version(_pick("version", tags.get(VERSION_TAG), version) or str(DEFAULT_VERSION))
+    get_pipeline(name, number)  # unknown pipeline/version -> KappaError listing the known ones
+    return ReplayTarget(pipeline=name, version=number, day=day)
+
+
+def target_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, replay: object) -> ReplayTarget:
+    """Resolve from an asset/check context and the ``replay`` resource; a user error fails the step clearly."""
+    try:
+        return resolve(
+            dict(context.run.tags),
+            context.partition_key,
+            getattr(replay, "pipeline", None),
+            getattr(replay, "version", None),
+        )
+    except KappaError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None

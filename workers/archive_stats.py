@@ -1,0 +1,54 @@
+"""Cheap facts about the raw archive (objects, bytes, rows per day) from listings and Parquet footers.
+
+Counting rows must not download a day: a Parquet file ends with its footer (metadata, including
+row counts) followed by the footer length and ``PAR1``. Two small ranged GETs fetch just that, and
+polars reads the row count from a stub file made of the footer alone.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from typing import Any
+
+import polars as pl
+
+from workers import archive_format, keys
+from workers import s3 as s3_helpers
+
+TAIL_BYTES = 64 * 1024
+
+
+def parquet_rows(client: Any, bucket: str, key: str, size: int) -> int:
+    """Row count of one Parquet object, reading only its footer."""
+    start = max(0, size - TAIL_BYTES)
+    tail = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{size - 1}")["Body"].read()
+    footer_len = int.from_bytes(tail[-8:-4], "little")
+    if footer_len + 8 > len(tail):
+        begin = size - footer_len - 8
+        tail = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={begin}-{size - 1}")["Body"].read()
+    stub = b"PAR1" + tail[-(footer_len + 8) :]
+    return int(pl.scan_parquet(io.BytesIO(stub)).select(pl.len()).collect().item())
+
+
+def day_summary(client: Any, bucket: str, topic: str, day: str, count_rows: bool = True) -> dict[str, Any]:
+    """Objects, bytes and rows (duplicates between overlapping files included) of one day."""
+    files = archive_format.day_files(client, bucket, topic, day)
+    rows = sum(parquet_rows(client, bucket, f["key"], int(f["size"])) for f in files) if count_rows else None
+    return {
+        "objects": len(files),
+        "bytes": sum(int(f["size"]) for f in files),
+        "rows": rows,
+        "partitions": sorted({int(f["partition"]) for f in files}),
+        "listing": [(f["key"], int(f["size"])) for f in files],
+    }
+
+
+def days_listing(client: Any, bucket: str, topic: str) -> dict[str, list[tuple[str, int]]]:
+    """Every day of the archive -> its (key, size) objects, from one paginated listing."""
+    days: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for obj in s3_helpers.iter_keys(client, bucket, keys.raw_topic_prefix(topic)):
+        parts = keys.parse_raw_file(obj["Key"])
+        if parts is not None:
+            days[str(parts["day"])].append((obj["Key"], int(obj["Size"])))
+    return dict(days)

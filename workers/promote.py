@@ -1,0 +1,128 @@
+"""Promote / roll back a pipeline version: one atomic write of ``reports/<P>/CURRENT``.
+
+``CURRENT`` is a small JSON document; one S3 PUT replaces it whole, so readers see the old or the
+new pointer, never a mix. It carries its own history (previous pointers, newest last), so a rollback
+is again a single PUT that restores the previous one (or deletes the pointer after the first promotion,
+returning readers to the live results).
+
+It also records ``live_start_offsets``: for each partition of the events topic, the offset just after
+the last record the promoted replays read from the archive. Starting the live processor of the new
+version there (``kappa processor --start-offsets``) continues without re-reading history, with no
+gap and no overlap, provided the replayed days cover the archive up to those offsets
+(``uncovered_days`` lists archived days that were not replayed and hold lower offsets).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from workers import archive_stats, keys, replay_loader
+from workers import s3 as s3_helpers
+from workers.errors import KappaError
+
+MAX_HISTORY = 50
+
+
+def read_current(client: Any, bucket: str, pipeline: str) -> dict[str, Any] | None:
+    body = s3_helpers.get_bytes(client, bucket, keys.current_pointer(pipeline))
+    return json.loads(body) if body else None
+
+
+def current_version(client: Any, bucket: str, pipeline: str) -> int | None:
+    pointer = read_current(client, bucket, pipeline)
+    return int(pointer["version"]) if pointer else None
+
+
+def _write(client: Any, bucket: str, pipeline: str, pointer: dict[str, Any]) -> None:
+    body = json.dumps(pointer, indent=2, sort_keys=True).encode()
+    client.put_object(Bucket=bucket, Key=keys.current_pointer(pipeline), Body=body, ContentType="application/json")
+
+
+def replayed(client: Any, bucket: str, pipeline: str, version: int, source_topic: str) -> list[dict[str, Any]]:
+    """Manifests of this version's replays whose report has been produced."""
+    return sorted(
+        (
+            m
+            for m in replay_loader.iter_manifests(client, bucket)
+            if m.get("pipeline") == pipeline
+            and m.get("version") == version
+            and m.get("source_topic") == source_topic
+            and m.get("status") == "reported"
+        ),
+        key=lambda m: m["day"],
+    )
+
+
+def live_start_offsets(manifests: list[dict[str, Any]]) -> dict[str, int]:
+    """Per source partition: one past the highest offset any replayed day read."""
+    offsets: dict[str, int] = {}
+    for manifest in manifests:
+        for partition, end in manifest.get("source_end_offsets", {}).items():
+            offsets[partition] = max(offsets.get(partition, 0), int(end))
+    return dict(sorted(offsets.items(), key=lambda item: int(item[0])))
+
+
+def uncovered_days(client: Any, bucket: str, source_topic: str, days: set[str], offsets: dict[str, int]) -> list[str]:
+    """Archived days not replayed that hold offsets below the start offsets (a gap if started there)."""
+    gaps = []
+    for day, files in archive_stats.days_listing(client, bucket, source_topic).items():
+        if day in days:
+            continue
+        for key, _size in files:
+            parts = keys.parse_raw_file(key) or {}
+            if int(parts["first_offset"]) < offsets.get(str(parts["partition"]), 0):
+                gaps.append(day)
+                break
+    return sorted(gaps)
+
+
+def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version: int) -> dict[str, Any]:
+    """Point ``CURRENT`` at ``version`` (which must have corrected reports) and return the new pointer."""
+    keys.valid_name(pipeline)
+    keys.valid_version(version)
+    manifests = replayed(client, bucket, pipeline, version, source_topic)
+    if not manifests:
+        raise KappaError(
+            f"no corrected reports of {pipeline} v{version} in s3://{bucket}/reports/{pipeline}/v{version}/: "
+            "run the reprocess job first"
+        )
+    offsets = live_start_offsets(manifests)
+    days = [m["day"] for m in manifests]
+    previous = read_current(client, bucket, pipeline)
+    history = []
+    if previous is not None:
+        history = [*previous.pop("history", []), previous][-MAX_HISTORY:]
+    pointer = {
+        "pipeline": pipeline,
+        "version": version,
+        "reports_prefix": f"reports/{pipeline}/v{version}/",
+        "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "days": days,
+        "source_topic": source_topic,
+        "live_start_offsets": offsets,
+        "uncovered_days": uncovered_days(client, bucket, source_topic, set(days), offsets),
+        "history": history,
+    }
+    _write(client, bucket, pipeline, pointer)
+    return pointer
+
+
+def rollback(client: Any, bucket: str, pipeline: str) -> dict[str, Any] | None:
+    """Restore the previous pointer; after the first promotion, remove ``CURRENT`` (back to live)."""
+    current = read_current(client, bucket, pipeline)
+    if current is None:
+        raise KappaError(f"{pipeline} has no promoted version (no reports/{pipeline}/CURRENT): nothing to roll back")
+    history = current.get("history", [])
+    if not history:
+        client.delete_object(Bucket=bucket, Key=keys.current_pointer(pipeline))
+        return None
+    restored = {**history[-1], "history": history[:-1]}
+    _write(client, bucket, pipeline, restored)
+    return restored
+
+
+def start_offsets_arg(pointer: dict[str, Any]) -> str:
+    """The ``--start-offsets`` JSON for the live processor of the promoted version."""
+    return json.dumps(pointer["live_start_offsets"], separators=(",", ":"))
