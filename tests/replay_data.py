@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import zlib
 from typing import Any
 
 import polars as pl
@@ -37,26 +38,28 @@ def day_records(day: str, n: int, partitions: int = 3, seed: int = 0, start_offs
     base = int(dt.datetime.fromisoformat(f"{day}T00:00:00+00:00").timestamp() * 1000)
     columns: dict[str, list[Any]] = {name: [] for name in archive_format.SCHEMA.names()}
     next_offset = dict.fromkeys(range(partitions), start_offset)
-    sent: list[tuple[bytes, int]] = []
+    sent: list[tuple[bytes, int, bytes | None, int]] = []
     for i in range(n):
-        partition = rng.randrange(partitions)
+        key = None if i % 11 == 0 else f"u{rng.randrange(7)}".encode()
+        partition = zlib.crc32(key) % partitions if key else rng.randrange(partitions)
         roll = rng.random()
         late = rng.random() < 0.05
         ts = base + (rng.randrange(0, 60_000 * 10) if late else rng.randrange(0, 86_400_000 - 1))
         if roll < 0.05 and sent:
-            value, ts = rng.choice(sent)  # re-sent event: same event, same event time, new offset
+            # producer re-send: same event, key, partition and event time, new offset
+            value, ts, key, partition = rng.choice(sent)
         elif roll < 0.08:
             value = rng.choice(MALFORMED)
         else:
             value = _value(rng, f"{day}-{seed}-{i}")
-            sent.append((value, ts))
+            sent.append((value, ts, key, partition))
         columns["topic"].append("ignored")
         columns["partition"].append(partition)
         columns["offset"].append(next_offset[partition])
         next_offset[partition] += 1
         columns["timestamp"].append(ts)
         columns["timestamp_type"].append(1)
-        columns["key"].append(None if i % 11 == 0 else f"u{i % 7}".encode())
+        columns["key"].append(key)
         columns["value"].append(value)
         columns["headers"].append([] if i % 3 else [{"key": "h", "value": bytes([0xFF, i % 256])}])
     return archive_format.frame_from_columns(columns)
@@ -110,7 +113,7 @@ def orders_report(archive: pl.DataFrame, version: int) -> pl.DataFrame:
     records = archive.unique(subset=["partition", "offset"]).sort(["timestamp", "partition", "offset"])
     parsed = [_parse(v) for v in records["value"].to_list()]
     valid = (
-        records.select("timestamp")
+        records.select("timestamp", "partition")
         .with_columns(
             pl.Series("ok", [p is not None for p in parsed]),
             pl.Series("event_id", [p["event_id"] if p else None for p in parsed], dtype=pl.String),
@@ -119,10 +122,11 @@ def orders_report(archive: pl.DataFrame, version: int) -> pl.DataFrame:
         )
         .filter(pl.col("ok"))
     )
-    if version >= 2:
-        valid = valid.unique(subset=["event_id"], keep="first", maintain_order=True)
+    valid = valid.with_columns(pl.col("timestamp").dt.truncate("1m").alias("window_start"))
+    if version >= 2:  # a re-send lands in the same partition and window: dedup there
+        valid = valid.unique(subset=["partition", "window_start", "event_id"], keep="first", maintain_order=True)
     return (
-        valid.group_by(pl.col("timestamp").dt.truncate("1m").alias("window_start"), "type")
+        valid.group_by("window_start", "type")
         .agg(pl.len().cast(pl.Int64).alias("events"), pl.col("amount").sum().cast(pl.Float64).alias("amount"))
         .sort(["window_start", "type"])
     )
