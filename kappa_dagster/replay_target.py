@@ -59,10 +59,10 @@ class ReplayTarget:
         return {VERSION_TAG: str(self.version), PIPELINE_TAG: self.pipeline}
 
 
-def _pick(what: str, tag: str | None, configured: str | int | None) -> str | None:
-    if tag is not None and configured is not None and str(configured) != tag:
+def _pick(what: str, tag: object, configured: object, default: object) -> object:
+    if tag is not None and configured is not None and tag != configured:
         raise KappaError(f"{what} given twice and differently: tag says {tag!r}, run config says {configured!r}")
-    return tag if tag is not None else (str(configured) if configured is not None else None)
+    return tag if tag is not None else configured if configured is not None else default
 
 
 def parse_version(text: str) -> int:
@@ -77,8 +77,9 @@ def resolve(
 ) -> ReplayTarget:
     """The validated target of a run; raises KappaError naming what is wrong."""
     day = keys.valid_day(partition_key)
-    name = keys.valid_name(_pick("pipeline", tags.get(PIPELINE_TAG), pipeline) or DEFAULT_PIPELINE)
-    number = parse_version(_pick("version", tags.get(VERSION_TAG), version) or str(DEFAULT_VERSION))
+    tag_version = parse_version(tags[VERSION_TAG]) if VERSION_TAG in tags else None
+    name = keys.valid_name(str(_pick("pipeline", tags.get(PIPELINE_TAG), pipeline, DEFAULT_PIPELINE)))
+    number = parse_version(str(_pick("version", tag_version, version, DEFAULT_VERSION)))
     get_pipeline(name, number)  # unknown pipeline/version -> KappaError listing the known ones
     return ReplayTarget(pipeline=name, version=number, day=day)
 

@@ -11,7 +11,6 @@ from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.replay import replay_consume, replay_load
 from kappa_dagster.defs.assets.reports import corrected_report
-from kappa_dagster.defs.partitions import daily_partitions
 from kappa_dagster.defs.resources import KafkaResource
 from kappa_dagster.replay_target import REPLAY_TAG
 from workers import promote
@@ -20,7 +19,6 @@ from workers.errors import KappaError
 reprocess = dg.define_asset_job(
     "reprocess",
     selection=dg.AssetSelection.assets(replay_load, replay_consume, corrected_report),
-    partitions_def=daily_partitions,
     tags={REPLAY_TAG: "true"},  # dagster.yaml limits concurrent runs with this tag
     executor_def=dg.in_process_executor,  # steps are sequential: skip a process start per step
     description="Reprocess one day from the S3 archive through Kafka with the pipeline version of tag "
@@ -30,7 +28,6 @@ reprocess = dg.define_asset_job(
 corrected_report_job = dg.define_asset_job(
     "corrected_report_job",
     selection=dg.AssetSelection.assets(corrected_report),
-    partitions_def=daily_partitions,
     executor_def=dg.in_process_executor,
     description="Validate and publish the corrected report of a day whose replay consumer reached the end.",
 )

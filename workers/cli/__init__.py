@@ -11,6 +11,7 @@ from rich.console import Console
 from workers.cli import archiver as archiver_cmd
 from workers.cli import check as check_cmd
 from workers.cli import produce as produce_cmd
+from workers.cli import promote as promote_cmd
 from workers.cli import replay as replay_cmd
 from workers.cli import stack as stack_cmd
 from workers.errors import KappaError
@@ -26,6 +27,8 @@ app.add_typer(stack_cmd.app, name="stack")
 app.command("check")(check_cmd.check)
 app.command("archiver")(archiver_cmd.archiver)
 app.add_typer(replay_cmd.app, name="replay")
+app.command("promote")(promote_cmd.promote)
+app.command("rollback")(promote_cmd.rollback)
 app.command("produce")(produce_cmd.produce)
 
 err = Console(stderr=True)

@@ -1,0 +1,176 @@
+"""The code location loads and validates; version/day resolution, schedule, sensor and promote in process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import dagster as dg
+import pytest
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from dagster_env import dagster_cli, dagster_home, fresh_resources  # noqa: F401  (fixture)
+from replay_data import day_records, write_day
+
+from kappa_dagster.replay_target import resolve
+from workers import kafka as kafka_helpers
+from workers import keys, promote, replay_loader
+from workers.config import Settings
+from workers.errors import KappaError
+
+DAY = "2026-11-20"
+
+
+def test_definitions_load_with_every_job_sensor_and_schedule() -> None:
+    from kappa_dagster import defs
+
+    dg.Definitions.validate_loadable(defs)
+    for job in ("reprocess", "corrected_report_job", "promote", "rollback"):
+        assert defs.resolve_job_def(job) is not None
+    assert defs.resolve_sensor_def("replay_progress_sensor") and defs.resolve_sensor_def("raw_archive_sensor")
+    assert defs.resolve_schedule_def("nightly_reprocess")
+    keys_ = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
+    assert {"raw_archive", "replay_load", "replay_consume", "corrected_report"} <= keys_
+    checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {"report_matches_batch", "records_accounted"}
+    reprocess = defs.resolve_job_def("reprocess")
+    assert reprocess.tags["kappa/replay"] == "true"
+
+
+def test_dagster_cli_validates_the_workspace(dagster_home: Any) -> None:  # noqa: F811
+    result = dagster_cli("definitions", "validate", "-w", "workspace.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("tags", "day", "config_version", "message"),
+    [
+        ({}, "../", None, "YYYY-MM-DD"),
+        ({}, "2026-13-45", None, "calendar"),
+        ({"kappa/version": "99"}, DAY, None, "has no version 99"),
+        ({"kappa/version": "two"}, DAY, None, "not a positive integer"),
+        ({"kappa/pipeline": "nope"}, DAY, None, "unknown pipeline"),
+        ({"kappa/version": "1"}, DAY, 2, "given twice"),
+    ],
+)
+def test_bad_targets_fail_with_one_clear_message(tags: dict, day: str, config_version: Any, message: str) -> None:
+    with pytest.raises(KappaError, match=message):
+        resolve(tags, day, version=config_version)
+
+
+def test_version_comes_from_tag_then_config_then_default() -> None:
+    assert resolve({}, DAY).version == 2
+    assert resolve({"kappa/version": "1"}, DAY).version == 1
+    assert resolve({}, DAY, version=1).version == 1
+    assert resolve({"kappa/version": "v2"}, DAY, version=2).version == 2
+
+
+def test_schedule_requests_one_run_per_recent_day(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kappa_dagster import defs
+    from kappa_dagster.defs.schedules.nightly_reprocess import nightly_reprocess
+
+    monkeypatch.setenv("KAPPA_NIGHTLY_DAYS", "3")
+    tick = dt.datetime(2026, 11, 23, 2, 0, tzinfo=dt.UTC)
+    context = dg.build_schedule_context(scheduled_execution_time=tick, resources=fresh_resources())
+    requests = nightly_reprocess(context)
+    assert [r.partition_key for r in requests] == ["2026-11-20", "2026-11-21", "2026-11-22"]
+    assert all(r.tags["kappa/version"] == "2" and r.run_key.startswith("nightly:2026-11-23") for r in requests)
+    job = defs.resolve_job_def("reprocess")
+    for request in requests:
+        assert dg.validate_run_config(job, request.run_config) is not None
+
+
+def _loaded_replay(settings: Settings, s3: Any) -> dict[str, Any]:
+    write_day(s3, settings.s3_bucket, settings.events_topic, DAY, day_records(DAY, 120, partitions=2))
+    spec = replay_loader.ReplaySpec("orders", 2, DAY, settings.events_topic, settings.s3_bucket, partitions=2)
+    return replay_loader.load(settings, spec, client=s3).manifest
+
+
+def _commit(settings: Settings, manifest: dict[str, Any], fraction: float) -> None:
+    offsets = [
+        TopicPartition(manifest["replay_topic"], int(p), int(o * fraction)) for p, o in manifest["end_offsets"].items()
+    ]
+    admin = kafka_helpers.admin_client(settings)
+    request = ConsumerGroupTopicPartitions(manifest["group"], offsets)
+    admin.alter_consumer_group_offsets([request])[manifest["group"]].result()
+
+
+def test_progress_sensor_observes_lag_and_requests_the_report_at_the_end(
+    settings: Settings,
+    s3: Any,
+    dagster_home: Any,  # noqa: F811
+) -> None:
+    from kappa_dagster.defs.sensors.replay_progress import replay_progress_sensor
+
+    manifest = _loaded_replay(settings, s3)
+    try:
+        with dg.instance_for_test() as instance:
+            _commit(settings, manifest, 0.5)
+            context = dg.build_sensor_context(instance=instance, resources=fresh_resources())
+            result = replay_progress_sensor(context)
+            assert not result.run_requests
+            (observed,) = result.asset_events
+            assert observed.asset_key.to_user_string() == "replay_consume" and observed.partition == DAY
+            assert 0 < observed.metadata["percent_done"].value < 100
+            assert observed.metadata["lag"].value > 0
+
+            _commit(settings, manifest, 1.0)
+            context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
+            result = replay_progress_sensor(context)
+            (request,) = result.run_requests
+            assert request.partition_key == DAY and request.tags["kappa/version"] == "2"
+            assert request.run_key.startswith(f"report:{manifest['replay_id']}")
+            assert result.asset_events[0].metadata["percent_done"].value == 100.0
+            # reported replays are left alone
+            replay_loader.write_manifest(s3, settings.s3_bucket, {**manifest, "status": "reported"})
+            context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
+            assert not replay_progress_sensor(context).run_requests
+    finally:
+        replay_loader.cleanup(settings, manifest)
+
+
+def test_raw_archive_sensor_observes_objects_bytes_rows(settings: Settings, s3: Any, dagster_home: Any) -> None:  # noqa: F811
+    from kappa_dagster.defs.sensors.raw_archive import raw_archive_sensor
+
+    written = write_day(s3, settings.s3_bucket, settings.events_topic, DAY, day_records(DAY, 90, partitions=2))
+    with dg.instance_for_test() as instance:
+        result = raw_archive_sensor(dg.build_sensor_context(instance=instance, resources=fresh_resources()))
+        (observed,) = result.asset_events
+        assert observed.partition == DAY and observed.metadata["objects"].value == written
+        assert observed.metadata["rows"].value >= 90  # overlapping files repeat a few rows
+        again = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
+        assert not raw_archive_sensor(again).asset_events  # unchanged prefix: no new observation
+
+
+def test_promote_and_rollback_are_single_pointer_writes(settings: Settings, s3: Any) -> None:
+    bucket, topic = settings.s3_bucket, settings.events_topic
+    with pytest.raises(KappaError, match="no corrected reports"):
+        promote.promote(s3, bucket, topic, "orders", 2)
+    assert promote.read_current(s3, bucket, "orders") is None
+    for version, ends in ((1, {"0": 10, "1": 7}), (2, {"0": 12, "1": 7})):
+        replay_loader.write_manifest(
+            s3,
+            bucket,
+            {
+                "replay_id": replay_loader.replay_id("orders", version, DAY, bucket, topic),
+                "pipeline": "orders",
+                "version": version,
+                "day": DAY,
+                "source_topic": topic,
+                "status": "reported",
+                "source_end_offsets": ends,
+            },
+        )
+    first = promote.promote(s3, bucket, topic, "orders", 1)
+    second = promote.promote(s3, bucket, topic, "orders", 2)
+    assert second["live_start_offsets"] == {"0": 12, "1": 7} and second["days"] == [DAY]
+    assert [h["version"] for h in second["history"]] == [1]
+    assert json.loads(promote.start_offsets_arg(second)) == {"0": 12, "1": 7}
+    stored = json.loads(s3.get_object(Bucket=bucket, Key=keys.current_pointer("orders"))["Body"].read())
+    assert stored["version"] == 2
+    restored = promote.rollback(s3, bucket, "orders")
+    assert restored is not None and restored["version"] == 1 and restored["promoted_at"] == first["promoted_at"]
+    assert promote.rollback(s3, bucket, "orders") is None
+    assert promote.read_current(s3, bucket, "orders") is None
+    with pytest.raises(KappaError, match="nothing to roll back"):
+        promote.rollback(s3, bucket, "orders")

@@ -1,0 +1,43 @@
+"""`kappa promote` / `kappa rollback`: atomically switch which version's reports users read."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from workers import promote as promote_lib
+from workers import s3 as s3_helpers
+from workers.config import load_settings
+
+console = Console()
+
+
+def promote(
+    pipeline: str = typer.Option("orders", help="Pipeline to promote."),
+    version: int = typer.Option(..., help="Version whose corrected reports become CURRENT."),
+) -> None:
+    """Point reports/<P>/CURRENT at VERSION and print how to start its live processor without gap/overlap."""
+    settings = load_settings()
+    client = s3_helpers.s3_client(settings)
+    pointer = promote_lib.promote(client, settings.s3_bucket, settings.events_topic, pipeline, version)
+    console.print(
+        f"[green]promoted[/] {pipeline} v{version}: reports/{pipeline}/CURRENT -> {pointer['reports_prefix']}"
+    )
+    console.print(f"days with corrected reports: {', '.join(pointer['days'])}")
+    if pointer["uncovered_days"]:
+        console.print(f"[yellow]not replayed, below the start offsets:[/] {', '.join(pointer['uncovered_days'])}")
+    console.print("start the new live processor with:")
+    console.print(
+        f"  kappa processor --pipeline {pipeline} --version {version} "
+        f"--start-offsets '{promote_lib.start_offsets_arg(pointer)}'",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def rollback(pipeline: str = typer.Option("orders", help="Pipeline to roll back.")) -> None:
+    """Restore the previous reports/<P>/CURRENT (or remove it after the first promotion)."""
+    settings = load_settings()
+    restored = promote_lib.rollback(s3_helpers.s3_client(settings), settings.s3_bucket, pipeline)
+    where = f"v{restored['version']}" if restored else "the live results (CURRENT removed)"
+    console.print(f"[green]rolled back[/] {pipeline} to {where}")
