@@ -112,3 +112,41 @@ def live_prefix(pipeline: str, version: int) -> str:
 
 def replay_manifest(replay_id: str) -> str:
     return f"_state/replays/{valid_replay_id(replay_id)}/manifest.json"
+
+
+# ---------------------------------------------------------------- processor (workers/processor.py)
+
+GROUP_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+def valid_group(group: str) -> str:
+    if not isinstance(group, str) or not GROUP_RE.match(group) or group in {".", ".."}:
+        raise KappaError(f"consumer group {group!r} must match {GROUP_RE.pattern}")
+    return group
+
+
+def report_stats_file(pipeline: str, version: int, day: str) -> str:
+    """Counters next to the report: ``reports/<P>/v<V>/dt=<D>/stats.json``."""
+    return report_file(pipeline, version, day).removesuffix("report.parquet") + "stats.json"
+
+
+def processor_prefix(pipeline: str, version: int, group: str | None) -> str:
+    """Where a processor keeps state and outputs: ``live/<P>/v<V>/`` live, else per bounded group."""
+    if group is None:
+        return live_prefix(pipeline, version)
+    return f"_state/processor/{valid_name(pipeline)}/v{valid_version(version)}/{valid_group(group)}/"
+
+
+def processor_state(prefix: str, partition: int) -> str:
+    """The per-partition commit point: one JSON object, replaced by one PUT."""
+    return f"{prefix}_state/part={int(partition)}.json"
+
+
+def processor_snapshot(prefix: str, partition: int, seq: int, writer: str, kind: str) -> str:
+    """Open-window partials (``kind=open``) or dedup keys (``kind=seen``) of one checkpoint."""
+    return f"{prefix}_state/part={int(partition)}/{int(seq):012d}-{valid_replay_id(writer)}-{valid_name(kind)}.parquet"
+
+
+def processor_output(prefix: str, day: str, partition: int, seq: int, writer: str) -> str:
+    """Closed-window partials of one partition and day, as of checkpoint ``seq``."""
+    return f"{prefix}dt={valid_day(day)}/part={int(partition)}/{int(seq):012d}-{valid_replay_id(writer)}.parquet"

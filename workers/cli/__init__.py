@@ -10,9 +10,11 @@ from rich.console import Console
 
 from workers.cli import archiver as archiver_cmd
 from workers.cli import check as check_cmd
+from workers.cli import processor as processor_cmd
 from workers.cli import produce as produce_cmd
 from workers.cli import promote as promote_cmd
 from workers.cli import replay as replay_cmd
+from workers.cli import report as report_cmd
 from workers.cli import stack as stack_cmd
 from workers.errors import KappaError
 
@@ -30,6 +32,8 @@ app.add_typer(replay_cmd.app, name="replay")
 app.command("promote")(promote_cmd.promote)
 app.command("rollback")(promote_cmd.rollback)
 app.command("produce")(produce_cmd.produce)
+app.command("processor")(processor_cmd.processor)
+app.command("report")(report_cmd.report)
 
 err = Console(stderr=True)
 

@@ -76,9 +76,7 @@ def decode_one(value: bytes | None) -> Order | str:
 
 def orders_frame(orders: Sequence[Order | None], reasons: Sequence[str | None]) -> pl.DataFrame:
     """Typed columns (null where rejected) + the reject column."""
-    columns = {
-        name: [getattr(o, name) if o is not None else None for o in orders] for name in FIELDS.names()
-    }
+    columns = {name: [getattr(o, name) if o is not None else None for o in orders] for name in FIELDS.names()}
     return pl.DataFrame({**columns, REJECT: reasons}, schema={**FIELDS, REJECT: pl.String})
 
 

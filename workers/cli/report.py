@@ -1,0 +1,66 @@
+"""`kappa report`: print or export the live results of one day."""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from workers.config import load_settings
+from workers.errors import KappaError
+from workers.keys import valid_day
+from workers.processor import read_live_results
+
+console = Console()
+
+
+class Format(StrEnum):
+    table = "table"
+    parquet = "parquet"
+    csv = "csv"
+    json = "json"
+
+
+def render_table(frame: pl.DataFrame, title: str) -> Table:
+    table = Table(title=title)
+    for name, dtype in frame.schema.items():
+        table.add_column(name, justify="right" if dtype.is_numeric() else "left")
+    for row in frame.iter_rows():
+        table.add_row(*(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row))
+    return table
+
+
+def write(frame: pl.DataFrame, fmt: Format, output: Path | None) -> None:
+    if fmt is Format.parquet:
+        if output is None:
+            raise KappaError("--format parquet needs --output PATH")
+        frame.write_parquet(output)
+    elif fmt is Format.csv:
+        frame.write_csv(output or sys.stdout)
+    else:
+        text = frame.with_columns(pl.col("window_start").dt.to_string("%Y-%m-%dT%H:%M:%SZ")).write_json()
+        if output is None:
+            print(text)
+        else:
+            output.write_text(text)
+
+
+def report(
+    pipeline: str = typer.Option(..., "--pipeline", "-p", help="Pipeline name, e.g. orders."),
+    version: int = typer.Option(..., "--version", "-v", help="Pipeline version."),
+    day: str = typer.Option(..., "--day", "-d", help="UTC day, YYYY-MM-DD."),
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table, parquet, csv or json."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    include_open: bool = typer.Option(False, "--include-open", help="Add windows that are still open."),
+) -> None:
+    """Live results of one day: one row per (window, type), closed windows only unless --include-open."""
+    frame = read_live_results(load_settings(), pipeline, version, valid_day(day), include_open=include_open)
+    if fmt is Format.table and output is None:
+        console.print(render_table(frame, f"{pipeline} v{version} live, {day} ({frame.height} rows)"))
+    else:
+        write(frame, Format.csv if fmt is Format.table else fmt, output)

@@ -1,0 +1,607 @@
+"""The one stream processor: ``kappa processor --pipeline P --version V`` (live or bounded replay).
+
+Same code path for both modes; only topic, consumer group and start/stop differ:
+
+* **live**: group ``kappa.<P>.v<V>.live`` on ``settings.events_topic``; starts at the S3 checkpoint,
+  else ``start_offsets`` (used by promote), else the committed Kafka offset, else ``start``.
+  Windows close when the per-partition watermark (max Kafka timestamp seen - ``grace_ms``) passes
+  their end; records for an already-closed window are counted as ``late`` and never mixed in.
+  Results: ``live/<P>/v<V>/dt=<D>/part=<p>/...`` read by :func:`read_live_results`.
+* **bounded** (replay): consumes ``topic`` from offset 0 until the end offsets recorded at the first
+  start (``<prefix>_state/bounded.json``), then closes every window and, once *every* partition of
+  the topic is finished (by any member of the group), writes per day
+  ``reports/<P>/v<V>/dt=<D>/report.parquet`` and ``stats.json``. Grace defaults to infinite here,
+  so nothing is late and the report covers every record (it equals ``Pipeline.batch_report``).
+
+Per micro-batch (``consume(num_messages=N)``): one Python pass pulls partition/offset/timestamp/value
+out of the messages, the pipeline parses the whole batch at once, and everything else is polars:
+late and duplicate marking, aggregation into open-window partials, per-day outcome counters.
+Malformed records go to the DLQ topic with their original key/value/headers/timestamp plus
+``kappa.dlq.reason``, ``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``,
+``kappa.dlq.pipeline``.
+
+Exactly-once: state is checkpointed to S3 per partition (``workers/processor_state.py``): DLQ
+producer flushed first, then outputs, then one state JSON PUT (the commit point), then the Kafka
+offset commit. After a crash the partition resumes at the S3 offset with the S3 state, so nothing is
+lost or counted twice. A crash between the DLQ flush and the state PUT re-sends those DLQ records
+on restart: consumers dedupe on (``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``).
+On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol); a
+commit also checks that the S3 state is still the one we loaded (a zombie fence), else the
+partition is reloaded from S3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as TP
+
+from workers import kafka as kafka_helpers
+from workers import keys
+from workers.config import Settings
+from workers.errors import KappaError
+from workers.pipelines import get_pipeline
+from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline, reject_missing_timestamp
+from workers.processor_progress import NoProgress, Progress
+from workers.processor_state import (
+    FencedError,
+    PartitionState,
+    StateStore,
+    day_of,
+    day_stats,
+    list_states,
+    results_for_day,
+    to_parquet,
+)
+from workers.s3 import ensure_bucket, get_bytes, s3_client
+
+LIVE_GRACE_MS = 60_000
+DEFAULT_BATCH_SIZE = 5_000
+DEFAULT_CHECKPOINT_SECONDS = 5.0
+NEVER = -(2**62)
+ALWAYS = 2**62
+Start = Literal["earliest", "latest"]
+
+
+def live_group(pipeline: str, version: int) -> str:
+    return f"kappa.{keys.valid_name(pipeline)}.v{keys.valid_version(version)}.live"
+
+
+@dataclass
+class RunSummary:
+    """What a run did; bounded runs also name the reports written (sent to Dagster as a custom message)."""
+
+    pipeline: str
+    version: int
+    topic: str
+    group: str
+    bounded: bool
+    complete: bool = False
+    records: int = 0
+    dlq_records: int = 0
+    late_records: int = 0
+    seconds: float = 0.0
+    end_offsets: dict[int, int] = field(default_factory=dict)
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    reports: dict[str, str] = field(default_factory=dict)
+    stats_files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["end_offsets"] = {str(p): o for p, o in self.end_offsets.items()}
+        return data
+
+
+@dataclass
+class Batch:
+    """One consume() result split into records (as a frame + the messages, for the DLQ) and EOFs."""
+
+    messages: list[Any]
+    frame: pl.DataFrame
+    eofs: list[tuple[int, int]]
+
+
+def split_batch(messages: Sequence[Any], pipeline: Pipeline) -> Batch:
+    """The only per-message Python work: pull four fields, then parse all values in one call."""
+    records, eofs = [], []
+    for message in messages:
+        error = message.error()
+        if error is None:
+            records.append(message)
+        elif error.code() == KafkaError._PARTITION_EOF:
+            eofs.append((message.partition(), message.offset()))
+        else:
+            raise KafkaException(error)
+    meta = pl.DataFrame(
+        {
+            "partition": [m.partition() for m in records],
+            "offset": [m.offset() for m in records],
+            "timestamp_ms": [m.timestamp()[1] for m in records],
+            "idx": range(len(records)),
+        },
+        schema={"partition": pl.Int32, "offset": pl.Int64, "timestamp_ms": pl.Int64, "idx": pl.Int64},
+    )
+    parsed = pipeline.parse([m.value() for m in records])
+    frame = pl.concat([meta, parsed], how="horizontal").with_columns(reject_missing_timestamp())
+    return Batch(records, frame, eofs)
+
+
+def classify(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
+    """Add ``outcome`` (counted/dlq/late/duplicates) per record, in offset order, batch-size independent.
+
+    A record is late when its window had already closed before it arrived: window end <= (max
+    timestamp of the partition's earlier records) - grace.
+    """
+    pipeline = state.pipeline
+    frame = pipeline.with_window(frame)
+    floor = NEVER if state.max_ts is None else state.max_ts
+    previous_max = pl.max_horizontal(pl.col("timestamp_ms").cum_max().shift(1, fill_value=floor), pl.lit(floor))
+    late = (
+        pl.lit(False)
+        if state.grace_ms is None
+        else pl.col(WINDOW_MS) + pipeline.window_ms <= previous_max - state.grace_ms
+    )
+    outcome = pl.when(pl.col(REJECT).is_not_null()).then(pl.lit("dlq")).when(late).then(pl.lit("late"))
+    frame = frame.with_columns(outcome.otherwise(pl.lit("counted")).alias("outcome"))
+    return mark_duplicates(frame, state) if pipeline.dedup_by else frame
+
+
+def mark_duplicates(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
+    """A counted record whose (window, dedup_by) was already counted, here or before, is a duplicate."""
+    key = [WINDOW_MS, *state.pipeline.dedup_by]
+    candidates = frame.filter(pl.col("outcome") == "counted").with_columns(
+        pl.struct(key).is_first_distinct().alias("_first")
+    )
+    seen = state.seen.cast({c: frame.schema[c] for c in key}).with_columns(pl.lit(True).alias("_seen"))  # type: ignore[arg-type]
+    candidates = candidates.join(seen, on=key, how="left")
+    duplicates = candidates.filter(~pl.col("_first") | pl.col("_seen").is_not_null())["offset"]
+    return frame.with_columns(
+        pl.when(pl.col("offset").is_in(duplicates.implode()))
+        .then(pl.lit("duplicates"))
+        .otherwise(pl.col("outcome"))
+        .alias("outcome")
+    )
+
+
+def apply(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
+    """Fold one partition's records (offset order, all >= next_offset) into its state; returns them classified."""
+    pipeline = state.pipeline
+    frame = classify(frame, state)
+    counted = frame.filter(pl.col("outcome") == "counted")
+    if counted.height:
+        state.open = pipeline.merge(pl.concat([state.open, pipeline.aggregate(counted)]))
+        if pipeline.dedup_by:
+            seen = counted.select(WINDOW_MS, *pipeline.dedup_by).cast(state.seen.schema)  # type: ignore[arg-type]
+            state.seen = pl.concat([state.seen, seen])
+    state.add_stats(frame.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome"))
+    batch_max = frame["timestamp_ms"].max()
+    state.max_ts = batch_max if state.max_ts is None else max(state.max_ts, batch_max)  # type: ignore[type-var]
+    state.next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
+    state.dirty = True
+    state.close_windows(state.watermark())
+    return frame
+
+
+class Processor:
+    """One run of the processor; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        *,
+        topic: str,
+        group: str,
+        bounded: bool,
+        start: Start,
+        start_offsets: Mapping[int, int] | None,
+        end_offsets: Mapping[int, int] | None,
+        grace_ms: int | None,
+        batch_size: int,
+        checkpoint_seconds: float,
+        dlq_topic: str,
+        progress: Progress,
+        stop: threading.Event,
+    ) -> None:
+        self.settings, self.pipeline = settings, pipeline
+        self.topic, self.group, self.bounded, self.start = topic, group, bounded, start
+        self.start_offsets = dict(start_offsets or {})
+        self.requested_end = dict(end_offsets) if end_offsets is not None else None
+        self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
+        self.dlq_topic, self.progress, self.stop = dlq_topic, progress, stop
+        self.client = s3_client(settings)
+        self.prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if bounded else None)
+        self.store = StateStore(self.client, settings.s3_bucket, self.prefix, writer=uuid.uuid4().hex[:10])
+        self.states: dict[int, PartitionState] = {}
+        self.end: dict[int, int] = {}
+        self.summary = RunSummary(pipeline.name, pipeline.version, topic, group, bounded)
+        self.delivery_errors: list[str] = []
+        self.last_checkpoint = self.last_global_check = self.last_lag = 0.0
+        self.lag: int | None = None
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        ensure_bucket(self.client, self.settings.s3_bucket)
+        partitions = kafka_helpers.partition_count(self.settings, self.topic)
+        kafka_helpers.ensure_topic(self.settings, self.dlq_topic, partitions)
+        if self.bounded:
+            self.end = self.bounded_end_offsets(partitions)
+            self.summary.end_offsets = dict(self.end)
+        self.producer = Producer(self.settings.kafka_config(**{"enable.idempotence": True, "linger.ms": 20}))
+        self.consumer = Consumer(self.consumer_config())
+        self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
+        self.last_checkpoint = time.monotonic()
+        try:
+            self.loop()
+            self.checkpoint()
+        finally:
+            with contextlib.suppress(Exception):
+                self.consumer.close()
+            self.progress.update(self.summary.records, self.lag, self.summary.late_records, force=True)
+            self.progress.close()
+        if self.summary.complete:
+            self.write_reports()
+        self.summary.seconds = round(time.monotonic() - started, 3)
+        return self.summary
+
+    def consumer_config(self) -> dict[str, object]:
+        return self.settings.kafka_config(
+            **{
+                "group.id": self.group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": self.start,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
+                "partition.assignment.strategy": "range",
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1_000,
+            }
+        )
+
+    def loop(self) -> None:
+        assert self.consumer is not None
+        while not self.stop.is_set():
+            messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.5)
+            if messages:
+                self.process(messages)
+            if time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
+                self.checkpoint()
+            self.report_progress()
+            if self.bounded and self.finished():
+                self.summary.complete = True
+                return
+
+    # ---------------------------------------------------------------- rebalance
+
+    def on_assign(self, consumer: Consumer, partitions: list[TP]) -> None:
+        for tp in partitions:
+            state = self.store.load(self.new_state(tp.partition))
+            self.states[tp.partition] = state
+            tp.offset = self.start_offset(state)
+        consumer.assign(partitions)
+        self.pause_finished()
+
+    def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
+        """Hand over cleanly: checkpoint what we have, then forget it."""
+        revoked = {tp.partition for tp in partitions}
+        self.checkpoint(revoked)
+        for partition in revoked:
+            self.states.pop(partition, None)
+
+    def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
+        """Someone else owns these now: our uncommitted work is void."""
+        for tp in partitions:
+            self.states.pop(tp.partition, None)
+
+    def new_state(self, partition: int) -> PartitionState:
+        return PartitionState(self.pipeline, self.topic, self.group, partition, self.grace_ms)
+
+    def start_offset(self, state: PartitionState) -> int:
+        """S3 checkpoint > explicit start offset > (bounded from-beginning: 0) > committed/auto reset."""
+        if state.next_offset is not None:
+            return state.next_offset
+        if state.partition in self.start_offsets:
+            return self.start_offsets[state.partition]
+        if self.bounded and self.start == "earliest":
+            return OFFSET_BEGINNING
+        return OFFSET_STORED
+
+    def reload(self, partition: int) -> None:
+        """After a fence: adopt the state another processor committed and continue from its offset."""
+        assert self.consumer is not None
+        state = self.store.load(self.new_state(partition))
+        self.states[partition] = state
+        self.consumer.seek(TP(self.topic, partition, self.start_offset(state)))
+
+    # ---------------------------------------------------------------- processing
+
+    def process(self, messages: Sequence[Any]) -> None:
+        batch = split_batch(messages, self.pipeline)
+        if batch.frame.height:
+            for (partition,), frame in batch.frame.partition_by("partition", as_dict=True).items():
+                state = self.states.get(partition)  # type: ignore[call-overload]
+                if state is not None and not state.finalized:
+                    self.process_partition(state, frame, batch.messages)
+        for partition, offset in batch.eofs:
+            self.on_eof(partition, offset)
+        if self.bounded:
+            for state in self.states.values():
+                self.finalize_if_done(state)
+
+    def process_partition(self, state: PartitionState, frame: pl.DataFrame, messages: list[Any]) -> None:
+        if state.next_offset is not None:
+            frame = frame.filter(pl.col("offset") >= state.next_offset)
+        if self.bounded:
+            end = self.end[state.partition]
+            if frame.height and frame["offset"].max() >= end:  # type: ignore[operator]
+                state.next_offset, state.dirty = end, True
+            frame = frame.filter(pl.col("offset") < end)
+        if frame.height == 0:
+            return
+        frame = apply(frame, state)
+        counts = dict(frame.group_by("outcome").len().iter_rows())
+        self.summary.records += frame.height
+        self.summary.late_records += counts.get("late", 0)
+        self.send_to_dlq(frame.filter(pl.col("outcome") == "dlq"), messages)
+
+    def on_eof(self, partition: int, offset: int) -> None:
+        """At the end of a partition our position is ``offset`` (covers transaction markers too)."""
+        state = self.states.get(partition)
+        if state is None or state.finalized:
+            return
+        if self.bounded:
+            offset = min(offset, self.end[partition])
+        if state.next_offset is None or offset > state.next_offset:
+            state.next_offset, state.dirty = offset, True
+
+    def finalize_if_done(self, state: PartitionState) -> None:
+        """Bounded: once a partition reached its end offset, close every window and stop fetching it."""
+        end = self.end[state.partition]
+        if state.finalized or state.next_offset is None or state.next_offset < end:
+            return
+        state.close_windows(ALWAYS)
+        state.finalized, state.end_offset, state.dirty = True, end, True
+        self.pause_finished()
+
+    def pause_finished(self) -> None:
+        assert self.consumer is not None
+        done = [TP(self.topic, p) for p, s in self.states.items() if s.finalized]
+        if done:
+            self.consumer.pause(done)
+
+    # ---------------------------------------------------------------- DLQ
+
+    def send_to_dlq(self, rejects: pl.DataFrame, messages: list[Any]) -> None:
+        """Original key/value/headers/timestamp + reason headers; flushed before the next checkpoint."""
+        assert self.producer is not None
+        label = self.pipeline.label.encode()
+        for idx, offset, reason in rejects.select("idx", "offset", REJECT).iter_rows():
+            message = messages[idx]
+            headers = [
+                *(message.headers() or []),
+                ("kappa.dlq.reason", reason.encode()),
+                ("kappa.dlq.topic", self.topic.encode()),
+                ("kappa.dlq.partition", str(message.partition()).encode()),
+                ("kappa.dlq.offset", str(offset).encode()),
+                ("kappa.dlq.pipeline", label),
+            ]
+            timestamp = message.timestamp()[1]
+            self.produce_dlq(message.key(), message.value(), headers, timestamp if timestamp > 0 else 0)
+        self.summary.dlq_records += rejects.height
+
+    def produce_dlq(self, key: bytes | None, value: bytes | None, headers: list, timestamp: int) -> None:
+        assert self.producer is not None
+        while True:
+            try:
+                self.producer.produce(
+                    self.dlq_topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    timestamp=timestamp,
+                    on_delivery=self.delivered,
+                )
+                break
+            except BufferError:
+                self.producer.poll(0.1)
+        self.producer.poll(0)
+
+    def delivered(self, error: KafkaError | None, _message: Any) -> None:
+        if error is not None:
+            self.delivery_errors.append(str(error))
+
+    def flush_dlq(self) -> None:
+        """Every DLQ record of the checkpoint must be durable before the checkpoint commits."""
+        assert self.producer is not None
+        remaining = self.producer.flush(60)
+        if remaining or self.delivery_errors:
+            errors = "; ".join(self.delivery_errors[:3]) or f"{remaining} not delivered within 60s"
+            raise KappaError(f"could not write to the dead-letter topic {self.dlq_topic}: {errors}")
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def checkpoint(self, partitions: set[int] | None = None) -> None:
+        """DLQ flush -> per partition outputs + state JSON (commit point) -> Kafka commit -> garbage."""
+        self.last_checkpoint = time.monotonic()
+        targets = [s for p, s in self.states.items() if s.dirty and (partitions is None or p in partitions)]
+        targets = [s for s in targets if s.next_offset is not None]
+        if not targets:
+            return
+        self.flush_dlq()
+        committed, superseded = [], []
+        for state in targets:
+            try:
+                superseded += self.store.commit(state)
+                committed.append(TP(self.topic, state.partition, state.next_offset))
+            except FencedError:
+                self.reload(state.partition)
+        self.commit_offsets(committed)
+        self.store.delete(superseded)
+
+    def commit_offsets(self, offsets: list[TP]) -> None:
+        """Kafka commit after S3: only for lag monitoring and tools; S3 stays authoritative."""
+        assert self.consumer is not None
+        if offsets:
+            with contextlib.suppress(KafkaException):
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    # ---------------------------------------------------------------- bounded mode
+
+    def bounded_end_offsets(self, partitions: int) -> dict[int, int]:
+        """End offsets fixed at the first start of this group, so every restart targets the same input."""
+        key = f"{self.prefix}_state/bounded.json"
+        data = get_bytes(self.client, self.settings.s3_bucket, key)
+        if data is not None:
+            doc = json.loads(data)
+            if doc["topic"] != self.topic:
+                raise KappaError(f"group {self.group} already processed topic {doc['topic']!r}; use a new --group")
+            recorded = {int(p): o for p, o in doc["end_offsets"].items()}
+            if self.requested_end is not None and self.requested_end != recorded:
+                raise KappaError(f"group {self.group} runs to end offsets {recorded}, not {self.requested_end}")
+            return recorded
+        end = self.requested_end or kafka_helpers.end_offsets(self.settings, self.topic)
+        if sorted(end) != list(range(partitions)):
+            raise KappaError(f"end offsets must name partitions 0..{partitions - 1} of {self.topic}, got {sorted(end)}")
+        doc = {"topic": self.topic, "group": self.group, "end_offsets": {str(p): o for p, o in sorted(end.items())}}
+        self.store.put(key, json.dumps(doc).encode(), "application/json")
+        return end
+
+    def finished(self) -> bool:
+        """True when every partition of the topic is finalized in S3 (by us or another group member)."""
+        if any(not s.finalized or s.dirty for s in self.states.values()):
+            return False
+        if time.monotonic() - self.last_global_check < 1.0:
+            return False
+        self.last_global_check = time.monotonic()
+        states = list_states(self.client, self.settings.s3_bucket, self.prefix)
+        return all(
+            p in states and states[p]["finalized"] and states[p]["next_offset"] >= end for p, end in self.end.items()
+        )
+
+    def write_reports(self) -> None:
+        """Per day: report.parquet, then stats.json. Deterministic, so any member may (re)write them."""
+        bucket = self.settings.s3_bucket
+        states = list_states(self.client, bucket, self.prefix)
+        self.summary.stats = day_stats(states)
+        for day, stats in self.summary.stats.items():
+            report = results_for_day(self.client, bucket, self.prefix, self.pipeline, day, states=states)
+            report_key = keys.report_file(self.pipeline.name, self.pipeline.version, day)
+            stats_key = keys.report_stats_file(self.pipeline.name, self.pipeline.version, day)
+            self.store.put(report_key, to_parquet(report))
+            self.store.put(stats_key, json.dumps(stats, indent=1).encode(), "application/json")
+            self.summary.reports[day], self.summary.stats_files[day] = report_key, stats_key
+
+    # ---------------------------------------------------------------- progress
+
+    def report_progress(self) -> None:
+        if isinstance(self.progress, NoProgress):
+            return
+        now = time.monotonic()
+        if self.bounded:
+            self.lag = sum(max(0, self.end[p] - (s.next_offset or 0)) for p, s in self.states.items())
+        elif now - self.last_lag >= 5.0:
+            self.last_lag, self.lag = now, self.live_lag()
+        self.progress.update(self.summary.records, self.lag, self.summary.late_records)
+
+    def live_lag(self) -> int | None:
+        assert self.consumer is not None
+        try:
+            lag = 0
+            for partition, state in self.states.items():
+                _low, high = self.consumer.get_watermark_offsets(TP(self.topic, partition), timeout=1.0)
+                lag += max(0, high - (state.next_offset if state.next_offset is not None else high))
+            return lag
+        except KafkaException:
+            return None
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop``: the loop then checkpoints and exits cleanly (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_processor(
+    settings: Settings,
+    pipeline: str,
+    version: int,
+    *,
+    topic: str | None = None,
+    group: str | None = None,
+    bounded: bool = False,
+    start: Start = "latest",
+    start_offsets: Mapping[int, int] | None = None,
+    end_offsets: Mapping[int, int] | None = None,
+    grace_ms: int | None = LIVE_GRACE_MS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+    dlq_topic: str | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> RunSummary:
+    """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
+
+    ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
+    in the CLI). Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
+    """
+    impl = get_pipeline(pipeline, version)
+    if batch_size < 1 or checkpoint_seconds <= 0 or (grace_ms is not None and grace_ms < 0):
+        raise KappaError("batch size must be >= 1, checkpoint interval > 0 and grace >= 0")
+    if not bounded and grace_ms is None:
+        raise KappaError("a live processor needs a finite grace period (windows would never close)")
+    stop = stop or threading.Event()
+    processor = Processor(
+        settings,
+        impl,
+        topic=keys.valid_topic(topic or settings.events_topic),
+        group=keys.valid_group(group or live_group(pipeline, version)),
+        bounded=bounded,
+        start=start,
+        start_offsets=start_offsets,
+        end_offsets=end_offsets,
+        grace_ms=grace_ms,
+        batch_size=batch_size,
+        checkpoint_seconds=checkpoint_seconds,
+        dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
+        progress=progress or NoProgress(),
+        stop=stop,
+    )
+    with stop_on_signals(stop):
+        return processor.run()
+
+
+def read_live_results(
+    settings: Settings, pipeline: str, version: int, day: str | dt.date, include_open: bool = False
+) -> pl.DataFrame:
+    """Live output rows of one day (closed windows; ``include_open`` adds provisional open windows)."""
+    impl = get_pipeline(pipeline, version)
+    day = day.isoformat() if isinstance(day, dt.date) else keys.valid_day(day)
+    client = s3_client(settings)
+    prefix = keys.processor_prefix(pipeline, version, None)
+    return results_for_day(client, settings.s3_bucket, prefix, impl, day, include_open)
