@@ -10,10 +10,12 @@ from rich.console import Console
 
 from workers.cli import archiver as archiver_cmd
 from workers.cli import check as check_cmd
+from workers.cli import dashboard as dashboard_cmd
 from workers.cli import processor as processor_cmd
 from workers.cli import produce as produce_cmd
 from workers.cli import promote as promote_cmd
 from workers.cli import replay as replay_cmd
+from workers.cli import replay_status as replay_status_cmd
 from workers.cli import report as report_cmd
 from workers.cli import stack as stack_cmd
 from workers.errors import KappaError
@@ -32,8 +34,10 @@ app.add_typer(replay_cmd.app, name="replay")
 app.command("promote")(promote_cmd.promote)
 app.command("rollback")(promote_cmd.rollback)
 app.command("produce")(produce_cmd.produce)
+app.command("dashboard")(dashboard_cmd.dashboard)
 app.command("processor")(processor_cmd.processor)
 app.command("report")(report_cmd.report)
+replay_cmd.app.command("status")(replay_status_cmd.status)
 
 err = Console(stderr=True)
 

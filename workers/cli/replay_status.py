@@ -1,0 +1,52 @@
+"""`kappa replay status`: one row per replay (days, group lag, rate, ETA, state) from offsets only."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from workers import replay_status as status_lib
+from workers import s3 as s3_helpers
+from workers.config import load_settings
+from workers.errors import KappaError
+from workers.lag import LagReader
+
+console = Console()
+
+
+def status(
+    sample: float = typer.Option(2.0, help="Seconds between the two offset readings that give the rate (0 = no rate)."),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh every --sample seconds until Ctrl-C."),
+) -> None:
+    """Show every replay of the bucket: loaded records, replay-group lag, rate, ETA and state."""
+    if sample < 0 or (watch and sample == 0):
+        raise KappaError("--sample must be > 0 seconds (and >= 0 without --watch)")
+    settings = load_settings()
+    client, reader, rates = s3_helpers.s3_client(settings), LagReader(settings), status_lib.RateTracker()
+    rows = status_lib.replay_rows(settings, reader, rates, client)
+    if not rows:
+        console.print(f"no replays in s3://{settings.s3_bucket}/_state/replays/ yet (run `kappa replay load`)")
+        return
+    while True:
+        if sample:
+            time.sleep(sample)
+            rows = status_lib.replay_rows(settings, reader, rates, client)
+        console.print(table(rows))
+        if not watch:
+            return
+
+
+def table(rows: list[status_lib.ReplayRow]) -> Table:
+    out = Table(title="replays")
+    for column in ("replay id", "pipeline", "day", "records", "done", "group lag", "rate", "ETA", "state"):
+        out.add_column(column, justify="right" if column in {"records", "done", "group lag", "rate"} else "left")
+    for row in rows:
+        rate = "-" if row.rate is None else f"{row.rate:,.0f}/s"
+        out.add_row(
+            row.replay_id, f"{row.pipeline} v{row.version}", row.day, f"{row.total:,}", f"{row.percent:.0f}%",
+            f"{row.lag:,}", rate, status_lib.format_eta(row.eta_s), row.state,
+        )
+    return out

@@ -1,0 +1,191 @@
+"""Builds the dashboard's snapshot: one JSON document per view (pipeline, version, day, diff day).
+
+A failing source (a topic not created yet, S3 hiccup) turns into an ``error`` field of its own
+section instead of failing the page, so a person always sees everything that *can* be read.
+Snapshots are cached for a refresh interval: several browser tabs cost one set of S3/Kafka calls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from workers import keys, replay_status, report_diff
+from workers import s3 as s3_helpers
+from workers.config import Settings
+from workers.dashboard import sources
+from workers.dashboard.dlq import DlqTail
+from workers.errors import KappaError
+from workers.lag import LagReader
+from workers.pipelines import Pipeline, get_pipeline, known
+
+ARCHIVER_GROUP = "kappa.archiver"
+DIFF_ROWS = 30
+
+
+@dataclass(frozen=True)
+class View:
+    """What the person asked to see; None means "the sensible default"."""
+
+    pipeline: str = "orders"
+    version: int | None = None
+    day: str | None = None
+    diff_day: str | None = None
+
+    @classmethod
+    def parse(cls, params: dict[str, str]) -> View:
+        """Query parameters -> a validated view, or a KappaError naming the bad parameter."""
+        version = params.get("version") or None
+        if version is not None and not version.isdigit():
+            raise KappaError(f"version {version!r} must be a positive integer")
+        day, diff_day = params.get("day") or None, params.get("diff_day") or None
+        return cls(
+            pipeline=keys.valid_name(params.get("pipeline") or "orders"),
+            version=keys.valid_version(int(version)) if version else None,
+            day=keys.valid_day(day) if day else None,
+            diff_day=keys.valid_day(diff_day) if diff_day else None,
+        )
+
+
+def live_group(pipeline: str, version: int) -> str:
+    return f"kappa.{pipeline}.v{version}.live"
+
+
+def _section(build: Callable[[], Any]) -> Any:
+    """Run one section builder; an exception becomes ``{"error": "..."}`` for that section only."""
+    try:
+        return build()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _frame_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    rows = frame.with_columns(pl.col("window_start").dt.strftime("%Y-%m-%dT%H:%MZ")).to_dicts()
+    return [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+
+
+class Collector:
+    """Holds the long-lived readers (S3 client, AdminClient, DLQ tail, rate history)."""
+
+    def __init__(self, settings: Settings, interval: float = 2.0) -> None:
+        self.settings, self.interval = settings, interval
+        self.client = s3_helpers.s3_client(settings, retries=2)
+        self.lag = LagReader(settings)
+        self.rates = replay_status.RateTracker()
+        self.dlq = DlqTail(settings, settings.dlq_topic)
+        self.lock = threading.Lock()
+        self.cache: dict[View, tuple[float, dict[str, Any]]] = {}
+
+    def close(self) -> None:
+        self.dlq.close()
+
+    # ---------------------------------------------------------------- entry point
+
+    def snapshot(self, view: View) -> dict[str, Any]:
+        """The whole page's data for ``view`` (cached for one refresh interval)."""
+        with self.lock:
+            cached = self.cache.get(view)
+            if cached and time.monotonic() - cached[0] < self.interval * 0.9:
+                return cached[1]
+            data = self._build(view)
+            self.cache = {view: (time.monotonic(), data)}
+            return data
+
+    def _build(self, view: View) -> dict[str, Any]:
+        bucket = self.client, self.settings.s3_bucket
+        current = sources.current_version(*bucket, view.pipeline)
+        pipeline = get_pipeline(view.pipeline, view.version or current or sources.DEFAULT_VERSION)
+        states = _section(lambda: sources.live_states(*bucket, pipeline))
+        failed, states = (states, {}) if "error" in states else (None, states)
+        stats = sources.day_stats(states)
+        day = view.day or (max(stats) if stats else sources.today())
+        return {
+            "view": self._view(view, pipeline, current, day),
+            "results": _section(lambda: self._results(pipeline, day)),
+            "processor": failed or _section(lambda: self._processor(states, stats, day)),
+            "dlq": _section(self._dlq),
+            "lag": _section(lambda: self._lags(pipeline)),
+            "replays": _section(self._replays),
+            "diff": _section(lambda: self._diff(pipeline, current, view.diff_day or day)),
+        }
+
+    # ---------------------------------------------------------------- sections
+
+    def _view(self, view: View, pipeline: Pipeline, current: int | None, day: str) -> dict[str, Any]:
+        return {
+            "pipeline": pipeline.name,
+            "version": pipeline.version,
+            "current_version": current,
+            "day": day,
+            "diff_day": view.diff_day or day,
+            "pipelines": [{"name": n, "version": v} for n, v in known()],
+            "bucket": self.settings.s3_bucket,
+            "events_topic": self.settings.events_topic,
+            "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+
+    def _results(self, pipeline: Pipeline, day: str) -> dict[str, Any]:
+        frame = sources.live_results(self.client, self.settings.s3_bucket, pipeline, day)
+        types = sorted(frame["type"].unique().to_list()) if "type" in frame.columns else []
+        return {"totals": sources.totals(frame), "types": types, "series": sources.series(frame, types)}
+
+    def _processor(self, states: dict[int, dict[str, Any]], stats: dict[str, dict[str, int]], day: str) -> dict:
+        updated = [s.get("updated_at") for s in states.values() if s.get("updated_at")]
+        return {
+            "partitions": len(states),
+            "updated_at": max(updated) if updated else None,
+            "day": stats.get(day, {}),
+            "late_all_days": sum(s.get("late", 0) for s in stats.values()),
+            "days": sorted(stats, reverse=True),
+        }
+
+    def _dlq(self) -> dict[str, Any]:
+        tail = self.dlq.refresh()
+        return {**tail, "rate": self.rates.observe("dlq", tail["records"])}
+
+    def _lags(self, pipeline: Pipeline) -> list[dict[str, Any]]:
+        events = self.settings.events_topic
+        candidates = [("archiver", ARCHIVER_GROUP), *(("live", live_group(n, v)) for n, v in known())]
+        selected = live_group(pipeline.name, pipeline.version)
+        rows = []
+        for kind, group in candidates:
+            lag = self.lag.group_lag(group, events)
+            if lag is not None and (lag.started or group == selected):
+                rate = self.rates.observe(f"group:{group}", lag.consumed)
+                rows.append({"kind": kind, **lag.as_dict(), "rate": rate})
+        return rows
+
+    def _replays(self) -> list[dict[str, Any]]:
+        rows = replay_status.replay_rows(self.settings, self.lag, self.rates, self.client)
+        rows = [row for row in rows if row.source_topic in (None, self.settings.events_topic)]
+        return [row.as_dict() for row in rows]
+
+    def _diff(self, pipeline: Pipeline, current: int | None, day: str) -> dict[str, Any]:
+        bucket = self.client, self.settings.s3_bucket
+        versions = sources.report_versions(*bucket, pipeline.name, day)
+        corrected_version = current if current in versions else (versions[0] if versions else None)
+        base = {"day": day, "live_version": pipeline.version, "promoted_version": current}
+        if corrected_version is None:
+            return {**base, "available": False, "message": f"no corrected report for {day} yet"}
+        corrected = sources.report(*bucket, pipeline.name, corrected_version, day)
+        live = sources.live_results(*bucket, pipeline, day)
+        summary = report_diff.summary(corrected, live)
+        return {
+            **base,
+            "available": True,
+            "corrected_version": corrected_version,
+            "promoted": corrected_version == current,
+            "corrected_events": int(corrected["events"].sum()),
+            "live_events": int(live["events"].sum()) if live.height else 0,
+            "windows_compared": summary["windows_compared"],
+            "windows_changed": summary["windows_changed"],
+            "events_delta": summary["events_delta"],
+            "amount_delta": summary["amount_delta"],
+            "rows": _frame_rows(summary["changed"].head(DIFF_ROWS)),
+        }

@@ -1,0 +1,93 @@
+"""What the dashboard reads from S3: live results, processor counters, corrected reports, CURRENT.
+
+Every reader here goes through the modules that own the layout (``processor_state`` for live
+results and counters, ``promote`` for the pointer, ``keys`` for report paths), so the dashboard
+never guesses a key and shows exactly what the report reader and Dagster see.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from typing import Any
+
+import polars as pl
+
+from workers import keys, processor_state, promote
+from workers import s3 as s3_helpers
+from workers.pipelines import Pipeline
+
+DEFAULT_VERSION = 1
+
+
+def today() -> str:
+    return dt.datetime.now(dt.UTC).date().isoformat()
+
+
+def current_version(client: Any, bucket: str, pipeline: str) -> int | None:
+    """The promoted version (``reports/<P>/CURRENT``), None when nothing was promoted."""
+    return promote.current_version(client, bucket, pipeline)
+
+
+def live_states(client: Any, bucket: str, pipeline: Pipeline) -> dict[int, dict[str, Any]]:
+    """Committed checkpoint of every partition of the live processor of this pipeline version."""
+    prefix = keys.processor_prefix(pipeline.name, pipeline.version, None)
+    return processor_state.list_states(client, bucket, prefix)
+
+
+def live_results(client: Any, bucket: str, pipeline: Pipeline, day: str) -> pl.DataFrame:
+    """Output rows of ``day`` as the live processor last checkpointed them, open windows included.
+
+    Open windows are what a person watching the current minute wants to see; they become final when
+    the watermark passes them, and the corrected report is the authority anyway.
+    """
+    prefix = keys.processor_prefix(pipeline.name, pipeline.version, None)
+    return processor_state.results_for_day(client, bucket, prefix, pipeline, day, include_open=True)
+
+
+def day_stats(states: dict[int, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per-day outcome counters (records, counted, dlq, duplicates, late) over all partitions."""
+    return processor_state.day_stats(states)
+
+
+def report(client: Any, bucket: str, pipeline: str, version: int, day: str) -> pl.DataFrame | None:
+    """The corrected report of DESIGN §4, None if not written (yet)."""
+    body = s3_helpers.get_bytes(client, bucket, keys.report_file(pipeline, version, day))
+    return None if body is None else pl.read_parquet(io.BytesIO(body))
+
+
+def report_versions(client: Any, bucket: str, pipeline: str, day: str) -> list[int]:
+    """Versions that have a corrected report for ``day``, newest first."""
+    suffix = f"/dt={keys.valid_day(day)}/report.parquet"
+    versions = []
+    for obj in s3_helpers.iter_keys(client, bucket, f"reports/{keys.valid_name(pipeline)}/v"):
+        name = obj["Key"]
+        if name.endswith(suffix):
+            version = name.removeprefix(f"reports/{pipeline}/v").split("/", 1)[0]
+            if version.isdigit():
+                versions.append(int(version))
+    return sorted(versions, reverse=True)
+
+
+def series(frame: pl.DataFrame, types: list[str]) -> dict[str, Any]:
+    """Per-minute columns for the chart: ``x`` (epoch s) plus events and amount per type (0-filled)."""
+    if frame.is_empty():
+        return {"x": [], "events": {t: [] for t in types}, "amount": {t: [] for t in types}}
+    minutes = frame.select(pl.col("window_start").unique().sort())
+    out: dict[str, Any] = {"x": (minutes["window_start"].dt.epoch("s")).to_list(), "events": {}, "amount": {}}
+    for event_type in types:
+        rows = minutes.join(frame.filter(pl.col("type") == event_type), on="window_start", how="left")
+        out["events"][event_type] = rows["events"].fill_null(0).to_list()
+        out["amount"][event_type] = rows["amount"].fill_null(0.0).round(2).to_list()
+    return out
+
+
+def totals(frame: pl.DataFrame) -> dict[str, Any]:
+    """Day totals, overall and by type."""
+    by_type = frame.group_by("type").agg(pl.col("events").sum(), pl.col("amount").sum()).sort("type")
+    return {
+        "events": int(frame["events"].sum()) if frame.height else 0,
+        "amount": round(float(frame["amount"].sum()), 2) if frame.height else 0.0,
+        "windows": frame["window_start"].n_unique() if frame.height else 0,
+        "by_type": {t: {"events": int(e), "amount": round(float(a), 2)} for t, e, a in by_type.iter_rows()},
+    }
