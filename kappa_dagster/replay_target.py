@@ -35,7 +35,9 @@ class ReplayTarget:
     version: int
     day: str
 
-    def spec(self, settings: Settings, partitions: int = 3, throttle: float | None = None) -> replay_loader.ReplaySpec:
+    def spec(
+        self, settings: Settings, partitions: int | None = None, throttle: float | None = None
+    ) -> replay_loader.ReplaySpec:
         return replay_loader.ReplaySpec(
             pipeline=self.pipeline,
             version=self.version,

@@ -59,10 +59,11 @@ def test_merge_runs_orders_and_dedups_with_tiny_chunks(tmp_path: Path) -> None:
     assert merged.select(archive_format.SCHEMA.names()).equals(expected)
 
 
-def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any) -> None:
+@pytest.mark.parametrize("partitions", [None, 2], ids=["mirror-source", "by-key"])
+def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any, partitions: int | None) -> None:
     frame = day_records(DAY, 600, partitions=3)
     write_day(s3, settings.s3_bucket, settings.events_topic, DAY, frame)  # overlapping files -> duplicates
-    spec = _spec(settings)
+    spec = _spec(settings, partitions=partitions)
     result = replay_loader.load(settings, spec, client=s3, memory_rows=1000)
     manifest = result.manifest
     try:
@@ -84,10 +85,11 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
             assert headers[:-2] == [(h["key"], h["value"]) for h in row["headers"]]
             assert src not in seen
             seen.add(src)
-            assert message.partition() == replay_loader.target_partition(row["key"], row["partition"], 2)
+            assert message.partition() == replay_loader.target_partition(row["key"], row["partition"], partitions)
         assert len(seen) == 600
         # deterministic order inside each replay partition: (timestamp, source partition, source offset)
-        for partition in range(spec.partitions):
+        assert manifest["partitions"] == (partitions or 3)
+        for partition in range(manifest["partitions"]):
             keys_in_order = [
                 (m.timestamp()[1], int(m.headers()[-2][1]), int(m.headers()[-1][1]))
                 for m in messages

@@ -13,9 +13,12 @@ Why this shape:
   the same record, so they carry the same sort key and end up adjacent in the merged stream;
   ``unique`` on each emitted batch drops them (the strict bound guarantees both copies are in the
   same batch).
-* **Deterministic.** Order is ``(timestamp, original partition, offset)``; the replay partition is
-  ``crc32(key) % partitions`` (records with the same key stay together, in order) and, for null
-  keys, ``original partition % partitions``. The same archive always yields the same topic.
+* **Deterministic.** Order is ``(timestamp, original partition, offset)``. By default the replay topic
+  mirrors the source partitions (record -> its original partition): per-partition semantics such as
+  the pipelines' dedup scope are then exactly those of live, and same key -> same partition holds as
+  it did at the source. With an explicit partition count, the replay partition is
+  ``crc32(key) % partitions`` (same key -> same partition, in order) and, for null keys,
+  ``original partition % partitions``. The same archive always yields the same topic.
 * **Idempotent.** A manifest in S3 (``keys.replay_manifest``) records the archive fingerprint and
   the replay topic's end offsets. A re-run skips when the manifest is complete and the topic (or the
   finished report) still matches; otherwise the topic and the replay consumer group are deleted and
@@ -101,14 +104,14 @@ class ReplaySpec:
     day: str
     source_topic: str
     bucket: str
-    partitions: int = 3
+    partitions: int | None = None  # None: mirror the source topic's partitions
     throttle: float | None = None  # records/s, None = as fast as possible
 
     def __post_init__(self) -> None:
         keys.valid_day(self.day)
         keys.valid_name(self.pipeline)
         keys.valid_version(self.version)
-        if not 1 <= self.partitions <= 1000:
+        if self.partitions is not None and not 1 <= self.partitions <= 1000:
             raise KappaError(f"replay partitions must be 1..1000, got {self.partitions}")
         if self.throttle is not None and self.throttle <= 0:
             raise KappaError(f"throttle must be a positive number of records/s, got {self.throttle}")
@@ -124,6 +127,16 @@ class ReplaySpec:
     @property
     def group(self) -> str:
         return replay_group(self.pipeline, self.version, self.replay_id)
+
+    @property
+    def dlq_topic(self) -> str:
+        """Rejects of the replay go here, not to the live DLQ (live already dead-lettered them)."""
+        return f"{self.topic}.dlq"
+
+    @property
+    def processor_prefix(self) -> str:
+        """Where the bounded processor of this replay keeps its checkpoints."""
+        return keys.processor_prefix(self.pipeline, self.version, self.group)
 
 
 @dataclass
@@ -239,10 +252,35 @@ def topic_end_offsets(settings: Settings, topic: str) -> dict[str, int] | None:
     return _offsets_json(kafka_helpers.end_offsets(settings, topic))
 
 
-def cleanup(settings: Settings, manifest: dict[str, Any]) -> None:
-    """Delete the replay topic and the replay consumer group (the report is already in S3)."""
-    kafka_helpers.delete_topics(settings, [manifest["replay_topic"]])
+def delete_prefix(client: Any, bucket: str, prefix: str) -> int:
+    """Delete every object under ``prefix`` (1000 per request); returns how many."""
+    keys_ = [obj["Key"] for obj in s3_helpers.iter_keys(client, bucket, prefix)]
+    for start in range(0, len(keys_), 1000):
+        batch = [{"Key": key} for key in keys_[start : start + 1000]]
+        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    return len(keys_)
+
+
+def reset_consumer_side(settings: Settings, client: Any, manifest: dict[str, Any]) -> None:
+    """Forget everything a consumer derived from a previous load: group, processor checkpoints, DLQ."""
     delete_group(settings, manifest["group"])
+    delete_prefix(client, settings.s3_bucket, manifest["processor_prefix"])
+    kafka_helpers.delete_topics(settings, [manifest["dlq_topic"]])
+
+
+def cleanup(settings: Settings, manifest: dict[str, Any], client: Any | None = None) -> None:
+    """Delete the replay topic, its DLQ, consumer group and processor checkpoints (the report is in S3)."""
+    client = client or s3_helpers.s3_client(settings)
+    kafka_helpers.delete_topics(settings, [manifest["replay_topic"]])
+    reset_consumer_side(settings, client, manifest)
+
+
+def source_partitions(settings: Settings, source_topic: str, files: list[dict]) -> int:
+    """Partition count of the source: the live topic's if it exists, at least what the archive holds."""
+    archived = max(int(f["partition"]) for f in files) + 1
+    if source_topic in kafka_helpers.admin_client(settings).list_topics(timeout=30).topics:
+        return max(archived, kafka_helpers.partition_count(settings, source_topic))
+    return archived
 
 
 # ---------------------------------------------------------------- external sort: runs
@@ -328,8 +366,10 @@ def merge_runs(runs: list[SortedRun]) -> Iterator[pl.DataFrame]:
 # ---------------------------------------------------------------- produce
 
 
-def target_partition(key: bytes | None, source_partition: int, partitions: int) -> int:
-    """Same key -> same replay partition; null keys stay grouped by their source partition."""
+def target_partition(key: bytes | None, source_partition: int, partitions: int | None) -> int:
+    """Source mode (``partitions`` None): the original partition. Key mode: crc32(key) % partitions."""
+    if partitions is None:
+        return source_partition
     if key is None:
         return source_partition % partitions
     return zlib.crc32(key) % partitions
@@ -338,7 +378,7 @@ def target_partition(key: bytes | None, source_partition: int, partitions: int) 
 class ReplayProducer:
     """Produces merged batches byte-exact with source headers; fails on the first delivery error."""
 
-    def __init__(self, settings: Settings, topic: str, partitions: int, throttle: float | None) -> None:
+    def __init__(self, settings: Settings, topic: str, partitions: int | None, throttle: float | None) -> None:
         self.topic = topic
         self.partitions = partitions
         self.throttle = throttle
@@ -397,7 +437,9 @@ class ReplayProducer:
 
 def is_up_to_date(settings: Settings, client: Any, manifest: dict[str, Any] | None, spec: ReplaySpec, fp: str) -> str:
     """Why the previous load can be reused ('' when it cannot)."""
-    if not manifest or manifest.get("source_fingerprint") != fp or manifest.get("partitions") != spec.partitions:
+    if not manifest or manifest.get("source_fingerprint") != fp:
+        return ""
+    if manifest.get("partitions_requested") != spec.partitions:
         return ""
     status = manifest.get("status")
     if status == "reported" and s3_helpers.get_bytes(client, spec.bucket, manifest["report_key"]) is not None:
@@ -416,7 +458,10 @@ def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any
         "source_topic": spec.source_topic,
         "replay_topic": spec.topic,
         "group": spec.group,
-        "partitions": spec.partitions,
+        "partitions_requested": spec.partitions,
+        "partitioning": "source" if spec.partitions is None else "key",
+        "dlq_topic": spec.dlq_topic,
+        "processor_prefix": spec.processor_prefix,
         "report_key": keys.report_file(spec.pipeline, spec.version, spec.day),
         "source_fingerprint": fp,
         "source_files": len(files),
@@ -449,9 +494,11 @@ def load(
         return LoadResult(previous, skipped=True, reason=reason)
 
     manifest = base_manifest(spec, files, fp)
+    partitions = spec.partitions or source_partitions(settings, spec.source_topic, files)
+    manifest["partitions"] = partitions
     write_manifest(client, spec.bucket, manifest)
-    delete_group(settings, spec.group)
-    recreate_topic(settings, spec.topic, spec.partitions)
+    reset_consumer_side(settings, client, manifest)
+    recreate_topic(settings, spec.topic, partitions)
     reporter = _Reporter(progress, progress_interval)
     with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
         runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)

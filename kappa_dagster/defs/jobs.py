@@ -5,7 +5,6 @@ Pick the version per run with the tag ``kappa/version`` (default 2), e.g.
 --tags '{"dagster/partition": "2026-11-20", "kappa/version": "2"}'``.
 """
 
-
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 

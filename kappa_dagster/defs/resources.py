@@ -67,7 +67,7 @@ class ReplayOptions(dg.ConfigurableResource):
 
     pipeline: str | None = None
     version: int | None = None
-    partitions: int = 3
+    partitions: int | None = None  # None: mirror the source partitions (see workers.replay_loader)
     throttle: float | None = None
     cleanup: bool = True
     force: bool = False

@@ -19,7 +19,9 @@ def load(
     day: str = typer.Option(..., "--day", help="The archive day to replay, YYYY-MM-DD (UTC)."),
     pipeline: str = typer.Option("orders", help="Pipeline the replay is for (names the topic and group)."),
     version: int = typer.Option(2, help="Pipeline version the replay is for."),
-    partitions: int = typer.Option(3, help="Partitions of the replay topic."),
+    partitions: int = typer.Option(
+        None, help="Partitions of the replay topic, records spread by key (default: mirror the source partitions)."
+    ),
     throttle: float = typer.Option(None, help="Max records/s (default: as fast as possible)."),
     force: bool = typer.Option(False, "--force", help="Reload even if an identical load exists."),
 ) -> None:

@@ -1,6 +1,5 @@
 """The raw archive (DESIGN §2): written by the archiver, observed here, never materialized by Dagster."""
 
-
 from typing import Any
 
 import dagster as dg

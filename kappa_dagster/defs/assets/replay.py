@@ -5,7 +5,6 @@ run. The consumer is the same program as the live worker (``python -m workers.cl
 bounded mode, launched through Dagster Pipes so its logs, progress and result show up here.
 """
 
-
 import json
 import sys
 from typing import Any
@@ -104,8 +103,12 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any]) -> list[st
         manifest["replay_topic"],
         "--group",
         manifest["group"],
+        "--dlq-topic",
+        manifest["dlq_topic"],
         "--from-beginning",
         "--until-end",
+        "--progress",
+        "log",
     ]
 
 

@@ -5,7 +5,6 @@ preview and the diff against the live results), marks the replay as reported and
 Kafka topic and consumer group.
 """
 
-
 import io
 import json
 from typing import Any
@@ -40,7 +39,7 @@ def read_report(client: Any, bucket: str, target: ReplayTarget) -> tuple[pl.Data
 def live_results(settings: Settings, client: Any, target: ReplayTarget, live_version: int | None) -> Any:
     """Live results of the version users currently read (CURRENT pointer, else v1), if a reader exists."""
     try:
-        from workers.reports import read_live_results
+        from workers.processor import read_live_results
     except ImportError:
         return None, None
     version = live_version or promote.current_version(client, settings.s3_bucket, target.pipeline) or 1
@@ -100,10 +99,12 @@ def corrected_report(
     manifest.update(status="reported", report_rows=report.height)
     replay_loader.write_manifest(client, settings.s3_bucket, manifest)
     if replay.cleanup and not manifest.get("cleaned"):
-        replay_loader.cleanup(settings, manifest)
+        replay_loader.cleanup(settings, manifest, client)
         manifest["cleaned"] = True
         replay_loader.write_manifest(client, settings.s3_bucket, manifest)
-        context.log.info(f"deleted replay topic {manifest['replay_topic']} and group {manifest['group']}")
+        context.log.info(
+            f"deleted replay topic {manifest['replay_topic']} (+ DLQ, group {manifest['group']}, checkpoints)"
+        )
     return dg.MaterializeResult(
         metadata={
             "path": f"s3://{settings.s3_bucket}/{target.report_key}",

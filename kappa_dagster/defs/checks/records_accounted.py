@@ -1,6 +1,5 @@
 """Check: every archived record of the day is accounted for exactly once by the processor's stats."""
 
-
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 

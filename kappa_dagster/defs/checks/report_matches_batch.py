@@ -1,6 +1,5 @@
 """Check: the corrected report equals the pipeline's independent batch computation over the archive."""
 
-
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 

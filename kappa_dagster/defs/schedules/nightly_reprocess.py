@@ -5,7 +5,6 @@ version is the promoted one (``reports/<P>/CURRENT``), else the default. Days wh
 change are cheap: the replay load and consume are reused (same archive fingerprint).
 """
 
-
 import datetime as dt
 import os
 

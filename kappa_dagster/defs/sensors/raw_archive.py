@@ -1,7 +1,6 @@
 """Raw archive sensor: observes each day's prefix (objects, bytes, rows) when it changes, so the UI
 shows which days hold data. Lists keys and reads Parquet footers only."""
 
-
 import hashlib
 import json
 

@@ -7,7 +7,6 @@ committed offsets with the end offsets the load recorded, emits an ``AssetObserv
 already in flight or the report was already materialized for that load.
 """
 
-
 import json
 from typing import Any
 
