@@ -7,6 +7,7 @@ in-process code and subprocess workers) for the duration of each test that uses 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -18,6 +19,9 @@ from workers import config as cfg
 from workers import s3 as s3_helpers
 from workers.config import Settings, load_settings
 from workers.stack import Layout, Ports, Stack
+
+from .harness import Workers, seed_for
+from .invariants import FIGURES, Figures
 
 STACK_VARIABLES = (
     "KAPPA_BOOTSTRAP_SERVERS",
@@ -76,3 +80,31 @@ def private_settings(private_stack: Stack, unique, monkeypatch: pytest.MonkeyPat
     settings = load_settings()
     s3_helpers.ensure_bucket(s3_helpers.s3_client(settings), settings.s3_bucket)
     return settings
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    """Start real CLI workers for this test; any still running are SIGKILLed at teardown."""
+    factory = Workers(tmp_path / "logs")
+    factory.directory.mkdir()
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The test's printed, replayable seed (``KAPPA_RELIABILITY_SEED`` overrides it)."""
+    return seed_for(request.node.nodeid)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reliability_figures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Figures]:
+    """Write the session's figures as JSON: to ``KAPPA_RELIABILITY_FIGURES`` if set, else a tmp dir."""
+    yield FIGURES
+    target = os.environ.get("KAPPA_RELIABILITY_FIGURES")
+    path = Path(target) if target else tmp_path_factory.getbasetemp() / "reliability-figures.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(FIGURES.as_json(), indent=2) + "\n")
+    print(f"\n[reliability] figures written to {path}")

@@ -1,0 +1,189 @@
+"""Running the real CLIs as subprocesses, killing them at seeded points, and bounded waiting.
+
+Every worker in the suite is started the way an operator starts it (``python -m workers.cli ...``)
+with the test's environment (private or shared stack), its output kept in a log file the test can
+grep. Kill points come from a seeded RNG that is printed, so a failing run can be replayed with
+``KAPPA_RELIABILITY_SEED=<seed>``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from workers.config import Settings
+from workers.generator import Faults, ProduceSummary, produce_events
+
+from .invariants import FIGURES
+
+T = TypeVar("T")
+
+
+def cli(*args: str) -> list[str]:
+    """The argv of a ``kappa`` command run with this interpreter."""
+    return [sys.executable, "-m", "workers.cli", *args]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Worker:
+    """One CLI process; stdout+stderr go to ``log``."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    peak_rss_kb: int = 0
+
+    def start(self) -> Worker:
+        with open(self.log, "ab") as out:
+            out.write(f"\n$ {' '.join(self.argv[2:])}\n".encode())
+            out.flush()
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                            stdin=subprocess.DEVNULL)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, f"{self.name} was never started"
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        self.signal(signal.SIGKILL)
+        self.wait(30)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; fails (and kills the process) if it is still running after ``timeout``."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise AssertionError(f"{self.name} did not exit within {timeout:.0f}s; log tail:\n{self.tail()}") from None
+
+    def rss_kb(self) -> int:
+        """Current resident memory (0 once exited); also tracks the peak seen."""
+        try:
+            text = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return 0
+        match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
+        rss = int(match.group(1)) if match else 0
+        self.peak_rss_kb = max(self.peak_rss_kb, rss)
+        return rss
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+
+@dataclass
+class Workers:
+    """Factory of :class:`Worker` s for one test; everything still running is killed at teardown."""
+
+    directory: Path
+    started: list[Worker] = field(default_factory=list)
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Worker:
+        """Start ``kappa <args>`` with the current environment (the test's stack) plus ``env``."""
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        worker = Worker(name, cli(*args), self.directory / f"{name}.log", environment)
+        self.started.append(worker.start())
+        return worker
+
+    def run(self, name: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> Worker:
+        """Start and wait; fails with the log tail unless it exits 0."""
+        worker = self.start(name, *args, env=env)
+        code = worker.wait(timeout)
+        assert code == 0, f"{name} exited {code}; log tail:\n{worker.tail()}"
+        return worker
+
+    def cleanup(self) -> None:
+        for worker in self.started:
+            if worker.alive():
+                worker.kill()
+
+
+def seed_for(test_name: str) -> int:
+    """``KAPPA_RELIABILITY_SEED`` if set (to replay a failure), else a fresh random seed; printed either way."""
+    raw = os.environ.get("KAPPA_RELIABILITY_SEED")
+    seed = int(raw) if raw else random.SystemRandom().randrange(2**31)
+    print(f"[reliability] {test_name}: seed={seed} (replay with KAPPA_RELIABILITY_SEED={seed})")
+    return seed
+
+
+def kill_points(rng: random.Random, count: int, low: float, high: float) -> list[float]:
+    """``count`` delays (seconds after a start) drawn uniformly from ``[low, high]``, rounded to ms."""
+    return [round(rng.uniform(low, high), 3) for _ in range(count)]
+
+
+def kill_after(worker: Worker, delay: float, kind: str, seed: int, point: int, ready: str | None = None) -> bool:
+    """SIGKILL ``worker`` ``delay`` seconds after its log shows ``ready`` (or after start).
+
+    Returns False if the worker finished before the kill point (no fault injected, not counted).
+    """
+    if ready is not None:
+        wait_until(lambda: ready in worker.output() or not worker.alive(), 90, f"{worker.name} to log {ready!r}")
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline and worker.alive():
+        worker.rss_kb()
+        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+    if not worker.alive():
+        print(f"[reliability] {kind} #{point}: exited before the kill point {delay}s")
+        return False
+    worker.kill()
+    FIGURES.fault(kind, seed=seed, point=point, after_s=delay, after=ready or "start")
+    print(f"[reliability] {kind} #{point}: SIGKILL {delay}s after {ready or 'start'!r} (seed {seed})")
+    return True
+
+
+def secrets_in(text: str, secrets: list[str]) -> list[str]:
+    """Which of ``secrets`` appear in ``text`` (empty strings ignored)."""
+    return [secret for secret in secrets if secret and secret in text]
+
+
+#: Small flush thresholds: many files and checkpoints per run, so a kill lands between them often.
+ARCHIVER_ARGS = ("archiver", "--flush-records", "400", "--flush-seconds", "1", "--batch-size", "250",
+                 "--log-interval", "0.5", "--session-timeout", "6")
+#: Orders with every fault the generator knows, over two days (late records cross the day boundary).
+FAULTY = Faults(duplicates=0.05, late=0.05, malformed=0.05, null_keys=0.05, headers=0.3)
+START = "2026-11-20T12:00:00Z"
+
+
+def produce_orders(settings: Settings, count: int, seed: int, *, start: str = START, days: float = 1.0,
+                   partitions: int = 3, rate: float = 0.0) -> ProduceSummary:
+    """``count`` reference orders with faults, via the project's generator (deterministic per seed)."""
+    return produce_events(settings, count, start=start, days=days, partitions=partitions, seed=seed,
+                          faults=FAULTY, rate=rate)

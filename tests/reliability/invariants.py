@@ -1,0 +1,341 @@
+"""The one check every reliability test ends with, plus the figures the suite reports.
+
+* :func:`assert_archive_exact`: the raw archive holds every record of the topic exactly once after
+  dedup by ``(partition, offset)``, byte-exact (key, value, headers, timestamp), compared with a plain
+  consumer read of the topic; every object sits under the day of its records and is named by its
+  real offset range; overlapping copies (left by a crash) are identical to the original.
+* :func:`assert_report_exact`: a report equals the pipeline's own ``batch_report`` over the archive
+  *and* an independent plain-Python/polars computation written here from DESIGN §3.
+* :data:`FIGURES` accumulates faults injected, records checked, lost and duplicated counts; the
+  session writes them to JSON (see ``conftest.py``) so docs/RELIABILITY.md quotes a real run.
+
+Nothing here uses the archiver's or the processor's code to decide what is right.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from workers.config import Settings
+
+#: ``(partition, offset)``: the identity of a Kafka record inside one topic.
+RecordId = tuple[int, int]
+#: Everything a producer controls about a record: timestamp type and ms, key, value, headers.
+RecordBody = tuple[int, int, bytes | None, bytes | None, tuple[tuple[str, bytes | None], ...]]
+
+RAW_KEY = re.compile(
+    r"^raw/(?P<topic>[^/]+)/dt=(?P<day>\d{4}-\d{2}-\d{2})/part=(?P<partition>\d+)/"
+    r"(?P<first>\d{20})-(?P<last>\d{20})\.parquet$"
+)
+ARCHIVE_SCHEMA = {
+    "topic": pl.String,
+    "partition": pl.Int32,
+    "offset": pl.Int64,
+    "timestamp": pl.Datetime("ms", "UTC"),
+    "timestamp_type": pl.Int8,
+    "key": pl.Binary,
+    "value": pl.Binary,
+    "headers": pl.List(pl.Struct({"key": pl.String, "value": pl.Binary})),
+}
+ORDER_TYPES = frozenset({"page_view", "add_to_cart", "purchase", "refund"})
+MAX_ABS_AMOUNT = 1e15
+
+
+# ---------------------------------------------------------------- figures
+
+
+@dataclass
+class Figures:
+    """What the suite did, summed over the session (written to JSON at the end)."""
+
+    faults: Counter = field(default_factory=Counter)
+    kill_points: list[dict[str, Any]] = field(default_factory=list)
+    records_checked: int = 0
+    archive_rows_read: int = 0
+    overlap_rows_dropped: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    corrupted: int = 0
+    reports_checked: int = 0
+    report_rows_checked: int = 0
+    report_events_checked: int = 0
+    dlq_records_checked: int = 0
+    fuzz_examples: int = 0
+
+    def fault(self, kind: str, count: int = 1, **detail: Any) -> None:
+        """Count one injected fault (``kind`` e.g. ``sigkill.archiver``) and keep its details."""
+        self.faults[kind] += count
+        if detail:
+            self.kill_points.append({"kind": kind, **detail})
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "faults_injected": sum(self.faults.values()),
+            "faults": dict(sorted(self.faults.items())),
+            "records_checked": self.records_checked,
+            "archive_rows_read": self.archive_rows_read,
+            "overlap_rows_dropped": self.overlap_rows_dropped,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "corrupted": self.corrupted,
+            "reports_checked": self.reports_checked,
+            "report_rows_checked": self.report_rows_checked,
+            "report_events_checked": self.report_events_checked,
+            "dlq_records_checked": self.dlq_records_checked,
+            "fuzz_examples": self.fuzz_examples,
+            "fault_details": self.kill_points,
+        }
+
+
+FIGURES = Figures()
+
+
+# ---------------------------------------------------------------- plain reads
+
+
+def _headers(raw: Iterable[Any] | None) -> tuple[tuple[str, bytes | None], ...]:
+    """Headers from confluent-kafka tuples or archive structs, as a comparable tuple (None -> ())."""
+    if not raw:
+        return ()
+    return tuple((h["key"], h["value"]) if isinstance(h, dict) else (h[0], h[1]) for h in raw)
+
+
+def read_topic(settings: Settings, topic: str, timeout: float = 120.0) -> dict[RecordId, RecordBody]:
+    """Every record of ``topic`` from offset 0 to the end offsets read now, with a plain consumer."""
+    import time
+
+    consumer = Consumer(settings.kafka_config(**{
+        "group.id": "kappa.reliability.reader", "enable.auto.commit": False, "enable.partition.eof": True,
+    }))
+    try:
+        metadata = consumer.list_topics(topic, timeout=30)
+        partitions = sorted(metadata.topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in partitions}
+        pending = {p for p, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
+        records: dict[RecordId, RecordBody] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reading {topic} did not reach the end offsets {ends} within {timeout:.0f}s")
+            for message in consumer.consume(num_messages=5000, timeout=1.0):
+                error = message.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    raise AssertionError(f"reading {topic}: {error}")
+                p = message.partition()
+                if error is None and message.offset() < ends[p]:
+                    kind, stamp = message.timestamp()
+                    records[(p, message.offset())] = (kind, stamp, message.key(), message.value(),
+                                                      _headers(message.headers()))
+                if message.offset() + (error is None) >= ends[p]:
+                    pending.discard(p)
+        return records
+    finally:
+        consumer.close()
+
+
+@dataclass
+class ArchiveRead:
+    """All archive rows of a topic (duplicates included) plus the problems found in the objects."""
+
+    rows: list[tuple[RecordId, RecordBody]]
+    objects: int
+    problems: list[str]
+
+
+def list_keys(client: Any, bucket: str, prefix: str = "") -> dict[str, str]:
+    """``{key: etag}`` of every object under ``prefix``: a bucket snapshot for "nothing written" checks."""
+    found: dict[str, str] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            found[obj["Key"]] = obj["ETag"]
+    return found
+
+
+def read_archive(client: Any, bucket: str, topic: str) -> ArchiveRead:
+    """Read every object under ``raw/<topic>/`` with plain polars and check each against its key."""
+    rows: list[tuple[RecordId, RecordBody]] = []
+    problems: list[str] = []
+    names = sorted(list_keys(client, bucket, f"raw/{topic}/"))
+    for name in names:
+        match = RAW_KEY.match(name)
+        if match is None:
+            problems.append(f"{name}: not a raw archive object name")
+            continue
+        body = client.get_object(Bucket=bucket, Key=name)["Body"].read()
+        frame = pl.read_parquet(io.BytesIO(body))
+        if dict(frame.schema) != ARCHIVE_SCHEMA:
+            problems.append(f"{name}: schema {dict(frame.schema)}")
+            continue
+        problems += _object_problems(name, match, frame, topic)
+        for part, off, stamp, kind, key, value, headers in frame.select(
+            "partition", "offset", pl.col("timestamp").dt.epoch("ms"), "timestamp_type", "key", "value", "headers"
+        ).iter_rows():
+            rows.append(((part, off), (kind, stamp, key, value, _headers(headers))))
+    return ArchiveRead(rows=rows, objects=len(names), problems=problems)
+
+
+def _object_problems(name: str, match: re.Match[str], frame: pl.DataFrame, topic: str) -> list[str]:
+    """An object's rows must match its key: topic, partition, day of every timestamp, offset range."""
+    if frame.is_empty():
+        return [f"{name}: empty object"]
+    days = frame["timestamp"].dt.date().cast(pl.String).unique().to_list()
+    expected = (topic, [int(match["partition"])], [match["day"]], int(match["first"]), int(match["last"]))
+    actual = (frame["topic"].unique().to_list(), frame["partition"].unique().to_list(), days,
+              frame["offset"].min(), frame["offset"].max())
+    topics_ok = actual[0] == [expected[0]]
+    return [] if topics_ok and actual[1:] == expected[1:] else [f"{name}: rows say {actual}"]
+
+
+# ---------------------------------------------------------------- the archive invariant
+
+
+@dataclass
+class ArchiveCheck:
+    records: int
+    archive_rows: int
+    objects: int
+
+
+def assert_archive_exact(settings: Settings, client: Any, topic: str | None = None) -> ArchiveCheck:
+    """Every record of the topic is in the archive exactly once after dedup, byte-exact; nothing else is."""
+    topic = topic or settings.events_topic
+    expected = read_topic(settings, topic)
+    archive = read_archive(client, settings.s3_bucket, topic)
+    archived: dict[RecordId, RecordBody] = {}
+    corrupted: list[RecordId] = []
+    for rid, body in archive.rows:
+        first = archived.setdefault(rid, body)
+        if first != body:
+            corrupted.append(rid)  # two copies of one offset that differ
+    lost = sorted(set(expected) - set(archived))
+    extra = sorted(set(archived) - set(expected))
+    corrupted += [rid for rid, body in expected.items() if rid in archived and archived[rid] != body]
+    FIGURES.records_checked += len(expected)
+    FIGURES.archive_rows_read += len(archive.rows)
+    FIGURES.overlap_rows_dropped += len(archive.rows) - len(archived)
+    FIGURES.lost += len(lost)
+    FIGURES.duplicated += len(extra)
+    FIGURES.corrupted += len(corrupted)
+    assert not archive.problems, f"bad archive objects: {archive.problems[:5]}"
+    assert not lost, f"{len(lost)} records missing from the archive, e.g. {lost[:5]}"
+    assert not extra, f"{len(extra)} archive rows that are not records of {topic}, e.g. {extra[:5]}"
+    assert not corrupted, f"{len(corrupted)} records not byte-exact in the archive, e.g. {corrupted[:5]}"
+    return ArchiveCheck(records=len(expected), archive_rows=len(archive.rows), objects=archive.objects)
+
+
+def archive_frame(client: Any, bucket: str, topic: str, day: str | None = None) -> pl.DataFrame:
+    """The archive (or one day of it) as one frame, duplicates NOT removed: input to the report checks."""
+    prefix = f"raw/{topic}/" + (f"dt={day}/" if day else "")
+    frames = [pl.read_parquet(io.BytesIO(client.get_object(Bucket=bucket, Key=name)["Body"].read()))
+              for name in sorted(list_keys(client, bucket, prefix)) if name.endswith(".parquet")]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=ARCHIVE_SCHEMA)
+
+
+def archive_days(client: Any, bucket: str, topic: str) -> list[str]:
+    return sorted({m["day"] for name in list_keys(client, bucket, f"raw/{topic}/") if (m := RAW_KEY.match(name))})
+
+
+# ---------------------------------------------------------------- the report invariant
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_order(value: bytes | None) -> dict[str, Any] | None:
+    """DESIGN §3 validity, restated independently: a JSON object with string ids, known type, finite number."""
+    if value is None:
+        return None
+    try:
+        body = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    event_id, user_id, kind, amount = (body.get(k) for k in ("event_id", "user_id", "type", "amount"))
+    if not (isinstance(event_id, str) and isinstance(user_id, str) and kind in ORDER_TYPES):
+        return None
+    if isinstance(amount, bool) or not isinstance(amount, int | float):
+        return None
+    if not math.isfinite(float(amount)) or abs(float(amount)) >= MAX_ABS_AMOUNT:
+        return None
+    if any(_has_lone_surrogate(text) for text in (event_id, user_id)):
+        return None
+    return {"event_id": event_id, "type": kind, "amount": float(amount)}
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+
+
+def independent_report(archive: pl.DataFrame, version: int) -> pl.DataFrame:
+    """The orders report from raw rows: dedup (partition, offset); v2 also drops repeated event_ids
+    within one (partition, 1-minute window). Plain Python parsing, polars grouping."""
+    records = archive.unique(subset=["partition", "offset"], keep="first").sort("partition", "offset")
+    rows = []
+    for part, stamp, value in records.select("partition", pl.col("timestamp").dt.epoch("ms"), "value").iter_rows():
+        order = parse_order(value)
+        if order is not None and stamp is not None and stamp >= 0:
+            rows.append({"partition": part, "window": stamp - stamp % 60_000, **order})
+    frame = pl.DataFrame(rows, schema={"partition": pl.Int32, "window": pl.Int64, "event_id": pl.String,
+                                       "type": pl.String, "amount": pl.Float64})
+    if version >= 2:
+        frame = frame.unique(subset=["partition", "window", "event_id"], keep="first", maintain_order=True)
+    return (
+        frame.group_by("window", "type")
+        .agg(pl.len().cast(pl.Int64).alias("events"), pl.col("amount").sum().alias("amount"))
+        .select(pl.col("window").cast(pl.Datetime("ms", "UTC")).alias("window_start"), "type", "events", "amount")
+        .sort("window_start", "type")
+    )
+
+
+def report_difference(actual: pl.DataFrame, expected: pl.DataFrame) -> tuple[int, int, list[dict[str, Any]]]:
+    """(events missing, events extra, differing rows) of ``actual`` vs ``expected``, amounts to 1e-6."""
+    keys = ["window_start", "type"]
+    joined = expected.join(actual, on=keys, how="full", coalesce=True, suffix="_actual").fill_null(0)
+    joined = joined.with_columns((pl.col("events_actual") - pl.col("events")).alias("diff"))
+    amount_off = (pl.col("amount_actual") - pl.col("amount")).abs() > 1e-6 + 1e-9 * pl.col("amount").abs()
+    bad = joined.filter((pl.col("diff") != 0) | amount_off)
+    missing = int(-joined["diff"].clip(upper_bound=0).sum())
+    extra = int(joined["diff"].clip(lower_bound=0).sum())
+    return missing, extra, bad.head(5).to_dicts()
+
+
+def assert_report_exact(report: pl.DataFrame, archive: pl.DataFrame, pipeline: Any) -> dict[str, int]:
+    """``report`` equals ``pipeline.batch_report`` and the independent computation over ``archive``.
+
+    Returns the reference stats (records, counted, dlq, duplicates, late) for further checks.
+    """
+    assert report.columns == ["window_start", "type", "events", "amount"], report.columns
+    assert report.equals(report.sort("window_start", "type")), "report is not sorted by window_start, type"
+    reference, stats = pipeline.batch_report(archive)
+    independent = independent_report(archive, pipeline.version)
+    for name, expected in (("batch_report", reference), ("independent computation", independent)):
+        missing, extra, rows = report_difference(report, expected)
+        FIGURES.lost += missing
+        FIGURES.duplicated += extra
+        assert not rows, f"report differs from the {name}: {missing} events missing, {extra} extra, e.g. {rows}"
+    FIGURES.reports_checked += 1
+    FIGURES.report_rows_checked += report.height
+    FIGURES.report_events_checked += int(report["events"].sum() or 0)
+    return stats
+
+
+def utc_day(epoch_ms: int) -> str:
+    return dt.datetime.fromtimestamp(epoch_ms / 1000, dt.UTC).date().isoformat()
+
+
+def merge_counts(target: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
+    return {k: target.get(k, 0) + extra.get(k, 0) for k in set(target) | set(extra)}
