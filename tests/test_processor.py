@@ -1,0 +1,309 @@
+"""The processor against the real broker and S3: DLQ, v1/v2, bounded reports, order independence,
+crash safety (SIGKILL), rebalance, live results and late records, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import polars as pl
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from test_pipelines import BASE_MS, MALFORMED, assert_reports_match, event, plain_report
+
+from workers import archive_format, keys
+from workers import kafka as kafka_helpers
+from workers.config import Settings
+from workers.pipelines import get_pipeline
+from workers.processor import RunSummary, read_live_results, run_processor
+from workers.s3 import get_bytes
+
+DAY = "2026-01-01"
+Record = tuple[bytes | None, bytes | None, int, list[tuple[str, bytes]]]  # key, value, timestamp, headers
+
+
+def make_records(n: int, seed: int, duplicates: float = 0.1, malformed: float = 0.05) -> list[Record]:
+    """Keyed events over ~5 hours of one day; re-sends are exact copies (same key, so same partition)."""
+    rng = random.Random(seed)
+    records: list[Record] = []
+    for i in range(n):
+        key = f"u{rng.randrange(20)}".encode()
+        ts = BASE_MS + i * 1_013
+        headers = [("source", b"web")] if rng.random() < 0.3 else []
+        records.append((key, event(i, rng), ts, headers))
+        if rng.random() < duplicates:
+            records.append(records[-1])
+        if rng.random() < malformed:
+            sort = rng.choice(sorted(MALFORMED))
+            records.append((None if sort == "tombstone" else key, MALFORMED[sort], ts, [("sort", sort.encode())]))
+    return records
+
+
+def produce(settings: Settings, topic: str, records: list[Record]) -> None:
+    producer = Producer(settings.kafka_config(**{"linger.ms": 20, "enable.idempotence": True}))
+    for key, value, ts, headers in records:
+        producer.produce(topic, value=value, key=key, timestamp=ts, headers=headers or None)
+    assert producer.flush(30) == 0
+
+
+def consume_all(settings: Settings, topic: str) -> list[Any]:
+    """Every record of ``topic`` (by assignment, no group offsets), in partition/offset order."""
+    ends = kafka_helpers.end_offsets(settings, topic)
+    consumer = Consumer(settings.kafka_config(**{"group.id": "test-reader", "enable.auto.commit": False}))
+    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+    messages: list[Any] = []
+    deadline = time.monotonic() + 60
+    while len(messages) < sum(ends.values()) and time.monotonic() < deadline:
+        messages += [m for m in consumer.consume(1000, timeout=1) if m.error() is None]
+    consumer.close()
+    return sorted(messages, key=lambda m: (m.partition(), m.offset()))
+
+
+def archive_of(settings: Settings, topic: str) -> pl.DataFrame:
+    """The topic as raw archive rows (what the archiver would write), for the batch reference."""
+    return archive_format.frame_from_messages(consume_all(settings, topic))
+
+
+def read_report(s3: Any, settings: Settings, version: int) -> tuple[pl.DataFrame, dict[str, int]]:
+    report = get_bytes(s3, settings.s3_bucket, keys.report_file("orders", version, DAY))
+    stats = get_bytes(s3, settings.s3_bucket, keys.report_stats_file("orders", version, DAY))
+    assert report is not None and stats is not None
+    return pl.read_parquet(io.BytesIO(report)), json.loads(stats)
+
+
+def bounded(settings: Settings, version: int, topic: str, group: str, **options: Any) -> RunSummary:
+    summary = run_processor(
+        settings, "orders", version, topic=topic, group=group, bounded=True, start="earliest", grace_ms=None, **options
+    )
+    assert summary.complete
+    return summary
+
+
+@pytest.fixture
+def events_topic(settings: Settings, topic_factory: Callable[..., str]) -> Callable[[list[Record], int], str]:
+    def create(records: list[Record], partitions: int = 3) -> str:
+        topic = topic_factory("events", partitions)
+        produce(settings, topic, records)
+        return topic
+
+    return create
+
+
+def processor_command(version: int, topic: str, group: str, *extra: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "workers.cli", "processor", "--pipeline", "orders", "--version", str(version)),
+        *("--topic", topic, "--group", group, "--from-beginning", "--until-end", "--progress", "log"),
+        *extra,
+    ]
+
+
+# -------------------------------------------------------------------- DLQ
+
+
+def test_every_malformed_record_reaches_the_dlq_with_a_reason(settings: Settings, s3: Any, events_topic) -> None:
+    records = make_records(300, seed=1, malformed=0.15)
+    topic = events_topic(records)
+    summary = bounded(settings, 1, topic, "g-dlq", batch_size=64)
+
+    raw = archive_of(settings, topic)
+    bad = raw.filter(pl.col("value").is_in(list(MALFORMED.values())) | pl.col("value").is_null())
+    assert bad.height >= 20 and summary.dlq_records == bad.height
+    dlq = consume_all(settings, settings.dlq_topic)
+    assert len(dlq) == bad.height
+    by_source = {}
+    for message in dlq:
+        headers = dict(message.headers())
+        assert headers["kappa.dlq.reason"] and headers["kappa.dlq.topic"] == topic.encode()
+        by_source[(int(headers["kappa.dlq.partition"]), int(headers["kappa.dlq.offset"]))] = message
+    for row in bad.iter_rows(named=True):
+        message = by_source[(row["partition"], row["offset"])]
+        assert (message.key(), message.value(), message.timestamp()[1]) == (
+            row["key"],
+            row["value"],
+            int(row["timestamp"].timestamp() * 1000),
+        )
+        assert [h for h in message.headers() if not h[0].startswith("kappa.dlq.")] == [
+            (h["key"], h["value"]) for h in row["headers"]
+        ]
+    report, stats = read_report(s3, settings, 1)
+    assert stats["dlq"] == bad.height and report["events"].sum() == raw.height - bad.height == stats["counted"]
+
+
+# -------------------------------------------------------------------- v1 vs v2, bounded = batch
+
+
+def test_v1_counts_duplicates_v2_does_not_both_equal_batch_report(settings: Settings, s3: Any, events_topic) -> None:
+    records = make_records(1500, seed=2)
+    topic = events_topic(records)
+    raw = archive_of(settings, topic)
+    valid = raw.filter(~(pl.col("value").is_in(list(MALFORMED.values())) | pl.col("value").is_null()))
+    results = {}
+    for version in (1, 2):
+        bounded(settings, version, topic, f"g-v{version}", batch_size=500)
+        report, stats = read_report(s3, settings, version)
+        expected, expected_stats = get_pipeline("orders", version).batch_report(raw)
+        assert report.equals(expected)
+        assert stats == expected_stats
+        plain = plain_report(
+            valid["value"].to_list(),
+            valid["timestamp"].dt.epoch("ms").to_list(),
+            valid["partition"].to_list(),
+            dedup=version == 2,
+        )
+        assert_reports_match(report, plain)
+        results[version] = (report, stats)
+    duplicates = results[2][1]["duplicates"]
+    assert duplicates > 50
+    assert results[1][0]["events"].sum() == results[2][0]["events"].sum() + duplicates
+    assert results[1][1]["duplicates"] == 0
+
+
+def test_results_do_not_depend_on_batch_size_or_partition_count(
+    settings: Settings, s3: Any, events_topic: Callable[..., str]
+) -> None:
+    records = make_records(1200, seed=3)
+    reports = []
+    for partitions, batch_size in ((1, 1000), (4, 13), (3, 257)):
+        topic = events_topic(records, partitions)
+        bounded(settings, 2, topic, f"g-order-{partitions}", batch_size=batch_size, checkpoint_seconds=0.2)
+        reports.append(read_report(s3, settings, 2))
+    assert all(r[0].equals(reports[0][0]) and r[1] == reports[0][1] for r in reports[1:])
+
+
+# -------------------------------------------------------------------- crash safety and rebalance
+
+
+def test_sigkill_at_random_moments_then_restart_gives_identical_results(
+    settings: Settings, s3: Any, events_topic
+) -> None:
+    records = make_records(12_000, seed=4)
+    topic = events_topic(records)
+    command = processor_command(2, topic, "g-crash", "--batch-size", "50", "--checkpoint-seconds", "0.2")
+    rng = random.Random(4)
+    kills = 0
+    for attempt in range(6):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            process.wait(timeout=rng.uniform(2.0, 5.0) if attempt < 4 else 120)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+            continue
+        assert process.returncode == 0, process.stderr.read().decode()[-2000:] if process.stderr else ""
+        break
+    assert kills >= 2, "the run finished before it could be killed: make the input larger"
+    crashed = read_report(s3, settings, 2)
+
+    bounded(settings, 2, topic, "g-clean", batch_size=1000)
+    clean = read_report(s3, settings, 2)
+    assert crashed[0].equals(clean[0]) and crashed[1] == clean[1]
+    assert crashed[0].equals(get_pipeline("orders", 2).batch_report(archive_of(settings, topic))[0])
+    # DLQ: at least once across crashes, exactly once after dedup on the source coordinates
+    dlq = {(m.headers()[-3][1], m.headers()[-2][1]) for m in consume_all(settings, settings.dlq_topic)}
+    assert len(dlq) == crashed[1]["dlq"]
+
+
+def test_rebalance_two_processors_one_stopped_mid_run(settings: Settings, s3: Any, events_topic) -> None:
+    records = make_records(8_000, seed=5)
+    topic = events_topic(records, 4)
+    command = processor_command(2, topic, "g-rebalance", "--batch-size", "50", "--checkpoint-seconds", "0.3")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(5)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) in (0, 130)
+    assert first.wait(timeout=120) == 0, first.stderr.read().decode()[-2000:] if first.stderr else ""
+    report, stats = read_report(s3, settings, 2)
+    expected, expected_stats = get_pipeline("orders", 2).batch_report(archive_of(settings, topic))
+    assert report.equals(expected) and stats == expected_stats
+
+
+# -------------------------------------------------------------------- live mode
+
+
+def run_live(settings: Settings, version: int, stop: threading.Event, result: list, **options: Any) -> threading.Thread:
+    def target() -> None:
+        result.append(
+            run_processor(settings, "orders", version, start="earliest", checkpoint_seconds=0.3, stop=stop, **options)
+        )
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+def test_live_results_survive_a_restart_and_late_records_are_counted(settings: Settings, s3: Any) -> None:
+    kafka_helpers.ensure_topic(settings, settings.events_topic, 3)
+    records = make_records(2000, seed=6, malformed=0.0)
+    produce(settings, settings.events_topic, records[:1000])
+
+    def live_events(include_open: bool = True) -> int:
+        return int(read_live_results(settings, "orders", 2, DAY, include_open=include_open)["events"].sum() or 0)
+
+    stop, result = threading.Event(), []
+    thread = run_live(settings, 2, stop, result, grace_ms=120_000)
+    wait_for(lambda: live_events() > 0)
+    stop.set()
+    thread.join(60)
+    produce(settings, settings.events_topic, records[1000:])
+    stop, result = threading.Event(), []
+    thread = run_live(settings, 2, stop, result, grace_ms=120_000)
+
+    expected, _ = get_pipeline("orders", 2).batch_report(archive_of(settings, settings.events_topic))
+    wait_for(lambda: live_events() == expected["events"].sum())
+    late_value = json.dumps({"event_id": "late-1", "user_id": "u1", "type": "refund", "amount": 7}).encode()
+    produce(settings, settings.events_topic, [(b"u1", late_value, BASE_MS, [])])
+    wait_for(lambda: sum(s["stats"][DAY]["late"] for s in live_states(s3, settings).values()) == 1)
+    stop.set()
+    thread.join(60)
+
+    assert read_live_results(settings, "orders", 2, DAY, include_open=True).equals(expected)
+    closed = read_live_results(settings, "orders", 2, DAY)
+    assert 0 < closed.height < expected.height and expected.head(closed.height).equals(closed)
+    assert result[0].late_records == 1
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "report", "-p", "orders", "-v", "2", "-d", DAY, "--format", "csv"],
+        capture_output=True,
+        check=True,
+    )
+    assert pl.read_csv(io.BytesIO(cli.stdout)).height == closed.height
+
+
+def live_states(s3: Any, settings: Settings) -> dict[int, dict]:
+    from workers.processor_state import list_states
+
+    return list_states(s3, settings.s3_bucket, keys.live_prefix("orders", 2))
+
+
+# -------------------------------------------------------------------- user mistakes
+
+
+@pytest.mark.parametrize(("pipeline", "version"), [("nope", "1"), ("orders", "99")])
+def test_unknown_pipeline_or_version_is_one_line_and_non_zero(settings: Settings, pipeline: str, version: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "processor", "--pipeline", pipeline, "--version", version],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert run.returncode != 0
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "orders v1, orders v2" in lines[0], run.stderr
