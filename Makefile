@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help install stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak clean
+.PHONY: help install browser dashboard stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -23,6 +23,13 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 install: $(BIN)/.installed $(DAGSTER_HOME)/dagster.yaml ## Create the virtualenv and install the project
 
+CHROMIUM ?= /usr/bin/chromium
+
+browser: ## Install Debian's chromium for the browser test (only if it is missing)
+	@if [ -x "$(CHROMIUM)" ]; then echo "chromium: $(CHROMIUM)"; else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; fi
+
 stack-up: install ## Fetch jars (once) and start the local Kafka broker + S3 server
 	$(BIN)/kappa stack up
 
@@ -32,7 +39,7 @@ stack-down: install ## Stop the local stack (data is kept)
 stack-status: install ## Show what runs where
 	$(BIN)/kappa stack status
 
-test: install ## Run the full test suite against the real stack
+test: install browser ## Run the full test suite against the real stack
 	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
 
 test-fast: install ## Run the tests that need no stack
@@ -44,6 +51,9 @@ lint: install ## ruff + Dagster definitions validation
 
 demo: install ## Start the stack and run the whole story end to end
 	$(BIN)/python -m workers.demo
+
+dashboard: install ## Live dashboard on http://127.0.0.1:8050 (read-only)
+	$(BIN)/kappa dashboard --host 127.0.0.1 --port 8050
 
 dagster-dev: install ## Dagster UI + daemon on http://127.0.0.1:3000
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

@@ -26,7 +26,7 @@ from workers.lag import LagReader
 from workers.pipelines import Pipeline, get_pipeline, known
 
 ARCHIVER_GROUP = "kappa.archiver"
-DIFF_ROWS = 30
+DIFF_ROWS = 15
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,14 @@ class View:
         )
 
 
-def live_group(pipeline: str, version: int) -> str:
-    return f"kappa.{pipeline}.v{version}.live"
+def live_group(pipeline: Pipeline, states: dict[int, dict[str, Any]]) -> str:
+    """The live processor's group as its checkpoints name it (``--group``), else the default name."""
+    named = next((s["group"] for s in states.values() if s.get("group")), None)
+    return named or default_live_group(pipeline.name, pipeline.version)
+
+
+def default_live_group(name: str, version: int) -> str:
+    return f"kappa.{name}.v{version}.live"
 
 
 def _section(build: Callable[[], Any]) -> Any:
@@ -68,6 +74,12 @@ def _section(build: Callable[[], Any]) -> Any:
 def _frame_rows(frame: pl.DataFrame) -> list[dict[str, Any]]:
     rows = frame.with_columns(pl.col("window_start").dt.strftime("%Y-%m-%dT%H:%MZ")).to_dicts()
     return [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+
+
+def biggest_changes(changed: pl.DataFrame) -> pl.DataFrame:
+    """Largest event deltas first (then by time): the rows a reviewer should look at."""
+    magnitude = pl.col("events_delta").abs() + pl.col("amount_delta").abs() / 1e12
+    return changed.sort(magnitude, "window_start", "type", descending=[True, False, False])
 
 
 class Collector:
@@ -105,12 +117,13 @@ class Collector:
         failed, states = (states, {}) if "error" in states else (None, states)
         stats = sources.day_stats(states)
         day = view.day or (max(stats) if stats else sources.today())
+        group = live_group(pipeline, states)
         return {
-            "view": self._view(view, pipeline, current, day),
+            "view": {**self._view(view, pipeline, current, day), "live_group": group},
             "results": _section(lambda: self._results(pipeline, day)),
             "processor": failed or _section(lambda: self._processor(states, stats, day)),
             "dlq": _section(self._dlq),
-            "lag": _section(lambda: self._lags(pipeline)),
+            "lag": _section(lambda: self._lags(group)),
             "replays": _section(self._replays),
             "diff": _section(lambda: self._diff(pipeline, current, view.diff_day or day)),
         }
@@ -149,12 +162,12 @@ class Collector:
         tail = self.dlq.refresh()
         return {**tail, "rate": self.rates.observe("dlq", tail["records"])}
 
-    def _lags(self, pipeline: Pipeline) -> list[dict[str, Any]]:
+    def _lags(self, selected: str) -> list[dict[str, Any]]:
+        """Archiver and live groups on the events topic (the selected one always, others once started)."""
         events = self.settings.events_topic
-        candidates = [("archiver", ARCHIVER_GROUP), *(("live", live_group(n, v)) for n, v in known())]
-        selected = live_group(pipeline.name, pipeline.version)
+        live = dict.fromkeys([selected, *(default_live_group(n, v) for n, v in known())])
         rows = []
-        for kind, group in candidates:
+        for kind, group in [("archiver", ARCHIVER_GROUP), *(("live", g) for g in live)]:
             lag = self.lag.group_lag(group, events)
             if lag is not None and (lag.started or group == selected):
                 rate = self.rates.observe(f"group:{group}", lag.consumed)
@@ -187,5 +200,5 @@ class Collector:
             "windows_changed": summary["windows_changed"],
             "events_delta": summary["events_delta"],
             "amount_delta": summary["amount_delta"],
-            "rows": _frame_rows(summary["changed"].head(DIFF_ROWS)),
+            "rows": _frame_rows(biggest_changes(summary["changed"]).head(DIFF_ROWS)),
         }

@@ -6,6 +6,7 @@ const COLORS = { page_view: "#4e79a7", add_to_cart: "#f28e2b", purchase: "#59a14
 const SPARE = ["#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
 const fmt = new Intl.NumberFormat("en-US");
 const money = new Intl.NumberFormat("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
+const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
 const $ = (id) => document.getElementById(id);
 
 let source = null;
@@ -106,7 +107,7 @@ function chartFor(id, types, series, unit) {
       height: 240,
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
       scales: { x: { time: true } },
-      axes: [{}, { values: (u, ticks) => ticks.map((v) => (unit === "$" ? money.format(v) : fmt.format(v))), size: 70 }],
+      axes: [{}, { values: (u, ticks) => ticks.map((v) => compact.format(v)), size: 56 }],
       series: [{ label: "minute (UTC)" }, ...types.map((t, i) => ({ label: t, stroke: colorOf(t, i), width: 1.5 }))],
     };
     charts[id] = { plot: new uPlot(opts, [[], ...types.map(() => [])], container), signature };
@@ -150,7 +151,7 @@ function renderDlq(dlq) {
 
 function renderLag(lag, view) {
   if (lag.error) return;
-  const live = lag.find((g) => g.group === `kappa.${view.pipeline}.v${view.version}.live`);
+  const live = lag.find((g) => g.group === view.live_group);
   setText("live-lag", live ? fmt.format(live.lag) : "–");
   setText("live-rate", live ? `${rate(live.rate)} · ${live.started ? live.group : "not started"}` : "");
   const rows = lag.map((g) => [
@@ -205,7 +206,8 @@ function renderDiff(diff) {
     `corrected v${diff.corrected_version} (${promoted}) has ${fmt.format(diff.corrected_events)} events, ` +
       `live has ${fmt.format(diff.live_events)}: ${fmt.format(diff.windows_changed)} of ` +
       `${fmt.format(diff.windows_compared)} (minute, type) rows differ, Δ events ${fmt.format(diff.events_delta)}, ` +
-      `Δ amount ${money.format(diff.amount_delta)}.`,
+      `Δ amount ${money.format(diff.amount_delta)}. Largest changes first` +
+      (diff.windows_changed > diff.rows.length ? ` (${diff.rows.length} shown):` : ":"),
   );
   const rows = diff.rows.map((r) => [
     el("td", {}, r.window_start),
