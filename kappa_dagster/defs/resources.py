@@ -72,6 +72,8 @@ class ReplayOptions(dg.ConfigurableResource):
     cleanup: bool = True
     force: bool = False
     live_version: int | None = None
+    #: Extra ``kappa processor`` options for the replay consumer, e.g. ``"--batch-size 2000"``.
+    processor_args: str = ""
 
 
 defs = dg.Definitions.merge(

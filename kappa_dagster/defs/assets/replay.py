@@ -6,6 +6,7 @@ bounded mode, launched through Dagster Pipes so its logs, progress and result sh
 """
 
 import json
+import shlex
 import sys
 from typing import Any
 
@@ -88,7 +89,7 @@ def replay_load(
     )
 
 
-def processor_command(target: ReplayTarget, manifest: dict[str, Any]) -> list[str]:
+def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: list[str]) -> list[str]:
     """The live worker's entry point, in bounded replay mode."""
     return [
         sys.executable,
@@ -109,6 +110,7 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any]) -> list[st
         "--until-end",
         "--progress",
         "log",
+        *extra,
     ]
 
 
@@ -154,7 +156,7 @@ def replay_consume(
         context.log.info(f"report of replay {manifest['replay_id']} is current: nothing to consume")
         return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
     invocation = pipes_subprocess_client.run(
-        command=processor_command(target, manifest),
+        command=processor_command(target, manifest, shlex.split(replay.processor_args)),
         context=context,
         extras={"replay_id": manifest["replay_id"], "end_offsets": manifest["end_offsets"], "day": target.day},
     )

@@ -1,0 +1,120 @@
+"""Helpers for end-to-end Dagster tests: run jobs via the CLI, read what they wrote and recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from confluent_kafka import Producer
+from dagster_env import ROOT, dagster_cli
+
+from workers import archive_format, keys
+from workers import s3 as s3_helpers
+from workers.config import Settings
+
+
+def reprocess(day: str, tags: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``dagster job execute -m kappa_dagster -j reprocess --tags '{"dagster/partition": day, ...}'``."""
+    all_tags = {"dagster/partition": day, **(tags or {})}
+    return dagster_cli(
+        "job", "execute", "-m", "kappa_dagster", "-j", "reprocess", "--tags", json.dumps(all_tags), timeout=timeout
+    )
+
+
+def report(s3: Any, settings: Settings, version: int, day: str) -> pl.DataFrame:
+    import io
+
+    body = s3.get_object(Bucket=settings.s3_bucket, Key=keys.report_file("orders", version, day))["Body"].read()
+    return pl.read_parquet(io.BytesIO(body))
+
+
+def archive(s3: Any, settings: Settings, day: str) -> pl.DataFrame:
+    return archive_format.read_day(s3, settings.s3_bucket, settings.events_topic, day)
+
+
+def object_keys(s3: Any, settings: Settings, prefix: str = "") -> list[str]:
+    return [obj["Key"] for obj in s3_helpers.iter_keys(s3, settings.s3_bucket, prefix)]
+
+
+def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, bool]:
+    """Asset check name -> passed, for one run."""
+    events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    return {e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data.passed for e in events}
+
+
+def latest_run(instance: dg.DagsterInstance, day: str) -> dg.DagsterRun:
+    (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": day}), limit=1)
+    return run
+
+
+def materialization_metadata(instance: dg.DagsterInstance, asset: str, day: str) -> dict[str, Any]:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[day]), limit=1
+    ).records
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def produce_records(settings: Settings, topic: str, frame: pl.DataFrame) -> None:
+    """Put archive rows back into a live topic (same partition, key, value, headers, timestamp)."""
+    producer = Producer(settings.kafka_config(**{"linger.ms": 20}))
+    for row in frame.sort("partition", "offset").iter_rows(named=True):
+        headers = [(h["key"], h["value"]) for h in row["headers"]]
+        producer.produce(
+            topic,
+            key=row["key"],
+            value=row["value"],
+            headers=headers,
+            partition=row["partition"],
+            timestamp=int(row["timestamp"].timestamp() * 1000),
+        )
+        producer.poll(0)
+    assert producer.flush(60) == 0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def start_processor(*args: str) -> subprocess.Popen:
+    """The live worker entry point, as a child we own (stopped by pid with SIGTERM)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "processor", *args, "--progress", "none"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        process.wait(60)
+
+
+def pids_running(needle: str) -> list[int]:
+    """Pids whose command line contains ``needle`` (a unique consumer group name)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if needle in cmdline and "workers.cli processor" in cmdline:
+                pids.append(int(entry.name))
+    return pids

@@ -1,0 +1,191 @@
+"""End to end through Dagster: `dagster job execute` (CLI) and the nightly schedule's run request,
+on three days of archive data with duplicates, late and malformed records, with live v1 running."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+from typing import Any
+
+import dagster as dg
+import pytest
+from dagster_e2e import (
+    archive,
+    check_results,
+    latest_run,
+    materialization_metadata,
+    object_keys,
+    pids_running,
+    produce_records,
+    report,
+    reprocess,
+    start_processor,
+    stop,
+    wait_for,
+)
+from dagster_env import DAGSTER, ROOT, dagster_home, fresh_resources  # noqa: F401  (fixture)
+from polars.testing import assert_frame_equal
+from replay_data import day_records, orders_report, write_day, write_days
+
+from kappa_dagster import offsets
+from workers import kafka as kafka_helpers
+from workers import keys, replay_loader
+from workers.config import Settings
+from workers.processor import read_live_results
+
+pytestmark = pytest.mark.slow
+DAYS = ["2026-11-20", "2026-11-21", "2026-11-22"]
+
+
+def run_live_v1(settings: Settings, frame: Any) -> None:
+    """Live v1 over the same records (the faulty version users read today), stopped once caught up."""
+    kafka_helpers.ensure_topic(settings, settings.events_topic, 3)
+    produce_records(settings, settings.events_topic, frame)
+    live = start_processor("--pipeline", "orders", "--version", "1", "--start", "earliest")
+    end = kafka_helpers.end_offsets(settings, settings.events_topic)
+    manifest = {"group": "kappa.orders.v1.live", "replay_topic": settings.events_topic, "end_offsets": end}
+    try:
+        wait_for(lambda: offsets.progress(settings, manifest)["lag"] == 0, 120, "live v1 to catch up")
+    finally:
+        stop(live)
+
+
+def assert_day_correct(s3: Any, settings: Settings, instance: dg.DagsterInstance, day: str) -> None:
+    expected = orders_report(archive(s3, settings, day), version=2)
+    assert_frame_equal(report(s3, settings, 2, day), expected, check_exact=False, rel_tol=1e-12)
+    run = latest_run(instance, day)
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    assert check_results(instance, run.run_id) == {"report_matches_batch": True, "records_accounted": True}
+
+
+def test_three_days_reprocessed_with_v2_equal_plain_polars(
+    settings: Settings,
+    s3: Any,
+    dagster_home: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frame = write_days(s3, settings.s3_bucket, settings.events_topic, DAYS, 1500)
+    run_live_v1(settings, frame)
+    assert not read_live_results(settings, "orders", 1, DAYS[0]).is_empty()
+
+    # entry point 1: the CLI, version by tag for one day and by default for the next
+    for day, tags in ((DAYS[0], {"kappa/version": "2"}), (DAYS[1], {})):
+        result = reprocess(day, tags)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # entry point 3: the nightly schedule's run request for the tick after the last day, executed
+    from kappa_dagster.defs.schedules.nightly_reprocess import nightly_reprocess
+
+    monkeypatch.setenv("KAPPA_NIGHTLY_DAYS", "1")
+    tick = dt.datetime(2026, 11, 23, 2, 0, tzinfo=dt.UTC)
+    (request,) = nightly_reprocess(
+        dg.build_schedule_context(scheduled_execution_time=tick, resources=fresh_resources())
+    )
+    assert request.partition_key == DAYS[2]
+    result = reprocess(request.partition_key, dict(request.tags))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    with dg.DagsterInstance.get() as instance:
+        for day in DAYS:
+            assert_day_correct(s3, settings, instance, day)
+            meta = materialization_metadata(instance, "corrected_report", day)
+            assert meta["version"] == 2 and meta["live_version"] == 1
+            assert meta["live_windows_changed"] > 0  # v1 counted duplicates (and dropped late records)
+            assert meta["dagster/row_count"] == report(s3, settings, 2, day).height
+            load = materialization_metadata(instance, "replay_load", day)
+            assert load["duplicates_dropped"] > 0 and load["topic"].startswith(f"{settings.events_topic}.replay.")
+    # replays cleaned up after themselves
+    topics = kafka_helpers.admin_client(settings).list_topics(timeout=10).topics
+    assert not [t for t in topics if t.startswith(f"{settings.events_topic}.replay.")]
+    assert not object_keys(s3, settings, "_state/processor/orders/v2/")
+
+    # re-running a day is idempotent: same report, the load is reused
+    before = report(s3, settings, 2, DAYS[0])
+    result = reprocess(DAYS[0])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_frame_equal(report(s3, settings, 2, DAYS[0]), before)
+    with dg.DagsterInstance.get() as instance:
+        assert materialization_metadata(instance, "replay_load", DAYS[0])["reused"] is True
+
+
+def test_killing_the_replay_consumer_then_rerunning_gives_the_same_report(
+    settings: Settings,
+    s3: Any,
+    dagster_home: Any,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    day = DAYS[0]
+    write_day(s3, settings.s3_bucket, settings.events_topic, day, day_records(day, 20_000, partitions=3))
+    spec = replay_loader.ReplaySpec("orders", 2, day, settings.events_topic, settings.s3_bucket)
+    slow = tmp_path / "slow.yaml"  # small batches + frequent checkpoints: the kill lands mid-run
+    slow.write_text(
+        json.dumps(
+            {"resources": {"replay": {"config": {"processor_args": "--batch-size 100 --checkpoint-seconds 0.2"}}}}
+        )
+    )
+    command = [
+        DAGSTER,
+        "job",
+        "execute",
+        "-m",
+        "kappa_dagster",
+        "-j",
+        "reprocess",
+        "-c",
+        str(slow),
+        "--tags",
+        json.dumps({"dagster/partition": day}),
+    ]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        checkpoint = f"{spec.processor_prefix}_state/part="
+        wait_for(lambda: bool(object_keys(s3, settings, checkpoint)) or job.poll() is not None, 180, "a checkpoint")
+        victims = pids_running(spec.group)
+        assert victims, "the replay consumer finished before it could be killed"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0, output[-2000:]
+    assert not object_keys(s3, settings, keys.report_file("orders", 2, day))
+
+    result = reprocess(day)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected = orders_report(archive(s3, settings, day), version=2)
+    assert_frame_equal(report(s3, settings, 2, day), expected, check_exact=False, rel_tol=1e-12)
+    with dg.DagsterInstance.get() as instance:
+        run = latest_run(instance, day)
+        assert check_results(instance, run.run_id) == {"report_matches_batch": True, "records_accounted": True}
+
+
+@pytest.mark.parametrize(
+    ("day", "tags", "message"),
+    [
+        ("2026-11-24", {}, "nothing to replay for 2026-11-24"),
+        ("2026-13-45", {}, "2026-13-45"),
+        ("../", {}, "../"),
+        (DAYS[0], {"kappa/version": "99"}, "has no version 99"),
+    ],
+    ids=["no-data", "not-a-date", "traversal", "bad-version"],
+)
+def test_bad_requests_fail_clearly_and_write_nothing(
+    settings: Settings,
+    s3: Any,
+    dagster_home: Any,  # noqa: F811
+    day: str,
+    tags: dict[str, str],
+    message: str,
+) -> None:
+    write_day(s3, settings.s3_bucket, settings.events_topic, DAYS[0], day_records(DAYS[0], 50))
+    before = object_keys(s3, settings)
+    result = reprocess(day, tags, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert object_keys(s3, settings) == before  # no manifest, no report
+    topics = kafka_helpers.admin_client(settings).list_topics(timeout=10).topics
+    assert not [t for t in topics if t.startswith(f"{settings.events_topic}.replay.")]
