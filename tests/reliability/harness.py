@@ -18,10 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from workers.config import Settings
 from workers.generator import Faults, ProduceSummary, produce_events
+from workers.kafka import end_offsets
+from workers.processor_state import list_states
+from workers.replay_loader import ReplaySpec
 
 from .invariants import FIGURES
 
@@ -187,3 +190,45 @@ def produce_orders(settings: Settings, count: int, seed: int, *, start: str = ST
     """``count`` reference orders with faults, via the project's generator (deterministic per seed)."""
     return produce_events(settings, count, start=start, days=days, partitions=partitions, seed=seed,
                           faults=FAULTY, rate=rate)
+
+
+# ---------------------------------------------------------------- the pipeline, run like an operator runs it
+
+DAY = "2026-11-20"
+#: Live runs keep every window open (grace of ~3 years): nothing is late, so the live results must
+#: equal the whole-day reference exactly, and every crash exercises the open-window state in S3.
+LIVE_ARGS = ("processor", "-p", "orders", "-v", "2", "--start", "earliest", "--grace-seconds", "100000000",
+             "--batch-size", "300", "--checkpoint-seconds", "0.5", "--progress", "log")
+
+
+def archive_all(workers: Workers, name: str = "archiver-final") -> Worker:
+    """Run the archiver until it has archived everything in the topic now."""
+    return workers.run(name, *ARCHIVER_ARGS, "--until-end", timeout=300)
+
+
+def replay_spec(settings: Settings, version: int = 2, day: str = DAY) -> ReplaySpec:
+    return ReplaySpec(pipeline="orders", version=version, day=day, source_topic=settings.events_topic,
+                      bucket=settings.s3_bucket)
+
+
+def load_args(spec: ReplaySpec) -> tuple[str, ...]:
+    return ("replay", "load", "--day", spec.day, "--pipeline", spec.pipeline, "--version", str(spec.version))
+
+
+def bounded_args(spec: ReplaySpec, batch_size: int = 300) -> tuple[str, ...]:
+    """The bounded replay consumer, exactly as the reprocess job starts it."""
+    return ("processor", "-p", spec.pipeline, "-v", str(spec.version), "--topic", spec.topic, "--group", spec.group,
+            "--from-beginning", "--until-end", "--dlq-topic", spec.dlq_topic, "--batch-size", str(batch_size),
+            "--checkpoint-seconds", "0.5", "--progress", "log")
+
+
+def committed_offsets(client: Any, bucket: str, prefix: str) -> dict[int, int]:
+    """``{partition: next_offset}`` of a processor's committed S3 states (its durable position)."""
+    return {p: int(s["next_offset"] or 0) for p, s in list_states(client, bucket, prefix).items()}
+
+
+def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic: str, timeout: float = 120) -> None:
+    """Bounded wait until the processor's S3 checkpoints reach the topic's end offsets."""
+    ends = {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
+    wait_until(lambda: all(committed_offsets(client, settings.s3_bucket, prefix).get(p, -1) >= o
+                           for p, o in ends.items()), timeout, f"processor checkpoints to reach {ends}")

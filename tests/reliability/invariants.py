@@ -339,3 +339,103 @@ def utc_day(epoch_ms: int) -> str:
 
 def merge_counts(target: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
     return {k: target.get(k, 0) + extra.get(k, 0) for k in set(target) | set(extra)}
+
+
+# ---------------------------------------------------------------- end-to-end checks (archive -> replay -> reports)
+
+SRC_PARTITION, SRC_OFFSET = "kappa.src.partition", "kappa.src.offset"
+DLQ_REASON, DLQ_PARTITION, DLQ_OFFSET = "kappa.dlq.reason", "kappa.dlq.partition", "kappa.dlq.offset"
+
+
+def archive_records(client: Any, bucket: str, topic: str, day: str | None = None) -> dict[RecordId, RecordBody]:
+    """The archive deduplicated by ``(partition, offset)`` (optionally one day), as comparable bodies."""
+    rows = read_archive(client, bucket, topic).rows
+    return {rid: body for rid, body in rows if day is None or utc_day(body[1]) == day}
+
+
+def _header(headers: tuple[tuple[str, bytes | None], ...], name: str) -> bytes | None:
+    return next((value for key, value in headers if key == name), None)
+
+
+def assert_replay_topic_exact(settings: Settings, client: Any, source_topic: str, replay_topic: str,
+                              day: str) -> int:
+    """The replay topic holds every archived record of ``day`` exactly once, byte-exact (plus source headers)."""
+    expected = archive_records(client, settings.s3_bucket, source_topic, day)
+    seen: Counter[RecordId] = Counter()
+    corrupted = []
+    for _kind, stamp, key, value, headers in read_topic(settings, replay_topic).values():
+        src = (int(_header(headers, SRC_PARTITION) or -1), int(_header(headers, SRC_OFFSET) or -1))
+        seen[src] += 1
+        original = tuple(h for h in headers if h[0] not in {SRC_PARTITION, SRC_OFFSET})
+        if expected.get(src, (None, None, None, None, None))[1:] != (stamp, key, value, original):
+            corrupted.append(src)
+    lost = sorted(set(expected) - set(seen))
+    twice = sorted(rid for rid, n in seen.items() if n > 1)
+    FIGURES.records_checked += len(expected)
+    FIGURES.lost += len(lost)
+    FIGURES.duplicated += sum(seen[rid] - 1 for rid in twice)
+    FIGURES.corrupted += len(corrupted)
+    assert not lost, f"{len(lost)} archived records of {day} missing from {replay_topic}, e.g. {lost[:5]}"
+    assert not twice, f"{len(twice)} records replayed more than once, e.g. {twice[:5]}"
+    assert not corrupted, f"{len(corrupted)} replayed records differ from the archive, e.g. {corrupted[:5]}"
+    return len(expected)
+
+
+def read_report(client: Any, bucket: str, version: int, day: str) -> tuple[pl.DataFrame, dict[str, int]]:
+    """A corrected report and its stats.json, by the DESIGN §4 path."""
+    prefix = f"reports/orders/v{version}/dt={day}/"
+    report = pl.read_parquet(io.BytesIO(client.get_object(Bucket=bucket, Key=prefix + "report.parquet")["Body"].read()))
+    stats = json.loads(client.get_object(Bucket=bucket, Key=prefix + "stats.json")["Body"].read())
+    return report, stats
+
+
+def assert_reports_exact(settings: Settings, client: Any, version: int, days: Iterable[str]) -> None:
+    """Each day's corrected report (and its stats) equals the reference computations over the archive."""
+    from workers.pipelines import get_pipeline
+
+    pipeline = get_pipeline("orders", version)
+    for day in days:
+        report, stats = read_report(client, settings.s3_bucket, version, day)
+        expected = assert_report_exact(report, archive_frame(client, settings.s3_bucket, settings.events_topic, day),
+                                       pipeline)
+        assert {k: stats.get(k) for k in expected} == expected, f"stats.json of {day}: {stats} != {expected}"
+
+
+def assert_live_exact(settings: Settings, client: Any, version: int) -> None:
+    """Live results (open windows included: the live tests use an unbounded grace) equal the reference per day."""
+    from workers.pipelines import get_pipeline
+    from workers.processor import read_live_results
+
+    pipeline = get_pipeline("orders", version)
+    for day in archive_days(client, settings.s3_bucket, settings.events_topic):
+        live = read_live_results(settings, "orders", version, day, include_open=True)
+        assert_report_exact(live, archive_frame(client, settings.s3_bucket, settings.events_topic, day), pipeline)
+
+
+def assert_dlq_exact(settings: Settings, client: Any, dlq_topic: str, day: str | None = None) -> int:
+    """The DLQ holds each malformed archived record (per the independent rules) with a reason, nothing else.
+
+    DLQ records are identified by their source coordinates (the replay's ``kappa.src.*`` headers, else
+    ``kappa.dlq.partition/offset``) and deduplicated, as the processor documents for consumers.
+    """
+    archive = archive_records(client, settings.s3_bucket, settings.events_topic, day)
+    bad = {rid for rid, body in archive.items() if body[1] < 0 or parse_order(body[3]) is None}
+    found: dict[RecordId, RecordBody] = {}
+    no_reason = []
+    for _kind, _stamp, key, value, headers in read_topic(settings, dlq_topic).values():
+        src_p = _header(headers, SRC_PARTITION) or _header(headers, DLQ_PARTITION)
+        src_o = _header(headers, SRC_OFFSET) or _header(headers, DLQ_OFFSET)
+        rid = (int(src_p or -1), int(src_o or -1))
+        found[rid] = (0, 0, key, value, ())
+        if not (_header(headers, DLQ_REASON) or b"").strip():
+            no_reason.append(rid)
+    missing = sorted(bad - set(found))
+    unexpected = sorted(set(found) - bad)
+    altered = [rid for rid in set(found) & bad if found[rid][2:4] != archive[rid][2:4]]
+    FIGURES.dlq_records_checked += len(found)
+    FIGURES.lost += len(missing)
+    assert not missing, f"{len(missing)} malformed records not in {dlq_topic}, e.g. {missing[:5]}"
+    assert not unexpected, f"{len(unexpected)} valid records sent to {dlq_topic}, e.g. {unexpected[:5]}"
+    assert not altered, f"{len(altered)} DLQ records not byte-exact, e.g. {altered[:5]}"
+    assert not no_reason, f"{len(no_reason)} DLQ records without a reason header, e.g. {no_reason[:5]}"
+    return len(found)
