@@ -25,6 +25,7 @@ from workers import kafka as kafka_helpers
 from workers.config import Settings
 from workers.pipelines import get_pipeline
 from workers.processor import RunSummary, read_live_results, run_processor
+from workers.processor_state import list_states
 from workers.s3 import get_bytes
 
 DAY = "2026-01-01"
@@ -214,15 +215,22 @@ def test_sigkill_at_random_moments_then_restart_gives_identical_results(
 
 
 def test_rebalance_two_processors_one_stopped_mid_run(settings: Settings, s3: Any, events_topic) -> None:
-    records = make_records(8_000, seed=5)
+    """A starts alone, B joins (A hands over half its partitions), then A is stopped (B takes all)."""
+    records = make_records(30_000, seed=5)
     topic = events_topic(records, 4)
-    command = processor_command(2, topic, "g-rebalance", "--batch-size", "50", "--checkpoint-seconds", "0.3")
+    command = processor_command(2, topic, "g-rebalance", "--batch-size", "20", "--checkpoint-seconds", "0.3")
+    prefix = keys.processor_prefix("orders", 2, "g-rebalance")
+
+    def writers() -> set[str]:
+        return {s["writer"] for s in list_states(s3, settings.s3_bucket, prefix).values()}
+
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: len(writers()) == 1)
     second = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(5)
-    second.send_signal(signal.SIGTERM)
-    assert second.wait(timeout=60) in (0, 130)
-    assert first.wait(timeout=120) == 0, first.stderr.read().decode()[-2000:] if first.stderr else ""
+    wait_for(lambda: len(writers()) == 2)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 130, "the first processor should stop before the end"
+    assert second.wait(timeout=120) == 0, second.stderr.read().decode()[-2000:] if second.stderr else ""
     report, stats = read_report(s3, settings, 2)
     expected, expected_stats = get_pipeline("orders", 2).batch_report(archive_of(settings, topic))
     assert report.equals(expected) and stats == expected_stats
@@ -288,8 +296,6 @@ def test_live_results_survive_a_restart_and_late_records_are_counted(settings: S
 
 
 def live_states(s3: Any, settings: Settings) -> dict[int, dict]:
-    from workers.processor_state import list_states
-
     return list_states(s3, settings.s3_bucket, keys.live_prefix("orders", 2))
 
 
