@@ -292,6 +292,18 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+def cluster_id() -> str:
+    """A KRaft cluster id: url-safe base64 of a random UUID that does not start with ``-``.
+
+    ``kafka-storage format -t -abc...`` would read an id starting with ``-`` as an option and fail
+    (1 start in 64); Kafka's own ``Uuid.randomUuid()`` skips such ids for the same reason.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 # ---------------------------------------------------------------- the stack
 
 
@@ -371,7 +383,7 @@ class Stack:
         log4j = f"-Dlog4j2.configurationFile={kdir / 'log4j2.properties'}"
         java = ["java", log4j, "-cp", classpath(self.layout, "kafka")]
         if not (kdir / "data" / "meta.properties").exists():
-            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cid = cluster_id()
             result = subprocess.run(
                 [*java, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)],
                 capture_output=True, text=True, check=False,
