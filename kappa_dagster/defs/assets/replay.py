@@ -47,7 +47,6 @@ def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
     group_name="replay",
     kinds={"kafka", "s3"},
     deps=[raw_archive],
-    tags={"kappa/replay": ""},
 )
 def replay_load(
     context: dg.AssetExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
@@ -138,7 +137,6 @@ def report_is_current(client: Any, bucket: str, manifest: dict[str, Any]) -> boo
     group_name="replay",
     kinds={"kafka", "python"},
     deps=[replay_load],
-    tags={"kappa/replay": ""},
 )
 def replay_consume(
     context: dg.AssetExecutionContext,
