@@ -51,8 +51,10 @@ def make_records(n: int, seed: int, duplicates: float = 0.1, malformed: float = 
 
 def produce(settings: Settings, topic: str, records: list[Record]) -> None:
     producer = Producer(settings.kafka_config(**{"linger.ms": 20, "enable.idempotence": True}))
-    for key, value, ts, headers in records:
+    for index, (key, value, ts, headers) in enumerate(records):
         producer.produce(topic, value=value, key=key, timestamp=ts, headers=headers or None)
+        if index % 50_000 == 49_999:
+            producer.flush(30)
     assert producer.flush(30) == 0
 
 
