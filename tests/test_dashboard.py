@@ -238,6 +238,16 @@ def test_api_is_read_only_and_streams_server_sent_events(flow: Flow) -> None:
     assert events[0]["view"]["generated_at"] <= events[1]["view"]["generated_at"]
 
 
+def test_replay_status_cli_shows_both_replays(flow: Flow) -> None:
+    result = subprocess.run([KAPPA, "replay", "status", "--sample", "0.5"], env=flow.env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip().startswith("orders-")}
+    v2, v1 = (next(line for rid, line in lines.items() if rid.startswith(f"orders-v{v}-")) for v in (2, 1))
+    assert "100%" in v2 and "reported" in v2
+    assert "0%" in v1 and "waiting" in v1 and flow.yesterday in v1
+
+
 # ---------------------------------------------------------------- browser
 
 

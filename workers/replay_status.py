@@ -92,7 +92,8 @@ def replay_row(
     manifest: dict[str, Any], lag: GroupLag | None, report_exists: bool, rates: RateTracker
 ) -> ReplayRow:
     total = lag.end_total if lag is not None else int(manifest.get("records") or 0)
-    consumed = lag.consumed if lag is not None else total
+    finished = report_exists or manifest.get("status") == "reported"
+    consumed = total if finished else (lag.consumed if lag is not None else 0)
     remaining = max(total - consumed, 0)
     rate = rates.observe(manifest["replay_id"], consumed)
     eta = remaining / rate if rate and rate > 0 and remaining else (0.0 if not remaining else None)
@@ -118,7 +119,9 @@ def replay_rows(settings: Settings, reader: LagReader, rates: RateTracker, clien
     client = client or s3_helpers.s3_client(settings)
     rows = []
     for manifest in replay_loader.iter_manifests(client, settings.s3_bucket):
-        lag = reader.group_lag(manifest["group"], manifest["replay_topic"], manifest_end(manifest))
+        lag = None
+        if reader.partitions(manifest["replay_topic"]) is not None:  # cleaned-up replays have no topic
+            lag = reader.group_lag(manifest["group"], manifest["replay_topic"], manifest_end(manifest))
         report_key = manifest.get("report_key")
         report_exists = bool(report_key) and object_exists(client, settings.s3_bucket, report_key)
         rows.append(replay_row(manifest, lag, report_exists, rates))

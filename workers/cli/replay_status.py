@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,6 +16,8 @@ from workers.errors import KappaError
 from workers.lag import LagReader
 
 console = Console()
+if not console.is_terminal:
+    console.width = max(console.width, 120)  # logs and pipes get the whole table, not ellipses
 
 
 def status(
@@ -40,13 +43,15 @@ def status(
 
 
 def table(rows: list[status_lib.ReplayRow]) -> Table:
-    out = Table(title="replays")
-    for column in ("replay id", "pipeline", "day", "records", "done", "group lag", "rate", "ETA", "state"):
-        out.add_column(column, justify="right" if column in {"records", "done", "group lag", "rate"} else "left")
+    """Compact enough for 80 columns: the replay id already names pipeline, version and day."""
+    out = Table(title="replays", box=box.SIMPLE_HEAD, pad_edge=False)
+    out.add_column("replay id", no_wrap=True)
+    out.add_column("day", no_wrap=True)
+    for column in ("done", "group lag", "rate", "ETA"):
+        out.add_column(column, justify="right", no_wrap=True)
+    out.add_column("state", no_wrap=True)
     for row in rows:
         rate = "-" if row.rate is None else f"{row.rate:,.0f}/s"
-        out.add_row(
-            row.replay_id, f"{row.pipeline} v{row.version}", row.day, f"{row.total:,}", f"{row.percent:.0f}%",
-            f"{row.lag:,}", rate, status_lib.format_eta(row.eta_s), row.state,
-        )
+        done = f"{row.consumed:,}/{row.total:,} {row.percent:.0f}%"
+        out.add_row(row.replay_id, row.day, done, f"{row.lag:,}", rate, status_lib.format_eta(row.eta_s), row.state)
     return out
