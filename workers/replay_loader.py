@@ -48,6 +48,7 @@ from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.pipelines import get_pipeline
 
 SRC_PARTITION_HEADER = "kappa.src.partition"
 SRC_OFFSET_HEADER = "kappa.src.offset"
@@ -111,6 +112,7 @@ class ReplaySpec:
         keys.valid_day(self.day)
         keys.valid_name(self.pipeline)
         keys.valid_version(self.version)
+        get_pipeline(self.pipeline, self.version)  # a replay for a version that does not exist is a mistake
         if self.partitions is not None and not 1 <= self.partitions <= 1000:
             raise KappaError(f"replay partitions must be 1..1000, got {self.partitions}")
         if self.throttle is not None and self.throttle <= 0:

@@ -47,4 +47,4 @@ def load(
         f"group {manifest['group']}"
     )
     summary = {"replay_id": spec.replay_id, "topic": spec.topic, "end_offsets": manifest["end_offsets"]}
-    console.print(json.dumps(summary))
+    typer.echo(json.dumps(summary))  # one machine-readable line, never wrapped
