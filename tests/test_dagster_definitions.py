@@ -174,3 +174,26 @@ def test_promote_and_rollback_are_single_pointer_writes(settings: Settings, s3: 
     assert promote.read_current(s3, bucket, "orders") is None
     with pytest.raises(KappaError, match="nothing to roll back"):
         promote.rollback(s3, bucket, "orders")
+
+
+def test_promote_and_rollback_jobs(settings: Settings, s3: Any, dagster_home: Any) -> None:  # noqa: F811
+    from kappa_dagster import defs
+
+    bucket, topic = settings.s3_bucket, settings.events_topic
+    rid = replay_loader.replay_id("orders", 2, DAY, bucket, topic)
+    manifest = {"replay_id": rid, "pipeline": "orders", "version": 2, "day": DAY, "source_topic": topic}
+    replay_loader.write_manifest(s3, bucket, {**manifest, "status": "reported", "source_end_offsets": {"0": 5}})
+    with dg.instance_for_test() as instance:
+        config = {"ops": {"promote_version": {"config": {"pipeline": "orders", "version": 2}}}}
+        promoted = defs.resolve_job_def("promote").execute_in_process(
+            run_config=config, instance=instance, resources=fresh_resources()
+        )
+        assert promoted.success
+        assert promote.read_current(s3, bucket, "orders")["live_start_offsets"] == {"0": 5}
+        bad = {"ops": {"promote_version": {"config": {"pipeline": "orders", "version": 1}}}}
+        failed = defs.resolve_job_def("promote").execute_in_process(
+            run_config=bad, instance=instance, resources=fresh_resources(), raise_on_error=False
+        )
+        assert not failed.success and promote.current_version(s3, bucket, "orders") == 2
+        rolled = defs.resolve_job_def("rollback").execute_in_process(instance=instance, resources=fresh_resources())
+        assert rolled.success and promote.read_current(s3, bucket, "orders") is None
