@@ -285,6 +285,19 @@ def stop_service(layout: Layout, service: str, timeout: float = 30.0) -> bool:
     return True
 
 
+def spawned_alive(layout: Layout, service: str) -> bool:
+    """True while the process named by the pid file runs.
+
+    Unlike :func:`read_pid` this does not look at the command line: right after ``spawn`` returns,
+    ``/proc/<pid>/cmdline`` can still be empty, and a start-up wait must not mistake that for an exit.
+    """
+    try:
+        pid = int(layout.pid_file(service).read_text().strip())
+    except (ValueError, OSError):
+        return False
+    return Path(f"/proc/{pid}").exists() and not _is_zombie(pid)
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
@@ -438,7 +451,7 @@ class Stack:
     def _wait(self, service: str, timeout: float, probe: Callable[[], object]) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if read_pid(self.layout, service) is None:
+            if not spawned_alive(self.layout, service):
                 raise StackError(f"{service} exited during start-up; last log lines:\n{log_tail(self.layout, service)}")
             try:
                 probe()
