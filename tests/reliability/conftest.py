@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +109,9 @@ def reliability_figures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fi
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(FIGURES.as_json(), indent=2) + "\n")
     print(f"\n[reliability] figures written to {path}")
+
+
+@pytest.fixture
+def private_s3(private_settings: Settings) -> Any:
+    """A boto3 client for the private stack's S3 server."""
+    return s3_helpers.s3_client(private_settings)

@@ -8,6 +8,7 @@ grep. Kill points come from a seeded RNG that is printed, so a failing run can b
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -25,6 +26,7 @@ from workers.generator import Faults, ProduceSummary, produce_events
 from workers.kafka import end_offsets
 from workers.processor_state import list_states
 from workers.replay_loader import ReplaySpec
+from workers.stack import Stack
 
 from .invariants import FIGURES
 
@@ -232,3 +234,34 @@ def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic
     ends = {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
     wait_until(lambda: all(committed_offsets(client, settings.s3_bucket, prefix).get(p, -1) >= o
                            for p, o in ends.items()), timeout, f"processor checkpoints to reach {ends}")
+
+
+def archived_offsets(client: Any, bucket: str, topic: str) -> dict[int, int]:
+    """``{partition: next_offset}`` from the archiver's S3 checkpoints (its durable resume points)."""
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"_state/archiver/{topic}/"):
+        for obj in page.get("Contents", []):
+            match = re.search(r"part=(\d+)\.json$", obj["Key"])
+            if match:
+                body = json.loads(client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+                found[int(match.group(1))] = int(body["next_offset"])
+    return found
+
+
+def wait_archived(settings: Settings, client: Any, timeout: float = 120) -> None:
+    """Bounded wait until the archiver's checkpoints reach the events topic's current end offsets."""
+    ends = {p: o for p, o in end_offsets(settings, settings.events_topic).items() if o > 0}
+    wait_until(lambda: all(archived_offsets(client, settings.s3_bucket, settings.events_topic).get(p, -1) >= o
+                           for p, o in ends.items()), timeout, f"archiver checkpoints to reach {ends}")
+
+
+def outage(stack: Stack, service: str, seconds: float, kind: str) -> float:
+    """Stop one service of the private stack for ``seconds``, start it again; returns the measured downtime."""
+    started = time.monotonic()
+    assert stack.down([service]) == [service], f"{service} was not running"
+    print(f"[reliability] {kind}: {service} stopped for {seconds}s")
+    time.sleep(seconds)
+    stack.up([service])
+    downtime = time.monotonic() - started
+    FIGURES.fault(kind, service=service, downtime_s=round(downtime, 1))
+    return downtime
