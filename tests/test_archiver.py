@@ -215,17 +215,18 @@ def test_sigkill_at_random_moments_then_restart_gives_the_exact_archive(settings
     produce_events(settings, 100_000, seed=7, faults=FAULTS)
     rng, group = random.Random(1234), unique("g")
     # tiny files (~300 objects in all) so that each kill lands mid-run, between any two S3 writes
-    small_files = ["--flush-records", "500", "--batch-size", "500", "--group", group, *FAST_GROUP]
+    # and a different flush size per run, so a re-archived range gets new file names (real overlaps)
+    small_files = ["--batch-size", "500", "--group", group, *FAST_GROUP]
     kills = 0
     for attempt in range(4):
         before = len(list_raw(s3, settings))
-        run = archivers(f"crash{attempt}", *small_files)
+        run = archivers(f"crash{attempt}", "--flush-records", str(rng.choice([400, 500, 700])), *small_files)
         target = rng.randrange(5, 40)
         wait_for(objects_reached(s3, settings, before + target, run), 90, f"{target} new objects")
         time.sleep(rng.uniform(0, 0.3))
         kills += run.proc.poll() is None
         run.kill()
-    final = archivers("final", "--until-end", *small_files)
+    final = archivers("final", "--until-end", "--flush-records", "600", *small_files)
     assert final.wait() == 0, final.text()
     assert kills == 4
     stats = assert_archive_equals_topic(settings, s3)
@@ -258,6 +259,35 @@ def test_two_archivers_one_stopped_one_killed_archive_still_complete(settings: S
     assert "revoked" in first.text()
     stats = assert_archive_equals_topic(settings, s3)
     assert stats["records"] == 60_000
+
+
+def test_idle_exit_and_prometheus_metrics(settings: Settings, s3, unique) -> None:
+    import urllib.request
+
+    produce_events(settings, 2000, seed=4, faults=FAULTS, partitions=2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = ArchiverOptions(group=unique("g"), idle_exit=3, flush_seconds=0.5, metrics_port=port, session_timeout=6)
+    archiver = Archiver(settings, options)
+    worker = threading.Thread(target=archiver.run)
+    worker.start()
+
+    def metric(name: str) -> float:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return -1  # not serving yet
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    try:
+        wait_for(lambda: metric("kappa_archiver_records_total") == 2000, 60, "records_total == 2000")
+        assert metric("kappa_archiver_files_total") >= 2 and metric("kappa_archiver_written_bytes_total") > 0
+        wait_for(lambda: metric("kappa_archiver_lag{") == 0, 30, "lag 0")
+    finally:
+        worker.join(60)  # --idle-exit ends the run by itself
+    assert not worker.is_alive()
+    assert_archive_equals_topic(settings, s3)
 
 
 def test_days_epoch_null_values_and_odd_headers_land_where_they_belong(settings: Settings, s3, unique) -> None:

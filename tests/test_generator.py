@@ -134,6 +134,11 @@ def test_produce_events_sends_exactly_what_generate_yields(settings: Settings) -
     assert canonical(got) == canonical([(r.key, r.value, r.timestamp_ms, r.headers) for r in expected])
 
 
+def test_rate_limits_throughput(settings: Settings) -> None:
+    summary = produce_events(settings, 3000, rate=2000, start=START_MS, seed=1)
+    assert summary.seconds >= 1.4 and summary.seed == 1
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True,
                           timeout=120, check=False)

@@ -233,6 +233,7 @@ class ArchiverMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.server: Any = None
         registry = self.registry
         self.consumed = Counter("kappa_archiver_consumed_records", "Records read from Kafka", registry=registry)
         self.records = Counter("kappa_archiver_records", "Records written to the archive", registry=registry)
@@ -245,7 +246,17 @@ class ArchiverMetrics:
         self.paused = Gauge("kappa_archiver_paused_partitions", "Partitions paused by S3 errors", registry=registry)
 
     def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+        """Serve ``/metrics`` on ``port`` until :meth:`close` (a clear error if the port is taken)."""
+        try:
+            self.server, _thread = start_http_server(port, registry=self.registry)
+        except OSError as exc:
+            raise KappaError(f"--metrics-port {port} cannot be used: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 
 # ---------------------------------------------------------------- the consumer loop
@@ -274,28 +285,34 @@ class Archiver:
         started = time.monotonic()
         self._prepare()
         self.consumer = consumer = Consumer(self._consumer_config())
-        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         self.last_activity = time.monotonic()
         try:
+            if self.options.metrics_port is not None:
+                self.metrics.serve(self.options.metrics_port)
+            consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                               on_lost=self._on_lost)
             while not self._should_stop():
                 self._step(consumer.consume(num_messages=self.options.batch_size, timeout=self.options.poll_timeout))
             self._drain(time.monotonic() + self.options.shutdown_timeout)
         finally:
             self.closing = True
             consumer.close()
+            self.metrics.close()
             self.summary.seconds = time.monotonic() - started
             self._report(time.monotonic(), force=True)
         return self.summary
 
     def _prepare(self) -> None:
-        """Fail fast on a missing topic; read end offsets for --until-end; start the metrics server."""
+        """Fail fast on a missing topic or an unusable bucket; read end offsets for --until-end."""
         kafka_helpers.partition_count(self.settings, self.topic)
-        s3_helpers.ensure_bucket(self.store.client, self.store.bucket)
+        try:
+            s3_helpers.ensure_bucket(self.store.client, self.store.bucket)
+        except S3_ERRORS as exc:
+            where = self.settings.s3_endpoint_url or "AWS S3"
+            raise ArchiverError(f"bucket {self.store.bucket!r} at {where} is not usable ({_describe(exc)})") from None
         if self.options.until_end:
             self.ends = kafka_helpers.end_offsets(self.settings, self.topic)
             log.info("until-end: end offsets %s", self.ends)
-        if self.options.metrics_port is not None:
-            self.metrics.serve(self.options.metrics_port)
 
     def _consumer_config(self) -> dict[str, object]:
         session_ms = int(self.options.session_timeout * 1000)

@@ -236,6 +236,7 @@ class ProduceSummary:
 
     topic: str
     partitions: int
+    seed: int
     count: int = 0
     delivered: int = 0
     failed: int = 0
@@ -366,10 +367,10 @@ def produce_events(
     topic = topic or settings.events_topic
     start_ms = start if isinstance(start, int) else parse_start(start, days)
     kafka_helpers.ensure_topic(settings, topic, partitions)
-    summary = ProduceSummary(topic=topic, partitions=kafka_helpers.partition_count(settings, topic))
+    seed = random.randrange(2**32) if seed is None else seed
+    summary = ProduceSummary(topic=topic, partitions=kafka_helpers.partition_count(settings, topic), seed=seed)
     producer = Producer(settings.kafka_config(**PRODUCER_CONFIG))
     on_delivery, pacer = _Delivery(summary), _Pacer(rate)
-    seed = random.randrange(2**32) if seed is None else seed
     started = time.monotonic()
     records = generate(count, start_ms=start_ms, span_ms=int(days * DAY_MS), seed=seed, faults=faults, users=users)
     for record in records:

@@ -61,5 +61,6 @@ def print_summary(summary: ProduceSummary) -> None:
         table.add_row(kind, f"{number:,}")
     table.add_row("null keys", f"{summary.null_keys:,}")
     table.add_row("with headers", f"{summary.with_headers:,}")
+    table.add_row("seed", f"{summary.seed} (--seed {summary.seed} with the same --start reproduces this run)")
     table.add_row("days", ", ".join(summary.days()) or "-")
     Console().print(table)
