@@ -4,7 +4,7 @@ One module-scoped flow (its own bucket and topics) feeds both tests:
 
 * yesterday: 3,000 events with duplicates, late and malformed records, archived, replayed with v2
   (bounded processor -> corrected report) and loaded again for v1 (a replay still waiting);
-* today: events keep arriving at ~40/s while a live v1 processor checkpoints every second.
+* today: events keep arriving at ~250/s while a live v1 processor checkpoints every second.
 
 The API test checks every section and the error paths; the browser test opens the page in headless
 Chromium (Debian's package, ``make browser``), waits until numbers appear and change, and saves a
@@ -50,7 +50,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-RATE = 40  # live events per second while the tests run
+RATE = 250  # live events per second (the generator paces in steps of 1,000 records: one every 4 s)
 
 
 @dataclass

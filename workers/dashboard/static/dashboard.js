@@ -106,7 +106,8 @@ function chartFor(id, types, series, unit) {
       width,
       height: 240,
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
-      scales: { x: { time: true } },
+      // at least 15 minutes wide: one minute of data must not stretch the axis over years
+      scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 840), max + 60] } },
       axes: [{}, { values: (u, ticks) => ticks.map((v) => compact.format(v)), size: 56 }],
       series: [{ label: "minute (UTC)" }, ...types.map((t, i) => ({ label: t, stroke: colorOf(t, i), width: 1.5 }))],
     };
@@ -127,7 +128,7 @@ function renderResults(results) {
   if (results.error) return;
   const totals = results.totals;
   setText("total-events", fmt.format(totals.events));
-  setText("total-windows", `${fmt.format(totals.windows)} minutes with data`);
+  setText("total-windows", `${fmt.format(totals.windows)} minute${totals.windows === 1 ? "" : "s"} with data`);
   setText("total-amount", money.format(totals.amount));
   chartFor("chart-events", results.types, results.series, "#");
   chartFor("chart-amount", results.types, results.series, "$");
