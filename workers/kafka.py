@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from workers.config import Settings
@@ -80,14 +81,32 @@ def partition_count(settings: Settings, topic: str, timeout: float = 30.0) -> in
 
 def end_offsets(settings: Settings, topic: str, timeout: float = 30.0) -> dict[int, int]:
     """High watermark per partition: the offset the next record will get."""
-    from confluent_kafka import Consumer
-
     consumer = Consumer(settings.kafka_config(**{"group.id": "kappa.offsets-probe", "enable.auto.commit": False}))
+    deadline = time.monotonic() + timeout
     try:
         result = {}
         for partition in range(partition_count(settings, topic, timeout)):
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
-            result[partition] = high
+            result[partition] = _high_watermark(consumer, TopicPartition(topic, partition), deadline)
         return result
     finally:
         consumer.close()
+
+
+#: Errors a broker restart or leader election causes for a few seconds: retried until the deadline.
+TRANSIENT_ERRORS = frozenset({
+    KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+    KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT,
+})
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, deadline: float) -> int:
+    """The partition's high watermark, retrying transient errors (e.g. just after a broker restart)."""
+    while True:
+        try:
+            _low, high = consumer.get_watermark_offsets(tp, timeout=max(1.0, deadline - time.monotonic()))
+            return high
+        except KafkaException as exc:
+            if exc.args[0].code() not in TRANSIENT_ERRORS or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
