@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,21 +34,11 @@ import pytest
 from workers import replay_loader
 from workers import s3 as s3_helpers
 from workers.config import Settings, load_settings
+from workers.dashboard import launch
 from workers.generator import Faults, produce_events
 
 ROOT = Path(__file__).resolve().parent.parent
 KAPPA = str(Path(sys.executable).parent / "kappa")
-CHROMIUM = Path(os.environ.get("KAPPA_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 RATE = 250  # live events per second (the generator paces in steps of 1,000 records: one every 4 s)
 
 
@@ -163,8 +152,9 @@ def flow(stack: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
     try:
         history(flow, flow.yesterday)
         live(flow, log_dir)
-        start(flow, log_dir, "dashboard", "dashboard", "--port", str(port), "--interval", "1")
-        wait_for("the dashboard to answer", lambda: get(f"{flow.url}/api/health")[1]["ok"], timeout=30)
+        dashboard, _ = launch.spawn(port, interval=1, env=env, log=log_dir / "dashboard.log")
+        flow.processes.append(dashboard)
+        launch.wait_ready(flow.url, dashboard)
         wait_for("live results", lambda: get(f"{flow.url}/api/results")[1]["results"]["totals"]["events"], 90)
         yield flow
     finally:
@@ -255,36 +245,26 @@ def number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser)")
+@pytest.mark.skipif(not launch.CHROMIUM.exists(), reason="needs Debian's chromium (make browser)")
 def test_browser_shows_live_numbers_that_change(flow: Flow, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        browser = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
+    shot = tmp_path / "dashboard.png"
+    with launch.browser_page() as page:
+        page.goto(f"{flow.url}/?diff_day={flow.yesterday}")
+        launch.wait_rendered(page)
+        first = number(page.inner_text("#total-events"))
+        assert first > 0
+        page.wait_for_function(
+            "(first) => Number(document.querySelector('#total-events').textContent.replace(/,/g, '')) > first",
+            arg=first, timeout=45_000,
         )
-        try:
-            page = browser.new_page()
-            page.goto(f"{flow.url}/?diff_day={flow.yesterday}")
-            page.wait_for_function("() => Number(document.body.dataset.updates || 0) >= 1", timeout=30_000)
-            first = number(page.inner_text("#total-events"))
-            assert first > 0
-            page.wait_for_function(
-                "(first) => Number(document.querySelector('#total-events').textContent.replace(/,/g, '')) > first",
-                arg=first, timeout=45_000,
-            )
-            assert number(page.inner_text("#dlq-records")) > 0
-            assert page.locator("#chart-events canvas").count() == 1
-            assert page.locator("#replay-table tbody tr").count() == 2
-            assert "reported" in page.inner_text("#replay-table")
-            assert page.locator("#diff-table tbody tr td.num").count() > 0
-            assert page.inner_text("#errors") == ""
-            page.wait_for_timeout(1500)  # let the charts settle for the picture
-            shot = tmp_path / "dashboard.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+        assert number(page.inner_text("#dlq-records")) > 0
+        assert page.locator("#chart-events canvas").count() == 1
+        assert page.locator("#replay-table tbody tr").count() == 2
+        assert "reported" in page.inner_text("#replay-table")
+        assert page.locator("#diff-table tbody tr td.num").count() > 0
+        assert page.inner_text("#errors") == ""
+        page.wait_for_timeout(1500)  # let the charts settle for the picture
+        page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     (ROOT / "docs").mkdir(exist_ok=True)
     shutil.copyfile(shot, ROOT / "docs" / "dashboard.png")
