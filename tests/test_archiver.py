@@ -25,7 +25,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from workers import kafka as kafka_helpers
-from workers.archiver import Archiver, ArchiverOptions, parse_size, run_archiver, split_by_day
+from workers.archiver import Archiver, ArchiverOptions, PartitionState, parse_size, run_archiver, split_by_day
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.generator import Faults, produce_events
@@ -321,6 +321,16 @@ def test_split_by_day_puts_epoch_zero_and_midnights_on_their_utc_day() -> None:
     split = split_by_day(frame)
     assert [(day, rows["offset"].to_list()) for day, rows in split] == [
         ("1970-01-01", [10, 11, 13]), ("1970-01-02", [12])]
+
+
+def test_total_buffer_cap_flushes_the_biggest_buffers_first() -> None:
+    options = ArchiverOptions(flush_records=10**9, flush_bytes=2**40, max_buffer_bytes=1500)
+    archiver = Archiver(Settings(bootstrap_servers="127.0.0.1:1", events_topic="t"), options)
+    for partition, rows in {0: 10, 1: 100, 2: 50}.items():
+        archiver.parts[partition] = PartitionState()
+        frame = pl.DataFrame({"offset": range(rows), "value": [b"x" * 8] * rows})
+        archiver.parts[partition].add(frame, now=0.0)
+    assert archiver._due(now=1.0) == [1]  # 100 rows ~ 1.7 kB over the cap; the rest fits under it
 
 
 class FlakyS3:

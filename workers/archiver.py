@@ -60,6 +60,7 @@ class ArchiverOptions:
     flush_bytes: int = 64 * 1024 * 1024
     flush_records: int = 1_000_000
     flush_seconds: float = 60.0
+    max_buffer_bytes: int = 256 * 1024 * 1024
     batch_size: int = 10_000
     poll_timeout: float = 0.5
     until_end: bool = False
@@ -75,6 +76,7 @@ class ArchiverOptions:
         positive = {
             "--flush-bytes": self.flush_bytes, "--flush-records": self.flush_records,
             "--flush-seconds": self.flush_seconds, "--batch-size": self.batch_size,
+            "--max-buffer-bytes": self.max_buffer_bytes,
             "--poll-timeout": self.poll_timeout, "--log-interval": self.log_interval,
             "--max-backoff": self.max_backoff,
         }
@@ -349,10 +351,22 @@ class Archiver:
     def _step(self, messages: list[Message]) -> None:
         now = time.monotonic()
         self._ingest(messages, now)
-        due = [p for p, state in self.parts.items() if state.due(self.options, now, self.ends.get(p))]
+        due = self._due(now)
         if due:
             self._flush(due)
         self._report(now)
+
+    def _due(self, now: float) -> list[int]:
+        """Partitions over a threshold, plus the biggest buffers while all together exceed --max-buffer-bytes."""
+        due = [p for p, state in self.parts.items() if state.due(self.options, now, self.ends.get(p))]
+        total = sum(state.bytes for p, state in self.parts.items() if p not in due)
+        for partition, state in sorted(self.parts.items(), key=lambda item: -item[1].bytes):
+            if total <= self.options.max_buffer_bytes:
+                break
+            if partition not in due and state.records and now >= state.retry_at:
+                due.append(partition)
+                total -= state.bytes
+        return due
 
     def _ingest(self, messages: list[Message], now: float) -> None:
         """Append a consumed batch to the partition buffers; values are never looked at."""

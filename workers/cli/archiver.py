@@ -18,6 +18,7 @@ def archiver(
     flush_bytes: str = typer.Option("64MiB", help="Flush a partition when its buffer reaches this size."),
     flush_records: int = typer.Option(1_000_000, help="Flush a partition when it buffers this many records."),
     flush_seconds: float = typer.Option(60.0, help="Flush a partition when its oldest buffered record is this old."),
+    max_buffer_bytes: str = typer.Option("256MiB", help="Flush the biggest buffers when all together exceed this."),
     batch_size: int = typer.Option(10_000, help="Records per consume() call."),
     until_end: bool = typer.Option(False, "--until-end", help="Stop once the assigned partitions reach the "
                                                             "end offsets read at start (after a final flush)."),
@@ -33,7 +34,8 @@ def archiver(
     logging.getLogger("botocore").setLevel(logging.WARNING)
     options = ArchiverOptions(
         group=group, topic=topic, flush_bytes=parse_size(flush_bytes), flush_records=flush_records,
-        flush_seconds=flush_seconds, batch_size=batch_size, until_end=until_end, idle_exit=idle_exit,
+        flush_seconds=flush_seconds, max_buffer_bytes=parse_size(max_buffer_bytes), batch_size=batch_size,
+        until_end=until_end, idle_exit=idle_exit,
         session_timeout=session_timeout, log_interval=log_interval, metrics_port=metrics_port,
         max_backoff=max_backoff, shutdown_timeout=shutdown_timeout,
     ).validate()
