@@ -80,6 +80,8 @@ class Settings:
     aws_secret_access_key: str | None = field(default=None, repr=False)
     events_topic: str = "events"
     dlq_topic: str = "events.dlq"
+    #: replication factor for topics the project creates; -1 = the broker's default
+    topic_replication: int = -1
 
     def kafka_config(self, **overrides: object) -> dict[str, object]:
         """librdkafka config: bootstrap + pass-through security settings + per-client overrides."""
@@ -102,6 +104,7 @@ class Settings:
             "aws_access_key_id": "***" if self.aws_access_key_id else "(default chain)",
             "events_topic": self.events_topic,
             "dlq_topic": self.dlq_topic,
+            "topic_replication": str(self.topic_replication),
         }
 
 
@@ -133,6 +136,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     for name, topic in (("KAPPA_EVENTS_TOPIC", events_topic), ("KAPPA_DLQ_TOPIC", dlq_topic)):
         if not TOPIC_RE.match(topic):
             raise ConfigError(f"{name}={topic!r} is not a valid Kafka topic name")
+    replication = env.get("KAPPA_TOPIC_REPLICATION_FACTOR", "-1").strip()
+    if not replication.lstrip("-").isdigit() or int(replication) == 0 or int(replication) < -1:
+        raise ConfigError(f"KAPPA_TOPIC_REPLICATION_FACTOR={replication!r} must be a positive integer or -1")
     return Settings(
         bootstrap_servers=bootstrap,
         kafka_extra=kafka_passthrough(env),
@@ -143,4 +149,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
         events_topic=events_topic,
         dlq_topic=dlq_topic,
+        topic_replication=int(replication),
     )

@@ -43,7 +43,7 @@ def ensure_topic(
     admin = admin_client(settings)
     if topic in admin.list_topics(timeout=timeout).topics:
         return False
-    replication = int(settings.kafka_extra.get("replication.factor", "-1"))
+    replication = settings.topic_replication
     futures = admin.create_topics(
         [NewTopic(topic, num_partitions=partitions, replication_factor=replication, config=config or {})],
         operation_timeout=timeout,

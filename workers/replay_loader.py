@@ -232,7 +232,7 @@ def recreate_topic(settings: Settings, topic: str, partitions: int, timeout: flo
     admin = kafka_helpers.admin_client(settings)
     kafka_helpers.delete_topics(settings, [topic])
     deadline = time.monotonic() + timeout
-    replication = int(settings.kafka_extra.get("replication.factor", "-1"))
+    replication = settings.topic_replication
     while True:
         if topic not in admin.list_topics(timeout=30).topics:
             new = NewTopic(topic, num_partitions=partitions, replication_factor=replication, config=REPLAY_TOPIC_CONFIG)
