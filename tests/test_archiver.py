@@ -210,6 +210,18 @@ def test_resume_point_is_the_s3_checkpoint_not_the_kafka_commit(settings: Settin
     assert_archive_equals_topic(settings, s3)
 
 
+def test_a_checkpoint_beyond_the_log_end_is_refused(settings: Settings, s3, archivers, unique) -> None:
+    """E.g. the topic was deleted and recreated: new offsets would collide with archived ones."""
+    produce_events(settings, 100, seed=1, partitions=1)
+    s3.put_object(Bucket=settings.s3_bucket, Key=f"_state/archiver/{settings.events_topic}/part=0.json",
+                  Body=b'{"next_offset": 5000}')
+    run = archivers("refused", "--until-end", "--group", unique("g"), *FAST_GROUP)
+    assert run.wait() == 2
+    assert "is at offset 5000 but the partition ends at 100: was the topic recreated?" in run.text()
+    assert "Traceback" not in run.text()
+    assert not list_raw(s3, settings)
+
+
 def test_sigkill_at_random_moments_then_restart_gives_the_exact_archive(settings: Settings, s3, archivers,
                                                                         unique) -> None:
     produce_events(settings, 100_000, seed=7, faults=FAULTS)

@@ -485,12 +485,28 @@ class Archiver:
         """Seek every new partition to its S3 checkpoint (the durable resume point)."""
         for tp in partitions:
             start = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint(p), "read checkpoint")
+            if start is not None:
+                self._check_not_beyond_end(consumer, tp, start)
             tp.offset = OFFSET_BEGINNING if start is None else start
             self.parts[tp.partition] = PartitionState(durable=start, position=start)
         consumer.incremental_assign(partitions)
         consumer.resume(partitions)
         self.assigned_once = True
         log.info("assigned %s", {tp.partition: self.parts[tp.partition].durable for tp in partitions} or "nothing")
+
+    def _check_not_beyond_end(self, consumer: Consumer, tp: TopicPartition, start: int) -> None:
+        """A checkpoint past the log end means the topic was recreated (or lost data): offsets would
+        collide with archived ones and readers would drop new records as duplicates, so refuse."""
+        try:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=10)
+        except KafkaException:
+            return  # cannot tell now; librdkafka reports a real out-of-range later
+        if start > high:
+            raise ArchiverError(
+                f"the S3 checkpoint of {self.topic}[{tp.partition}] is at offset {start} but the partition ends at "
+                f"{high}: was the topic recreated? Archive it under a new topic name or move raw/{self.topic}/ and "
+                f"{keys.archiver_checkpoint(self.topic, tp.partition)} aside"
+            )
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Flush, checkpoint and commit what we hold before another member takes over."""
