@@ -66,62 +66,39 @@ def run_loader(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_processor(options: dict[str, Any]) -> dict[str, Any]:
+    """``kappa processor --pipeline P --version V --topic T --group G --from-beginning --until-end``."""
     from workers import processor
 
     settings = _settings(options)
     started = time.perf_counter()
-    result = processor.run_processor(
-        settings,
-        **processor_kwargs(options),
+    summary = processor.run_processor(
+        settings, options.get("pipeline", "orders"), int(options.get("version", 2)), topic=options["topic"],
+        group=options["group"], bounded=True, start="earliest", grace_ms=None,
     )
     seconds = time.perf_counter() - started
-    records = _records_of(result)
-    return {"records": records, "seconds": seconds, "result": _jsonable(result)}
+    result: dict[str, Any] = {"records": summary.records, "seconds": seconds, "complete": summary.complete,
+                              "dlq_records": summary.dlq_records, "reports": summary.reports}
+    if options.get("dump_report"):
+        result["windows"] = _report_rows(settings, summary.reports)
+    return result
 
 
-def processor_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    """Map our options to run_processor's keyword arguments (the processor's signature, read at run time)."""
-    import inspect
+def _report_rows(settings: Settings, reports: dict[str, str]) -> list[list[Any]]:
+    """``[[window_start_ms, type, events, amount], ...]`` of every report the run wrote."""
+    import io
 
-    from workers import processor
+    import polars as pl
 
-    params = inspect.signature(processor.run_processor).parameters
-    wanted = {
-        "pipeline": options.get("pipeline", "orders"), "version": int(options.get("version", 2)),
-        "topic": options["topic"], "group": options["group"], "from_beginning": True, "until_end": True,
-    }
-    kwargs = {k: v for k, v in wanted.items() if k in params}
-    if "options" in params and len(kwargs) < len(wanted):
-        options_type = params["options"].annotation
-        cls = getattr(processor, options_type, None) if isinstance(options_type, str) else options_type
-        if cls is not None:
-            fields = inspect.signature(cls).parameters
-            kwargs = {k: v for k, v in kwargs.items() if k not in fields}
-            kwargs["options"] = cls(**{k: v for k, v in wanted.items() if k in fields})
-    return kwargs
+    from workers import s3 as s3_helpers
 
-
-def _records_of(result: Any) -> int | None:
-    for attr in ("records", "consumed"):
-        value = getattr(result, attr, None)
-        if value is None and isinstance(result, dict):
-            value = result.get(attr)
-        if isinstance(value, int):
-            return value
-    stats = getattr(result, "stats", None)
-    if isinstance(stats, dict) and isinstance(stats.get("records"), int):
-        return stats["records"]
-    return None
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        if hasattr(value, "__dict__"):
-            return {k: _jsonable(v) for k, v in vars(value).items() if not k.startswith("_")}
-        return repr(value)
+    client = s3_helpers.s3_client(settings)
+    rows: list[list[Any]] = []
+    for key in reports.values():
+        body = s3_helpers.get_bytes(client, settings.s3_bucket, key)
+        frame = pl.read_parquet(io.BytesIO(body or b""))
+        frame = frame.with_columns(pl.col("window_start").dt.epoch("ms"))
+        rows.extend(list(row) for row in frame.select("window_start", "type", "events", "amount").iter_rows())
+    return rows
 
 
 COMPONENTS = {"archiver": run_archiver, "loader": run_loader, "processor": run_processor}
