@@ -58,5 +58,16 @@ dashboard: install ## Live dashboard on http://127.0.0.1:8050 (read-only)
 dagster-dev: install ## Dagster UI + daemon on http://127.0.0.1:3000
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+$(BIN)/.bench-installed: pyproject.toml benchmarks/requirements-quix.txt | $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(PYTHON) -m venv benchmarks/.venv-quix
+	benchmarks/.venv-quix/bin/pip install -q --upgrade pip
+	benchmarks/.venv-quix/bin/pip install -q -r benchmarks/requirements-quix.txt
+	@touch $@
+
+bench: install $(BIN)/.bench-installed ## Benchmarks vs Kafka perf tools + Quix Streams (BENCH_ARGS="--quick", see benchmarks/README.md)
+	$(BIN)/kappa stack up
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
 clean: ## Remove the virtualenv and local Dagster state (stack data is kept)
-	rm -rf $(VENV) .dagster_home .pytest_cache .ruff_cache
+	rm -rf $(VENV) .dagster_home .pytest_cache .ruff_cache benchmarks/.venv-quix
