@@ -50,10 +50,10 @@ def test_replay_survives_broker_restarts(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
 ) -> None:
     """Broker restarted while the loader produces, then while the bounded processor consumes: both finish."""
-    produce_orders(private_settings, 40_000, 3, start=f"{DAY}T00:00:00Z")
+    produce_orders(private_settings, 20_000, 3, start=f"{DAY}T00:00:00Z")
     archive_all(workers)
     spec = replay_spec(private_settings)
-    loader = workers.start("load", *load_args(spec), "--throttle", "5000")
+    loader = workers.start("load", *load_args(spec), "--throttle", "3000")
     wait_until(lambda: "produce:" in loader.output(), 60, "the loader to start producing")
     outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.replay_load")
     assert loader.wait(240) == 0, f"the loader did not finish after the broker came back:\n{loader.tail()}"
