@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser dashboard stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak clean
+.PHONY: demo-stop help install browser dashboard stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -49,8 +49,11 @@ lint: install ## ruff + Dagster definitions validation
 	$(BIN)/ruff check .
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
-demo: install ## Start the stack and run the whole story end to end
+demo: install ## Start the stack and run the whole story end to end (leaves workers + dashboard running)
 	$(BIN)/python -m workers.demo
+
+demo-stop: install ## Stop the demo's workers and dashboard (the stack keeps running)
+	$(BIN)/python -m workers.demo stop
 
 dashboard: install ## Live dashboard on http://127.0.0.1:8050 (read-only)
 	$(BIN)/kappa dashboard --host 127.0.0.1 --port 8050

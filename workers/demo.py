@@ -1,102 +1,305 @@
-"""`make demo`: start the local stack and tell the story step by step, printing each command it runs.
+"""`make demo`: the whole story on the local stack, every step a command a user could type.
 
-Each step is a shell command a user could type themselves; the demo shows it, runs it, and stops
-with one clear line if it fails.
+1. start the stack; 2. run the archiver and a live ``orders`` v1 processor; 3. produce a day of
+events with duplicates, late and malformed records; 4. print the live report; 5. reprocess the day
+with v2 from S3 through Kafka via ``dagster job execute``; 6. reconcile: corrected v2 differs from
+the archive's v1 computation exactly by the duplicates; 7. promote v2 and switch the live processor
+at the promoted offsets; 8. leave the dashboard running and print where to look.
+
+The demo owns the default namespace of the *local* stack (bucket ``kappa``, topic ``events``) and
+resets it at the start so every run tells the same story; it refuses to reset anything else.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import polars as pl
 from rich.console import Console
 from rich.panel import Panel
+from rich.table import Table
 
-from workers.config import apply_stack_env, load_settings
+from workers import kafka as kafka_helpers
+from workers import keys
+from workers import s3 as s3_helpers
+from workers.config import Settings, apply_stack_env, load_settings
 from workers.errors import KappaError
+from workers.lag import LagReader
 from workers.stack import Stack
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+STATE = ROOT / ".demo"
+DASHBOARD_PORT = int(os.environ.get("KAPPA_DEMO_DASHBOARD_PORT", "8050"))
+EVENTS = int(os.environ.get("KAPPA_DEMO_EVENTS", "40000"))
+FAULTS = ["--duplicates", "0.05", "--late", "0.03", "--malformed", "0.02"]
+ran: list[str] = []
 
 
-def run(command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Show and run one command from the repo root with the venv's tools first on PATH."""
-    console.print(f"[bold cyan]$ {command}[/]")
+# ---------------------------------------------------------------- running commands
+
+
+def _argv(command: str) -> list[str]:
     args = shlex.split(command)
     if (BIN / args[0]).exists():
         args[0] = str(BIN / args[0])
-    result = subprocess.run(args, cwd=ROOT, text=True, check=False)
-    if check and result.returncode != 0:
-        raise KappaError(f"demo step failed (exit {result.returncode}): {command}")
-    return result
+    return args
+
+
+def run(command: str, quiet: bool = False) -> str:
+    """Show and run one command from the repo root; its output is shown unless ``quiet``."""
+    console.print(f"[bold cyan]$ {command}[/]", highlight=False)
+    ran.append(command)
+    result = subprocess.run(_argv(command), cwd=ROOT, text=True, check=False,
+                            capture_output=quiet)
+    if result.returncode != 0:
+        detail = (result.stderr or "").strip().splitlines()[-3:] if quiet else []
+        raise KappaError(f"demo step failed (exit {result.returncode}): {command} {' '.join(detail)}")
+    return result.stdout or ""
+
+
+def background(name: str, command: str) -> int:
+    """Start a long-running command detached (it outlives the demo); pid and log under .demo/."""
+    console.print(f"[bold cyan]$ {command} &[/]  [dim](log: .demo/{name}.log)[/]", highlight=False)
+    ran.append(f"{command} &")
+    STATE.mkdir(exist_ok=True)
+    with open(STATE / f"{name}.log", "wb") as log:
+        process = subprocess.Popen(_argv(command), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    (STATE / f"{name}.pid").write_text(str(process.pid))
+    return process.pid
+
+
+def stop_background(names: list[str] | None = None) -> list[str]:
+    """SIGTERM the demo's own background processes (by pid file) and wait for them."""
+    stopped = []
+    for pid_file in sorted(STATE.glob("*.pid")):
+        if names is not None and pid_file.stem not in names:
+            continue
+        pid = int(pid_file.read_text())
+        pid_file.unlink()
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        for _ in range(150):
+            if not _alive(pid):
+                break
+            time.sleep(0.2)
+        stopped.append(pid_file.stem)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def step(title: str) -> None:
     console.rule(f"[bold]{title}")
 
 
-def smoke_round_trip() -> None:
-    """Produce one record and read it back; put one object and read it back."""
-    from confluent_kafka import Consumer, Producer
+# ---------------------------------------------------------------- the story
 
-    from workers import kafka as kafka_helpers
-    from workers import s3 as s3_helpers
 
-    settings = load_settings()
-    topic = f"demo.smoke.{int(time.time())}"
-    kafka_helpers.ensure_topic(settings, topic, 1)
-    producer = Producer(settings.kafka_config())
-    producer.produce(topic, key=b"k", value=b"hello kappa")
-    producer.flush(10)
-    consumer = Consumer(settings.kafka_config(**{"group.id": topic, "auto.offset.reset": "earliest"}))
-    consumer.subscribe([topic])
-    got = None
-    deadline = time.monotonic() + 30
-    while got is None and time.monotonic() < deadline:
-        message = consumer.poll(1)
-        if message is not None and message.error() is None:
-            got = message.value()
-    consumer.close()
-    kafka_helpers.delete_topics(settings, [topic])
+def reset(settings: Settings, stack: Stack) -> None:
+    """Delete the demo's topics, groups and objects -- only ever on the local stack."""
+    if settings.s3_endpoint_url != stack.s3_endpoint or settings.bootstrap_servers != stack.bootstrap:
+        raise KappaError("the demo resets its data and only runs against the local stack; unset KAPPA_* overrides")
+    stop_background()
+    admin = kafka_helpers.admin_client(settings)
+    topics = [t for t in admin.list_topics(timeout=10).topics if t == "events" or t.startswith("events.")]
+    kafka_helpers.delete_topics(settings, topics)
+    groups = [g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid
+              if g.group_id.startswith("kappa.")]
+    if groups:
+        for future in admin.delete_consumer_groups(groups, request_timeout=10).values():
+            future.exception()
     client = s3_helpers.s3_client(settings)
-    client.put_object(Bucket=settings.s3_bucket, Key="demo/smoke.txt", Body=b"hello kappa")
-    body = s3_helpers.get_bytes(client, settings.s3_bucket, "demo/smoke.txt")
-    if got != b"hello kappa" or body != b"hello kappa":
-        raise KappaError("smoke round trip failed: Kafka or S3 did not return what was written")
-    console.print("[green]Kafka and S3 round trips ok[/]")
+    for obj in s3_helpers.iter_keys(client, settings.s3_bucket, ""):
+        client.delete_object(Bucket=settings.s3_bucket, Key=obj["Key"])
+    console.print(f"[dim]reset: {len(topics)} topics, {len(groups)} groups, bucket {settings.s3_bucket} emptied[/]")
 
 
-def where_to_look(stack: Stack) -> None:
+def wait_caught_up(settings: Settings, groups: list[str], timeout: float = 600) -> None:
+    """Wait until every group committed up to the end of the events topic (lag read from offsets only)."""
+    reader = LagReader(settings)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lags = {g: reader.group_lag(g, settings.events_topic) for g in groups}
+        pending = {g: lag.lag if lag else -1 for g, lag in lags.items()}
+        console.print(f"[dim]lag: {', '.join(f'{g}={n}' for g, n in pending.items())}[/]")
+        if all(n == 0 for n in pending.values()):
+            return
+        time.sleep(3)
+    raise KappaError(f"workers did not catch up within {timeout:.0f}s; see .demo/*.log")
+
+
+def wait_archived(settings: Settings, day: str, timeout: float = 120) -> None:
+    """Wait until the archiver's checkpoints cover the topic (its flush timer may lag its consumer)."""
+    client = s3_helpers.s3_client(settings)
+    end = kafka_helpers.end_offsets(settings, settings.events_topic)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = 0
+        for partition, offset in end.items():
+            body = s3_helpers.get_bytes(client, settings.s3_bucket, keys.archiver_checkpoint(settings.events_topic,
+                                                                                           partition))
+            done += body is not None and json.loads(body).get("next_offset", 0) >= offset
+        if done == len(end):
+            return
+        time.sleep(2)
+    raise KappaError(f"the archive of {day} did not complete within {timeout:.0f}s; see .demo/archiver.log")
+
+
+def totals(frame: pl.DataFrame) -> dict[str, float]:
+    return {"windows": frame.height, "events": int(frame["events"].sum()), "amount": round(frame["amount"].sum(), 2)}
+
+
+def reconcile(settings: Settings, day: str) -> None:
+    """Corrected v2 vs the archive's v1 computation vs live v1: every difference accounted for."""
+    from workers.archive_format import read_day
+    from workers.pipelines import get_pipeline
+    from workers.processor import read_live_results
+
+    client = s3_helpers.s3_client(settings)
+    archive = read_day(client, settings.s3_bucket, settings.events_topic, day)
+    batch_v1, stats_v1 = get_pipeline("orders", 1).batch_report(archive)
+    corrected = pl.read_parquet(client.get_object(Bucket=settings.s3_bucket,
+                                                  Key=keys.report_file("orders", 2, day))["Body"].read())
+    stats_v2 = json.loads(s3_helpers.get_bytes(client, settings.s3_bucket,
+                                               keys.report_file("orders", 2, day).replace("report.parquet",
+                                                                                          "stats.json")))
+    live = read_live_results(settings, "orders", 1, day, include_open=True)
+    table = Table(title=f"orders, {day}: live vs corrected")
+    for column in ("result", "windows", "events", "amount", "note"):
+        table.add_column(column, justify="right" if column not in ("result", "note") else "left")
+    rows = [
+        ("live v1 (stream)", totals(live), "late records dropped by the live watermark"),
+        ("v1 over the archive", totals(batch_v1), f"{stats_v1['dlq']} malformed -> DLQ, never counted"),
+        ("corrected v2 (replay)", totals(corrected), f"{stats_v2['duplicates']} duplicates dropped"),
+    ]
+    for name, values, note in rows:
+        table.add_row(name, str(values["windows"]), f"{values['events']:,}", f"{values['amount']:,.2f}", note)
+    console.print(table)
+    difference = totals(batch_v1)["events"] - totals(corrected)["events"]
+    if difference != stats_v2["duplicates"]:
+        raise KappaError(f"corrected v2 differs from v1 by {difference} events, not by the "
+                         f"{stats_v2['duplicates']} duplicates")
+    console.print(f"[green]corrected v2 = v1 over the archive - {difference} duplicates, exactly[/]; "
+                  f"live v1 missed {totals(batch_v1)['events'] - totals(live)['events']} late events "
+                  "that the replay put back in their windows")
+
+
+def promote_and_switch(settings: Settings) -> None:
+    """Promote v2, then stop live v1 and start live v2 at the promoted offsets (no gap, no overlap)."""
+    output = run("kappa promote --pipeline orders --version 2", quiet=True)
+    console.print(output.rstrip(), highlight=False)
+    start = next((line.strip() for line in output.splitlines() if "--start-offsets" in line), None)
+    if start is None:
+        raise KappaError("kappa promote did not print the live start offsets")
+    stop_background(["processor-v1"])
+    background("processor-v2", f"{start} --progress log --checkpoint-seconds 2")
+
+
+def trickle() -> None:
+    """A steady live stream (event time = now) so the dashboard moves."""
+    count = 20 * 3600
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    background("producer", f"kappa produce -n {count} --rate 20 --days {count / 20 / 86400:.6f} --start {now} "
+                           f"--seed 11 {' '.join(FAULTS)} -q")
+
+
+def start_dashboard() -> str:
+    url = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    background("dashboard", f"kappa dashboard --port {DASHBOARD_PORT}")
+    from workers.dashboard.launch import wait_ready
+
+    wait_ready(url, timeout=60)
+    return url
+
+
+def where_to_look(stack: Stack, url: str, day: str) -> None:
     settings = load_settings()
-    console.print(
-        Panel.fit(
-            "\n".join(
-                [
-                    f"Kafka bootstrap : {stack.bootstrap}",
-                    f"S3 endpoint     : {stack.s3_endpoint}  (bucket {settings.s3_bucket})",
-                    f"Env file        : {stack.layout.env_file}",
-                    "Dagster UI      : make dagster-dev  ->  http://127.0.0.1:3000",
-                    "Stop the stack  : .venv/bin/kappa stack down",
-                ]
-            ),
-            title="where to look",
-        )
-    )
+    lines = [
+        f"Dashboard       : {url}/   (live orders v2, DLQ, lag, replays, live vs corrected)",
+        f"Kafka bootstrap : {stack.bootstrap}   topics {settings.events_topic}, {settings.dlq_topic}",
+        f"S3 endpoint     : {stack.s3_endpoint}   bucket {settings.s3_bucket}: raw/, live/, reports/",
+        "Dagster UI      : make dagster-dev  ->  http://127.0.0.1:3000  (Assets > corrected_report, "
+        f"partition {day})",
+        f"Live report     : .venv/bin/kappa report --pipeline orders --version 2 --day {day}",
+        "Replays         : .venv/bin/kappa replay status",
+        "Stop the demo   : make demo-stop   (workers + dashboard; `make stack-down` stops Kafka and S3)",
+    ]
+    console.print(Panel.fit("\n".join(lines), title="where to look"))
+    console.print("[bold]commands the demo ran:[/]")
+    for command in ran:
+        console.print(f"  {command}", highlight=False)
+
+
+def story() -> None:
+    day = str(dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1))
+    stack = Stack(log=lambda m: console.print(f"[dim]{m}[/]"))
+    step("1. local stack: real Kafka (KRaft) + S3Proxy")
+    run("kappa stack up")
+    apply_stack_env()
+    settings = load_settings()
+    reset(settings, stack)
+
+    step("2. live workers: archiver + orders v1 processor")
+    kafka_helpers.ensure_topic(settings, settings.events_topic, 6)
+    background("archiver", "kappa archiver --flush-seconds 5")
+    background("processor-v1", "kappa processor --pipeline orders --version 1 --start earliest "
+                               "--progress log --checkpoint-seconds 2")
+
+    step(f"3. a day of events ({day}) with duplicates, late and malformed records")
+    run(f"kappa produce -n {EVENTS} --start {day} --days 1 --seed 42 {' '.join(FAULTS)}")
+    wait_caught_up(settings, ["kappa.archiver", "kappa.orders.v1.live"])
+    wait_archived(settings, day)
+
+    step(f"4. live report of {day} (orders v1, first rows)")
+    run(f"kappa report --pipeline orders --version 1 --day {day} --format csv -o .demo/live-v1-{day}.csv",
+        quiet=True)
+    console.print(pl.read_csv(STATE / f"live-v1-{day}.csv").head(8))
+
+    step(f"5. reprocess {day} with v2: S3 archive -> replay topic -> same processor, new group")
+    run(f"dagster job execute -m kappa_dagster -j reprocess --tags "
+        f"'{{\"dagster/partition\": \"{day}\", \"kappa/version\": \"2\"}}'", quiet=True)
+    console.print("[green]reprocess run succeeded[/] (load -> consume -> corrected report, asset checks passed)")
+
+    step("6. reconcile live and corrected")
+    reconcile(settings, day)
+
+    step("7. promote v2; live switches to v2 at the promoted offsets")
+    promote_and_switch(settings)
+    run("kappa replay status")
+
+    step("8. live dashboard")
+    trickle()
+    url = start_dashboard()
+    where_to_look(stack, url, day)
 
 
 def main() -> None:
+    if sys.argv[1:] == ["stop"]:
+        stopped = stop_background()
+        console.print(f"stopped: {', '.join(stopped)}" if stopped else "no demo process was running")
+        return
+    os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
     try:
-        step("1. local stack: real Kafka (KRaft) + S3Proxy")
-        run("kappa stack up")
-        apply_stack_env()
-        step("2. smoke round trip")
-        smoke_round_trip()
-        where_to_look(Stack())
+        story()
     except KappaError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)
