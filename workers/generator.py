@@ -60,6 +60,9 @@ PRODUCER_CONFIG: dict[str, object] = {
     # idempotence: broker-side retries never create duplicates we did not ask for
     "enable.idempotence": True,
     "acks": "all",
+    # Java-compatible hashing; null keys map to one fixed partition, so a re-sent null-key event
+    # lands where the original did (the per-partition dedup of orders v2 then sees both)
+    "partitioner": "murmur2",
 }
 
 
