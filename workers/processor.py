@@ -280,7 +280,10 @@ class Processor:
             messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.5)
             if messages:
                 self.process(messages)
-            if time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
+            # bounded: once every assigned partition is finalized, checkpoint now instead of idling
+            # up to checkpoint_seconds before finished() can see it
+            done = self.bounded and bool(self.states) and all(s.finalized for s in self.states.values())
+            if done or time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
                 self.checkpoint()
             self.report_progress()
             if self.bounded and self.finished():
