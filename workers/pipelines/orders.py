@@ -51,8 +51,9 @@ def decode_batch(values: Sequence[bytes | None]) -> list[Order] | None:
     if joined.count(b"\n") != len(values) - 1:
         return None  # a value holds a newline: lines would not line up with records
     try:
+        joined.decode("utf-8")  # JSON is UTF-8: msgspec does not check bytes it skips (unknown keys/fields)
         orders = DECODER.decode_lines(joined)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     return orders if len(orders) == len(values) else None
 
@@ -64,6 +65,7 @@ def decode_one(value: bytes | None) -> Order | str:
     if not value.strip():
         return "empty value"
     try:
+        value.decode("utf-8")
         order = DECODER.decode(value)
     except msgspec.ValidationError as exc:
         return f"schema: {exc}"
@@ -71,6 +73,8 @@ def decode_one(value: bytes | None) -> Order | str:
         return "invalid UTF-8"
     except msgspec.DecodeError as exc:
         return f"not JSON: {exc}"
+    except RecursionError:
+        return "not JSON: nested too deeply"
     if not math.isfinite(order.amount) or abs(order.amount) >= MAX_ABS_AMOUNT:
         return f"schema: amount {order.amount!r} out of range (|amount| < {MAX_ABS_AMOUNT:g})"
     return order
