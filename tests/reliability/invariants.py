@@ -50,6 +50,9 @@ ARCHIVE_SCHEMA = {
 }
 ORDER_TYPES = frozenset({"page_view", "add_to_cart", "purchase", "refund"})
 MAX_ABS_AMOUNT = 1e15
+#: JSON nested deeper than this is rejected. Parsers' exact limits differ (~1000 levels, the Python
+#: recursion limit); the fuzzer draws depths <= 200 or >= 5000 so the verdict never depends on them.
+MAX_DEPTH = 1000
 
 
 # ---------------------------------------------------------------- figures
@@ -256,7 +259,7 @@ def _reject_constant(name: str) -> float:
 
 def parse_order(value: bytes | None) -> dict[str, Any] | None:
     """DESIGN §3 validity, restated independently: a JSON object with string ids, known type, finite number."""
-    if value is None:
+    if value is None or nesting_depth(value) > MAX_DEPTH:
         return None
     try:
         body = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
@@ -265,7 +268,7 @@ def parse_order(value: bytes | None) -> dict[str, Any] | None:
     if not isinstance(body, dict):
         return None
     event_id, user_id, kind, amount = (body.get(k) for k in ("event_id", "user_id", "type", "amount"))
-    if not (isinstance(event_id, str) and isinstance(user_id, str) and kind in ORDER_TYPES):
+    if not (isinstance(event_id, str) and isinstance(user_id, str) and isinstance(kind, str) and kind in ORDER_TYPES):
         return None
     if isinstance(amount, bool) or not isinstance(amount, int | float):
         return None
@@ -274,6 +277,25 @@ def parse_order(value: bytes | None) -> dict[str, Any] | None:
     if any(_has_lone_surrogate(text) for text in (event_id, user_id)):
         return None
     return {"event_id": event_id, "type": kind, "amount": float(amount)}
+
+
+def nesting_depth(value: bytes) -> int:
+    """Deepest ``[``/``{`` nesting outside JSON strings (a cheap scan; exact for valid JSON)."""
+    if value.count(b"[") + value.count(b"{") <= MAX_DEPTH:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in value:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def _has_lone_surrogate(text: str) -> bool:
