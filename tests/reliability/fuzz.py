@@ -136,3 +136,12 @@ def records(max_size: int = 40, huge: bool = True) -> st.SearchStrategy[list[Fuz
     big = st.builds(FuzzRecord, keys, huge_value(), headers, timestamps())
     extra = st.lists(big, max_size=2) if huge else st.just([])
     return st.tuples(st.lists(one, min_size=1, max_size=max_size), extra).map(lambda pair: pair[0] + pair[1])
+
+
+#: Always tried: a bad and a valid value near the broker's limit, at the epoch and in a normal day.
+NEAR_LIMIT_EXAMPLE = [
+    FuzzRecord(b"k", b"\x00\xff" * (HUGE // 2), [("h", None)], 1),
+    FuzzRecord(None, b'{"event_id":"' + b"x" * HUGE + b'","user_id":"u","type":"purchase","amount":3}', [],
+               1_790_000_000_000),
+    FuzzRecord(b"k", b'{"event_id":"e","user_id":"u","type":"refund","amount":-2.5}', [], 1),
+]

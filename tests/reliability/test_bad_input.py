@@ -17,7 +17,7 @@ from dataclasses import replace
 import polars as pl
 import pytest
 from confluent_kafka import Producer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from workers import kafka as kafka_helpers
@@ -88,6 +88,7 @@ def fresh(settings: Settings, s3) -> object:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(batch=fuzz.records())
+@example(batch=fuzz.NEAR_LIMIT_EXAMPLE)
 def test_hostile_records_are_archived_dead_lettered_and_never_counted(
     batch: list[fuzz.FuzzRecord], fresh, s3, workers: Workers
 ) -> None:
