@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.runner import ALL_SCENARIOS, Bench, Config
+from benchmarks.runner import ALL_SCENARIOS, Bench, Config, e2e_summary
 
 
 def _env_int(name: str, default: int) -> int:
@@ -43,6 +44,8 @@ def parse(argv: list[str] | None = None) -> Config:
                         help="a smoke run: 100k events, 20k for Quix, memory at 100k and 300k, 2 runs")
     parser.add_argument("--keep", action="store_true", help="keep the bench topics and buckets")
     parser.add_argument("--out", type=Path, default=Path(env.get("BENCH_OUT", Config().out)))
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only re-render latest.md from this results JSON (no benchmark run)")
     parser.add_argument("--label", default=env.get("BENCH_LABEL", ""), help="a note printed with the results")
     args = parser.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -53,7 +56,7 @@ def parse(argv: list[str] | None = None) -> Config:
         runs=args.runs, events=args.events, quix_events=args.quix_events, memory_sizes=args.memory_sizes,
         scenarios=scenarios, e2e_runs=args.e2e_runs or _env_int("BENCH_E2E_RUNS", args.runs),
         value_bytes=args.value_bytes, partitions=args.partitions, replay_partitions=args.replay_partitions,
-        keep=args.keep, out=args.out, label=args.label,
+        keep=args.keep, out=args.out, label=args.label, render=args.render,
     )
     if args.quick:
         config.runs, config.e2e_runs = 2, 1
@@ -65,7 +68,13 @@ def parse(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse(argv)
-    results = Bench(config).run()
+    if config.render:
+        results = json.loads(config.render.read_text())
+        e2e = results.get("scenarios", {}).get("e2e")
+        if e2e and "runs" in e2e:
+            results["scenarios"]["e2e"] = e2e_summary(e2e["records"], e2e["runs"])
+    else:
+        results = Bench(config).run()
     json_path, md_path = report.write(results, config.out)
     print(md_path.read_text())
     print(f"written: {json_path} and {md_path}", file=sys.stderr)

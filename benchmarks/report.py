@@ -101,10 +101,11 @@ def markdown(results: dict[str, Any]) -> str:
             "`dagster job execute -m kappa_dagster -j reprocess --tags '{\"dagster/partition\": \"<day>\"}'` "
             "(run config `replay.force: true`, so every run really loads).",
             "",
-            "| Wall time (s) | load (s) | consume (s) | report (s) | Dagster/CLI overhead (s) | events/s overall |",
+            "| Wall time (s) | load (s) | consume (s) | report + checks (s) | Dagster/CLI overhead (s) "
+            "| events/s overall |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| {_med(e2e['wall_s'], 1)} | {_med(phases['replay_load'], 1)} | {_med(phases['replay_consume'], 1)} | "
-            f"{_med(phases['corrected_report'], 1)} | {_med(e2e['dagster_overhead_s'], 1)} | "
+            f"| {_med(e2e['wall_s'], 1)} | {_med(phases['load'], 1)} | {_med(phases['consume'], 1)} | "
+            f"{_med(phases['report'], 1)} | {_med(e2e['dagster_overhead_s'], 1)} | "
             f"{_med(e2e['events_per_s'])} |",
         ]
     mem = s.get("memory")
