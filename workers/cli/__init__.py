@@ -6,7 +6,10 @@ import os
 import sys
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from confluent_kafka import KafkaException
 from rich.console import Console
+from rich.markup import escape
 
 from workers.cli import archiver as archiver_cmd
 from workers.cli import check as check_cmd
@@ -48,14 +51,35 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ["KAPPA_DEBUG"] = "1"
 
 
+def describe_service_error(exc: Exception) -> str:
+    """One line for an S3 or Kafka failure that reached the top: what failed and where, never credentials."""
+    bucket = os.environ.get("KAPPA_S3_BUCKET", "kappa")
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code, message = error.get("Code", "error"), error.get("Message", "")
+        return (f"S3 {exc.operation_name} on bucket {bucket!r} failed: {code} {message}".rstrip()
+                + "; check KAPPA_S3_BUCKET and the AWS credentials")
+    if isinstance(exc, EndpointConnectionError):
+        endpoint = os.environ.get("KAPPA_S3_ENDPOINT_URL") or "AWS S3"
+        return f"S3 at {endpoint} is unreachable; start it with `kappa stack up` or check KAPPA_S3_ENDPOINT_URL"
+    if isinstance(exc, BotoCoreError):
+        return f"S3 request failed: {type(exc).__name__}: {exc}"
+    error = exc.args[0] if exc.args else None
+    detail = error.str() if hasattr(error, "str") else str(exc)
+    servers = os.environ.get("KAPPA_BOOTSTRAP_SERVERS", "?")
+    return f"Kafka at {servers} failed: {detail}; check KAPPA_BOOTSTRAP_SERVERS and the security settings"
+
+
 def main() -> None:
-    """Entry point: user mistakes print one red line and exit 2; --debug shows the traceback."""
+    """Entry point: user mistakes and unreachable/refusing services print one red line and exit 2;
+    --debug shows the traceback."""
     try:
         app()
-    except KappaError as exc:
+    except (KappaError, BotoCoreError, ClientError, KafkaException) as exc:
         if os.environ.get("KAPPA_DEBUG") == "1":
             raise
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        text = str(exc) if isinstance(exc, KappaError) else describe_service_error(exc)
+        err.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
