@@ -18,3 +18,6 @@ def partitions_start() -> str:
 
 #: ``end_offset=1`` includes today: late data for today can already be replayed.
 daily_partitions = dg.DailyPartitionsDefinition(start_date=partitions_start(), end_offset=1, timezone="UTC")
+
+#: Who to ask about these assets (shown in the Dagster UI's asset pages).
+OWNERS = ["team:data-platform"]

@@ -4,11 +4,12 @@ from typing import Any
 
 import dagster as dg
 
-from kappa_dagster.defs.partitions import daily_partitions
+from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 
 raw_archive = dg.AssetSpec(
     "raw_archive",
     partitions_def=daily_partitions,
+    owners=OWNERS,
     group_name="archive",
     kinds={"s3", "parquet"},
     description="s3://BUCKET/raw/<topic>/dt=<day>/: every Kafka record of the day, byte-exact (source of truth). "

@@ -14,7 +14,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.raw_archive import observation, raw_archive
-from kappa_dagster.defs.partitions import daily_partitions
+from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
 from kappa_dagster.replay_target import ReplayTarget, target_of
 from workers import replay_loader
@@ -44,6 +44,7 @@ def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
 
 @dg.asset(
     partitions_def=daily_partitions,
+    owners=OWNERS,
     group_name="replay",
     kinds={"kafka", "s3"},
     deps=[raw_archive],
@@ -134,6 +135,7 @@ def report_is_current(client: Any, bucket: str, manifest: dict[str, Any]) -> boo
 
 @dg.asset(
     partitions_def=daily_partitions,
+    owners=OWNERS,
     group_name="replay",
     kinds={"kafka", "python"},
     deps=[replay_load],

@@ -14,13 +14,14 @@ import polars as pl
 from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.replay import loaded_manifest, replay_consume
-from kappa_dagster.defs.partitions import daily_partitions
+from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
 from kappa_dagster.replay_target import ReplayTarget, target_of
 from workers import promote, replay_loader, report_diff
 from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.pipelines import get_pipeline
+from workers.processor import read_live_results
 
 
 def read_report(client: Any, bucket: str, target: ReplayTarget) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -38,10 +39,6 @@ def read_report(client: Any, bucket: str, target: ReplayTarget) -> tuple[pl.Data
 
 def live_results(settings: Settings, client: Any, target: ReplayTarget, live_version: int | None) -> Any:
     """Live results of the version users currently read (CURRENT pointer, else v1), if a reader exists."""
-    try:
-        from workers.processor import read_live_results
-    except ImportError:
-        return None, None
     version = live_version or promote.current_version(client, settings.s3_bucket, target.pipeline) or 1
     try:
         return version, read_live_results(settings, target.pipeline, version, target.day)
@@ -57,6 +54,9 @@ def report_metadata(report: pl.DataFrame, stats: dict[str, Any]) -> dict[str, An
         "amount": dg.MetadataValue.float(float(report["amount"].sum())),
         "windows": dg.MetadataValue.int(report["window_start"].n_unique()),
         "stats": dg.MetadataValue.json(stats),
+        # one number per key so the asset's Plots tab charts them across materializations
+        **{f"{name}_records": dg.MetadataValue.int(int(stats.get(name, 0))) for name in ("dlq", "duplicates", "late")},
+        **{f"events_{row['type']}": dg.MetadataValue.int(int(row["events"])) for row in totals.iter_rows(named=True)},
         "totals_by_type": dg.MetadataValue.md(report_diff.markdown(totals)),
         "preview": dg.MetadataValue.md(report_diff.markdown(report)),
     }
@@ -79,6 +79,7 @@ def diff_metadata(live_version: int | None, live: Any, report: pl.DataFrame) -> 
 
 @dg.asset(
     partitions_def=daily_partitions,
+    owners=OWNERS,
     group_name="reports",
     kinds={"s3", "parquet", "polars"},
     deps=[replay_consume],
