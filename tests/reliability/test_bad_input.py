@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import os
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 import polars as pl
@@ -36,14 +36,22 @@ from .invariants import (
     parse_order,
 )
 
-SOAK = os.environ.get("KAPPA_RELIABILITY_SOAK") == "1"
-UNIT_EXAMPLES = 2000 if SOAK else 150
-E2E_EXAMPLES = 12 if SOAK else 3
+UNIT_EXAMPLES, UNIT_EXAMPLES_SOAK = 150, 2000
+E2E_EXAMPLES, E2E_EXAMPLES_SOAK = 3, 12
+UNIT_HEALTH = [HealthCheck.too_slow]
+E2E_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
+              HealthCheck.large_base_example]
 
 
-@settings(max_examples=UNIT_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(fuzz.values, min_size=1, max_size=15), st.sampled_from([1, 2]))
-def test_parse_never_raises_and_rejects_exactly_the_bad_values(values: list[bytes | None], version: int) -> None:
+def with_examples(prop: Callable[[], Callable[..., None]], examples: int, health: list[HealthCheck],
+                  soak: bool = False) -> Callable[..., None]:
+    """A fresh copy of the property ``prop()`` with an example budget (``soak``: marked, many more examples)."""
+    wrapped = settings(max_examples=examples, deadline=None, suppress_health_check=health)(prop())
+    return pytest.mark.soak(wrapped) if soak else wrapped
+
+
+def parse_property(values: list[bytes | None], version: int) -> None:
+    """``parse`` never raises, rejects exactly the bad values (with a reason), batch == one by one."""
     pipeline = get_pipeline("orders", version)
     batch = pipeline.parse(values)
     FIGURES.fuzz_examples += 1
@@ -53,6 +61,15 @@ def test_parse_never_raises_and_rejects_exactly_the_bad_values(values: list[byte
         assert reject is None or reject.strip(), "a rejected value needs a reason"
     one_by_one = pl.concat([pipeline.parse([value]) for value in values])
     assert batch.equals(one_by_one), "the batch fast path and the per-value path disagree"
+
+
+def parse_test() -> Callable[..., None]:
+    return given(st.lists(fuzz.values, min_size=1, max_size=15), st.sampled_from([1, 2]))(parse_property)
+
+
+test_parse_never_raises_and_rejects_exactly_the_bad_values = with_examples(parse_test, UNIT_EXAMPLES, UNIT_HEALTH)
+test_parse_never_raises_and_rejects_exactly_the_bad_values_soak = with_examples(
+    parse_test, UNIT_EXAMPLES_SOAK, UNIT_HEALTH, soak=True)
 
 
 def produce_raw(settings_: Settings, topic: str, batch: list[fuzz.FuzzRecord]) -> None:
@@ -84,14 +101,8 @@ def fresh(settings: Settings, s3) -> object:
     return make
 
 
-@settings(max_examples=E2E_EXAMPLES, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large, HealthCheck.large_base_example])
-@given(batch=fuzz.records())
-@example(batch=fuzz.NEAR_LIMIT_EXAMPLE)
-def test_hostile_records_are_archived_dead_lettered_and_never_counted(
-    batch: list[fuzz.FuzzRecord], fresh, s3, workers: Workers
-) -> None:
+def hostile_records_property(batch: list[fuzz.FuzzRecord], fresh, s3, workers: Workers) -> None:
+    """Hostile records through the real archiver and processor: exits 0, archive/DLQ/reports exact."""
     example, env = fresh()
     produce_raw(example, example.events_topic, batch)
     FIGURES.fuzz_examples += 1
@@ -103,3 +114,13 @@ def test_hostile_records_are_archived_dead_lettered_and_never_counted(
     assert_archive_exact(example, s3)
     assert_dlq_exact(example, s3, example.dlq_topic)
     assert_reports_exact(example, s3, 2, archive_days(s3, example.s3_bucket, example.events_topic))
+
+
+def hostile_test() -> Callable[..., None]:
+    return given(batch=fuzz.records())(example(batch=fuzz.NEAR_LIMIT_EXAMPLE)(hostile_records_property))
+
+
+test_hostile_records_are_archived_dead_lettered_and_never_counted = with_examples(
+    hostile_test, E2E_EXAMPLES, E2E_HEALTH)
+test_hostile_records_are_archived_dead_lettered_and_never_counted_soak = with_examples(
+    hostile_test, E2E_EXAMPLES_SOAK, E2E_HEALTH, soak=True)
