@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: demo-stop help install browser dashboard stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak clean
+.PHONY: demo-stop help install browser dashboard stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak reliability-figures clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ stack-status: install ## Show what runs where
 
 test: install browser ## Run the full test suite against the real stack
 	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
+
+soak: install ## Long reliability variants: 20 kills per worker, 30 s S3 outage, more fuzzing (see docs/RELIABILITY.md)
+	$(BIN)/pytest -m soak tests/reliability $(PYTEST_ARGS)
+
+reliability-figures: install ## Run the default reliability suite and write docs/reliability-figures.json
+	KAPPA_RELIABILITY_FIGURES=docs/reliability-figures.json $(BIN)/pytest -m "not soak" tests/reliability $(PYTEST_ARGS)
 
 test-fast: install ## Run the tests that need no stack
 	$(BIN)/pytest tests/test_config.py $(PYTEST_ARGS)
