@@ -34,9 +34,9 @@ class Config:
     runs: int = 3
     events: int = 1_000_000
     quix_events: int = 100_000
-    memory_sizes: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000])
+    memory_sizes: list[int] = field(default_factory=lambda: [1_000_000, 3_000_000])
     scenarios: list[str] = field(default_factory=lambda: list(ALL_SCENARIOS))
-    e2e_runs: int = 3
+    e2e_runs: int = 2
     value_bytes: int = 200
     partitions: int = 6
     replay_partitions: int = 3
