@@ -62,18 +62,24 @@ def run_loader(options: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     manifest = result.manifest
     return {"records": manifest["records"], "seconds": seconds, "replay_topic": spec.topic, "group": spec.group,
-            "produce_seconds": phases.get("produce"), "replay_id": spec.replay_id}
+            "produce_seconds": phases.get("produce"), "replay_id": spec.replay_id,
+            "grace_ms": replay_loader.processor_grace_ms(manifest)}
 
 
 def run_processor(options: dict[str, Any]) -> dict[str, Any]:
-    """``kappa processor --pipeline P --version V --topic T --group G --from-beginning --until-end``."""
+    """``kappa processor --pipeline P --version V --topic T --group G --from-beginning --until-end``.
+
+    ``grace_ms`` as the Dagster job passes it (``replay_loader.processor_grace_ms`` of the manifest;
+    None = infinite, for topics not known to be in event-time order).
+    """
     from workers import processor
 
     settings = _settings(options)
     started = time.perf_counter()
     summary = processor.run_processor(
         settings, options.get("pipeline", "orders"), int(options.get("version", 2)), topic=options["topic"],
-        group=options["group"], bounded=True, start="earliest", grace_ms=None,
+        group=options["group"], bounded=True, start="earliest",
+        grace_ms=options.get("grace_ms"),
     )
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {"records": summary.records, "seconds": seconds, "complete": summary.complete,

@@ -61,6 +61,7 @@ class Bench:
         self.buckets: list[str] = []
         self.results: dict[str, Any] = {"scenarios": {}}
         self.archive_bucket: str | None = None
+        self.replay: dict[str, Any] | None = None  # the main dataset's replay topic (loader result)
         self.main: dataset.Dataset | None = None
         self.peaks: dict[int, dict[str, list[int]]] = {}  # size -> component -> peak RSS of each run
 
@@ -150,6 +151,15 @@ class Bench:
             self.archive_bucket = bucket
         return self.archive_bucket
 
+    def ensure_replay(self) -> dict[str, Any]:
+        """The main dataset's replay topic, as the loader wrote it (the Dagster job's processor input)."""
+        if self.replay is None:
+            assert self.main is not None
+            say("setup: loading the day into its replay topic once (the processor scenario reads it)")
+            self.replay = self.child("loader", "loader-setup", topic=self.main.topic, day=self.day,
+                                     bucket=self.ensure_archive(), partitions=self.config.replay_partitions)
+        return self.replay
+
     # ------------------------------------------------------------------ 3. archiver
 
     def scenario_archiver(self) -> None:
@@ -213,6 +223,7 @@ class Bench:
                                partitions=self.config.replay_partitions)
                 if r["records"] != data.records:
                     raise RuntimeError(f"loader replayed {r['records']} of {data.records} records")
+                self.replay = r
                 ours.append(r["rate"])
                 ours_mb.append(r["rate"] * data.mean_value_bytes / MIB)
                 if r.get("produce_seconds"):
@@ -241,17 +252,21 @@ class Bench:
     def scenario_processor(self) -> None:
         assert self.main is not None
         data, bucket = self.main, self.bucket("processor")
+        # the replay topic of the day with the grace the Dagster job passes (replay_consume)
+        replay = self.ensure_replay()
+        topic, grace_ms = replay["replay_topic"], replay.get("grace_ms")
+        say(f"processor: input {topic} (the day's replay topic), grace_ms {grace_ms}")
         ours, ref, rss = [], [], []
         for run in range(self.config.runs):
             def reference(run: int = run) -> None:
-                r = kafka_tools.consumer_performance(self.settings.bootstrap_servers, data.topic, data.records,
+                r = kafka_tools.consumer_performance(self.settings.bootstrap_servers, topic, data.records,
                                                      f"bench.{self.id}.cp-processor{run}", "ConsumerPerformance")
                 ref.append(r.records_per_s)
                 say(f"processor run {run + 1}: ConsumerPerformance {r.records_per_s:,.0f} rec/s")
 
             def mine(run: int = run) -> None:
-                r = self.child("processor", f"processor{run}", topic=data.topic, group=f"bench.{self.id}.proc{run}",
-                               bucket=bucket)
+                r = self.child("processor", f"processor{run}", topic=topic, group=f"bench.{self.id}.proc{run}",
+                               bucket=bucket, grace_ms=grace_ms)
                 if r["records"] != data.records or not r["complete"]:
                     raise RuntimeError(f"processor processed {r['records']} of {data.records} records")
                 ours.append(r["rate"])
@@ -266,6 +281,7 @@ class Bench:
         result: dict[str, Any] = {
             "records": data.records, "ours_rps": summary(ours), "reference_rps": summary(ref),
             "ratio": summary(ratios(ours, ref)), "target": 0.5, "reference": "ConsumerPerformance",
+            "topic": "replay", "grace_ms": grace_ms,
         }
         self.results["scenarios"]["processor"] = result
         result["quix"] = self.processor_vs_quix(bucket)
@@ -359,9 +375,12 @@ class Bench:
                            partitions=self.config.replay_partitions)
             self.note_peak(size, "loader", r["peak_rss_bytes"])
             say(f"memory {size:,}: loader peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB ({r['rate']:,.0f} rec/s)")
-            dataset.delete_topics(self.settings, [r["replay_topic"]])
-            r = self.child("processor", f"processor-mem{size}", topic=data.topic, group=f"bench.{self.id}.pm{size}",
-                           bucket=bucket)
+            replay_topic = r["replay_topic"]
+            r = self.child("processor", f"processor-mem{size}", topic=replay_topic, group=f"bench.{self.id}.pm{size}",
+                           bucket=bucket, grace_ms=r.get("grace_ms"))
+            if r["records"] != size or not r["complete"]:
+                raise RuntimeError(f"processor processed {r['records']} of {size} records")
+            dataset.delete_topics(self.settings, [replay_topic])
             self.note_peak(size, "processor", r["peak_rss_bytes"])
             say(f"memory {size:,}: processor peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB ({r['rate']:,.0f} rec/s)")
             if not self.config.keep and data is not self.main:

@@ -70,6 +70,7 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
         assert not result.skipped
         assert manifest["records"] == 600 and manifest["duplicates_dropped"] > 0
         assert manifest["status"] == "loaded"
+        assert replay_loader.processor_grace_ms(manifest) == 0  # event-time ordered: replay_consume uses grace 0
         stored = replay_loader.read_manifest(s3, settings.s3_bucket, spec.replay_id)
         assert stored == manifest
         messages = _consume_all(settings, spec.topic, manifest["end_offsets"])

@@ -12,6 +12,9 @@ Same code path for both modes; only topic, consumer group and start/stop differ:
   the topic is finished (by any member of the group), writes per day
   ``reports/<P>/v<V>/dt=<D>/report.parquet`` and ``stats.json``. Grace defaults to infinite here,
   so nothing is late and the report covers every record (it equals ``Pipeline.batch_report``).
+  Replay topics are written in event-time order per partition, so the Dagster job passes grace 0
+  (``replay_loader.processor_grace_ms``): still nothing late, same report, but windows close as the
+  stream moves on and the state stays about one window per partition instead of the whole day.
 
 Per micro-batch (``consume(num_messages=N)``): one Python pass pulls partition/offset/timestamp/value
 out of the messages, the pipeline parses the whole batch at once, and everything else is polars:

@@ -69,6 +69,9 @@ PRODUCER_TUNING: dict[str, object] = {
     "delivery.report.only.error": True,  # per-record Python callbacks only when something fails
 }
 
+#: Grace of the bounded processor over a replay topic (see :func:`processor_grace_ms`).
+ORDERED_REPLAY_GRACE_MS = 0
+
 ProgressFn = Callable[["Progress"], None]
 
 
@@ -193,6 +196,18 @@ def iter_manifests(client: Any, bucket: str) -> Iterator[dict[str, Any]]:
             body = s3_helpers.get_bytes(client, bucket, obj["Key"])
             if body:
                 yield json.loads(body)
+
+
+def processor_grace_ms(manifest: dict[str, Any]) -> int | None:
+    """Watermark grace the bounded processor uses on this replay topic (``--grace-seconds``).
+
+    The loader writes the whole day in ``(timestamp, partition, offset)`` order, so every replay
+    partition is in event-time order and no record can be late with grace 0: windows close as soon
+    as the next one starts and the processor keeps about one window (plus its dedup keys) per
+    partition instead of the whole day, with exactly the same report. Manifests written before
+    this flag existed (or a topic of unknown order) keep the infinite grace (None).
+    """
+    return ORDERED_REPLAY_GRACE_MS if manifest.get("event_time_ordered") else None
 
 
 def fingerprint(files: list[dict]) -> str:
@@ -466,6 +481,8 @@ def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any
         "processor_prefix": spec.processor_prefix,
         "report_key": keys.report_file(spec.pipeline, spec.version, spec.day),
         "source_fingerprint": fp,
+        # every replay partition is in (timestamp, partition, offset) order: see processor_grace_ms
+        "event_time_ordered": True,
         "source_files": len(files),
         "source_bytes": sum(int(f["size"]) for f in files),
         "status": "loading",

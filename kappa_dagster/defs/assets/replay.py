@@ -90,7 +90,13 @@ def replay_load(
 
 
 def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: list[str]) -> list[str]:
-    """The live worker's entry point, in bounded replay mode."""
+    """The live worker's entry point, in bounded replay mode.
+
+    Over a replay topic written in event-time order the grace is finite (``processor_grace_ms``):
+    bounded state, same report. ``extra`` (``replay.processor_args``) comes last, so it can override.
+    """
+    grace_ms = replay_loader.processor_grace_ms(manifest)
+    grace = [] if grace_ms is None else ["--grace-seconds", f"{grace_ms / 1000:g}"]
     return [
         sys.executable,
         "-m",
@@ -110,6 +116,7 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: lis
         "--until-end",
         "--progress",
         "log",
+        *grace,
         *extra,
     ]
 
