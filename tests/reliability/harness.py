@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from workers import keys
 from workers.config import Settings
 from workers.generator import Faults, ProduceSummary, produce_events
 from workers.kafka import end_offsets
@@ -265,3 +266,18 @@ def outage(stack: Stack, service: str, seconds: float, kind: str) -> float:
     downtime = time.monotonic() - started
     FIGURES.fault(kind, service=service, downtime_s=round(downtime, 1))
     return downtime
+
+
+def drain_live(workers: Workers, settings: Settings, client: Any, name: str = "live-final") -> Worker:
+    """Start one live processor, let it catch up with the topic, stop it with SIGTERM (must exit 0).
+
+    A few fresh records are produced first so the member has work and has installed its signal
+    handlers (it logs progress) before it is asked to stop.
+    """
+    produce_orders(settings, 300, 7)
+    final = workers.start(name, *LIVE_ARGS)
+    wait_until(lambda: "records=" in final.output() or not final.alive(), 120, f"{name} to start consuming")
+    wait_processor_caught_up(settings, client, keys.live_prefix("orders", 2), settings.events_topic, timeout=180)
+    final.signal(signal.SIGTERM)
+    assert final.wait(90) == 0, f"{name} did not stop cleanly:\n{final.tail()}"
+    return final

@@ -7,11 +7,9 @@ are printed (``-s``) and recorded in the figures JSON.
 from __future__ import annotations
 
 import random
-import signal
 
 import pytest
 
-from workers import keys
 from workers.config import Settings
 
 from .harness import (
@@ -21,12 +19,12 @@ from .harness import (
     Workers,
     archive_all,
     bounded_args,
+    drain_live,
     kill_after,
     kill_points,
     load_args,
     produce_orders,
     replay_spec,
-    wait_processor_caught_up,
 )
 from .invariants import (
     assert_archive_exact,
@@ -71,10 +69,7 @@ def test_live_processor_sigkill_keeps_results_exact(
         live = workers.start(f"live-{point}", *LIVE_ARGS)
         kill_after(live, delay, "sigkill.processor.live", seed, point, ready="records=")
         produce_orders(settings, rng.randrange(2000, 6000), seed + point + 1)
-    final = workers.start("live-final", *LIVE_ARGS)
-    wait_processor_caught_up(settings, s3, keys.live_prefix("orders", 2), settings.events_topic)
-    final.signal(signal.SIGTERM)
-    assert final.wait(60) == 0, final.tail()
+    drain_live(workers, settings, s3)
     archive_all(workers)
     assert_archive_exact(settings, s3)
     assert_live_exact(settings, s3, version=2)

@@ -14,10 +14,9 @@ import time
 
 import pytest
 
-from workers import keys
 from workers.config import Settings
 
-from .harness import LIVE_ARGS, Worker, Workers, archive_all, produce_orders, wait_processor_caught_up
+from .harness import LIVE_ARGS, Worker, Workers, archive_all, drain_live, produce_orders
 from .invariants import FIGURES, assert_archive_exact, assert_dlq_exact, assert_live_exact
 
 MEMBERS = 3
@@ -57,9 +56,7 @@ def test_three_processors_stopped_and_restarted_repeatedly(
     feeder.join(timeout=120)
     for member in members:
         stop_member(member, signal.SIGTERM)
-    final = workers.start("member-final", *LIVE_ARGS)
-    wait_processor_caught_up(settings, s3, keys.live_prefix("orders", 2), settings.events_topic, timeout=180)
-    stop_member(final, signal.SIGTERM)
+    drain_live(workers, settings, s3, "member-final")
     archive_all(workers)
     assert_archive_exact(settings, s3)
     assert_live_exact(settings, s3, version=2)
