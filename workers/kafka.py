@@ -11,6 +11,16 @@ from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 from workers.config import Settings
 from workers.errors import UnreachableError
 
+#: Consumer settings of the bulk readers (archiver, processor). librdkafka's defaults fetch at most
+#: 1 MiB per partition and refill its prefetch queue from 100k messages, so a Python consumer that
+#: drains ~10k messages per call keeps waiting on fetches: with these it reads ~1.8x faster (measured
+#: 155k -> 270-295k rec/s with a bare consume loop on a 3-partition replay topic). Memory stays
+#: bounded by ``queued.max.messages.kbytes`` (librdkafka default 64 MiB for the whole consumer).
+BULK_CONSUMER_TUNING: dict[str, object] = {
+    "queued.min.messages": 1_000_000,
+    "max.partition.fetch.bytes": 8 * 1024 * 1024,
+}
+
 
 def admin_client(settings: Settings, quiet: bool = False) -> AdminClient:
     """An AdminClient; ``quiet`` silences librdkafka's connection-refused chatter (for probes)."""

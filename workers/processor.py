@@ -265,6 +265,7 @@ class Processor:
     def consumer_config(self) -> dict[str, object]:
         return self.settings.kafka_config(
             **{
+                **kafka_helpers.BULK_CONSUMER_TUNING,
                 "group.id": self.group,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
