@@ -19,12 +19,15 @@ from workers import s3 as s3_helpers
 from workers.config import Settings, apply_stack_env, load_settings
 from workers.stack import Stack
 
+#: Decided before any test module is imported: importing kappa_dagster (or calling load_settings)
+#: copies the local stack's env file into the environment, which must not look like an external cluster.
+EXTERNAL_CLUSTER = "KAPPA_BOOTSTRAP_SERVERS" in os.environ
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack | None]:
     """The running local stack (None when the environment names an external cluster)."""
-    external = "KAPPA_BOOTSTRAP_SERVERS" in os.environ
-    if external:
+    if EXTERNAL_CLUSTER:
         yield None
         return
     local = Stack(log=lambda message: print(message))
