@@ -70,7 +70,7 @@ from workers.processor_state import (
 from workers.s3 import ensure_bucket, get_bytes, s3_client
 
 LIVE_GRACE_MS = 60_000
-DEFAULT_BATCH_SIZE = 5_000
+DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 NEVER = -(2**62)
 ALWAYS = 2**62
