@@ -376,7 +376,7 @@ class Archiver:
         if not records:
             return
         self.last_activity = now
-        frame = archive_format.frame_from_messages(records)
+        frame = archive_format.frame_from_messages(records, self.topic)
         for (partition,), rows in frame.partition_by("partition", as_dict=True).items():
             state = self.parts.get(int(partition))  # type: ignore[call-overload]
             if state is not None:  # else: revoked meanwhile, the new owner reads it again
