@@ -319,6 +319,7 @@ class Archiver:
     def _consumer_config(self) -> dict[str, object]:
         session_ms = int(self.options.session_timeout * 1000)
         return self.settings.kafka_config(**{
+            **kafka_helpers.BULK_CONSUMER_TUNING,
             "group.id": self.options.group,
             "client.id": f"kappa-archiver-{socket.gethostname()}-{os.getpid()}",
             "enable.auto.commit": False,
