@@ -392,6 +392,36 @@ def target_partition(key: bytes | None, source_partition: int, partitions: int |
     return zlib.crc32(key) % partitions
 
 
+def row_headers(frame: pl.DataFrame) -> list[list[tuple[str, bytes | None]]]:
+    """Per row: the original headers (order and bytes kept), then the ``kappa.src.*`` headers.
+
+    The source partition/offset values are built as a column; only rows that carry original headers
+    (usually a minority) go through a per-header Python step.
+    """
+    src = frame.select(
+        pl.col("partition").cast(pl.String).cast(pl.Binary).alias("p"),
+        pl.col("offset").cast(pl.String).cast(pl.Binary).alias("o"),
+    )
+    headers = [
+        [(SRC_PARTITION_HEADER, p), (SRC_OFFSET_HEADER, o)]
+        for p, o in zip(src["p"].to_list(), src["o"].to_list(), strict=True)
+    ]
+    flat = (
+        frame.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), "headers")
+        .filter(pl.col("headers").list.len() > 0)
+        .explode("headers")
+        .unnest("headers")
+    )
+    if flat.height:
+        originals: dict[int, list[tuple[str, bytes | None]]] = {}
+        columns = (flat["_row"].to_list(), flat["key"].to_list(), flat["value"].to_list())
+        for row, name, value in zip(*columns, strict=True):
+            originals.setdefault(row, []).append((name, value))
+        for row, original in originals.items():
+            headers[row] = original + headers[row]
+    return headers
+
+
 class ReplayProducer:
     """Produces merged batches byte-exact with source headers; fails on the first delivery error."""
 
@@ -420,21 +450,37 @@ class ReplayProducer:
         self._raise_if_failed()
 
     def _produce_rows(self, frame: pl.DataFrame) -> None:
-        columns = [frame[name].to_list() for name in ("key", "value", "_ts", "partition", "offset", "headers")]
+        """One ``produce()`` per row; everything else (target partitions, header values) is vectorised."""
+        keys_, values, stamps = frame["key"].to_list(), frame["value"].to_list(), frame["_ts"].to_list()
+        targets = self._targets(frame).to_list()
         produce, topic = self.producer.produce, self.topic
-        for key, value, ts, partition, offset, headers in zip(*columns, strict=True):
-            out = [(h["key"], h["value"]) for h in headers] if headers else []
-            out.append((SRC_PARTITION_HEADER, str(partition).encode()))
-            out.append((SRC_OFFSET_HEADER, str(offset).encode()))
-            target = target_partition(key, partition, self.partitions)
-            while True:
-                try:
-                    produce(topic, value=value, key=key, headers=out, timestamp=ts, partition=target)
-                    break
-                except BufferError:
+        for key, value, ts, target, headers in zip(keys_, values, stamps, targets, row_headers(frame), strict=True):
+            try:
+                produce(topic, value=value, key=key, headers=headers, timestamp=ts, partition=target)
+            except BufferError:
+                while True:
                     self.producer.poll(0.05)
+                    try:
+                        produce(topic, value=value, key=key, headers=headers, timestamp=ts, partition=target)
+                        break
+                    except BufferError:
+                        continue
         self.producer.poll(0)
         self.produced += frame.height
+
+    def _targets(self, frame: pl.DataFrame) -> pl.Series:
+        """:func:`target_partition` of every row, with one crc32 per distinct key (not per row)."""
+        if self.partitions is None:
+            return frame["partition"]
+        distinct = frame["key"].drop_nulls().unique()
+        lookup = pl.DataFrame(
+            {"key": distinct, "_target": [zlib.crc32(k) % self.partitions for k in distinct.to_list()]},
+            schema={"key": pl.Binary, "_target": pl.Int64},
+        )
+        joined = frame.select("key", "partition").join(lookup, on="key", how="left", maintain_order="left")
+        return joined.select(pl.coalesce("_target", pl.col("partition").cast(pl.Int64) % self.partitions))[
+            "_target"
+        ]
 
     def _throttle(self) -> None:
         if self.throttle:
