@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from botocore.exceptions import FlexibleChecksumError
+
 from workers import keys
 from workers.config import Settings
 from workers.generator import Faults, ProduceSummary, produce_events
@@ -39,11 +41,19 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "workers.cli", *args]
 
 
+#: S3Proxy's filesystem backend replaces an object non-atomically: a GET racing the PUT of the same
+#: key (a checkpoint being rewritten) can fail its checksum. Pollers retry; real S3 never does this.
+TRANSIENT_READ_ERRORS: tuple[type[BaseException], ...] = (FlexibleChecksumError,)
+
+
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
     """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        result = predicate()
+        try:
+            result = predicate()
+        except TRANSIENT_READ_ERRORS:
+            result = None
         if result:
             return result
         if time.monotonic() > deadline:
@@ -183,6 +193,10 @@ def secrets_in(text: str, secrets: list[str]) -> list[str]:
 #: Small flush thresholds: many files and checkpoints per run, so a kill lands between them often.
 ARCHIVER_ARGS = ("archiver", "--flush-records", "400", "--flush-seconds", "1", "--batch-size", "250",
                  "--log-interval", "0.5", "--session-timeout", "6")
+#: Even smaller for the SIGKILL test: ~1000 file + checkpoint PUT pairs per 100k records keep the
+#: archiver busy for seconds, so seeded kill points land inside its work (often between the two PUTs).
+ARCHIVER_KILL_ARGS = ("archiver", "--flush-records", "100", "--flush-seconds", "1", "--batch-size", "100",
+                      "--log-interval", "0.5", "--session-timeout", "6")
 #: Orders with every fault the generator knows, over two days (late records cross the day boundary).
 FAULTY = Faults(duplicates=0.05, late=0.05, malformed=0.05, null_keys=0.05, headers=0.3)
 START = "2026-11-20T12:00:00Z"

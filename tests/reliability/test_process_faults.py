@@ -13,7 +13,7 @@ import pytest
 from workers.config import Settings
 
 from .harness import (
-    ARCHIVER_ARGS,
+    ARCHIVER_KILL_ARGS,
     DAY,
     LIVE_ARGS,
     Workers,
@@ -46,12 +46,12 @@ def test_archiver_sigkill_loses_and_duplicates_nothing(
 ) -> None:
     """Archiver killed mid-run (records keep arriving between runs), restarted; the archive is exact."""
     rng = random.Random(seed)
-    produced = produce_orders(settings, 30_000, seed, days=2).count
+    produced = produce_orders(settings, 60_000, seed, days=2).count
     injected = 0
-    for point, delay in enumerate(kill_points(rng, kills, 0.0, 2.0)):
-        archiver = workers.start(f"archiver-{point}", *ARCHIVER_ARGS, "--until-end")
+    for point, delay in enumerate(kill_points(rng, kills, 0.0, 1.5)):
+        archiver = workers.start(f"archiver-{point}", *ARCHIVER_KILL_ARGS, "--until-end")
         injected += kill_after(archiver, delay, "sigkill.archiver", seed, point, ready="assigned")
-        produced += produce_orders(settings, rng.randrange(2000, 8000), seed + point + 1, days=2).count
+        produced += produce_orders(settings, rng.randrange(5_000, 15_000), seed + point + 1, days=2).count
     archive_all(workers)
     check = assert_archive_exact(settings, s3)
     assert check.records == produced
