@@ -54,6 +54,7 @@ from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.perf import gc_paused
 from workers.pipelines import get_pipeline
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline, reject_missing_timestamp
 from workers.processor_progress import NoProgress, Progress
@@ -281,9 +282,10 @@ class Processor:
     def loop(self) -> None:
         assert self.consumer is not None
         while not self.stop.is_set():
-            messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.5)
-            if messages:
-                self.process(messages)
+            with gc_paused():  # consume + process allocate only acyclic per-record objects
+                messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.5)
+                if messages:
+                    self.process(messages)
             # bounded: once every assigned partition is finalized, checkpoint now instead of idling
             # up to checkpoint_seconds before finished() can see it
             done = self.bounded and bool(self.states) and all(s.finalized for s in self.states.values())
