@@ -16,7 +16,7 @@ import pytest
 
 from workers.config import Settings
 
-from .harness import LIVE_ARGS, Worker, Workers, archive_all, drain_live, produce_orders
+from .harness import LIVE_ARGS, Worker, Workers, archive_all, drain_live, produce_orders, wait_until
 from .invariants import FIGURES, assert_archive_exact, assert_dlq_exact, assert_live_exact
 
 MEMBERS = 3
@@ -24,7 +24,12 @@ RATE = 1500
 
 
 def stop_member(member: Worker, signum: int) -> None:
-    """SIGTERM must end in a clean exit 0 (revoke + checkpoint); SIGKILL just dies."""
+    """SIGTERM must end in a clean exit 0 (revoke + checkpoint); SIGKILL just dies.
+
+    The member is first given time (bounded) to start consuming: a SIGTERM during interpreter
+    start-up, before the processor installs its handlers, is an ordinary kill.
+    """
+    wait_until(lambda: "records=" in member.output() or not member.alive(), 90, f"{member.name} to consume")
     member.signal(signum)
     code = member.wait(60)
     assert signum == signal.SIGKILL or code == 0, f"{member.name} did not stop cleanly on SIGTERM:\n{member.tail()}"
