@@ -57,10 +57,10 @@ class ArchiverOptions:
 
     group: str = DEFAULT_GROUP
     topic: str | None = None
-    flush_bytes: int = 64 * 1024 * 1024
+    flush_bytes: int = 32 * 1024 * 1024
     flush_records: int = 1_000_000
     flush_seconds: float = 60.0
-    max_buffer_bytes: int = 256 * 1024 * 1024
+    max_buffer_bytes: int = 128 * 1024 * 1024
     batch_size: int = 10_000
     poll_timeout: float = 0.5
     until_end: bool = False
@@ -371,19 +371,29 @@ class Archiver:
 
     def _ingest(self, messages: list[Message], now: float) -> None:
         """Append a consumed batch to the partition buffers; values are never looked at."""
-        records = [message for message in messages if message.error() is None]
-        if len(records) < len(messages):
-            self._handle_errors(message for message in messages if message.error() is not None)
-        if not records:
+        by_partition: dict[int, list[Message]] = {}
+        errors = []
+        for message in messages:
+            if message.error() is None:
+                by_partition.setdefault(message.partition(), []).append(message)
+            else:
+                errors.append(message)
+        if errors:
+            self._handle_errors(errors)
+        if not by_partition:
             return
         self.last_activity = now
-        frame = archive_format.frame_from_messages(records, self.topic)
-        for (partition,), rows in frame.partition_by("partition", as_dict=True).items():
-            state = self.parts.get(int(partition))  # type: ignore[call-overload]
+        consumed = 0
+        for partition, records in by_partition.items():
+            consumed += len(records)
+            state = self.parts.get(partition)
             if state is not None:  # else: revoked meanwhile, the new owner reads it again
-                state.add(rows, now)
-        self.summary.consumed += frame.height
-        self.metrics.consumed.inc(frame.height)
+                # one frame per partition, built from its own messages: a slice of a shared batch
+                # frame would keep the whole batch's value buffers alive until every partition
+                # holding a slice has flushed, which defeats the buffer bounds
+                state.add(archive_format.frame_from_messages(records, self.topic), now)
+        self.summary.consumed += consumed
+        self.metrics.consumed.inc(consumed)
 
     def _handle_errors(self, errors: Iterable[Message]) -> None:
         for message in errors:

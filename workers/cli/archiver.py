@@ -15,10 +15,10 @@ from workers.config import load_settings
 def archiver(
     group: str = typer.Option(DEFAULT_GROUP, help="Consumer group; run several archivers with one group to scale."),
     topic: str = typer.Option(None, help="Topic to archive (default: KAPPA_EVENTS_TOPIC)."),
-    flush_bytes: str = typer.Option("64MiB", help="Flush a partition when its buffer reaches this size."),
+    flush_bytes: str = typer.Option("32MiB", help="Flush a partition when its buffer reaches this size."),
     flush_records: int = typer.Option(1_000_000, help="Flush a partition when it buffers this many records."),
     flush_seconds: float = typer.Option(60.0, help="Flush a partition when its oldest buffered record is this old."),
-    max_buffer_bytes: str = typer.Option("256MiB", help="Flush the biggest buffers when all together exceed this."),
+    max_buffer_bytes: str = typer.Option("128MiB", help="Flush the biggest buffers when all together exceed this."),
     batch_size: int = typer.Option(10_000, help="Records per consume() call."),
     until_end: bool = typer.Option(False, "--until-end", help="Stop once the assigned partitions reach the "
                                                             "end offsets read at start (after a final flush)."),
