@@ -50,7 +50,10 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
                 x["reference_rps"], "ProducerPerformance", x["ratio_produce_phase"], x["target"])
     if "processor" in s and "error" not in s["processor"]:
         x = s["processor"]
-        row("2. Processor (consume+parse+window+dedup+write)", "rec/s", x["ours_rps"], x["reference_rps"],
+        where = ""
+        if x.get("topic") == "replay":  # the day's replay topic, with the grace the Dagster job passes
+            where = f", replay topic, grace {x['grace_ms']} ms" if x.get("grace_ms") is not None else ", replay topic"
+        row(f"2. Processor (consume+parse+window+dedup+write{where})", "rec/s", x["ours_rps"], x["reference_rps"],
             "ConsumerPerformance", x["ratio"], x["target"])
         q = x.get("quix")
         if q:
