@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 
@@ -120,3 +121,6 @@ def _high_watermark(consumer: Consumer, tp: TopicPartition, deadline: float) -> 
             if exc.args[0].code() not in TRANSIENT_ERRORS or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
+            # the client caches "unknown partition" until its next metadata refresh (minutes): force one
+            with contextlib.suppress(KafkaException):
+                consumer.list_topics(tp.topic, timeout=5)
