@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import signal
 import threading
 import time
@@ -47,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import polars as pl
+from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
@@ -70,7 +72,14 @@ from workers.processor_state import (
 )
 from workers.s3 import ensure_bucket, get_bytes, s3_client
 
+log = logging.getLogger("kappa.processor")
+
 LIVE_GRACE_MS = 60_000
+#: S3 failures the processor waits out (consumption paused, exponential backoff) instead of crashing
+S3_ERRORS = (BotoCoreError, ClientError, OSError)
+FIRST_S3_BACKOFF_S, MAX_S3_BACKOFF_S = 0.5, 30.0
+#: how long shutdown and report writing keep retrying S3 before giving up (the last checkpoint stands)
+S3_GIVE_UP_S = 120.0
 DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 NEVER = -(2**62)
@@ -232,6 +241,7 @@ class Processor:
         self.summary = RunSummary(pipeline.name, pipeline.version, topic, group, bounded)
         self.delivery_errors: list[str] = []
         self.last_checkpoint = self.last_global_check = self.last_lag = 0.0
+        self.s3_backoff, self.s3_retry_at = 0.0, 0.0  # backoff 0 = S3 healthy
         self.lag: int | None = None
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
@@ -252,14 +262,14 @@ class Processor:
         self.last_checkpoint = time.monotonic()
         try:
             self.loop()
-            self.checkpoint()
+            self.retry_s3(self.checkpoint, "final checkpoint")
         finally:
             with contextlib.suppress(Exception):
                 self.consumer.close()
             self.progress.update(self.summary.records, self.lag, self.summary.late_records, force=True)
             self.progress.close()
         if self.summary.complete:
-            self.write_reports()
+            self.retry_s3(self.write_reports, "report write")
         self.summary.seconds = round(time.monotonic() - started, 3)
         return self.summary
 
@@ -286,15 +296,62 @@ class Processor:
                 messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.5)
                 if messages:
                     self.process(messages)
-            # bounded: once every assigned partition is finalized, checkpoint now instead of idling
-            # up to checkpoint_seconds before finished() can see it
-            done = self.bounded and bool(self.states) and all(s.finalized for s in self.states.values())
-            if done or time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
-                self.checkpoint()
-            self.report_progress()
-            if self.bounded and self.finished():
+            if time.monotonic() < self.s3_retry_at:
+                continue  # S3 is failing: partitions are paused until the next try
+            try:
+                finished = self.durable_step()
+            except S3_ERRORS as exc:
+                self.s3_failed(exc)
+                continue
+            self.s3_recovered()
+            if finished:
                 self.summary.complete = True
                 return
+
+    def durable_step(self) -> bool:
+        """Checkpoint when due (or when S3 just failed), report progress; True once a bounded run is done."""
+        # bounded: once every assigned partition is finalized, checkpoint now instead of idling
+        # up to checkpoint_seconds before finished() can see it
+        done = self.bounded and bool(self.states) and all(s.finalized for s in self.states.values())
+        if done or self.s3_backoff or time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
+            self.checkpoint()
+        self.report_progress()
+        return self.bounded and self.finished()
+
+    # ---------------------------------------------------------------- S3 outages
+
+    def s3_failed(self, exc: Exception) -> None:
+        """Stop fetching (memory stays bounded) and retry later; the last durable checkpoint still stands."""
+        assert self.consumer is not None
+        self.s3_backoff = min(MAX_S3_BACKOFF_S, self.s3_backoff * 2 or FIRST_S3_BACKOFF_S)
+        self.s3_retry_at = time.monotonic() + self.s3_backoff
+        with contextlib.suppress(KafkaException):
+            self.consumer.pause(self.consumer.assignment())
+        log.warning("S3 failed (%s); consumption paused, retry in %.1fs", type(exc).__name__, self.s3_backoff)
+
+    def s3_recovered(self) -> None:
+        if not self.s3_backoff:
+            return
+        assert self.consumer is not None
+        self.s3_backoff = self.s3_retry_at = 0.0
+        resume = [TP(self.topic, p) for p, s in self.states.items() if not s.finalized]
+        with contextlib.suppress(KafkaException):
+            self.consumer.resume(resume)
+        log.warning("S3 answers again; consumption resumed")
+
+    def retry_s3(self, call: Any, what: str) -> None:
+        """Retry ``call`` through an S3 outage for up to S3_GIVE_UP_S, then fail with one clear line."""
+        backoff, deadline = FIRST_S3_BACKOFF_S, time.monotonic() + S3_GIVE_UP_S
+        while True:
+            try:
+                return call()
+            except S3_ERRORS as exc:
+                if time.monotonic() + backoff > deadline:
+                    raise KappaError(f"S3 kept failing for {S3_GIVE_UP_S:.0f}s during the {what} "
+                                     f"({type(exc).__name__}); a restart resumes from the last checkpoint") from None
+                log.warning("S3 failed during the %s (%s); retry in %.1fs", what, type(exc).__name__, backoff)
+                time.sleep(backoff)
+                backoff = min(MAX_S3_BACKOFF_S, backoff * 2)
 
     # ---------------------------------------------------------------- rebalance
 
@@ -309,7 +366,10 @@ class Processor:
     def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Hand over cleanly: checkpoint what we have, then forget it."""
         revoked = {tp.partition for tp in partitions}
-        self.checkpoint(revoked)
+        try:
+            self.checkpoint(revoked)
+        except S3_ERRORS as exc:  # the new owner resumes from the last durable checkpoint: nothing lost
+            log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
         for partition in revoked:
             self.states.pop(partition, None)
 
