@@ -80,6 +80,10 @@ S3_ERRORS = (BotoCoreError, ClientError, OSError)
 FIRST_S3_BACKOFF_S, MAX_S3_BACKOFF_S = 0.5, 30.0
 #: how long shutdown and report writing keep retrying S3 before giving up (the last checkpoint stands)
 S3_GIVE_UP_S = 120.0
+#: the DLQ producer accepts what the input topic accepted (librdkafka's 1 MB default would reject big
+#: bad records); a copy the DLQ broker still refuses is re-sent without its value (see ``delivered``)
+DLQ_PRODUCER_CONFIG = {"enable.idempotence": True, "linger.ms": 20, "message.max.bytes": 64 * 1024 * 1024}
+TRUNCATED_HEADER = "kappa.dlq.truncated"
 DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 NEVER = -(2**62)
@@ -256,7 +260,7 @@ class Processor:
         if self.bounded:
             self.end = self.bounded_end_offsets(partitions)
             self.summary.end_offsets = dict(self.end)
-        self.producer = Producer(self.settings.kafka_config(**{"enable.idempotence": True, "linger.ms": 20}))
+        self.producer = Producer(self.settings.kafka_config(**DLQ_PRODUCER_CONFIG))
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
         self.last_checkpoint = time.monotonic()
@@ -489,11 +493,21 @@ class Processor:
                 break
             except BufferError:
                 self.producer.poll(0.1)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE or value is None:
+                    raise
+                key, value, headers = key, None, [*headers, truncated_header(len(value))]
         self.producer.poll(0)
 
-    def delivered(self, error: KafkaError | None, _message: Any) -> None:
-        if error is not None:
-            self.delivery_errors.append(str(error))
+    def delivered(self, error: KafkaError | None, message: Any) -> None:
+        if error is None:
+            return
+        if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.value() is not None:
+            # too big for the DLQ topic: keep key, headers and reason, drop the value (the raw archive has it)
+            headers = [*(message.headers() or []), truncated_header(len(message.value()))]
+            self.produce_dlq(message.key(), None, headers, message.timestamp()[1])
+            return
+        self.delivery_errors.append(str(error))
 
     def flush_dlq(self) -> None:
         """Every DLQ record of the checkpoint must be durable before the checkpoint commits."""
@@ -601,6 +615,10 @@ class Processor:
 
 
 @contextlib.contextmanager
+def truncated_header(size: int) -> tuple[str, bytes]:
+    return TRUNCATED_HEADER, f"value of {size} bytes dropped: too large for the DLQ topic; see the raw archive".encode()
+
+
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """SIGTERM/SIGINT set ``stop``: the loop then checkpoints and exits cleanly (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
