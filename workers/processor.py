@@ -614,11 +614,11 @@ class Processor:
             return None
 
 
-@contextlib.contextmanager
 def truncated_header(size: int) -> tuple[str, bytes]:
     return TRUNCATED_HEADER, f"value of {size} bytes dropped: too large for the DLQ topic; see the raw archive".encode()
 
 
+@contextlib.contextmanager
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """SIGTERM/SIGINT set ``stop``: the loop then checkpoints and exits cleanly (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
