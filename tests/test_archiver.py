@@ -23,6 +23,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from reliability.invariants import ARCHIVE_SCHEMA  # the independent reader's view of DESIGN §2
 
 from workers import kafka as kafka_helpers
 from workers.archiver import Archiver, ArchiverOptions, PartitionState, parse_size, run_archiver, split_by_day
@@ -31,16 +32,6 @@ from workers.errors import KappaError
 from workers.generator import Faults, produce_events
 
 FAULTS = Faults(duplicates=0.05, late=0.05, malformed=0.05)
-CONTRACT_SCHEMA = {
-    "topic": pl.String,
-    "partition": pl.Int32,
-    "offset": pl.Int64,
-    "timestamp": pl.Datetime("ms", "UTC"),
-    "timestamp_type": pl.Int8,
-    "key": pl.Binary,
-    "value": pl.Binary,
-    "headers": pl.List(pl.Struct({"key": pl.String, "value": pl.Binary})),
-}
 FAST_GROUP = ["--session-timeout", "6", "--log-interval", "1"]
 
 
@@ -74,7 +65,7 @@ def archive_frame(s3, bucket: str, topic: str) -> pl.DataFrame:
             _raw, _topic, day, part, file = name.split("/")
             first, last = file.removesuffix(".parquet").split("-")
             frame = pl.read_parquet(io.BytesIO(s3.get_object(Bucket=bucket, Key=name)["Body"].read()))
-            assert dict(frame.schema) == CONTRACT_SCHEMA, name
+            assert dict(frame.schema) == ARCHIVE_SCHEMA, name
             assert len(first) == len(last) == 20, name
             frames.append(frame.with_columns(
                 key_day=pl.lit(day.removeprefix("dt=")), key_part=pl.lit(int(part.removeprefix("part="))),
