@@ -80,6 +80,11 @@ def delete_topics(settings: Settings, topics: Iterable[str], timeout: float = 30
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise RuntimeError(f"could not delete topic {topic}: {exc}") from exc
+    # deletion is asynchronous on the broker: wait until metadata no longer lists the topics, so a
+    # topic of the same name can be re-created right away
+    deadline = time.monotonic() + timeout
+    while set(topics) & set(admin.list_topics(timeout=timeout).topics) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def partition_count(settings: Settings, topic: str, timeout: float = 30.0) -> int:
