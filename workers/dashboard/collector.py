@@ -11,7 +11,7 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import polars as pl
@@ -118,6 +118,7 @@ class Collector:
         stats = sources.day_stats(states)
         day = view.day or (max(stats) if stats else sources.today())
         group = live_group(pipeline, states)
+        view = replace(view, diff_day=view.diff_day or self._diff_day(view.pipeline, day))
         return {
             "view": {**self._view(view, pipeline, current, day), "live_group": group},
             "results": _section(lambda: self._results(pipeline, day)),
@@ -129,6 +130,12 @@ class Collector:
         }
 
     # ---------------------------------------------------------------- sections
+
+    def _diff_day(self, pipeline: str, day: str) -> str:
+        """The shown day if it has a corrected report, else the newest day that has one."""
+        if sources.report_versions(self.client, self.settings.s3_bucket, pipeline, day):
+            return day
+        return sources.newest_report_day(self.client, self.settings.s3_bucket, pipeline) or day
 
     def _view(self, view: View, pipeline: Pipeline, current: int | None, day: str) -> dict[str, Any]:
         return {

@@ -56,17 +56,27 @@ def report(client: Any, bucket: str, pipeline: str, version: int, day: str) -> p
     return None if body is None else pl.read_parquet(io.BytesIO(body))
 
 
+def corrected_reports(client: Any, bucket: str, pipeline: str) -> list[tuple[int, str]]:
+    """Every (version, day) with a corrected report of ``pipeline``."""
+    prefix = f"reports/{keys.valid_name(pipeline)}/v"
+    found = []
+    for obj in s3_helpers.iter_keys(client, bucket, prefix):
+        version, _, rest = obj["Key"].removeprefix(prefix).partition("/dt=")
+        day, _, name = rest.partition("/")
+        if version.isdigit() and name == "report.parquet":
+            found.append((int(version), day))
+    return found
+
+
 def report_versions(client: Any, bucket: str, pipeline: str, day: str) -> list[int]:
     """Versions that have a corrected report for ``day``, newest first."""
-    suffix = f"/dt={keys.valid_day(day)}/report.parquet"
-    versions = []
-    for obj in s3_helpers.iter_keys(client, bucket, f"reports/{keys.valid_name(pipeline)}/v"):
-        name = obj["Key"]
-        if name.endswith(suffix):
-            version = name.removeprefix(f"reports/{pipeline}/v").split("/", 1)[0]
-            if version.isdigit():
-                versions.append(int(version))
-    return sorted(versions, reverse=True)
+    day = keys.valid_day(day)
+    return sorted((v for v, d in corrected_reports(client, bucket, pipeline) if d == day), reverse=True)
+
+
+def newest_report_day(client: Any, bucket: str, pipeline: str) -> str | None:
+    """The latest day any version has a corrected report for: the diff's default day."""
+    return max((d for _v, d in corrected_reports(client, bucket, pipeline)), default=None)
 
 
 def series(frame: pl.DataFrame, types: list[str]) -> dict[str, Any]:
