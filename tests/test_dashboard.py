@@ -8,7 +8,7 @@ One module-scoped flow (its own bucket and topics) feeds both tests:
 
 The API test checks every section and the error paths; the browser test opens the page in headless
 Chromium (Debian's package, ``make browser``), waits until numbers appear and change, and saves a
-screenshot (also copied to ``docs/dashboard.png``).
+screenshot (copied to ``docs/dashboard.png`` only with KAPPA_UPDATE_DOCS_SCREENSHOT=1).
 """
 
 from __future__ import annotations
@@ -266,5 +266,5 @@ def test_browser_shows_live_numbers_that_change(flow: Flow, tmp_path: Path) -> N
         page.wait_for_timeout(1500)  # let the charts settle for the picture
         page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    (ROOT / "docs").mkdir(exist_ok=True)
-    shutil.copyfile(shot, ROOT / "docs" / "dashboard.png")
+    if os.environ.get("KAPPA_UPDATE_DOCS_SCREENSHOT") == "1":  # docs/dashboard.png is taken mid-demo otherwise
+        shutil.copyfile(shot, ROOT / "docs" / "dashboard.png")
