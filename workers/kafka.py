@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
@@ -66,7 +66,15 @@ def ensure_topic(
         if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise
         return False
+    wait_for_metadata(admin, lambda listed: topic in listed and not listed[topic].error, timeout)
     return True
+
+
+def wait_for_metadata(admin: AdminClient, ready: Callable[[dict], bool], timeout: float) -> None:
+    """Topic creation and deletion finish asynchronously: wait until the metadata shows the result."""
+    deadline = time.monotonic() + timeout
+    while not ready(admin.list_topics(timeout=timeout).topics) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def delete_topics(settings: Settings, topics: Iterable[str], timeout: float = 30.0) -> None:
@@ -82,9 +90,7 @@ def delete_topics(settings: Settings, topics: Iterable[str], timeout: float = 30
                 raise RuntimeError(f"could not delete topic {topic}: {exc}") from exc
     # deletion is asynchronous on the broker: wait until metadata no longer lists the topics, so a
     # topic of the same name can be re-created right away
-    deadline = time.monotonic() + timeout
-    while set(topics) & set(admin.list_topics(timeout=timeout).topics) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_metadata(admin, lambda listed: not set(topics) & set(listed), timeout)
 
 
 def partition_count(settings: Settings, topic: str, timeout: float = 30.0) -> int:
