@@ -7,7 +7,9 @@ polars reads the row count from a stub file made of the footer alone.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -46,9 +48,37 @@ def day_summary(client: Any, bucket: str, topic: str, day: str, count_rows: bool
 
 def days_listing(client: Any, bucket: str, topic: str) -> dict[str, list[tuple[str, int]]]:
     """Every day of the archive -> its (key, size) objects, from one paginated listing."""
-    days: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    return {day: [(key, size) for key, size, _ in files] for day, files in _days_objects(client, bucket, topic).items()}
+
+
+def days_fingerprints(client: Any, bucket: str, topic: str) -> dict[str, str]:
+    """Every day of the archive -> the fingerprint of its snapshot, from one paginated listing."""
+    return {day: fingerprint(files) for day, files in _days_objects(client, bucket, topic).items()}
+
+
+def day_fingerprint(client: Any, bucket: str, topic: str, day: str) -> str:
+    """The fingerprint of one day's archive snapshot: which objects, with which ETags and sizes.
+
+    A report is valid for the exact snapshot it was computed from; any object added, replaced or
+    removed under ``raw/<topic>/dt=<day>/`` changes this value (it is the raw archive's data version).
+    """
+    files = [
+        (obj["Key"], int(obj["Size"]), str(obj.get("ETag", "")))
+        for obj in s3_helpers.iter_keys(client, bucket, keys.raw_day_prefix(topic, day))
+        if keys.parse_raw_file(obj["Key"]) is not None
+    ]
+    return fingerprint(files)
+
+
+def fingerprint(files: list[tuple[str, int, str]]) -> str:
+    """Order-independent digest of (key, size, etag) triples."""
+    return hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:20]
+
+
+def _days_objects(client: Any, bucket: str, topic: str) -> dict[str, list[tuple[str, int, str]]]:
+    days: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
     for obj in s3_helpers.iter_keys(client, bucket, keys.raw_topic_prefix(topic)):
         parts = keys.parse_raw_file(obj["Key"])
         if parts is not None:
-            days[str(parts["day"])].append((obj["Key"], int(obj["Size"])))
+            days[str(parts["day"])].append((obj["Key"], int(obj["Size"]), str(obj.get("ETag", ""))))
     return dict(days)
