@@ -62,12 +62,12 @@ def day_fingerprint(client: Any, bucket: str, topic: str, day: str) -> str:
     A report is valid for the exact snapshot it was computed from; any object added, replaced or
     removed under ``raw/<topic>/dt=<day>/`` changes this value (it is the raw archive's data version).
     """
-    files = [
-        (obj["Key"], int(obj["Size"]), str(obj.get("ETag", "")))
-        for obj in s3_helpers.iter_keys(client, bucket, keys.raw_day_prefix(topic, day))
-        if keys.parse_raw_file(obj["Key"]) is not None
-    ]
-    return fingerprint(files)
+    return files_fingerprint(archive_format.day_files(client, bucket, topic, day))
+
+
+def files_fingerprint(files: list[dict]) -> str:
+    """:func:`day_fingerprint` of a listing already made (``archive_format.day_files`` rows)."""
+    return fingerprint([(f["key"], int(f["size"]), str(f["etag"])) for f in files])
 
 
 def fingerprint(files: list[tuple[str, int, str]]) -> str:

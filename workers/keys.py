@@ -114,6 +114,11 @@ def replay_manifest(replay_id: str) -> str:
     return f"_state/replays/{valid_replay_id(replay_id)}/manifest.json"
 
 
+def replay_lease(slot: str) -> str:
+    """The create-only lease that lets one run at a time replay a (pipeline, version, day) slot."""
+    return f"_state/replays/{valid_replay_id(slot)}/lease.json"
+
+
 # ---------------------------------------------------------------- processor (workers/processor.py)
 
 GROUP_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")

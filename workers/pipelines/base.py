@@ -49,6 +49,11 @@ class Pipeline(ABC):
     window_ms: ClassVar[int] = 60_000
     group_by: ClassVar[tuple[str, ...]] = ()
     dedup_by: ClassVar[tuple[str, ...]] = ()
+    #: The pipeline's definition in SQL (a file next to its module, run by ``workers.reference`` on
+    #: DuckDB): the independent reference its corrected reports must equal before they are published.
+    reference_sql: ClassVar[str | None] = None
+    #: DuckDB variables the SQL reads with ``getvariable(name)`` (e.g. a version's switches).
+    reference_params: ClassVar[dict[str, bool | int | str]] = {}
     #: Schema of the partials (window_start + group_by + accumulators) and of the output rows.
     partial_schema: ClassVar[pl.Schema]
     output_schema: ClassVar[pl.Schema]

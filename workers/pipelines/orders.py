@@ -123,6 +123,8 @@ class OrdersV1(Pipeline):
     version: ClassVar[int] = 1
     summary: ClassVar[str] = "events and amount per (1-minute window, type); counts every valid record"
     group_by: ClassVar[tuple[str, ...]] = ("type",)
+    reference_sql: ClassVar[str | None] = "orders.sql"
+    reference_params: ClassVar[dict[str, bool | int | str]] = {"dedup_event_id": False}
     partial_schema: ClassVar[pl.Schema] = pl.Schema(
         {"window_start": pl.Datetime("ms", "UTC"), "type": pl.String, "events": pl.Int64, "amount": AMOUNT_DECIMAL}
     )
@@ -158,3 +160,4 @@ class OrdersV2(OrdersV1):
     version: ClassVar[int] = 2
     summary: ClassVar[str] = "like v1, but a repeated event_id in the same window and partition counts once"
     dedup_by: ClassVar[tuple[str, ...]] = ("event_id",)
+    reference_params: ClassVar[dict[str, bool | int | str]] = {"dedup_event_id": True}

@@ -1,0 +1,148 @@
+"""One replay per (pipeline, version, day) at a time: a lease object in S3, created with ``If-None-Match: *``.
+
+Why a lease and not only Dagster's run queue: replays start from schedules, backfills, the CLI
+(``dagster job execute``, ``kappa replay load``) and tests; only some of them go through the
+queued run coordinator. The lease lives next to the manifest (``_state/replays/<slot>/lease.json``)
+and names its owner (a Dagster run id, or host:pid for the CLI) and an expiry. The holder renews it
+(``If-Match`` on the ETag it wrote) while it works; a second request waits up to ``wait_s`` and
+then fails with one line naming the owner. A lease whose owner died expires after ``ttl_s`` (or at
+once when the caller can tell the owner is gone, e.g. a finished Dagster run) and is taken over with
+a conditional write, so two takers never both win. Expiry uses wall clocks: keep hosts NTP-synced.
+
+The lease only keeps honest runs apart. A paused holder (a zombie) that wakes up after a takeover
+is stopped by the manifest's own conditional writes (``replay_loader.write_manifest``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers import keys, s3_cas
+from workers.errors import KappaError
+
+log = logging.getLogger("kappa.replay_lease")
+
+DEFAULT_TTL_S = 120.0
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")
+
+
+class LeaseBusy(KappaError):
+    """Another run holds the lease of this replay slot."""
+
+
+@dataclass
+class Lease:
+    client: Any
+    bucket: str
+    slot: str
+    owner: str
+    ttl_s: float
+    etag: str
+    lost: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> str:
+        return keys.replay_lease(self.slot)
+
+    def renew(self) -> None:
+        """Push the expiry forward; raises Conflict (and sets ``lost``) when another run took the lease."""
+        try:
+            body = _body(self.slot, self.owner, self.ttl_s)
+            self.etag = s3_cas.put(self.client, self.bucket, self.key, body, self.etag)
+        except s3_cas.Conflict:
+            self.lost.set()
+            raise
+
+    def release(self) -> None:
+        """Delete the lease if it is still ours (a takeover already replaced it otherwise)."""
+        with contextlib.suppress(s3_cas.Conflict):
+            s3_cas.delete(self.client, self.bucket, self.key, self.etag)
+
+    @contextlib.contextmanager
+    def kept_alive(self, interval_s: float | None = None) -> Iterator[Lease]:
+        """Renew every ``ttl/3`` from a daemon thread while the body runs (a long load or consume)."""
+        stop = threading.Event()
+        every = interval_s or self.ttl_s / 3
+
+        def loop() -> None:
+            while not stop.wait(every):
+                try:
+                    self.renew()
+                except s3_cas.Conflict:
+                    log.error("lease of replay %s lost to another run; this run's writes will be refused", self.slot)
+                    return
+                except Exception as exc:  # S3 hiccup: try again next round, the ttl covers a few misses
+                    log.warning("lease renewal of %s failed: %s", self.slot, exc)
+
+        thread = threading.Thread(target=loop, name=f"lease-{self.slot}", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
+def _body(slot: str, owner: str, ttl_s: float) -> bytes:
+    now = time.time()
+    expires = now + ttl_s
+    doc = {"slot": slot, "owner": owner, "renewed_at": _iso(now), "expires_at": _iso(expires), "expires": expires}
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def acquire(
+    client: Any,
+    bucket: str,
+    slot: str,
+    owner: str,
+    *,
+    what: str,
+    ttl_s: float = DEFAULT_TTL_S,
+    wait_s: float = 0.0,
+    poll_s: float = 1.0,
+    owner_gone: Callable[[str], bool] | None = None,
+) -> Lease:
+    """Take the slot's lease (re-entrant for the same owner); wait up to ``wait_s``, then raise LeaseBusy."""
+    key = keys.replay_lease(slot)
+    deadline = time.monotonic() + wait_s
+    while True:
+        current = s3_cas.read(client, bucket, key)
+        holder: dict[str, Any] = json.loads(current[0]) if current else {}
+        etag = current[1] if current else None
+        free = (
+            current is None
+            or holder.get("owner") == owner
+            or float(holder.get("expires", 0)) < time.time()
+            or (owner_gone is not None and owner_gone(str(holder.get("owner"))))
+        )
+        if free:
+            try:
+                new_etag = s3_cas.put(client, bucket, key, _body(slot, owner, ttl_s), etag)
+            except s3_cas.Conflict:
+                continue  # another run raced us to it: look again
+            if current is not None and holder.get("owner") != owner:
+                log.warning("took over the lease of replay %s from %s", slot, holder.get("owner"))
+            return Lease(client, bucket, slot, owner, ttl_s, new_etag)
+        if time.monotonic() >= deadline:
+            raise LeaseBusy(
+                f"{what} is already running in {holder.get('owner')} (lease until {holder.get('expires_at')}): "
+                "wait for that run to finish, or cancel it; a lease whose owner died expires by itself"
+            )
+        time.sleep(poll_s)
