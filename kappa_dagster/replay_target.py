@@ -36,7 +36,7 @@ class ReplayTarget:
     day: str
 
     def spec(
-        self, settings: Settings, partitions: int | None = None, throttle: float | None = None
+        self, settings: Settings, partitions: int | None = None, throttle: float | None = None, run: str | None = None
     ) -> replay_loader.ReplaySpec:
         return replay_loader.ReplaySpec(
             pipeline=self.pipeline,
@@ -46,7 +46,16 @@ class ReplayTarget:
             bucket=settings.s3_bucket,
             partitions=partitions,
             throttle=throttle,
+            run=run,
         )
+
+    def slot(self, settings: Settings) -> str:
+        """The stable id of this (pipeline, version, day, archive): where its manifest and lease live."""
+        return replay_loader.replay_id(self.pipeline, self.version, self.day, settings.s3_bucket, settings.events_topic)
+
+    @property
+    def label(self) -> str:
+        return f"the replay of {self.pipeline} v{self.version} for {self.day}"
 
     @property
     def report_key(self) -> str:

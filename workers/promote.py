@@ -55,6 +55,27 @@ def replayed(client: Any, bucket: str, pipeline: str, version: int, source_topic
     )
 
 
+def refused_days(client: Any, bucket: str, pipeline: str, version: int, source_topic: str) -> dict[str, str]:
+    """Replayed days of this version that may not be promoted, with why (DESIGN §4: a report is
+    promotable only once its blocking checks passed, for the archive snapshot it was computed from)."""
+    current = archive_stats.days_fingerprints(client, bucket, source_topic)
+    ours = (pipeline, version, source_topic)
+    refused = {}
+    for manifest in replay_loader.iter_manifests(client, bucket):
+        if (manifest.get("pipeline"), manifest.get("version"), manifest.get("source_topic")) != ours:
+            continue
+        day, status = manifest["day"], manifest.get("status")
+        if status == "rejected":
+            refused[day] = f"checks failed: {', '.join(manifest.get('failed_checks', [])) or 'see the run'}"
+        elif status != "reported":
+            refused[day] = f"not checked yet (replay {status})"
+        elif manifest.get("checked_fingerprint") != current.get(day):
+            refused[day] = "the archive changed since its checks (stale): reprocess it"
+        elif not replay_loader.published(client, bucket, manifest):
+            refused[day] = "report.parquet changed since its checks: reprocess it"
+    return dict(sorted(refused.items()))
+
+
 def live_start_offsets(manifests: list[dict[str, Any]]) -> dict[str, int]:
     """Per source partition: one past the highest offset any replayed day read."""
     offsets: dict[str, int] = {}
@@ -82,6 +103,11 @@ def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version:
     """Point ``CURRENT`` at ``version`` (which must have corrected reports) and return the new pointer."""
     keys.valid_name(pipeline)
     keys.valid_version(version)
+    refused = refused_days(client, bucket, pipeline, version, source_topic)
+    if refused:
+        listing = "; ".join(f"{day}: {why}" for day, why in refused.items())
+        count = len(refused)
+        raise KappaError(f"{pipeline} v{version} cannot be promoted, {count} day(s) unchecked or failed: {listing}")
     manifests = replayed(client, bucket, pipeline, version, source_topic)
     if not manifests:
         raise KappaError(

@@ -21,16 +21,29 @@ Why this shape:
   ``original partition % partitions``. The same archive always yields the same topic.
 * **Idempotent.** A manifest in S3 (``keys.replay_manifest``) records the archive fingerprint and
   the replay topic's end offsets. A re-run skips when the manifest is complete and the topic (or the
-  finished report) still matches; otherwise the topic and the replay consumer group are deleted and
+  published report) still matches; otherwise the topic and the replay consumer group are deleted and
   recreated, so a partial load can never leave duplicates behind.
+* **One owner.** A *slot* is (pipeline, version, day, archive): its manifest lives at
+  ``_state/replays/<slot>/manifest.json``. Each load started with a run token (Dagster passes its
+  run id) gets its own replay id ``<slot>-<token>``, hence its own topic and group, and a new load
+  deletes only the topic and group of the load its manifest replaced. Every manifest write is a
+  compare-and-swap on the ETag read (``write_manifest``), so a loader that was paused while another
+  run took the slot over can never overwrite the newer manifest; ``workers.replay_lease`` keeps two
+  live runs of one slot apart in the first place.
+* **Exact snapshot.** The fingerprint is the archive listing with ETags
+  (``archive_stats.files_fingerprint``) and every object is read with ``If-Match`` on its listed
+  ETag, so a load is of exactly the snapshot its manifest names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
+import re
 import tempfile
+import threading
 import time
 import zlib
 from collections import deque
@@ -40,10 +53,11 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from botocore.exceptions import ClientError
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import NewTopic
 
-from workers import archive_format, keys
+from workers import archive_format, archive_stats, keys, s3_cas
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
@@ -79,11 +93,14 @@ ProgressFn = Callable[["Progress"], None]
 # ---------------------------------------------------------------- names
 
 
+RUN_TOKEN_RE = r"^[a-z0-9]{1,12}$"
+
+
 def replay_id(pipeline: str, version: int, day: str, bucket: str, source_topic: str) -> str:
-    """Stable id of one replay: ``orders-v2-20261120-1a2b3c``.
+    """Stable id of one replay slot: ``orders-v2-20261120-1a2b3c`` (where its manifest and lease live).
 
     Derived only from what is replayed (pipeline, version, day) plus a short hash of the archive
-    (bucket + topic), so re-runs are idempotent and two archives sharing a cluster never collide.
+    (bucket + topic), so re-runs find their predecessor and two archives sharing a cluster never collide.
     """
     keys.valid_name(pipeline)
     keys.valid_version(version)
@@ -111,8 +128,13 @@ class ReplaySpec:
     bucket: str
     partitions: int | None = None  # None: mirror the source topic's partitions
     throttle: float | None = None  # records/s, None = as fast as possible
+    #: Unique token of the run that loads (Dagster: its run id): the replay id, topic and group get it,
+    #: so two runs never share a topic. None keeps the slot's stable id (the CLI's historical names).
+    run: str | None = None
 
     def __post_init__(self) -> None:
+        if self.run is not None and not re.match(RUN_TOKEN_RE, self.run):
+            raise KappaError(f"run token {self.run!r} must match {RUN_TOKEN_RE}")
         keys.valid_day(self.day)
         keys.valid_name(self.pipeline)
         keys.valid_version(self.version)
@@ -123,8 +145,12 @@ class ReplaySpec:
             raise KappaError(f"throttle must be a positive number of records/s, got {self.throttle}")
 
     @property
-    def replay_id(self) -> str:
+    def slot(self) -> str:
         return replay_id(self.pipeline, self.version, self.day, self.bucket, self.source_topic)
+
+    @property
+    def replay_id(self) -> str:
+        return self.slot if self.run is None else keys.valid_replay_id(f"{self.slot}-{self.run}")
 
     @property
     def topic(self) -> str:
@@ -177,26 +203,51 @@ class LoadResult:
 # ---------------------------------------------------------------- manifest
 
 
-def read_manifest(client: Any, bucket: str, rid: str) -> dict[str, Any] | None:
-    body = s3_helpers.get_bytes(client, bucket, keys.replay_manifest(rid))
-    return json.loads(body) if body else None
+#: Where a manifest dict remembers the S3 version it was read at (never stored in S3).
+ETAG = "_etag"
+
+
+class ManifestFenced(KappaError):
+    """Another run wrote the manifest since this one read it: this run no longer owns the replay."""
+
+
+def _loaded(body: bytes, etag: str) -> dict[str, Any]:
+    manifest = json.loads(body)
+    manifest[ETAG] = etag
+    return manifest
+
+
+def read_manifest(client: Any, bucket: str, slot: str) -> dict[str, Any] | None:
+    """The slot's manifest, remembering its ETag so that :func:`write_manifest` can fence on it."""
+    found = s3_cas.read(client, bucket, keys.replay_manifest(slot))
+    return _loaded(*found) if found else None
 
 
 def write_manifest(client: Any, bucket: str, manifest: dict[str, Any]) -> None:
-    """One PUT: readers see the old or the new manifest, never a mix."""
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    client.put_object(
-        Bucket=bucket, Key=keys.replay_manifest(manifest["replay_id"]), Body=body, ContentType="application/json"
-    )
+    """One conditional PUT over the version this dict was read at (create-only when it was new).
+
+    Readers see the old or the new manifest, never a mix; a writer whose version is no longer the
+    current one (a zombie loader, a run that lost its lease) gets :class:`ManifestFenced`.
+    """
+    stored = {k: v for k, v in manifest.items() if k != ETAG}
+    body = json.dumps(stored, indent=2, sort_keys=True).encode()
+    key = keys.replay_manifest(manifest.get("slot") or manifest["replay_id"])
+    try:
+        manifest[ETAG] = s3_cas.put(client, bucket, key, body, manifest.get(ETAG))
+    except s3_cas.Conflict:
+        raise ManifestFenced(
+            f"replay {manifest['replay_id']}: another run rewrote s3://{bucket}/{key} since this one read it; "
+            "this run no longer owns the replay and stops without writing"
+        ) from None
 
 
 def iter_manifests(client: Any, bucket: str) -> Iterator[dict[str, Any]]:
     """Every replay manifest in the bucket (for the progress sensor and promote)."""
     for obj in s3_helpers.iter_keys(client, bucket, "_state/replays/"):
         if obj["Key"].endswith("/manifest.json"):
-            body = s3_helpers.get_bytes(client, bucket, obj["Key"])
-            if body:
-                yield json.loads(body)
+            found = s3_cas.read(client, bucket, obj["Key"])
+            if found:
+                yield _loaded(*found)
 
 
 def processor_grace_ms(manifest: dict[str, Any]) -> int | None:
@@ -209,14 +260,6 @@ def processor_grace_ms(manifest: dict[str, Any]) -> int | None:
     this flag existed (or a topic of unknown order) keep the infinite grace (None).
     """
     return ORDERED_REPLAY_GRACE_MS if manifest.get("event_time_ordered") else None
-
-
-def fingerprint(files: list[dict]) -> str:
-    """Identity of a day's archive: keys and sizes (archive keys encode their offset ranges)."""
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file['key']}\t{file['size']}\n".encode())
-    return digest.hexdigest()
 
 
 def _offsets_json(offsets: dict[int, int]) -> dict[str, int]:
@@ -499,22 +542,38 @@ class ReplayProducer:
 # ---------------------------------------------------------------- the load
 
 
+#: Manifest statuses whose replay topic is complete (loaded, then consumed, then checked).
+LOADED_STATES = {"loaded", "consumed", "reported", "rejected"}
+
+
+def published(client: Any, bucket: str, manifest: dict[str, Any]) -> bool:
+    """True when the slot's report passed its checks and the file is still the version that was checked."""
+    if manifest.get("status") != "reported" or not manifest.get("report_etag"):
+        return False
+    try:
+        head = client.head_object(Bucket=bucket, Key=manifest["report_key"])
+    except ClientError:
+        return False
+    return bool(head["ETag"] == manifest["report_etag"])
+
+
 def is_up_to_date(settings: Settings, client: Any, manifest: dict[str, Any] | None, spec: ReplaySpec, fp: str) -> str:
     """Why the previous load can be reused ('' when it cannot)."""
     if not manifest or manifest.get("source_fingerprint") != fp:
         return ""
     if manifest.get("partitions_requested") != spec.partitions:
         return ""
+    if published(client, spec.bucket, manifest):
+        return "the checked report of this exact archive is already published"
     status = manifest.get("status")
-    if status == "reported" and s3_helpers.get_bytes(client, spec.bucket, manifest["report_key"]) is not None:
-        return "the report of this exact archive is already written"
-    if status in {"loaded", "reported"} and topic_end_offsets(settings, spec.topic) == manifest["end_offsets"]:
+    if status in LOADED_STATES and topic_end_offsets(settings, manifest["replay_topic"]) == manifest["end_offsets"]:
         return "the replay topic already holds this exact archive"
     return ""
 
 
 def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any]:
     return {
+        "slot": spec.slot,
         "replay_id": spec.replay_id,
         "pipeline": spec.pipeline,
         "version": spec.version,
@@ -537,6 +596,26 @@ def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any
     }
 
 
+def _supersede(settings: Settings, client: Any, previous: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+    """Delete the topic and group of the load this manifest replaced (never any other run's).
+
+    Called only after the new manifest won its conditional write, so the previous load has no owner
+    left: its run finished, failed, or lost the lease (and is fenced from writing).
+    """
+    if previous is None or previous.get("cleaned") or previous.get("replay_topic") == manifest["replay_topic"]:
+        return
+    try:
+        cleanup(settings, previous, client)
+    except KappaError as exc:  # e.g. a zombie member still in the old group: leave it, say so
+        manifest.setdefault("superseded_not_cleaned", []).append(f"{previous.get('replay_id')}: {exc}")
+
+
+def _abandon(settings: Settings, client: Any, manifest: dict[str, Any]) -> None:
+    """A load that lost its slot deletes its own topic (only that) so nothing is left behind."""
+    with contextlib.suppress(Exception):
+        kafka_helpers.delete_topics(settings, [manifest["replay_topic"]])
+
+
 def load(
     settings: Settings,
     spec: ReplaySpec,
@@ -546,52 +625,63 @@ def load(
     progress_interval: float = 2.0,
     force: bool = False,
     memory_rows: int = DEFAULT_MEMORY_ROWS,
+    lost: threading.Event | None = None,
 ) -> LoadResult:
-    """Load one day into its replay topic (or reuse an identical previous load) and return the manifest."""
+    """Load one day into its replay topic (or reuse an identical previous load) and return the manifest.
+
+    ``lost`` (the run's lease) set means another run took the slot over: stop, delete our topic.
+    """
     client = client or s3_helpers.s3_client(settings)
     files = archive_format.day_files(client, spec.bucket, spec.source_topic, spec.day)
     if not files:
         prefix = keys.raw_day_prefix(spec.source_topic, spec.day)
         raise KappaError(f"no raw archive objects under s3://{spec.bucket}/{prefix}: nothing to replay for {spec.day}")
-    fp = fingerprint(files)
-    previous = read_manifest(client, spec.bucket, spec.replay_id)
+    fp = archive_stats.files_fingerprint(files)
+    previous = read_manifest(client, spec.bucket, spec.slot)
     reason = "" if force else is_up_to_date(settings, client, previous, spec, fp)
     if reason and previous is not None:
         return LoadResult(previous, skipped=True, reason=reason)
 
     manifest = base_manifest(spec, files, fp)
+    manifest[ETAG] = previous.get(ETAG) if previous else None
     partitions = spec.partitions or source_partitions(settings, spec.source_topic, files)
     manifest["partitions"] = partitions
-    write_manifest(client, spec.bucket, manifest)
+    write_manifest(client, spec.bucket, manifest)  # fenced: only one run can replace `previous`
+    _supersede(settings, client, previous, manifest)
     reset_consumer_side(settings, client, manifest)
     recreate_topic(settings, spec.topic, partitions)
-    reporter = _Reporter(progress, progress_interval)
-    with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
-        runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
-        produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
-    end = topic_end_offsets(settings, spec.topic) or {}
-    if sum(end.values()) != produced:
-        raise KappaError(f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}")
-    manifest.update(
-        status="loaded",
-        records=produced,
-        rows_read=stats["rows_read"],
-        duplicates_dropped=stats["rows_read"] - produced,
-        end_offsets=end,
-        source_end_offsets=_offsets_json(stats["source_end"]),
-        loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        load_seconds=round(reporter.elapsed(), 3),
-    )
-    write_manifest(client, spec.bucket, manifest)
+    reporter = _Reporter(progress, progress_interval, lost)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
+            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
+            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
+        end = topic_end_offsets(settings, spec.topic) or {}
+        if sum(end.values()) != produced:
+            raise KappaError(f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}")
+        manifest.update(
+            status="loaded",
+            records=produced,
+            rows_read=stats["rows_read"],
+            duplicates_dropped=stats["rows_read"] - produced,
+            end_offsets=end,
+            source_end_offsets=_offsets_json(stats["source_end"]),
+            loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            load_seconds=round(reporter.elapsed(), 3),
+        )
+        write_manifest(client, spec.bucket, manifest)
+    except ManifestFenced:
+        _abandon(settings, client, manifest)
+        raise
     return LoadResult(manifest, skipped=False, reason="loaded")
 
 
 class _Reporter:
     """Rate-limited progress callbacks."""
 
-    def __init__(self, callback: ProgressFn | None, interval: float) -> None:
+    def __init__(self, callback: ProgressFn | None, interval: float, lost: threading.Event | None = None) -> None:
         self.callback = callback
         self.interval = interval
+        self.lost = lost
         self.started = time.monotonic()
         self.phase_started = self.started
         self.last = 0.0
@@ -604,6 +694,8 @@ class _Reporter:
         self.last = 0.0
 
     def __call__(self, phase: str, done: int, total: int, final: bool = False) -> None:
+        if self.lost is not None and self.lost.is_set():
+            raise ManifestFenced(f"the lease of this replay was taken over by another run during {phase}: stopping")
         now = time.monotonic()
         if self.callback and (final or now - self.last >= self.interval):
             self.last = now
@@ -617,7 +709,7 @@ def _sort_files(
     chunk_rows = max(MIN_CHUNK_ROWS, memory_rows // len(files))
     runs, rows_read, source_end = [], 0, {}
     for index, file in enumerate(files):
-        body = client.get_object(Bucket=bucket, Key=file["key"])["Body"].read()
+        body = _read_listed(client, bucket, file)
         frame = archive_format.from_parquet_bytes(body)
         del body
         rows_read += frame.height
@@ -626,6 +718,16 @@ def _sort_files(
         runs.append(SortedRun(spill_sorted(frame, directory, f"{index:06d}", chunk_rows)))
         reporter("sort", index + 1, len(files), final=index + 1 == len(files))
     return runs, {"rows_read": rows_read, "source_end": source_end}
+
+
+def _read_listed(client: Any, bucket: str, file: dict) -> bytes:
+    """The object at the version the listing (and so the fingerprint) saw, or a clear error."""
+    try:
+        return client.get_object(Bucket=bucket, Key=file["key"], IfMatch=file["etag"])["Body"].read()
+    except ClientError as exc:
+        if s3_cas.is_conflict(exc) or exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+            raise KappaError(f"archive object {file['key']} changed during the load: run it again") from None
+        raise
 
 
 def _produce_all(settings: Settings, spec: ReplaySpec, runs: list[SortedRun], total: int, reporter: _Reporter) -> int:

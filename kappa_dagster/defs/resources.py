@@ -74,6 +74,10 @@ class ReplayOptions(dg.ConfigurableResource):
     live_version: int | None = None
     #: Extra ``kappa processor`` options for the replay consumer, e.g. ``"--batch-size 2000"``.
     processor_args: str = ""
+    #: A second run of the same (pipeline, version, day) waits this long for the first, then fails.
+    lease_wait_seconds: float = 0.0
+    #: The run's hold on its day expires this long after its last renewal (renewed every third of it).
+    lease_ttl_seconds: float = 120.0
 
 
 defs = dg.Definitions.merge(

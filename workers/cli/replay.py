@@ -7,7 +7,8 @@ import json
 import typer
 from rich.console import Console
 
-from workers import replay_loader
+from workers import replay_lease, replay_loader
+from workers import s3 as s3_helpers
 from workers.config import load_settings
 
 app = typer.Typer(help="Replay history from the S3 archive through Kafka.", no_args_is_help=True)
@@ -24,6 +25,13 @@ def load(
     ),
     throttle: float = typer.Option(None, help="Max records/s (default: as fast as possible)."),
     force: bool = typer.Option(False, "--force", help="Reload even if an identical load exists."),
+    run: str = typer.Option(
+        None, help="Run token (a-z0-9, up to 12): names its own topic and group; default: the slot's stable names."
+    ),
+    wait: float = typer.Option(0.0, help="Seconds to wait when another run is replaying the same day."),
+    lease_seconds: float = typer.Option(
+        replay_lease.DEFAULT_TTL_S, help="Hold on the day, renewed while loading; expires if this process dies."
+    ),
 ) -> None:
     """Publish a day's archive, deduplicated and in event-time order, to events.replay.<replay id>."""
     settings = load_settings()
@@ -35,16 +43,32 @@ def load(
         bucket=settings.s3_bucket,
         partitions=partitions,
         throttle=throttle,
+        run=run,
     )
     console.print(f"replay {spec.replay_id}: s3://{spec.bucket}/raw/{spec.source_topic}/dt={day}/ -> {spec.topic}")
-    result = replay_loader.load(
-        settings, spec, force=force, progress=lambda p: console.print(f"[dim]{p.describe()}[/]", highlight=False)
+    client = s3_helpers.s3_client(settings)
+    what = f"the replay of {pipeline} v{version} for {day}"
+    lease = replay_lease.acquire(
+        client, spec.bucket, spec.slot, replay_lease.default_owner(), what=what, ttl_s=lease_seconds, wait_s=wait
     )
+    try:
+        with lease.kept_alive():
+            result = replay_loader.load(
+                settings,
+                spec,
+                client=client,
+                force=force,
+                progress=lambda p: console.print(f"[dim]{p.describe()}[/]", highlight=False),
+                lost=lease.lost,
+            )
+    finally:
+        lease.release()
     manifest = result.manifest
     verb = f"[yellow]skipped[/] ({result.reason})" if result.skipped else "[green]loaded[/]"
     console.print(
         f"{verb}: {manifest.get('records')} records ({manifest.get('duplicates_dropped')} duplicates dropped), "
         f"group {manifest['group']}"
     )
-    summary = {"replay_id": spec.replay_id, "topic": spec.topic, "end_offsets": manifest["end_offsets"]}
+    summary = {"replay_id": manifest["replay_id"], "topic": manifest["replay_topic"]}
+    summary["end_offsets"] = manifest["end_offsets"]
     typer.echo(json.dumps(summary))  # one machine-readable line, never wrapped

@@ -17,8 +17,8 @@ from kappa_dagster.defs.assets.raw_archive import observation, raw_archive
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
 from kappa_dagster.replay_target import ReplayTarget, target_of
-from workers import replay_loader
-from workers import s3 as s3_helpers
+from kappa_dagster.slot_lease import held
+from workers import replay_loader, report_gate
 from workers.errors import KappaError
 
 
@@ -38,7 +38,7 @@ def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
         "duplicates_dropped": dg.MetadataValue.int(manifest.get("duplicates_dropped", 0)),
         "end_offsets": dg.MetadataValue.json(manifest.get("end_offsets", {})),
         "source_end_offsets": dg.MetadataValue.json(manifest.get("source_end_offsets", {})),
-        "manifest": f"_state/replays/{manifest['replay_id']}/manifest.json",
+        "manifest": f"_state/replays/{manifest.get('slot', manifest['replay_id'])}/manifest.json",
     }
 
 
@@ -55,22 +55,30 @@ def replay_load(
     """Publish the day's archive (deduplicated, event-time order, byte-exact) to ``<events>.replay.<id>``.
 
     Idempotent: an identical previous load (same archive fingerprint) is reused, a partial one redone.
+    One run per (pipeline, version, day) at a time: the run holds the day's lease until its report is
+    checked; a new load gets its own topic and group (replay id ``<slot>-<run id>``).
     """
     target = target_of(context, replay)
     settings = kafka.settings()
+    client = s3.get_client()
     try:
-        spec = target.spec(settings, partitions=replay.partitions, throttle=replay.throttle)
-        result = replay_loader.load(
-            settings,
-            spec,
-            client=s3.get_client(),
-            force=replay.force,
-            progress=lambda p: context.log.info(f"replay {spec.replay_id} {p.describe()}"),
-        )
+        spec = target.spec(settings, partitions=replay.partitions, throttle=replay.throttle, run=context.run_id[:8])
     except KappaError as exc:
         raise _fail(exc) from None
+    with held(context, client, settings.s3_bucket, spec.slot, target.label, replay, release=False) as lease:
+        try:
+            result = replay_loader.load(
+                settings,
+                spec,
+                client=client,
+                force=replay.force,
+                progress=lambda p: context.log.info(f"replay {spec.replay_id} {p.describe()}"),
+                lost=lease.lost,
+            )
+        except KappaError as exc:
+            raise _fail(exc) from None
     manifest = result.manifest
-    context.log.info(f"replay {spec.replay_id}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
+    context.log.info(f"replay {manifest['replay_id']}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
     context.log_event(
         observation(
             target.day,
@@ -121,23 +129,21 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: lis
     ]
 
 
-def loaded_manifest(client: Any, bucket: str, target: ReplayTarget, settings_topic: str) -> dict[str, Any]:
-    rid = replay_loader.replay_id(target.pipeline, target.version, target.day, bucket, settings_topic)
-    manifest = replay_loader.read_manifest(client, bucket, rid)
-    if manifest is None or manifest.get("status") not in {"loaded", "reported"}:
+def loaded_manifest(
+    client: Any, bucket: str, target: ReplayTarget, settings_topic: str, states: set[str] | None = None
+) -> dict[str, Any]:
+    """The day's manifest, if its replay got at least as far as ``states`` (default: loaded)."""
+    slot = replay_loader.replay_id(target.pipeline, target.version, target.day, bucket, settings_topic)
+    manifest = replay_loader.read_manifest(client, bucket, slot)
+    wanted = states or replay_loader.LOADED_STATES
+    if manifest is None or manifest.get("status") not in wanted:
+        status = manifest.get("status") if manifest else "absent"
         raise dg.Failure(
-            description=f"replay {rid} is not loaded yet: materialize replay_load for {target.day} first",
+            description=f"replay {slot} is {status}, not {' or '.join(sorted(wanted))}: "
+            f"run the reprocess job for {target.day}",
             allow_retries=False,
         )
     return manifest
-
-
-def report_is_current(client: Any, bucket: str, manifest: dict[str, Any]) -> bool:
-    """True when the report was already built from exactly this load (status reported, file present)."""
-    return (
-        manifest.get("status") == "reported"
-        and s3_helpers.get_bytes(client, bucket, manifest["report_key"]) is not None
-    )
 
 
 @dg.asset(
@@ -158,27 +164,26 @@ def replay_consume(
     target = target_of(context, replay)
     settings = kafka.settings()
     client = s3.get_client()
-    manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
-    if report_is_current(client, settings.s3_bucket, manifest) and not replay.force:
-        context.log.info(f"report of replay {manifest['replay_id']} is current: nothing to consume")
-        return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
-    invocation = pipes_subprocess_client.run(
-        command=processor_command(target, manifest, shlex.split(replay.processor_args)),
-        context=context,
-        extras={"replay_id": manifest["replay_id"], "end_offsets": manifest["end_offsets"], "day": target.day},
-    )
-    result = _last_custom_message(invocation)
-    stats = _read_stats(client, settings.s3_bucket, target)
-    if stats.get("records") != manifest["records"]:
-        raise dg.Failure(
-            description=f"processor saw {stats.get('records')} records for {target.day}, "
-            f"the replay holds {manifest['records']}",
+    with held(context, client, settings.s3_bucket, target.slot(settings), target.label, replay, release=False):
+        manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
+        if replay_loader.published(client, settings.s3_bucket, manifest) and not replay.force:
+            context.log.info(f"report of replay {manifest['replay_id']} is published and current: nothing to consume")
+            return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
+        invocation = pipes_subprocess_client.run(
+            command=processor_command(target, manifest, shlex.split(replay.processor_args)),
+            context=context,
+            extras={"replay_id": manifest["replay_id"], "end_offsets": manifest["end_offsets"], "day": target.day},
         )
+        result = _last_custom_message(invocation)
+        try:  # binds the report this processor run wrote; the sensor only ever reports consumed replays
+            manifest = report_gate.mark_consumed(client, settings.s3_bucket, manifest, result)
+        except KappaError as exc:
+            raise dg.Failure(description=str(exc)) from None
     return dg.MaterializeResult(
         metadata={
             **manifest_metadata(manifest),
             "reused": False,
-            "stats": dg.MetadataValue.json(stats),
+            "stats": dg.MetadataValue.json((result.get("stats") or {}).get(target.day, {})),
             "processor_result": dg.MetadataValue.json(result),
         }
     )
@@ -189,9 +194,3 @@ def _last_custom_message(invocation: dg.PipesClientCompletedInvocation) -> dict[
     last = messages[-1] if messages else {}
     return last if isinstance(last, dict) else {"message": json.dumps(last, default=str)}
 
-
-def _read_stats(client: Any, bucket: str, target: ReplayTarget) -> dict[str, Any]:
-    body = s3_helpers.get_bytes(client, bucket, target.stats_key)
-    if body is None:
-        raise dg.Failure(description=f"processor wrote no stats at s3://{bucket}/{target.stats_key}")
-    return json.loads(body)

@@ -1,8 +1,11 @@
 """The corrected report per day and version (DESIGN §4), written by the replayed processor.
 
-This step validates the file the processor wrote, publishes what a reviewer needs (rows, totals, a
-preview and the diff against the live results), marks the replay as reported and cleans up its
-Kafka topic and consumer group.
+This step is the gate (DESIGN §4): it checks the file the replay's processor wrote against the
+pipeline's SQL reference over the archive snapshot the replay was loaded from (blocking checks
+``report_matches_reference`` and ``records_accounted``, see ``workers.report_gate``), then marks the
+replay ``reported`` (published: promotable, shown as corrected) or ``rejected``. It also publishes
+what a reviewer needs (rows, totals, a preview, the diff against the live results) and cleans up
+the replay's own Kafka topic and consumer group once published.
 """
 
 import io
@@ -17,9 +20,11 @@ from kappa_dagster.defs.assets.replay import loaded_manifest, replay_consume
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
 from kappa_dagster.replay_target import ReplayTarget, target_of
-from workers import promote, replay_loader, report_diff
+from kappa_dagster.slot_lease import held
+from workers import promote, replay_loader, report_diff, report_gate
 from workers import s3 as s3_helpers
 from workers.config import Settings
+from workers.errors import KappaError
 from workers.pipelines import get_pipeline
 from workers.processor import read_live_results
 
@@ -77,28 +82,82 @@ def diff_metadata(live_version: int | None, live: Any, report: pl.DataFrame) -> 
     }
 
 
+def check_result(check: report_gate.Check) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=check.name,
+        passed=check.passed,
+        description=check.description,
+        metadata={name: dg.MetadataValue.json(value) for name, value in check.metadata.items()},
+    )
+
+
+GATE_CHECKS = [
+    dg.AssetCheckSpec(
+        report_gate.REFERENCE_CHECK,
+        asset="corrected_report",
+        blocking=True,
+        description="Equal to the pipeline's SQL definition (DuckDB) over the exact archive snapshot loaded.",
+    ),
+    dg.AssetCheckSpec(
+        report_gate.ACCOUNTED_CHECK,
+        asset="corrected_report",
+        blocking=True,
+        description="counted + dlq + duplicates + late == the snapshot's distinct records; events sum to counted.",
+    ),
+]
+
+
 @dg.asset(
     partitions_def=daily_partitions,
     owners=OWNERS,
     group_name="reports",
-    kinds={"s3", "parquet", "polars"},
+    kinds={"s3", "parquet", "duckdb"},
     deps=[replay_consume],
+    check_specs=GATE_CHECKS,
 )
 def corrected_report(
     context: dg.AssetExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
 ) -> dg.MaterializeResult:
-    """``reports/<P>/v<V>/dt=<D>/report.parquet``: the day recomputed by pipeline version V."""
+    """``reports/<P>/v<V>/dt=<D>/report.parquet``: the day recomputed by pipeline version V, published
+    (manifest ``reported``) only when its blocking checks pass."""
     target = target_of(context, replay)
     settings = kafka.settings()
     client = s3.get_client()
-    manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
-    report, stats = read_report(client, settings.s3_bucket, target)
-    expected = get_pipeline(target.pipeline, target.version).output_schema
-    if report.schema != expected:
-        raise dg.Failure(description=f"report schema {dict(report.schema)} is not {dict(expected)}")
+    with held(context, client, settings.s3_bucket, target.slot(settings), target.label, replay, release=True):
+        consumed = {"consumed", "reported", "rejected"}
+        manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic, consumed)
+        try:
+            verdict = report_gate.evaluate(client, settings.s3_bucket, manifest)
+        except KappaError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
+        report = pl.read_parquet(io.BytesIO(verdict.report))
+        expected = get_pipeline(target.pipeline, target.version).output_schema
+        if report.schema != expected:
+            raise dg.Failure(description=f"report schema {dict(report.schema)} is not {dict(expected)}")
+        manifest["report_rows"] = report.height
+        manifest = report_gate.publish(client, settings.s3_bucket, manifest, verdict)
+        outcome = ", ".join(verdict.failed) or "all checks passed"
+        context.log.info(f"replay {manifest['replay_id']}: {manifest['status']} ({outcome})")
+        if verdict.passed:
+            _clean_up(context, settings, client, manifest, replay)
     live_version, live = live_results(settings, client, target, replay.live_version)
-    manifest.update(status="reported", report_rows=report.height)
-    replay_loader.write_manifest(client, settings.s3_bucket, manifest)
+    return dg.MaterializeResult(
+        metadata={
+            "path": f"s3://{settings.s3_bucket}/{target.report_key}",
+            "pipeline": target.pipeline,
+            "version": dg.MetadataValue.int(target.version),
+            "replay_id": manifest["replay_id"],
+            "status": manifest["status"],
+            "source_fingerprint": manifest["source_fingerprint"],
+            **report_metadata(report, verdict.stats),
+            **diff_metadata(live_version, live, report),
+        },
+        check_results=[check_result(check) for check in verdict.checks],
+    )
+
+
+def _clean_up(context: dg.AssetExecutionContext, settings: Settings, client: Any, manifest: dict, replay: Any) -> None:
+    """Delete this replay's own topic, DLQ, group and checkpoints once its report is published."""
     if replay.cleanup and not manifest.get("cleaned"):
         replay_loader.cleanup(settings, manifest, client)
         manifest["cleaned"] = True
@@ -106,14 +165,3 @@ def corrected_report(
         context.log.info(
             f"deleted replay topic {manifest['replay_topic']} (+ DLQ, group {manifest['group']}, checkpoints)"
         )
-    return dg.MaterializeResult(
-        metadata={
-            "path": f"s3://{settings.s3_bucket}/{target.report_key}",
-            "pipeline": target.pipeline,
-            "version": dg.MetadataValue.int(target.version),
-            "replay_id": manifest["replay_id"],
-            "source_fingerprint": manifest["source_fingerprint"],
-            **report_metadata(report, stats),
-            **diff_metadata(live_version, live, report),
-        },
-    )

@@ -1,4 +1,9 @@
-"""Check: the corrected report equals the pipeline's independent batch computation over the archive."""
+"""Check (not gating): the streaming result equals the pipeline's own batch computation over the archive.
+
+Both sides run the pipeline's polars code (parse, windows, dedup), so this catches *engine* bugs
+(state, checkpoints, watermarks, Kafka) but never a wrong pipeline rule: that is what the blocking
+``report_matches_reference`` (the pipeline's SQL on DuckDB, in ``corrected_report``) is for.
+"""
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
@@ -12,11 +17,11 @@ from workers import report_diff
 from workers.pipelines import get_pipeline
 
 
-@dg.asset_check(asset=corrected_report, partitions_def=daily_partitions, blocking=True)
+@dg.asset_check(asset=corrected_report, partitions_def=daily_partitions, blocking=False)
 def report_matches_batch(
     context: dg.AssetCheckExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
 ) -> dg.AssetCheckResult:
-    """Streaming (Kafka replay) and batch (polars over S3) must agree row for row."""
+    """Streaming (Kafka replay) and the engine's batch mode (polars over S3) agree row for row."""
     target = target_of(context, replay)
     settings = kafka.settings()
     client = s3.get_client()

@@ -1,10 +1,12 @@
 """Replay progress sensor: reads offsets only (never consumes), plots lag, requests the report run.
 
-Each tick, for every loaded replay (manifest status ``loaded``), it compares the replay group's
-committed offsets with the end offsets the load recorded, emits an ``AssetObservation`` on
-``replay_consume`` (lag, percent done) when they moved, and once the group reached the end requests
-``corrected_report_job`` for that day with a ``run_key`` per load, unless a run for the day is
-already in flight or the report was already materialized for that load.
+Each tick, for every loaded replay (manifest status ``loaded`` or ``consumed``), it compares the
+replay group's committed offsets with the end offsets the load recorded and emits an
+``AssetObservation`` on ``replay_consume`` (lag, percent done) when they moved. It requests
+``corrected_report_job`` (the gate) only for a replay whose consume step *succeeded* (status
+``consumed``: the processor finished, saw every record and its report is bound to this load) and
+whose group is at the end, with a ``run_key`` per consumed report, unless a run for the day is in
+flight. A consumer that died or miscounted leaves the replay ``loaded``: nothing is requested.
 """
 
 import json
@@ -52,7 +54,7 @@ def observe(manifest: dict[str, Any], state: dict[str, Any]) -> dg.AssetObservat
 
 def request_report(manifest: dict[str, Any]) -> dg.RunRequest:
     return dg.RunRequest(
-        run_key=f"report:{manifest['replay_id']}:{manifest['source_fingerprint'][:16]}",
+        run_key=f"report:{manifest['replay_id']}:{str(manifest.get('report_etag')).strip(chr(34))[:16]}",
         partition_key=manifest["day"],
         tags={VERSION_TAG: str(manifest["version"]), PIPELINE_TAG: manifest["pipeline"]},
     )
@@ -73,7 +75,7 @@ def replay_progress_sensor(
     events: list[dg.AssetObservation] = []
     requests: list[dg.RunRequest] = []
     for manifest in replay_loader.iter_manifests(s3.get_client(), settings.s3_bucket):
-        if manifest.get("status") != "loaded" or manifest.get("day") not in known_days:
+        if manifest.get("status") not in {"loaded", "consumed"} or manifest.get("day") not in known_days:
             continue
         if manifest.get("source_topic") != settings.events_topic:
             continue
@@ -81,6 +83,7 @@ def replay_progress_sensor(
         if cursor.get(manifest["replay_id"]) != state["lag"]:
             events.append(observe(manifest, state))
             cursor[manifest["replay_id"]] = state["lag"]
-        if state["lag"] == 0 and not day_in_flight(context.instance, manifest["day"]):
+        consumed = manifest["status"] == "consumed"
+        if consumed and state["lag"] == 0 and not day_in_flight(context.instance, manifest["day"]):
             requests.append(request_report(manifest))
     return dg.SensorResult(run_requests=requests, asset_events=events, cursor=json.dumps(cursor, sort_keys=True))

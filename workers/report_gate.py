@@ -1,0 +1,181 @@
+"""The gate of a corrected report: checked against the SQL reference, then (only then) published.
+
+A replay's manifest moves ``loading -> loaded -> consumed -> reported | rejected``:
+
+* ``consumed`` (:func:`mark_consumed`) binds the report and stats files the bounded processor of
+  *this* load wrote (their ETags), once it finished and saw every record of the replay. A report
+  left by an earlier load, or rewritten later by a stray processor, no longer matches that ETag.
+* :func:`evaluate` reads exactly those versions and compares them with
+  :mod:`workers.reference` (the pipeline's SQL over the archive snapshot the load was made from).
+* :func:`publish` writes ``reported`` (or ``rejected`` with the failed checks) with the snapshot
+  fingerprint, in one fenced manifest write. Promote and the dashboard accept ``reported`` only,
+  and only while the archive's fingerprint and the report's ETag are still the checked ones
+  (``replay_loader.published``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from workers import keys, reference, replay_loader, s3_cas
+from workers.errors import KappaError
+from workers.pipelines import get_pipeline
+
+#: The blocking checks; a report is published only when all pass.
+REFERENCE_CHECK = "report_matches_reference"
+ACCOUNTED_CHECK = "records_accounted"
+STAT_OUTCOMES = ("counted", "dlq", "duplicates", "late")
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Verdict:
+    checks: list[Check]
+    fingerprint: str
+    report: bytes
+    stats: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    @property
+    def failed(self) -> list[str]:
+        return [check.name for check in self.checks if not check.passed]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _head_etag(client: Any, bucket: str, key: str) -> str | None:
+    try:
+        return str(client.head_object(Bucket=bucket, Key=key)["ETag"])
+    except ClientError:
+        return None
+
+
+def mark_consumed(client: Any, bucket: str, manifest: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """After a bounded processor run over this load: bind the report it wrote, or explain why not.
+
+    ``summary`` is the processor's run summary (``RunSummary.to_dict``): it must be complete, have
+    written the day's report, and have seen exactly the replay's records.
+    """
+    day, records = manifest["day"], manifest.get("records")
+    stats = (summary.get("stats") or {}).get(day, {})
+    if not summary.get("complete") or day not in (summary.get("reports") or {}):
+        raise KappaError(f"the replay consumer of {day} did not finish and write its report: run it again")
+    if summary.get("group") != manifest["group"] or stats.get("records") != records:
+        raise KappaError(
+            f"processor saw {stats.get('records')} records for {day} in group {summary.get('group')}, "
+            f"the replay {manifest['replay_id']} holds {records} in group {manifest['group']}"
+        )
+    stats_key = keys.report_stats_file(manifest["pipeline"], int(manifest["version"]), day)
+    manifest.update(
+        status="consumed",
+        consumed_at=_now(),
+        report_etag=_head_etag(client, bucket, manifest["report_key"]),
+        stats_key=stats_key,
+        stats_etag=_head_etag(client, bucket, stats_key),
+    )
+    replay_loader.write_manifest(client, bucket, manifest)
+    return manifest
+
+
+def _read_bound(client: Any, bucket: str, key: str, etag: str | None, day: str) -> bytes:
+    """The file at the version the consume step bound, or a clear error."""
+    if not etag:
+        raise KappaError(f"the replay of {day} has not been consumed yet: run the reprocess job for {day}")
+    try:
+        return client.get_object(Bucket=bucket, Key=key, IfMatch=etag)["Body"].read()
+    except ClientError as exc:
+        if s3_cas.is_conflict(exc) or exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+            raise KappaError(
+                f"s3://{bucket}/{key} was rewritten or removed after the consume step of {day}: reprocess {day}"
+            ) from None
+        raise
+
+
+def evaluate(client: Any, bucket: str, manifest: dict[str, Any]) -> Verdict:
+    """Both blocking checks of the consumed report, against the load's exact archive snapshot."""
+    pipeline = get_pipeline(manifest["pipeline"], int(manifest["version"]))
+    day = manifest["day"]
+    report = _read_bound(client, bucket, manifest["report_key"], manifest.get("report_etag"), day)
+    stats = json.loads(_read_bound(client, bucket, manifest["stats_key"], manifest.get("stats_etag"), day))
+    with reference.snapshot(client, bucket, manifest["source_topic"], day) as snap:
+        ref = reference.compute(pipeline, snap)
+    columns, rows = reference.read_report(report, pipeline.key_columns)
+    wrong = reference.mismatches(columns, rows, ref, pipeline.key_columns)
+    return Verdict([_reference_check(manifest, ref, stats, wrong), _accounted_check(ref, stats, columns, rows)],
+                   ref.fingerprint, report, stats)
+
+
+def _reference_check(manifest: dict[str, Any], ref: reference.Reference, stats: dict, wrong: list) -> Check:
+    fresh = ref.fingerprint == manifest["source_fingerprint"]
+    outcome_diff = {
+        name: {"report": int(stats.get(name, 0)), "reference": ref.outcomes[name]}
+        for name in reference.OUTCOMES
+        if int(stats.get(name, 0)) != ref.outcomes[name]
+    }
+    if not fresh:
+        why = "the archive changed since the load: the report is of an older snapshot (reprocess the day)"
+    elif wrong or outcome_diff:
+        why = f"{len(wrong)} report rows and {len(outcome_diff)} outcome counts differ from the SQL reference"
+    else:
+        why = f"equal to the SQL reference ({len(ref.rows)} rows, {ref.records} records)"
+    return Check(
+        REFERENCE_CHECK,
+        fresh and not wrong and not outcome_diff,
+        why,
+        {
+            "reference_rows": len(ref.rows),
+            "mismatched_rows": len(wrong),
+            "mismatches": [_printable(w) for w in wrong[:20]],
+            "outcome_differences": outcome_diff,
+            "reference_outcomes": ref.outcomes,
+            "archive_fingerprint": ref.fingerprint,
+            "loaded_fingerprint": manifest["source_fingerprint"],
+        },
+    )
+
+
+def _accounted_check(ref: reference.Reference, stats: dict, columns: list[str], rows: list[tuple]) -> Check:
+    outcomes = sum(int(stats.get(name, 0)) for name in STAT_OUTCOMES)
+    events = sum(int(row[columns.index("events")]) for row in rows) if "events" in columns else None
+    counted = int(stats.get("counted", -1))
+    passed = outcomes == ref.records == int(stats.get("records", -1)) and events in (None, counted)
+    return Check(
+        ACCOUNTED_CHECK,
+        passed,
+        f"counted + dlq + duplicates + late = {outcomes}, distinct archive records = {ref.records}",
+        {"archive_records": ref.records, "accounted": outcomes, "report_events": events, "stats": stats},
+    )
+
+
+def _printable(row: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in row.items()}
+
+
+def publish(client: Any, bucket: str, manifest: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+    """One fenced manifest write: ``reported`` when every blocking check passed, else ``rejected``."""
+    manifest.update(
+        status="reported" if verdict.passed else "rejected",
+        checked_at=_now(),
+        checked_fingerprint=verdict.fingerprint,
+        checks={check.name: check.passed for check in verdict.checks},
+        failed_checks=verdict.failed,
+    )
+    replay_loader.write_manifest(client, bucket, manifest)
+    return manifest
