@@ -13,8 +13,8 @@ from dagster_env import dagster_cli, dagster_home, fresh_resources  # noqa: F401
 from replay_data import day_records, write_day
 
 from kappa_dagster.replay_target import resolve
+from workers import archive_stats, keys, promote, replay_loader
 from workers import kafka as kafka_helpers
-from workers import keys, promote, replay_loader
 from workers.config import Settings
 from workers.errors import KappaError
 
@@ -32,7 +32,9 @@ def test_definitions_load_with_every_job_sensor_and_schedule() -> None:
     keys_ = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
     assert {"raw_archive", "replay_load", "replay_consume", "corrected_report"} <= keys_
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
-    assert checks == {"report_matches_batch", "records_accounted"}
+    assert checks == {"report_matches_reference", "records_accounted", "report_matches_batch"}
+    blocking = {spec.name for spec in defs.resolve_assets_def("corrected_report").check_specs if spec.blocking}
+    assert blocking == {"report_matches_reference", "records_accounted"}
     reprocess = defs.resolve_job_def("reprocess")
     assert reprocess.tags["kappa/replay"] == "true"
 
@@ -117,12 +119,19 @@ def test_progress_sensor_observes_lag_and_requests_the_report_at_the_end(
             _commit(settings, manifest, 1.0)
             context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
             result = replay_progress_sensor(context)
+            # at the end, but its consume step never succeeded (status still loaded): no report run
+            assert not result.run_requests
+            assert result.asset_events[0].metadata["percent_done"].value == 100.0
+            manifest.update(status="consumed", report_etag='"abc"')
+            replay_loader.write_manifest(s3, settings.s3_bucket, manifest)
+            context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
+            result = replay_progress_sensor(context)
             (request,) = result.run_requests
             assert request.partition_key == DAY and request.tags["kappa/version"] == "2"
             assert request.run_key.startswith(f"report:{manifest['replay_id']}")
-            assert result.asset_events[0].metadata["percent_done"].value == 100.0
             # reported replays are left alone
-            replay_loader.write_manifest(s3, settings.s3_bucket, {**manifest, "status": "reported"})
+            manifest["status"] = "reported"
+            replay_loader.write_manifest(s3, settings.s3_bucket, manifest)
             context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
             assert not replay_progress_sensor(context).run_requests
     finally:
@@ -142,25 +151,38 @@ def test_raw_archive_sensor_observes_objects_bytes_rows(settings: Settings, s3: 
         assert not raw_archive_sensor(again).asset_events  # unchanged prefix: no new observation
 
 
+def published_manifest(s3: Any, bucket: str, topic: str, version: int, ends: dict[str, int]) -> dict[str, Any]:
+    """What the gate leaves behind for a checked day: status reported, snapshot fingerprint, report ETag.
+
+    (The gate itself runs for real in tests/test_dagster_gate.py; here only the pointer mechanics count.)
+    """
+    if not archive_stats.days_listing(s3, bucket, topic):
+        write_day(s3, bucket, topic, DAY, day_records(DAY, 20, partitions=2))
+    report_key = keys.report_file("orders", version, DAY)
+    etag = s3.put_object(Bucket=bucket, Key=report_key, Body=b"checked")["ETag"]
+    manifest = {
+        "replay_id": replay_loader.replay_id("orders", version, DAY, bucket, topic),
+        "pipeline": "orders",
+        "version": version,
+        "day": DAY,
+        "source_topic": topic,
+        "status": "reported",
+        "source_end_offsets": ends,
+        "report_key": report_key,
+        "report_etag": etag,
+        "checked_fingerprint": archive_stats.day_fingerprint(s3, bucket, topic, DAY),
+    }
+    replay_loader.write_manifest(s3, bucket, manifest)
+    return manifest
+
+
 def test_promote_and_rollback_are_single_pointer_writes(settings: Settings, s3: Any) -> None:
     bucket, topic = settings.s3_bucket, settings.events_topic
     with pytest.raises(KappaError, match="no corrected reports"):
         promote.promote(s3, bucket, topic, "orders", 2)
     assert promote.read_current(s3, bucket, "orders") is None
     for version, ends in ((1, {"0": 10, "1": 7}), (2, {"0": 12, "1": 7})):
-        replay_loader.write_manifest(
-            s3,
-            bucket,
-            {
-                "replay_id": replay_loader.replay_id("orders", version, DAY, bucket, topic),
-                "pipeline": "orders",
-                "version": version,
-                "day": DAY,
-                "source_topic": topic,
-                "status": "reported",
-                "source_end_offsets": ends,
-            },
-        )
+        published_manifest(s3, bucket, topic, version, ends)
     first = promote.promote(s3, bucket, topic, "orders", 1)
     second = promote.promote(s3, bucket, topic, "orders", 2)
     assert second["live_start_offsets"] == {"0": 12, "1": 7} and second["days"] == [DAY]
@@ -180,9 +202,7 @@ def test_promote_and_rollback_jobs(settings: Settings, s3: Any, dagster_home: An
     from kappa_dagster import defs
 
     bucket, topic = settings.s3_bucket, settings.events_topic
-    rid = replay_loader.replay_id("orders", 2, DAY, bucket, topic)
-    manifest = {"replay_id": rid, "pipeline": "orders", "version": 2, "day": DAY, "source_topic": topic}
-    replay_loader.write_manifest(s3, bucket, {**manifest, "status": "reported", "source_end_offsets": {"0": 5}})
+    published_manifest(s3, bucket, topic, 2, {"0": 5})
     with dg.instance_for_test() as instance:
         config = {"ops": {"promote_version": {"config": {"pipeline": "orders", "version": 2}}}}
         promoted = defs.resolve_job_def("promote").execute_in_process(

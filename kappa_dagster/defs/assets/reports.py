@@ -87,8 +87,14 @@ def check_result(check: report_gate.Check) -> dg.AssetCheckResult:
         check_name=check.name,
         passed=check.passed,
         description=check.description,
-        metadata={name: dg.MetadataValue.json(value) for name, value in check.metadata.items()},
+        metadata={name: _metadata_value(value) for name, value in check.metadata.items()},
     )
+
+
+def _metadata_value(value: Any) -> Any:
+    if isinstance(value, bool | int | str | None):
+        return dg.MetadataValue.text(str(value)) if value is None else value
+    return dg.MetadataValue.json(value)
 
 
 GATE_CHECKS = [
