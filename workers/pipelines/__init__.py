@@ -3,11 +3,15 @@
 Built-in pipelines register here. Add your own without touching the engine either by decorating
 the class with :func:`register` in a module imported at start-up, or by declaring an entry point
 in your package (``[project.entry-points."kappa.pipelines"] mine = "my_pkg.pipelines"``): every
-module named there is imported once, and its ``@register`` decorators run.
+module named there is imported once, and its ``@register`` decorators run. ``KAPPA_PIPELINE_MODULES``
+(comma-separated module names) does the same without packaging, e.g. for a pipeline under test; it
+is inherited by the processes Dagster starts.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from importlib.metadata import entry_points
 
 from workers.errors import KappaError
@@ -15,6 +19,7 @@ from workers.pipelines.base import Pipeline
 from workers.pipelines.orders import OrdersV1, OrdersV2
 
 ENTRY_POINT_GROUP = "kappa.pipelines"
+MODULES_ENV = "KAPPA_PIPELINE_MODULES"
 _REGISTRY: dict[tuple[str, int], type[Pipeline]] = {}
 _plugins_loaded = False
 
@@ -34,6 +39,11 @@ def _load_plugins() -> None:
         _plugins_loaded = True
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             entry.load()
+        for module in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV, "").split(","))):
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise KappaError(f"{MODULES_ENV} names {module!r}, which cannot be imported: {exc}") from None
 
 
 def known() -> list[tuple[str, int]]:

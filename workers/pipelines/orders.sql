@@ -32,9 +32,16 @@ WHERE txt IS NOT NULL
             lambda acc, x: (acc // 16777216 + x) * 16777216 + greatest(acc % 16777216, acc // 16777216 + x),
             0::BIGINT) % 16777216 <= 512);
 
--- 2. The four fields; a repeated key counts with its last occurrence (as JSON decoders do).
+-- 2. The four fields, typed: event_id and user_id strings, type one of the four, amount a JSON
+--    number (not a bool or a string) that is finite as f64. A repeated key must be valid at every
+--    occurrence, and its last occurrence counts (what the engine's decoder does).
 CREATE OR REPLACE TEMP VIEW orders_fields AS
-SELECT j."partition", j."offset", j.ts_ms, f.key, arg_max(f.type, f.id) AS json_type, arg_max(f.value, f.id) AS json_value
+SELECT j."partition", j."offset", j.ts_ms, f.key,
+       bool_and(CASE f.key
+           WHEN 'amount' THEN f.type IN ('BIGINT', 'UBIGINT', 'DOUBLE') AND isfinite(try_cast(f.value AS DOUBLE))
+           WHEN 'type' THEN f.type = 'VARCHAR' AND (f.value ->> '$') IN ('page_view', 'add_to_cart', 'purchase', 'refund')
+           ELSE f.type = 'VARCHAR' END) AS valid,
+       arg_max(f.value, f.id) AS json_value
 FROM orders_json j, json_each(j.txt) f
 WHERE f.key IN ('event_id', 'user_id', 'type', 'amount')
 GROUP BY j."partition", j."offset", j.ts_ms, f.key;
@@ -44,17 +51,15 @@ SELECT "partition", "offset", ts_ms, event_id, type, amount,
        (ts_ms // 60000) * 60000 AS window_ms  -- 1-minute tumbling windows on the Kafka timestamp
 FROM (
     SELECT "partition", "offset", ts_ms,
-           max(CASE WHEN key = 'event_id' AND json_type = 'VARCHAR' THEN json_value ->> '$' END) AS event_id,
-           max(CASE WHEN key = 'user_id' AND json_type = 'VARCHAR' THEN json_value ->> '$' END) AS user_id,
-           max(CASE WHEN key = 'type' AND json_type = 'VARCHAR' THEN json_value ->> '$' END) AS type,
-           max(CASE WHEN key = 'amount' AND json_type IN ('BIGINT', 'UBIGINT', 'DOUBLE')
-                    THEN try_cast(json_value AS DOUBLE) END) AS amount  -- a JSON number, never a bool or string
+           count(*) FILTER (WHERE valid) AS valid_fields,
+           max(CASE WHEN key = 'event_id' THEN json_value ->> '$' END) AS event_id,
+           max(CASE WHEN key = 'type' THEN json_value ->> '$' END) AS type,
+           max(CASE WHEN key = 'amount' THEN try_cast(json_value AS DOUBLE) END) AS amount
     FROM orders_fields
     GROUP BY "partition", "offset", ts_ms
 )
-WHERE event_id IS NOT NULL AND user_id IS NOT NULL
-  AND type IN ('page_view', 'add_to_cart', 'purchase', 'refund')
-  AND isfinite(amount) AND abs(amount) < 1e15
+WHERE valid_fields = 4  -- all four present and valid
+  AND abs(amount) < 1e15
   AND ts_ms IS NOT NULL AND ts_ms >= 0;  -- a record without a timestamp cannot be windowed
 
 -- 3. v2: an event_id counts once per window, whatever partition carried its copies; the copy that
