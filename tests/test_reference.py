@@ -81,12 +81,13 @@ def test_reference_equals_the_engine_on_generated_days(tmp_path: Path, version: 
     assert ref.outcomes["dlq"] > 0 and (ref.outcomes["duplicates"] > 0) == (version == 2)
 
 
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
 @pytest.mark.parametrize("version", [1, 2])
 def test_reference_applies_the_json_rules_like_the_engine_on_hostile_values(tmp_path: Path, version: int) -> None:
     """Deep nesting, NaN/Infinity, trailing commas, lone surrogates, BOMs, invalid UTF-8, wrong types."""
     rng = random.Random(13)
     values: list[bytes | None] = []
-    for _ in range(12):
+    for _ in range(8):  # fresh hostile values every run (the reliability fuzz's strategies)
         values += fuzz.st.lists(fuzz.values, min_size=150, max_size=150).example()
     values += [
         b'{"event_id":"a","user_id":"u","type":"purchase","amount":1,"amount":true}',  # last key wins: a bool
@@ -105,7 +106,7 @@ def test_reference_applies_the_json_rules_like_the_engine_on_hostile_values(tmp_
     wrong, stats, ref = engine_vs_reference(tmp_path, frame, version)
     assert wrong == []
     assert {name: stats[name] for name in reference.OUTCOMES} == ref.outcomes
-    assert ref.outcomes["dlq"] > 200 and ref.outcomes["counted"] > 200
+    assert ref.outcomes["dlq"] > 100 and ref.outcomes["counted"] > 100
 
 
 def test_reference_counts_an_event_id_once_across_partitions(tmp_path: Path) -> None:

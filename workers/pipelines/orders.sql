@@ -26,7 +26,7 @@ WHERE txt IS NOT NULL
   AND NOT regexp_matches(regexp_replace(skeleton, 'true|false|null', '', 'g'), '[a-df-zA-DF-Z]')  -- NaN, Inf
   AND NOT regexp_matches(skeleton, ',[ \t\n\r]*[\]}]')  -- trailing comma
   -- at most 512 levels of nesting (only values with that many brackets need the exact depth)
-  AND (length(regexp_replace(skeleton, '[^\[{]', '', 'g')) <= 512
+  AND (length(skeleton) - length(replace(replace(skeleton, '[', ''), '{', '')) <= 512
        OR list_reduce(
             list_transform(regexp_extract_all(skeleton, '[\[\]{}]'), lambda c: CASE WHEN c IN ('[', '{') THEN 1 ELSE -1 END),
             lambda acc, x: (acc // 16777216 + x) * 16777216 + greatest(acc % 16777216, acc // 16777216 + x),
