@@ -72,7 +72,8 @@ def reference_sql(pipeline: Pipeline) -> str:
     if not name:
         raise KappaError(f"pipeline {pipeline.label} ships no reference SQL (Pipeline.reference_sql): "
                          "its reports cannot be checked, so they are never published")
-    return (Path(inspect.getfile(type(pipeline))).parent / name).read_text()
+    owner = next(cls for cls in type(pipeline).__mro__ if "reference_sql" in vars(cls))  # who declared it
+    return (Path(inspect.getfile(owner)).parent / name).read_text()
 
 
 @contextmanager
