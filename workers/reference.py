@@ -77,9 +77,16 @@ def reference_sql(pipeline: Pipeline) -> str:
 
 
 @contextmanager
-def snapshot(client: Any, bucket: str, topic: str, day: str) -> Iterator[Snapshot]:
-    """Download the day's archive into a temporary directory, every object at the version listed."""
-    files = archive_format.day_files(client, bucket, topic, day)
+def snapshot(client: Any, bucket: str, topic: str, day: str, objects: list | None = None) -> Iterator[Snapshot]:
+    """Download the day's archive into a temporary directory, every object at the version listed.
+
+    ``objects`` (``[key, size, etag]`` triples, as a replay manifest records them) pins an earlier
+    snapshot: objects added since are left out, an object rewritten or removed since fails the read.
+    """
+    if objects is None:
+        files = archive_format.day_files(client, bucket, topic, day)
+    else:
+        files = [{"key": key, "size": size, "etag": etag} for key, size, etag in objects]
     if not files:
         raise KappaError(f"no raw archive objects for {day}: nothing to compare with")
     with tempfile.TemporaryDirectory(prefix=f"reference-{day}-") as tmp:

@@ -590,6 +590,8 @@ def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any
         # every replay partition is in (timestamp, partition, offset) order: see processor_grace_ms
         "event_time_ordered": True,
         "source_files": len(files),
+        # the exact snapshot (what the fingerprint digests): the gate's reference reads these versions
+        "source_objects": [[f["key"], int(f["size"]), f["etag"]] for f in files],
         "source_bytes": sum(int(f["size"]) for f in files),
         "status": "loading",
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -114,8 +114,11 @@ def evaluate(client: Any, bucket: str, manifest: dict[str, Any]) -> Verdict:
     day = manifest["day"]
     report = _read_bound(client, bucket, manifest["report_key"], manifest.get("report_etag"), day)
     stats = json.loads(_read_bound(client, bucket, manifest["stats_key"], manifest.get("stats_etag"), day))
-    with reference.snapshot(client, bucket, manifest["source_topic"], day) as snap:
-        ref = reference.compute(pipeline, snap)
+    try:  # the snapshot the replay was loaded from, even if late records were archived since
+        with reference.snapshot(client, bucket, manifest["source_topic"], day, manifest.get("source_objects")) as snap:
+            ref = reference.compute(pipeline, snap)
+    except reference.SnapshotChanged as exc:
+        raise KappaError(f"the archive of {day} was rewritten since its replay was loaded ({exc}): reprocess") from None
     columns, rows = reference.read_report(report, pipeline.key_columns)
     wrong = reference.mismatches(columns, rows, ref, pipeline.key_columns)
     return Verdict([_reference_check(manifest, ref, stats, wrong), _accounted_check(ref, stats, columns, rows)],
@@ -130,7 +133,7 @@ def _reference_check(manifest: dict[str, Any], ref: reference.Reference, stats: 
         if int(stats.get(name, 0)) != ref.outcomes[name]
     }
     if not fresh:
-        why = "the archive changed since the load: the report is of an older snapshot (reprocess the day)"
+        why = "the archive objects read differ from the snapshot the replay was loaded from"
     elif wrong or outcome_diff:
         why = f"{len(wrong)} report rows and {len(outcome_diff)} outcome counts differ from the SQL reference"
     else:
