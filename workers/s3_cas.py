@@ -45,7 +45,8 @@ def put(
     try:
         response = client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, **condition)
     except ClientError as exc:
-        if is_conflict(exc):
+        gone = etag is not None and exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}
+        if is_conflict(exc) or gone:  # the version we read was replaced, or deleted, by another writer
             expected = f"version {etag}" if etag else "no object"
             raise Conflict(f"s3://{bucket}/{key} changed: expected {expected}, another writer won") from None
         raise
