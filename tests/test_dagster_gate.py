@@ -150,3 +150,55 @@ def _keys(s3: Any, settings: Settings) -> list[str]:
     from workers import s3 as s3_helpers
 
     return [obj["Key"] for obj in s3_helpers.iter_keys(s3, settings.s3_bucket, "_state/replays/")]
+
+
+def test_a_new_load_is_never_reported_with_the_previous_loads_report(
+    settings: Settings,
+    s3: Any,
+    dagster_home: Any,  # noqa: F811
+) -> None:
+    """The state a bounded processor leaves when it dies after its last checkpoint, before writing
+    reports: the new load's group is at the end, the old load's report.parquet still in place."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    from kappa_dagster.defs.sensors.replay_progress import replay_progress_sensor
+
+    frame = day_records(DAY, 1200, partitions=2)
+    write_day(s3, settings.s3_bucket, settings.events_topic, DAY, frame)
+    assert reprocess(DAY).returncode == 0
+    old = manifest_of(s3, settings, 2)
+    assert old["status"] == "reported"
+    # late records of DAY are archived: the day is stale, promote refuses it
+    late = day_records(DAY, 200, partitions=2, seed=9, start_offset=5000)
+    write_day(s3, settings.s3_bucket, settings.events_topic, DAY, late, overlap=False)
+    refused = promote.refused_days(s3, settings.s3_bucket, "orders", 2, settings.events_topic)
+    assert refused == {DAY: "the archive changed since its checks (stale): reprocess it"}
+
+    load = dagster_cli(
+        "asset", "materialize", "-m", "kappa_dagster", "--select", "replay_load", "--partition", DAY, timeout=300
+    )
+    assert load.returncode == 0, load.stderr[-3000:]
+    new = manifest_of(s3, settings, 2)
+    assert new["status"] == "loaded" and new["replay_id"] != old["replay_id"]
+    offsets = [TopicPartition(new["replay_topic"], int(p), int(o)) for p, o in new["end_offsets"].items()]
+    admin = kafka_helpers.admin_client(settings)
+    admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(new["group"], offsets)])[new["group"]].result()
+
+    with dg.DagsterInstance.get() as instance:
+        sensed = replay_progress_sensor(dg.build_sensor_context(instance=instance, resources=fresh_resources()))
+        assert not sensed.run_requests  # at the end, but never consumed: no report run
+    gate = dagster_cli(
+        "job", "execute", "-m", "kappa_dagster", "-j", "corrected_report_job", "--tags",
+        json.dumps({"dagster/partition": DAY}), timeout=300,
+    )
+    assert gate.returncode != 0 and "is loaded, not consumed" in gate.stdout + gate.stderr
+    assert manifest_of(s3, settings, 2)["status"] == "loaded"  # never "reported" with the old file
+
+    # the next reprocess does not skip the day: it consumes the new load and publishes the new data
+    assert reprocess(DAY).returncode == 0
+    final = manifest_of(s3, settings, 2)
+    assert final["status"] == "reported" and final["replay_id"] == new["replay_id"]
+    expected = orders_report(archive(s3, settings, DAY), version=2)
+    assert expected["events"].sum() > orders_report(frame, version=2)["events"].sum()
+    assert_frame_equal(report(s3, settings, 2, DAY), expected, check_exact=False, rel_tol=1e-12)
+    assert promote.refused_days(s3, settings.s3_bucket, "orders", 2, settings.events_topic) == {}
