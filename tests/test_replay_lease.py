@@ -120,3 +120,15 @@ def test_a_paused_loader_cannot_overwrite_the_manifest_of_the_run_that_took_over
     assert sum(kafka_helpers.end_offsets(settings, won["replay_topic"]).values()) == won["records"]
     print(json.dumps({"zombie_paused_at": paused_at, "winner_records": won["records"], "zombie_said": out[-300:]}))
     replay_loader.cleanup(settings, won)
+
+
+def test_a_lease_of_a_killed_local_process_is_taken_over_at_once(settings: Settings, s3: Any) -> None:
+    """kill -9 of `kappa replay load` must not block the re-run for the lease's whole TTL."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = f"{replay_lease.socket.gethostname()}:{child.pid}"
+    replay_lease.acquire(s3, settings.s3_bucket, "slot-k", dead, what="x", ttl_s=600)
+    with pytest.raises(replay_lease.LeaseBusy):  # a live owner (this test) is respected
+        replay_lease.acquire(s3, settings.s3_bucket, "slot-l", replay_lease.default_owner(), what="x")
+        replay_lease.acquire(s3, settings.s3_bucket, "slot-l", "elsewhere:1", what="x")
+    assert replay_lease.acquire(s3, settings.s3_bucket, "slot-k", "rerun", what="x").owner == "rerun"

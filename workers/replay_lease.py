@@ -5,9 +5,10 @@ Why a lease and not only Dagster's run queue: replays start from schedules, back
 queued run coordinator. The lease lives next to the manifest (``_state/replays/<slot>/lease.json``)
 and names its owner (a Dagster run id, or host:pid for the CLI) and an expiry. The holder renews it
 (``If-Match`` on the ETag it wrote) while it works; a second request waits up to ``wait_s`` and
-then fails with one line naming the owner. A lease whose owner died expires after ``ttl_s`` (or at
-once when the caller can tell the owner is gone, e.g. a finished Dagster run) and is taken over with
-a conditional write, so two takers never both win. Expiry uses wall clocks: keep hosts NTP-synced.
+then fails with one line naming the owner. A lease whose owner died expires after ``ttl_s`` (at
+once when the owner is known to be gone: a finished Dagster run, a dead ``host:pid`` on this host)
+and is taken over with a conditional write, so two takers never both win. Expiry uses wall clocks:
+keep hosts NTP-synced.
 
 The lease only keeps honest runs apart. A paused holder (a zombie) that wakes up after a takeover
 is stopped by the manifest's own conditional writes (``replay_loader.write_manifest``).
@@ -37,6 +38,20 @@ DEFAULT_TTL_S = 120.0
 
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def local_process_gone(owner: str) -> bool:
+    """True for a ``host:pid`` owner on this host whose process no longer exists (a killed CLI run)."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _iso(epoch: float) -> str:
@@ -130,6 +145,7 @@ def acquire(
             current is None
             or holder.get("owner") == owner
             or float(holder.get("expires", 0)) < time.time()
+            or local_process_gone(str(holder.get("owner")))
             or (owner_gone is not None and owner_gone(str(holder.get("owner"))))
         )
         if free:
