@@ -34,7 +34,10 @@ def lag(committed: dict[int, int | None]) -> GroupLag:
         ("loaded", {0: None, 1: None}, False, "waiting"),
         ("loaded", {0: 300, 1: None}, False, "consuming"),
         ("loaded", {0: 600, 1: 400}, False, "caught up"),
-        ("loaded", {0: 600, 1: 400}, True, "reported"),
+        ("loaded", {0: 600, 1: 400}, True, "caught up"),  # a report file of an earlier load proves nothing
+        ("consumed", {0: 600, 1: 400}, True, "checking"),
+        ("rejected", {0: 600, 1: 400}, True, "checks failed"),
+        ("reported", {0: 600, 1: 400}, True, "reported"),
         ("reported", None, True, "done"),
         ("loaded", None, False, "topic missing"),
     ],

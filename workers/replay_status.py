@@ -67,12 +67,19 @@ class ReplayRow:
         return {**asdict(self), "percent": round(self.percent, 1)}
 
 
+#: What the manifest status says once the consumer is done (see ``workers.report_gate``).
+FINISHED_STATES = {"consumed": "checking", "rejected": "checks failed", "reported": "reported"}
+
+
 def replay_state(manifest: dict[str, Any], lag: GroupLag | None, report_exists: bool) -> str:
-    """loading -> waiting (no commit yet) -> consuming -> caught up -> reported; 'cleaned up' once the topic is gone."""
-    if manifest.get("status") == "loading":
+    """loading -> waiting (no commit yet) -> consuming -> caught up -> checking -> reported (or checks
+    failed); 'done' once a reported replay's topic is cleaned up. A report file alone proves nothing:
+    it may be an earlier load's (``report_exists`` is kept for callers, the status decides)."""
+    status = manifest.get("status")
+    if status == "loading":
         return "loading"
-    if report_exists or manifest.get("status") == "reported":
-        return "reported" if lag is not None else "done"
+    if status in FINISHED_STATES:
+        return "done" if status == "reported" and lag is None else FINISHED_STATES[status]
     if lag is None:
         return "topic missing"
     if not lag.started:
@@ -92,7 +99,7 @@ def replay_row(
     manifest: dict[str, Any], lag: GroupLag | None, report_exists: bool, rates: RateTracker
 ) -> ReplayRow:
     total = lag.end_total if lag is not None else int(manifest.get("records") or 0)
-    finished = report_exists or manifest.get("status") == "reported"
+    finished = manifest.get("status") in FINISHED_STATES
     consumed = total if finished else (lag.consumed if lag is not None else 0)
     remaining = max(total - consumed, 0)
     rate = rates.observe(manifest["replay_id"], consumed)

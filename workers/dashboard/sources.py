@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from workers import keys, processor_state, promote
+from workers import keys, processor_state, promote, replay_loader
 from workers import s3 as s3_helpers
 from workers.pipelines import Pipeline
 
@@ -57,15 +57,15 @@ def report(client: Any, bucket: str, pipeline: str, version: int, day: str) -> p
 
 
 def corrected_reports(client: Any, bucket: str, pipeline: str) -> list[tuple[int, str]]:
-    """Every (version, day) with a corrected report of ``pipeline``."""
-    prefix = f"reports/{keys.valid_name(pipeline)}/v"
-    found = []
-    for obj in s3_helpers.iter_keys(client, bucket, prefix):
-        version, _, rest = obj["Key"].removeprefix(prefix).partition("/dt=")
-        day, _, name = rest.partition("/")
-        if version.isdigit() and name == "report.parquet":
-            found.append((int(version), day))
-    return found
+    """Every (version, day) whose corrected report of ``pipeline`` is published: its blocking checks
+    passed and the file is still the checked one (DESIGN §4). A report.parquet that is being
+    recomputed, failed its checks or was never checked is not shown as corrected."""
+    keys.valid_name(pipeline)
+    return sorted(
+        (int(m["version"]), str(m["day"]))
+        for m in replay_loader.iter_manifests(client, bucket)
+        if m.get("pipeline") == pipeline and replay_loader.published(client, bucket, m)
+    )
 
 
 def report_versions(client: Any, bucket: str, pipeline: str, day: str) -> list[int]:
