@@ -18,6 +18,7 @@ from typing import Any
 import polars as pl
 import pytest
 from replay_data import day_records, write_day
+from test_pipelines import archive as archive_rows
 
 from workers import archive_format, archive_stats, reference
 from workers.pipelines import get_pipeline
@@ -49,24 +50,7 @@ def engine_vs_reference(tmp_path: Path, frame: pl.DataFrame, version: int) -> tu
 
 
 def frame_of(values: list[bytes | None], partitions: list[int], stamps: list[int]) -> pl.DataFrame:
-    offsets: dict[int, int] = {}
-    column_offsets = []
-    for partition in partitions:
-        column_offsets.append(offsets.get(partition, 0))
-        offsets[partition] = column_offsets[-1] + 1
-    n = len(values)
-    return archive_format.frame_from_columns(
-        {
-            "topic": ["events"] * n,
-            "partition": partitions,
-            "offset": column_offsets,
-            "timestamp": stamps,
-            "timestamp_type": [1] * n,
-            "key": [None] * n,
-            "value": values,
-            "headers": [[]] * n,
-        }
-    )
+    return archive_rows(values, stamps, partitions)
 
 
 @pytest.mark.parametrize("version", [1, 2])
