@@ -111,9 +111,11 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     if memory and "error" not in memory and memory["sizes"][-1] < 10_000_000:
         missing.append("memory at 10M events")
     quick = sorted(name for name, x in s.items() if x.get("provenance", {}).get("quick"))
+    commits = sorted({x["provenance"]["commit"] for x in s.values() if "provenance" in x})
     return {
+        "commits": commits,
         "passed": bool(all_checks) and all(c["met"] for c in all_checks) and not failed_sections,
-        "complete": not missing and not quick,
+        "complete": not missing and not quick and len(commits) <= 1,
         "checks_met": sum(1 for c in all_checks if c["met"]), "checks": len(all_checks),
         "missed": [c["name"] for c in all_checks if not c["met"]],
         "failed_sections": failed_sections, "missing": missing, "quick_sections": quick,
@@ -195,6 +197,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"Commit `{commit.get('short', '?')}`{' (with uncommitted changes)' if commit.get('dirty') else ''} "
         f"{commit.get('subject', '')}. Run `{meta.get('run_id')}` at {meta.get('started_at')} "
         f"({meta.get('duration_s', '?')} s). {meta.get('label') or ''}".rstrip(),
+        *(["", f"**Sections come from different commits: {', '.join(v['commits'])}.**"] if len(v["commits"]) > 1
+          else []),
         "",
         "| Section | Run | Commit | Runs | Events |",
         "| --- | --- | --- | ---: | ---: |",
@@ -203,8 +207,10 @@ def _header(results: dict[str, Any]) -> list[str]:
         p = results.get("scenarios", {}).get(name, {}).get("provenance")
         if p:
             quick = " (QUICK)" if p.get("quick") else ""
+            events = p["events"] if isinstance(p["events"], list) else [p["events"]]
             lines.append(f"| {name} | `{p['run_id']}` {p['started_at']}{quick} | `{p['commit']}`"
-                         f"{'+dirty' if p.get('dirty') else ''} | {p['runs']} | {p['events']:,} |")
+                         f"{'+dirty' if p.get('dirty') else ''} | {p['runs']}{' per size' if name == 'memory' else ''}"
+                         f" | {', '.join(f'{n:,}' for n in events)} |")
     if data:
         lines += ["", f"Dataset: {data.get('records', 0):,} events, {data.get('mean_value_bytes', '?')} B mean JSON "
                   f"value, {data.get('partitions')} partitions (replay topic "
@@ -235,8 +241,8 @@ def _memory_lines(mem: dict[str, Any]) -> list[str]:
     small, large = sizes[0], sizes[-1]
     lines = [
         "",
-        f"## 5. Memory: peak RSS from {small:,} to {large:,} events ({mem['pipeline']}, "
-        f"{mem.get('value_bytes', '?')} B values at every size)",
+        f"## 5. Memory: peak RSS from {small:,} to {large:,} events ({mem['pipeline']}; mean JSON value "
+        + ", ".join(f"{v} B" for v in mem.get("mean_value_bytes", {}).values()) + ")",
         "",
         "| Component | Path | " + " | ".join(f"{n:,} events: MiB (rec/s)" for n in sizes)
         + f" | RSS {large:,} / {small:,} | Target | Met |",

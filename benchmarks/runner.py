@@ -197,11 +197,11 @@ class Bench:
                     say(f"=== scenario {name}")
                     try:
                         step()
-                        self.results["scenarios"][name]["provenance"] = self.provenance()
+                        self.results["scenarios"][name]["provenance"] = self.provenance(name)
                     except Exception as exc:  # keep the other scenarios' results
                         say(f"scenario {name} FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
                         self.results["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"[:4000],
-                                                           "provenance": self.provenance()}
+                                                           "provenance": self.provenance(name)}
         finally:
             if not config.keep:
                 self.cleanup()
@@ -210,13 +210,15 @@ class Bench:
         self.results["meta"]["load_average_end"] = machine.load_average()
         return self.results
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self, scenario: str) -> dict[str, Any]:
         """Which run and commit a scenario's figures come from (sections of latest.json can come from
         different runs: `make bench` and `make bench-memory`)."""
         meta, config = self.results["meta"], self.config
+        runs, events = {"memory": (1, config.memory_sizes), "e2e": (config.e2e_runs, [config.events])}.get(
+            scenario, (config.runs, [config.events]))
         return {"run_id": self.id, "commit": meta["commit"]["short"], "dirty": meta["commit"]["dirty"],
-                "started_at": meta["started_at"], "runs": config.runs, "events": config.events,
-                "quick": config.quick, "label": config.label}
+                "started_at": meta["started_at"], "runs": runs, "events": events, "quick": config.quick,
+                "label": config.label}
 
     def ensure_archive(self) -> str:
         """The archive of the main dataset (made by the archiver scenario, or once here)."""
@@ -490,13 +492,13 @@ class Bench:
         the beginning. Bounded: the replay loader and the bounded processor over the loader's replay
         topic (the Dagster job's path). Every size gets a dataset of its own with the same value size.
         """
-        config, measured = self.config, {}
+        config, measured, value_bytes = self.config, {}, {}
         for size in config.memory_sizes:
             reuse = self.main is not None and size == self.main.records and config.memory_value_bytes == \
                 config.value_bytes
             data = self.main if reuse else self.make_dataset(f"mem{size}", size, config.memory_value_bytes)
             assert data is not None
-            measured[size] = self.memory_at(data)
+            measured[size], value_bytes[str(size)] = self.memory_at(data), round(data.mean_value_bytes, 1)
             if not config.keep and data is not self.main:
                 dataset.delete_topics(self.settings, [data.topic])
         sizes = sorted(measured)
@@ -508,7 +510,8 @@ class Bench:
             table[component] = {"path": path, "peak_rss_bytes": peaks, "rate": rates,
                                 "ratio": large / small if small else None}
         self.results["scenarios"]["memory"] = {
-            "sizes": sizes, "value_bytes": config.memory_value_bytes, "components": table, "target": 1.2,
+            "sizes": sizes, "value_bytes": config.memory_value_bytes, "mean_value_bytes": value_bytes,
+            "components": table, "target": 1.2,
             "pipeline": f"orders v{MEMORY_VERSION}",
         }
 
