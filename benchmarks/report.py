@@ -77,14 +77,12 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         for variant, v in x.get("variants", {}).items():
             if v.get("target") is not None:
                 out.append(_check(f"processor {variant} vs ConsumerPerformance", v["ratio"], v["target"]))
+            for other, check in v.get("same_totals_as", {}).items():  # every variant's report vs the peer's
+                out.append({"name": f"per-(window, type) totals: {variant} == {other.replace('quix-', 'Quix ')}",
+                            "met": bool(check.get("equal")), "target": None})
         for mode, q in x.get("quix", {}).items():
-            if q.get("ratio") is None:
-                continue
-            if q.get("target") is not None:
+            if q.get("ratio") is not None and q.get("target") is not None:
                 out.append(_check(f"processor {q['ours']} vs Quix Streams ({mode})", q["ratio"], q["target"]))
-            equal = bool(q.get("totals_check", {}).get("equal"))
-            out.append({"name": f"per-(window, type) totals: {q['ours']} == Quix Streams ({mode})",
-                        "met": equal, "target": None})
     meta = results.get("meta", {})
     ran = set(meta.get("config", {}).get("scenarios", [])) - {"memory"}
     if ran and meta.get("duration_s") is not None and not meta.get("config", {}).get("quick"):
