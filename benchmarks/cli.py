@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.render:
         results = json.loads(config.render.read_text())
         e2e = results.get("scenarios", {}).get("e2e")
-        if e2e and "runs" in e2e:
-            results["scenarios"]["e2e"] = e2e_summary(e2e["records"], e2e["runs"])
+        if e2e and "runs" in e2e:  # recomputed from the raw runs (keeps where they come from)
+            results["scenarios"]["e2e"] = {**e2e, **e2e_summary(e2e["records"], e2e["runs"])}
     else:
         results = report.merge(report.previous(config.out), Bench(config).run())
     json_path, md_path, chart_path = report.write(results, config.out)
