@@ -55,12 +55,16 @@ def render(results: dict[str, Any], path: Path) -> Path | None:
         print("chart not written: matplotlib is missing (pip install -e '.[bench]')", file=sys.stderr)
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    workers = sorted({label.split(" (")[0] for key in data for label in data[key]})
+    palette = plt.get_cmap("tab10")
+    color = {worker: palette(i % 10) for i, worker in enumerate(workers)}  # one colour per worker
     for ax, key, title, unit in ((axes[0], "rate", "Throughput", "records/s"), (axes[1], "rss", "Peak RSS", "MiB")):
         for label, values in sorted(data[key].items()):
             values = sorted(values)
             xs, ys = [v[0] for v in values], [v[1] for v in values]
             style = "o-" if len(values) > 1 else "s"
-            ax.plot(xs, ys, style, label=label, markerfacecolor="none" if len(values) == 1 else None)
+            ax.plot(xs, ys, style, label=label, color=color[label.split(" (")[0]],
+                    markerfacecolor="none" if len(values) == 1 else None)
         ax.set_xscale("log")
         ax.set_xlabel("events")
         ax.set_ylabel(unit)

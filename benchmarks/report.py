@@ -240,7 +240,7 @@ def _memory_lines(mem: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"## 5. Memory: peak RSS from {small:,} to {large:,} events ({mem['pipeline']}; mean JSON value "
-        + ", ".join(f"{v} B" for v in mem.get("mean_value_bytes", {}).values()) + ")",
+        + ", ".join(f"{v} B" for v in sorted(set(mem.get("mean_value_bytes", {}).values()))) + ")",
         "",
         "| Component | Path | " + " | ".join(f"{n:,} events: MiB (rec/s)" for n in sizes)
         + f" | RSS {large:,} / {small:,} | Target | Met |",
