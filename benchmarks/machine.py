@@ -61,8 +61,9 @@ def _git(*args: str) -> str:
 
 
 def commit() -> dict[str, object]:
-    """The commit measured, and whether the work tree had uncommitted changes to tracked files."""
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    """The commit measured, and whether tracked files had uncommitted changes (the results are not code)."""
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                      ":(top,exclude)benchmarks/results"))
     sha = _git("rev-parse", "HEAD") or "?"
     return {"sha": sha, "short": sha[:7], "dirty": dirty, "subject": _git("log", "-1", "--format=%s")}
 
