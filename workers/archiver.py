@@ -282,6 +282,8 @@ class ArchiverMetrics:
         self.bytes = Counter("kappa_archiver_written_bytes", "Parquet bytes written to S3", registry=registry)
         self.files = Counter("kappa_archiver_files", "Archive files written", registry=registry)
         self.s3_errors = Counter("kappa_archiver_s3_errors", "Failed S3 calls (retried)", registry=registry)
+        self.fences = Counter("kappa_archiver_fenced_flushes", "Flushes refused because another member "
+                              "checkpointed the partition (zombie)", registry=registry)
         self.lag = Gauge("kappa_archiver_lag", "Records not yet archived", ["partition"], registry=registry)
         self.buffered = Gauge("kappa_archiver_buffered_records", "Records in memory", registry=registry)
         self.paused = Gauge("kappa_archiver_paused_partitions", "Partitions paused by S3 errors", registry=registry)
@@ -471,6 +473,7 @@ class Archiver:
     def _fenced(self, partition: int, state: PartitionState, exc: Fenced) -> None:
         """Another member checkpointed this partition: drop our buffer, never write it from here."""
         self.summary.fences += 1
+        self.metrics.fences.inc()
         self.parts.pop(partition, None)
         self.store.forget(partition)
         self.refetch.add(partition)

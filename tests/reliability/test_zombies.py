@@ -8,8 +8,13 @@ traceback, and stop cleanly later. At the end the archive / live results / DLQ m
 nothing lost, nothing counted twice, although the zombie woke up holding state and buffers that
 the new owner had already superseded.
 
+The zombie is stopped while its main thread is busy (not waiting inside consume()), so that on
+waking it usually reaches its stale S3 commit before librdkafka reports the expired session (which it
+notices locally, at the next consume()). Either is a correct reaction and both are counted; the
+soak run also requires that at least one stale commit really met the S3 fence.
+
 Default run: one round per worker; ``-m soak``: several. Rounds are recorded in the figures JSON as
-``zombie.<worker>`` faults.
+``zombie.<worker>`` faults with the stop duration and the fences / losses the zombie logged.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from workers.processor_state import list_states
 from workers.s3 import get_bytes
 
 from .harness import (
-    ARCHIVER_ARGS,
+    ARCHIVER_KILL_ARGS,
     LIVE_ARGS,
     Worker,
     Workers,
@@ -183,6 +188,7 @@ def test_live_processor_zombie_is_fenced_and_results_stay_exact(
             record_round("zombie.processor.live", seed, point, landed)
             fenced += landed["fenced"]
     print(f"[reliability] processor zombies: {count} rounds, {fenced} fenced commits")
+    assert count < 5 or fenced, "no stale commit met the S3 fence in any round"
     drain_live(workers, settings, s3)
     archive_all(workers)
     assert_archive_exact(settings, s3)
@@ -207,11 +213,16 @@ def test_archiver_zombie_is_fenced_and_the_archive_stays_exact(
 
     produce_orders(settings, 3000, seed, days=2)
     known: set[str] = set()
+    fenced = 0
     with Traffic(settings, seed):
         for point in range(count):
-            landed = zombie_round(workers, f"archiver-{point}", ARCHIVER_ARGS, writers,
+            # flushes of ~100 records: the archiver is mostly between consume() and its checkpoint
+            landed = zombie_round(workers, f"archiver-{point}", ARCHIVER_KILL_ARGS, writers,
                                   lambda w: f"{socket.gethostname()}:{w.pid}", ARCHIVER_NOTICES, known)
             record_round("zombie.archiver", seed, point, landed)
+            fenced += landed["fenced"]
+    print(f"[reliability] archiver zombies: {count} rounds, {fenced} fenced flushes")
+    assert count < 5 or fenced, "no stale flush met the S3 fence in any round"
     archive_all(workers)
     check = assert_archive_exact(settings, s3)
     assert check.records > 3000
