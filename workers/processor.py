@@ -109,6 +109,8 @@ class RunSummary:
     records: int = 0
     dlq_records: int = 0
     late_records: int = 0
+    #: commits refused because another member committed the partition since we loaded it (S3 fence)
+    fenced_commits: int = 0
     seconds: float = 0.0
     end_offsets: dict[int, int] = field(default_factory=dict)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -244,7 +246,6 @@ class Processor:
         self.states: dict[int, PartitionState] = {}
         #: partitions whose commit was fenced: reloaded from S3 by the loop (never inside a callback)
         self.refetch: set[int] = set()
-        self.fences = 0
         self.end: dict[int, int] = {}
         self.summary = RunSummary(pipeline.name, pipeline.version, topic, group, bounded)
         self.delivery_errors: list[str] = []
@@ -574,7 +575,7 @@ class Processor:
 
     def fenced(self, partition: int, exc: Fenced) -> None:
         """Another member committed this partition: never write it again from the state we hold."""
-        self.fences += 1
+        self.summary.fenced_commits += 1
         self.states.pop(partition, None)
         self.refetch.add(partition)
         log.warning("fenced: %s (group %s); our state dropped, reloading from S3 if still assigned", exc, self.group)
