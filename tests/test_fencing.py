@@ -7,6 +7,7 @@ exactly as it found it; the winner's checkpoint must stay readable (nothing it n
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -135,9 +136,8 @@ def test_stale_state_store_is_fenced_and_nothing_it_writes_lands(settings: Setti
     doc = list_states(s3, bucket, prefix)[0]
     assert (doc["seq"], doc["writer"], doc["next_offset"]) == (2, "owner", 200)
     named_objects_exist(s3, bucket, prefix)
-    results = results_for_day(s3, bucket, prefix, get_pipeline("orders", 2), keys.valid_day(
-        pl.select(pl.lit(BASE_MS).cast(pl.Datetime("ms", "UTC")).dt.date().cast(pl.String)).item()),
-        include_open=True)
+    day = dt.datetime.fromtimestamp(BASE_MS / 1000, dt.UTC).date().isoformat()
+    results = results_for_day(s3, bucket, prefix, get_pipeline("orders", 2), day, include_open=True)
     assert results["events"].sum() == 200, "offsets 0..199 counted once each"
 
 
