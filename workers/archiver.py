@@ -12,13 +12,13 @@ How it stays exactly-once after dedup:
 
 Rebalances use cooperative-sticky assignment: revoked partitions are flushed and checkpointed in
 ``on_revoke``; lost partitions (fenced member) are dropped unwritten, the new owner re-reads them.
+When S3 fails, the partition is paused and retried with exponential backoff, so memory stays
+bounded by the flush thresholds and no data is skipped.
 
 Fencing: a checkpoint PUT is conditional on the ETag of the checkpoint this member read at
 assignment (or last wrote), see :class:`ArchiveStore`. A zombie (paused past its session, or cut
 off from Kafka only) can never move a partition's resume point; a fenced flush logs one line, drops
 the buffer and, if the partition is still assigned here, re-reads the checkpoint and seeks to it.
-When S3 fails, the partition is paused and retried with exponential backoff, so memory stays
-bounded by the flush thresholds and no data is skipped.
 """
 
 from __future__ import annotations

@@ -254,7 +254,10 @@ class StateStore:
     def _discard_lost(self, partition: int, written: list[str]) -> None:
         """Delete what a lost commit wrote, except anything the committed JSON names (a PUT of ours
         may have landed before it was superseded; then its successor may still name our objects)."""
-        current = self.read_json(partition) or {}
+        try:
+            current = self.read_json(partition) or {}
+        except Exception:  # cleanup is best effort: without the current JSON, delete nothing
+            return
         named = set(current.get("outputs", {}).values()) | set((current.get("snapshot") or {}).values())
         self.delete([key for key in written if key not in named])
 
