@@ -28,9 +28,11 @@ producer flushed first, then outputs, then one state JSON PUT (the commit point)
 offset commit. After a crash the partition resumes at the S3 offset with the S3 state, so nothing is
 lost or counted twice. A crash between the DLQ flush and the state PUT re-sends those DLQ records
 on restart: consumers dedupe on (``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``).
-On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol); a
-commit also checks that the S3 state is still the one we loaded (a zombie fence), else the
-partition is reloaded from S3.
+On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol). The
+state JSON PUT is conditional on the ETag we loaded (``workers.s3.put_if``): a zombie (paused past
+its session, or cut off from Kafka only) that lost its partitions cannot overwrite the new owner's
+commit. A fenced commit logs one line, drops the partition's in-memory state and, if the partition is
+still assigned here, reloads it from S3 and seeks to its offset; ``on_lost`` drops state unwritten.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ from workers.pipelines import get_pipeline
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline, reject_missing_timestamp
 from workers.processor_progress import NoProgress, Progress
 from workers.processor_state import (
-    FencedError,
     PartitionState,
     StateStore,
     day_of,
@@ -70,7 +71,7 @@ from workers.processor_state import (
     results_for_day,
     to_parquet,
 )
-from workers.s3 import ensure_bucket, get_bytes, s3_client
+from workers.s3 import Fenced, ensure_bucket, get_bytes, put_if, s3_client
 
 log = logging.getLogger("kappa.processor")
 
@@ -108,6 +109,8 @@ class RunSummary:
     records: int = 0
     dlq_records: int = 0
     late_records: int = 0
+    #: commits refused because another member committed the partition since we loaded it (S3 fence)
+    fenced_commits: int = 0
     seconds: float = 0.0
     end_offsets: dict[int, int] = field(default_factory=dict)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -241,6 +244,8 @@ class Processor:
         self.prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if bounded else None)
         self.store = StateStore(self.client, settings.s3_bucket, self.prefix, writer=uuid.uuid4().hex[:10])
         self.states: dict[int, PartitionState] = {}
+        #: partitions whose commit was fenced: reloaded from S3 by the loop (never inside a callback)
+        self.refetch: set[int] = set()
         self.end: dict[int, int] = {}
         self.summary = RunSummary(pipeline.name, pipeline.version, topic, group, bounded)
         self.delivery_errors: list[str] = []
@@ -316,6 +321,7 @@ class Processor:
         """Checkpoint when due (or when S3 just failed), report progress; True once a bounded run is done."""
         # bounded: once every assigned partition is finalized, checkpoint now instead of idling
         # up to checkpoint_seconds before finished() can see it
+        self.reload_fenced()
         done = self.bounded and bool(self.states) and all(s.finalized for s in self.states.values())
         if done or self.s3_backoff or time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
             self.checkpoint()
@@ -363,6 +369,7 @@ class Processor:
         for tp in partitions:
             state = self.store.load(self.new_state(tp.partition))
             self.states[tp.partition] = state
+            self.refetch.discard(tp.partition)
             tp.offset = self.start_offset(state)
         consumer.assign(partitions)
         self.pause_finished()
@@ -376,11 +383,16 @@ class Processor:
             log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
         for partition in revoked:
             self.states.pop(partition, None)
+        self.refetch -= revoked
 
     def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
-        """Someone else owns these now: our uncommitted work is void."""
-        for tp in partitions:
-            self.states.pop(tp.partition, None)
+        """Someone else owns these now (our session expired): our uncommitted work is void."""
+        lost = sorted(tp.partition for tp in partitions)
+        for partition in lost:
+            self.states.pop(partition, None)
+        self.refetch -= set(lost)
+        log.warning("partitions %s of %s lost (session expired): uncommitted state dropped unwritten, "
+                    "their new owner resumes from S3; rejoining", lost, self.group)
 
     def new_state(self, partition: int) -> PartitionState:
         return PartitionState(self.pipeline, self.topic, self.group, partition, self.grace_ms)
@@ -395,12 +407,33 @@ class Processor:
             return OFFSET_BEGINNING
         return OFFSET_STORED
 
+    def reload_fenced(self) -> None:
+        """Partitions fenced and still assigned here: adopt what the winner committed, continue from it."""
+        assert self.consumer is not None
+        if not self.refetch:
+            return
+        try:
+            assigned = {tp.partition for tp in self.consumer.assignment()}
+        except KafkaException:
+            return  # retried at the next step
+        for partition in sorted(self.refetch):
+            if partition in assigned:
+                self.reload(partition)
+            self.refetch.discard(partition)
+
     def reload(self, partition: int) -> None:
-        """After a fence: adopt the state another processor committed and continue from its offset."""
+        """Load the committed state and seek to its offset; the state is used only once the seek worked."""
         assert self.consumer is not None
         state = self.store.load(self.new_state(partition))
+        try:
+            self.consumer.seek(TP(self.topic, partition, self.start_offset(state)))
+            if not state.finalized:  # it may have been paused by an S3 outage
+                self.consumer.resume([TP(self.topic, partition)])
+        except KafkaException as exc:  # not fetchable here (any more): a rebalance hands it out again
+            log.warning("partition %d not reloaded after the fence (%s)", partition, exc)
+            return
         self.states[partition] = state
-        self.consumer.seek(TP(self.topic, partition, self.start_offset(state)))
+        self.pause_finished()
 
     # ---------------------------------------------------------------- processing
 
@@ -520,7 +553,10 @@ class Processor:
     # ---------------------------------------------------------------- checkpoint
 
     def checkpoint(self, partitions: set[int] | None = None) -> None:
-        """DLQ flush -> per partition outputs + state JSON (commit point) -> Kafka commit -> garbage."""
+        """DLQ flush -> per partition outputs + state JSON (commit point) -> Kafka commit -> garbage.
+
+        A fenced partition commits nothing (not even its Kafka offset) and its state is dropped.
+        """
         self.last_checkpoint = time.monotonic()
         targets = [s for p, s in self.states.items() if s.dirty and (partitions is None or p in partitions)]
         targets = [s for s in targets if s.next_offset is not None]
@@ -532,10 +568,17 @@ class Processor:
             try:
                 superseded += self.store.commit(state)
                 committed.append(TP(self.topic, state.partition, state.next_offset))
-            except FencedError:
-                self.reload(state.partition)
+            except Fenced as exc:
+                self.fenced(state.partition, exc)
         self.commit_offsets(committed)
         self.store.delete(superseded)
+
+    def fenced(self, partition: int, exc: Fenced) -> None:
+        """Another member committed this partition: never write it again from the state we hold."""
+        self.summary.fenced_commits += 1
+        self.states.pop(partition, None)
+        self.refetch.add(partition)
+        log.warning("fenced: %s (group %s); our state dropped, reloading from S3 if still assigned", exc, self.group)
 
     def commit_offsets(self, offsets: list[TP]) -> None:
         """Kafka commit after S3: only for lag monitoring and tools; S3 stays authoritative."""
@@ -562,7 +605,10 @@ class Processor:
         if sorted(end) != list(range(partitions)):
             raise KappaError(f"end offsets must name partitions 0..{partitions - 1} of {self.topic}, got {sorted(end)}")
         doc = {"topic": self.topic, "group": self.group, "end_offsets": {str(p): o for p, o in sorted(end.items())}}
-        self.store.put(key, json.dumps(doc).encode(), "application/json")
+        try:  # create-only: two members starting together must agree on one set of end offsets
+            put_if(self.client, self.settings.s3_bucket, key, json.dumps(doc).encode(), None)
+        except Fenced:
+            return self.bounded_end_offsets(partitions)  # the other member's record wins
         return end
 
     def finished(self) -> bool:
