@@ -66,10 +66,7 @@ def browser_page(width: int = 1400, height: int = 1000) -> Iterator[Any]:
         raise KappaError(f"no Chromium at {CHROMIUM}: run `make browser` (or set KAPPA_CHROMIUM)")
     with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="kappa-chromium-") as profile:
         context = playwright.chromium.launch_persistent_context(
-            profile,
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
+            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
             viewport={"width": width, "height": height},
         )
         try:
@@ -80,7 +77,9 @@ def browser_page(width: int = 1400, height: int = 1000) -> Iterator[Any]:
 
 def wait_rendered(page: Any, updates: int = 1, timeout_ms: int = 30_000) -> None:
     """Until the page has rendered ``updates`` pushed snapshots."""
-    page.wait_for_function("(n) => Number(document.body.dataset.updates || 0) >= n", arg=updates, timeout=timeout_ms)
+    page.wait_for_function(
+        "(n) => Number(document.body.dataset.updates || 0) >= n", arg=updates, timeout=timeout_ms
+    )
 
 
 def screenshot(url: str, out: Path, settle_ms: int = 1500) -> Path:
