@@ -225,7 +225,7 @@ def test_promote_during_production_has_no_gap_and_no_overlap(
             assert result.success, day
 
     production = arrivals(rng, f"{NEXT_DAY}T00:05:00", f"{NEXT_DAY}T00:12:00")
-    producing = threading.Thread(target=produce, args=(settings, production, 0.1))
+    producing = threading.Thread(target=produce, args=(settings, production, 0.25))
     producing.start()
     while sum(kafka_helpers.end_offsets(settings, settings.events_topic).values()) < len(history) + 40:
         time.sleep(0.05)
