@@ -41,9 +41,10 @@ def runs_per_tick() -> int:
 
 
 def reported_versions(client: Any, bucket: str, topic: str) -> dict[tuple[str, str], dict[int, str]]:
-    """(pipeline, day) -> {version: archive fingerprint its reported replay was computed from}."""
+    """(pipeline, day) -> {version: archive fingerprint its newest reported replay was computed from}."""
     found: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
-    for manifest in replay_loader.iter_manifests(client, bucket):
+    manifests = sorted(replay_loader.iter_manifests(client, bucket), key=lambda m: str(m.get("started_at", "")))
+    for manifest in manifests:  # oldest first: a newer replay of the same day and version wins
         reported = manifest.get("status") == "reported" and manifest.get("source_topic") == topic
         if reported and manifest.get("archive_fingerprint"):
             versions = found[(manifest["pipeline"], manifest["day"])]
