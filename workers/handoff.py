@@ -50,7 +50,9 @@ class Switch:
 
     @classmethod
     def plan(cls, manifests: list[dict[str, Any]], partitions: int) -> Switch:
-        covered = {m["day"]: {int(p): int(o) for p, o in m.get("source_end_offsets", {}).items()} for m in manifests}
+        """From the reported replays of the promoted days (the newest per day wins) and the partition count."""
+        newest = sorted(manifests, key=lambda m: str(m.get("started_at", "")))
+        covered = {m["day"]: {int(p): int(o) for p, o in m.get("source_end_offsets", {}).items()} for m in newest}
         start = {p: min((bounds.get(p, 0) for bounds in covered.values()), default=0) for p in range(partitions)}
         return cls(start, covered)
 
