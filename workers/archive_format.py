@@ -136,7 +136,7 @@ def day_files(client: Any, bucket: str, topic: str, day: str) -> list[dict]:
     for obj in iter_keys(client, bucket, keys.raw_day_prefix(topic, day)):
         parts = keys.parse_raw_file(obj["Key"])
         if parts is not None:
-            files.append({**parts, "key": obj["Key"], "size": obj["Size"]})
+            files.append({**parts, "key": obj["Key"], "size": obj["Size"], "etag": str(obj.get("ETag", ""))})
     return sorted(files, key=lambda f: (f["partition"], f["first_offset"], f["last_offset"]))
 
 

@@ -3,7 +3,10 @@
 Same code path for both modes; only topic, consumer group and start/stop differ:
 
 * **live**: group ``kappa.<P>.v<V>.live`` on ``settings.events_topic``; starts at the S3 checkpoint,
-  else ``start_offsets`` (used by promote), else the committed Kafka offset, else ``start``.
+  else ``start_offsets``, else the committed Kafka offset, else ``start``. Explicit start offsets
+  (``--start-offsets``, or ``--handoff``: the promoted switch) beat a checkpoint made from other ones:
+  it is removed at start (``handoff.claim_live_prefix``); a restart with the same offsets resumes.
+  With ``--handoff`` the records a promoted corrected report already counts are skipped.
   Windows close when the per-partition watermark (max Kafka timestamp seen - ``grace_ms``) passes
   their end; records for an already-closed window are counted as ``late`` and never mixed in.
   Results: ``live/<P>/v<V>/dt=<D>/part=<p>/...`` read by :func:`read_live_results`.
@@ -54,6 +57,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
+from workers import handoff as handoff_lib
 from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
@@ -233,10 +237,14 @@ class Processor:
         dlq_topic: str,
         progress: Progress,
         stop: threading.Event,
+        switch: handoff_lib.Switch | None = None,
     ) -> None:
         self.settings, self.pipeline = settings, pipeline
         self.topic, self.group, self.bounded, self.start = topic, group, bounded, start
         self.start_offsets = dict(start_offsets or {})
+        if switch is None and self.start_offsets and not bounded:
+            switch = handoff_lib.Switch(self.start_offsets, {})
+        self.switch = switch
         self.requested_end = dict(end_offsets) if end_offsets is not None else None
         self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
         self.dlq_topic, self.progress, self.stop = dlq_topic, progress, stop
@@ -265,6 +273,10 @@ class Processor:
         if self.bounded:
             self.end = self.bounded_end_offsets(partitions)
             self.summary.end_offsets = dict(self.end)
+        elif self.switch is not None and handoff_lib.claim_live_prefix(
+            self.client, self.settings.s3_bucket, self.prefix, self.switch.origin
+        ):
+            log.warning("explicit start offsets win: removed the older checkpoint under %s", self.prefix)
         self.producer = Producer(self.settings.kafka_config(**DLQ_PRODUCER_CONFIG))
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
@@ -458,6 +470,10 @@ class Processor:
             if frame.height and frame["offset"].max() >= end:  # type: ignore[operator]
                 state.next_offset, state.dirty = end, True
             frame = frame.filter(pl.col("offset") < end)
+        if self.switch is not None and self.switch.covered:
+            # handoff: a promoted day's corrected report counts these (EOF still moves the position past them)
+            covered = self.switch.covered_rows(state.partition, day_of(pl.col("timestamp_ms")), pl.col("offset"))
+            frame = frame.filter(~covered)
         if frame.height == 0:
             return
         frame = apply(frame, state)
@@ -697,8 +713,11 @@ def run_processor(
     dlq_topic: str | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    handoff: bool = False,
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
+
+    ``handoff`` starts the live processor of the promoted version at its switch (``workers/handoff.py``).
 
     ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
     in the CLI). Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
@@ -709,6 +728,12 @@ def run_processor(
     if not bounded and grace_ms is None:
         raise KappaError("a live processor needs a finite grace period (windows would never close)")
     stop = stop or threading.Event()
+    switch = None
+    if handoff:
+        if bounded or start_offsets is not None:
+            raise KappaError("--handoff is for the live processor and brings its own start offsets")
+        switch = handoff_lib.promoted_switch(s3_client(settings), settings.s3_bucket, pipeline, version)
+        start_offsets = switch.start
     processor = Processor(
         settings,
         impl,
@@ -724,6 +749,7 @@ def run_processor(
         dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
         progress=progress or NoProgress(),
         stop=stop,
+        switch=switch,
     )
     with stop_on_signals(stop):
         return processor.run()

@@ -43,7 +43,7 @@ import polars as pl
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import NewTopic
 
-from workers import archive_format, keys
+from workers import archive_format, archive_stats, keys
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
@@ -499,10 +499,19 @@ class ReplayProducer:
 # ---------------------------------------------------------------- the load
 
 
-def is_up_to_date(settings: Settings, client: Any, manifest: dict[str, Any] | None, spec: ReplaySpec, fp: str) -> str:
+def archive_fingerprint(files: list[dict]) -> str:
+    """The raw archive's data version of these objects (``archive_stats.fingerprint``: keys, sizes, ETags)."""
+    return archive_stats.fingerprint([(f["key"], int(f["size"]), str(f.get("etag", ""))) for f in files])
+
+
+def is_up_to_date(
+    settings: Settings, client: Any, manifest: dict[str, Any] | None, spec: ReplaySpec, fp: str, files: list[dict]
+) -> str:
     """Why the previous load can be reused ('' when it cannot)."""
     if not manifest or manifest.get("source_fingerprint") != fp:
         return ""
+    if manifest.get("archive_fingerprint") != archive_fingerprint(files):
+        return ""  # same keys and sizes, but an object was rewritten (another ETag)
     if manifest.get("partitions_requested") != spec.partitions:
         return ""
     status = manifest.get("status")
@@ -528,6 +537,8 @@ def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any
         "processor_prefix": spec.processor_prefix,
         "report_key": keys.report_file(spec.pipeline, spec.version, spec.day),
         "source_fingerprint": fp,
+        # provenance: the data version of raw_archive[day] this replay (and its report) was computed from
+        "archive_fingerprint": archive_fingerprint(files),
         # every replay partition is in (timestamp, partition, offset) order: see processor_grace_ms
         "event_time_ordered": True,
         "source_files": len(files),
@@ -555,7 +566,7 @@ def load(
         raise KappaError(f"no raw archive objects under s3://{spec.bucket}/{prefix}: nothing to replay for {spec.day}")
     fp = fingerprint(files)
     previous = read_manifest(client, spec.bucket, spec.replay_id)
-    reason = "" if force else is_up_to_date(settings, client, previous, spec, fp)
+    reason = "" if force else is_up_to_date(settings, client, previous, spec, fp, files)
     if reason and previous is not None:
         return LoadResult(previous, skipped=True, reason=reason)
 

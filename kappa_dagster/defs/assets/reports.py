@@ -13,6 +13,7 @@ import dagster as dg
 import polars as pl
 from dagster_aws.s3 import S3Resource
 
+from kappa_dagster.defs.assets.raw_archive import raw_archive
 from kappa_dagster.defs.assets.replay import loaded_manifest, replay_consume
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
@@ -82,7 +83,9 @@ def diff_metadata(live_version: int | None, live: Any, report: pl.DataFrame) -> 
     owners=OWNERS,
     group_name="reports",
     kinds={"s3", "parquet", "polars"},
-    deps=[replay_consume],
+    # raw_archive too: the report records the day's data version it was computed from, so the UI
+    # shows the day as stale once late records change its archive
+    deps=[replay_consume, raw_archive],
 )
 def corrected_report(
     context: dg.AssetExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
@@ -113,6 +116,8 @@ def corrected_report(
             "version": dg.MetadataValue.int(target.version),
             "replay_id": manifest["replay_id"],
             "source_fingerprint": manifest["source_fingerprint"],
+            # provenance: raw_archive's data version (keys, sizes, ETags) this report was computed from
+            "archive_fingerprint": manifest.get("archive_fingerprint", "unknown (loaded before fingerprints)"),
             **report_metadata(report, stats),
             **diff_metadata(live_version, live, report),
         },
