@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: demo-stop help install browser dashboard stack-up stack-down stack-status test test-fast lint demo dagster-dev bench soak reliability-figures clean
+.PHONY: demo-stop help install browser dashboard stack-up stack-down stack-status test test-fast lint demo dagster-dev bench bench-memory soak reliability-figures clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -74,9 +74,13 @@ $(BIN)/.bench-installed: pyproject.toml benchmarks/requirements-quix.txt | $(BIN
 	benchmarks/.venv-quix/bin/pip install -q -r benchmarks/requirements-quix.txt
 	@touch $@
 
-bench: install $(BIN)/.bench-installed ## Benchmarks vs Kafka perf tools + Quix Streams (BENCH_ARGS="--quick", see benchmarks/README.md)
+bench: install $(BIN)/.bench-installed ## Ratios vs Kafka perf tools + Quix Streams, 5 runs, <= 20 min (BENCH_ARGS="--quick")
 	$(BIN)/kappa stack up
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+bench-memory: install $(BIN)/.bench-installed ## Peak RSS at 1M and 10M events, live + bounded paths (~10 min)
+	$(BIN)/kappa stack up
+	$(BIN)/python -m benchmarks --scenarios memory $(BENCH_ARGS)
 
 clean: ## Remove the virtualenv and local Dagster state (stack data is kept)
 	rm -rf $(VENV) .dagster_home .pytest_cache .ruff_cache benchmarks/.venv-quix

@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from workers.config import Settings, load_settings
+from workers.processor_progress import Progress
 
 
 def _settings(options: dict[str, Any]) -> Settings:
@@ -70,23 +71,46 @@ def run_processor(options: dict[str, Any]) -> dict[str, Any]:
     """``kappa processor --pipeline P --version V --topic T --group G --from-beginning --until-end``.
 
     ``grace_ms`` as the Dagster job passes it (``replay_loader.processor_grace_ms`` of the manifest;
-    None = infinite, for topics not known to be in event-time order).
+    None = infinite, for topics not known to be in event-time order). ``live: true`` runs the live
+    path instead (unbounded, the live grace) and stops it once ``records`` records went through.
+    ``kwargs``: extra ``run_processor`` keyword arguments of a scenario variant (data-driven).
     """
     from workers import processor
 
     settings = _settings(options)
+    live = bool(options.get("live"))
+    stop = threading.Event()
+    extra: dict[str, Any] = dict(options.get("kwargs") or {})
+    if live:
+        extra.update(stop=stop, progress=StopAfter(int(options["records"]), stop),
+                     grace_ms=options.get("grace_ms") or processor.LIVE_GRACE_MS)
+    else:
+        extra["grace_ms"] = options.get("grace_ms")
     started = time.perf_counter()
     summary = processor.run_processor(
         settings, options.get("pipeline", "orders"), int(options.get("version", 2)), topic=options["topic"],
-        group=options["group"], bounded=True, start="earliest",
-        grace_ms=options.get("grace_ms"),
+        group=options["group"], bounded=not live, start="earliest", **extra,
     )
     seconds = time.perf_counter() - started
-    result: dict[str, Any] = {"records": summary.records, "seconds": seconds, "complete": summary.complete,
+    result: dict[str, Any] = {"records": summary.records, "seconds": seconds,
+                              "complete": summary.complete or (live and summary.records >= int(options["records"])),
                               "dlq_records": summary.dlq_records, "reports": summary.reports}
     if options.get("dump_report"):
         result["windows"] = _report_rows(settings, summary.reports)
     return result
+
+
+class StopAfter(Progress):
+    """Progress lines every 5 s, and ``stop`` set once ``records`` were processed (a live run never ends)."""
+
+    def __init__(self, records: int, stop: threading.Event) -> None:
+        super().__init__(interval=5.0, label="processor live")
+        self.records, self.stop = records, stop
+
+    def update(self, records: int, lag: int | None, late: int = 0, force: bool = False) -> None:
+        super().update(records, lag, late, force)
+        if records >= self.records:
+            self.stop.set()
 
 
 def _report_rows(settings: Settings, reports: dict[str, str]) -> list[list[Any]]:

@@ -52,12 +52,20 @@ def _quix() -> str:
     return f"{out[0]} (confluent-kafka {out[1]})" if len(out) == 2 else "?"
 
 
-def _git() -> str:
+def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "?"
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "?"
+        return ""
+
+
+def commit() -> dict[str, object]:
+    """The commit measured, and whether tracked files had uncommitted changes (the results are not code)."""
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                      ":(top,exclude)benchmarks/results"))
+    sha = _git("rev-parse", "HEAD") or "?"
+    return {"sha": sha, "short": sha[:7], "dirty": dirty, "subject": _git("log", "-1", "--format=%s")}
 
 
 def load_average() -> list[float]:
@@ -69,6 +77,7 @@ def describe() -> dict:
 
     jars = sorted((cache_dir() / "jars" / "s3proxy").glob("s3proxy-*.jar"))
     return {
+        "commit": commit(),
         "machine": {
             "cores": os.cpu_count(),
             "memory_gib": _meminfo_gib(),
@@ -77,7 +86,7 @@ def describe() -> dict:
         },
         "versions": {
             "python": sys.version.split()[0],
-            "kappa-dagster": f"{_version('kappa-dagster')} @ {_git()}",
+            "kappa-dagster": f"{_version('kappa-dagster')} @ {_git('rev-parse', '--short', 'HEAD') or '?'}",
             "confluent-kafka": f"{_version('confluent-kafka')} (librdkafka {confluent_kafka.libversion()[0]})",
             "polars": _version("polars"),
             "msgspec": _version("msgspec"),

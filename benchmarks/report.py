@@ -1,4 +1,10 @@
-"""results dict -> ``latest.json`` + ``latest.md`` (the Markdown table is also printed)."""
+"""results dict -> ``latest.json`` + ``latest.md`` + ``latest.png`` (the Markdown is also printed).
+
+``make bench`` (the ratios) and ``make bench-memory`` (RSS at 1M and 10M) are separate runs that
+write into the same ``latest.json``: a run replaces the sections it measured and keeps the others,
+and every section names the run and commit it comes from. Pass/fail is computed here, from every
+section present, so a merged file says whether all of it passed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.stats import summary
+
 MIB = 1024 * 1024
+SECTIONS = ("load", "processor", "archiver", "e2e", "memory")
+#: sections that carry a target; the run is complete when all of them are present
+TARGET_SECTIONS = ("load", "processor", "archiver", "memory")
+BENCH_MINUTES = 20  # `make bench` (the ratio scenarios) must fit this
 
 
 def _n(value: float | None, digits: int = 0) -> str:
@@ -21,117 +33,269 @@ def _med(stat: dict | None, digits: int = 0, scale: float = 1.0) -> str:
     return f"{median:,.{digits}f} ({low:,.{digits}f}-{high:,.{digits}f})"
 
 
-def _ratio(stat: dict | None, target: float, at_most: bool = False) -> tuple[str, str]:
+# ---------------------------------------------------------------------- merge of runs
+
+
+def previous(out: Path) -> dict[str, Any] | None:
+    path = out / "latest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` plus the sections of ``old`` it did not measure (only sections that name their run)."""
+    if not old:
+        return new
+    kept = {name: section for name, section in old.get("scenarios", {}).items()
+            if name not in new["scenarios"] and "provenance" in section}
+    new["scenarios"].update(kept)
+    if kept and "dataset" not in new and "dataset" in old:
+        new["dataset"] = old["dataset"]
+    new.setdefault("meta", {})["carried_over"] = sorted(kept)
+    return new
+
+
+# ---------------------------------------------------------------------- checks
+
+
+def _check(name: str, stat: dict | None, target: float, at_most: bool = False) -> dict[str, Any]:
+    median = stat.get("median") if stat else None
+    met = median is not None and (median <= target if at_most else median >= target)
+    return {"name": name, "median": median, "min": (stat or {}).get("min"), "max": (stat or {}).get("max"),
+            "target": target, "op": "<=" if at_most else ">=", "met": met}
+
+
+def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of issue 14 that the results hold (met = the median meets it), plus equality checks."""
+    s, out = results.get("scenarios", {}), []
+    for name, title in (("archiver", "archiver vs ConsumerPerformance"), ("load", "loader vs ProducerPerformance")):
+        x = s.get(name)
+        if x and "error" not in x:
+            out.append(_check(title, x["ratio"], x["target"]))
+    x = s.get("processor")
+    if x and "error" not in x:
+        for variant, v in x.get("variants", {}).items():
+            if v.get("target") is not None:
+                out.append(_check(f"processor {variant} vs ConsumerPerformance", v["ratio"], v["target"]))
+            for other, check in v.get("same_totals_as", {}).items():  # every variant's report vs the peer's
+                out.append({"name": f"per-(window, type) totals: {variant} == {other.replace('quix-', 'Quix ')}",
+                            "met": bool(check.get("equal")), "target": None})
+        for mode, q in x.get("quix", {}).items():
+            if q.get("ratio") is not None and q.get("target") is not None:
+                out.append(_check(f"processor {q['ours']} vs Quix Streams ({mode})", q["ratio"], q["target"]))
+    meta = results.get("meta", {})
+    ran = set(meta.get("config", {}).get("scenarios", [])) - {"memory"}
+    if ran and meta.get("duration_s") is not None and not meta.get("config", {}).get("quick"):
+        minutes = meta["duration_s"] / 60
+        out.append(_check("`make bench` minutes", {"median": minutes, "min": minutes, "max": minutes},
+                          BENCH_MINUTES, at_most=True))
+    x = s.get("memory")
+    if x and "error" not in x:
+        for component, c in x["components"].items():
+            ratio = c.get("ratio")
+            stat = {"median": ratio, "min": ratio, "max": ratio} if ratio is not None else None
+            out.append(_check(f"RSS {x['sizes'][-1]:,} / {x['sizes'][0]:,} events: {component} ({c['path']})",
+                              stat, x["target"], at_most=True))
+    return out
+
+
+def verdict(results: dict[str, Any]) -> dict[str, Any]:
+    """``passed``: every check present is met and no section failed; ``complete``: every target section is there."""
+    s = results.get("scenarios", {})
+    all_checks = checks(results)
+    failed_sections = sorted(name for name, x in s.items() if "error" in x)
+    missing = [name for name in TARGET_SECTIONS if name not in s]
+    memory = s.get("memory", {})
+    if memory and "error" not in memory and memory["sizes"][-1] < 10_000_000:
+        missing.append("memory at 10M events")
+    quick = sorted(name for name, x in s.items() if x.get("provenance", {}).get("quick"))
+    commits = sorted({x["provenance"]["commit"] for x in s.values() if "provenance" in x})
+    return {
+        "commits": commits,
+        "passed": bool(all_checks) and all(c["met"] for c in all_checks) and not failed_sections,
+        "complete": not missing and not quick and len(commits) <= 1,
+        "checks_met": sum(1 for c in all_checks if c["met"]), "checks": len(all_checks),
+        "missed": [c["name"] for c in all_checks if not c["met"]],
+        "failed_sections": failed_sections, "missing": missing, "quick_sections": quick,
+    }
+
+
+# ---------------------------------------------------------------------- Markdown
+
+
+def _ratio_text(stat: dict | None) -> str:
     if not stat or not stat.get("n"):
-        return "-", "n/a"
-    median = stat["median"]
-    met = median <= target if at_most else median >= target
-    text = f"**{median:.2f}** ({stat['min']:.2f}-{stat['max']:.2f})" if stat["n"] > 1 else f"**{median:.2f}**"
-    return text, ("yes" if met else "**NO**")
+        return "-"
+    return f"**{stat['median']:.2f}** ({stat['min']:.2f}-{stat['max']:.2f})" if stat["n"] > 1 else \
+        f"**{stat['median']:.2f}**"
+
+
+def _met(stat: dict | None, target: float | None) -> str:
+    if target is None:
+        return "info"
+    if not stat or not stat.get("n"):
+        return "n/a"
+    return "yes" if stat["median"] >= target else "**NO**"
 
 
 def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
     s = results.get("scenarios", {})
     rows: list[list[str]] = []
 
-    def row(name: str, unit: str, ours: dict | None, ref: dict | None, ref_name: str, ratio: dict | None,
-            target: float, digits: int = 0) -> None:
-        text, met = _ratio(ratio, target)
-        rows.append([name, unit, _med(ours, digits), ref_name, _med(ref, digits), text, f">= {target:g}", met])
+    def row(name: str, unit: str, ours: dict | None, ref_name: str, ref: dict | None, ratio: dict | None,
+            target: float | None, digits: int = 0) -> None:
+        rows.append([name, unit, _med(ours, digits), ref_name, _med(ref, digits), _ratio_text(ratio),
+                     "-" if target is None else f">= {target:g}", _met(ratio, target)])
 
-    if "load" in s and "error" not in s["load"]:
-        x = s["load"]
-        row("1. Replay load (S3 -> replay topic)", "rec/s", x["ours_rps"], x["reference_rps"], "ProducerPerformance",
+    x = s.get("load")
+    if x and "error" not in x:
+        row("1. Replay load (S3 -> replay topic)", "rec/s", x["ours_rps"], "ProducerPerformance", x["reference_rps"],
             x["ratio"], x["target"])
-        row("1. Replay load (S3 -> replay topic)", "MiB/s", x["ours_mibps"], x["reference_mibps"],
-            "ProducerPerformance", x["ratio_mibps"], x["target"], 1)
+        row("1. Replay load (S3 -> replay topic)", "MiB/s", x["ours_mibps"], "ProducerPerformance",
+            x["reference_mibps"], x["ratio_mibps"], x["target"], 1)
         if x.get("ratio_produce_phase"):
-            row("1b. Replay load, produce phase only (info)", "rec/s", x["ours_produce_phase_rps"],
-                x["reference_rps"], "ProducerPerformance", x["ratio_produce_phase"], x["target"])
-    if "processor" in s and "error" not in s["processor"]:
-        x = s["processor"]
-        where = ""
-        if x.get("topic") == "replay":  # the day's replay topic, with the grace the Dagster job passes
-            where = f", replay topic, grace {x['grace_ms']} ms" if x.get("grace_ms") is not None else ", replay topic"
-        row(f"2. Processor (consume+parse+window+dedup+write{where})", "rec/s", x["ours_rps"], x["reference_rps"],
-            "ConsumerPerformance", x["ratio"], x["target"])
-        q = x.get("quix")
-        if q:
-            check = q.get("totals_check", {})
-            agree = "totals agree" if check.get("equal") else "TOTALS DIFFER"
-            row(f"2. Processor vs Quix Streams ({q['records']:,} events; {agree})", "rec/s", q["ours_rps"],
-                q["reference_rps"], "Quix Streams", q["ratio"], q["target"])
-    if "archiver" in s and "error" not in s["archiver"]:
-        x = s["archiver"]
-        row("3. Archiver (topic -> Parquet in S3)", "rec/s", x["ours_rps"], x["reference_rps"], "ConsumerPerformance",
+            row("1b. Replay load, produce phase only", "rec/s", x["ours_produce_phase_rps"], "ProducerPerformance",
+                x["reference_rps"], x["ratio_produce_phase"], None)
+    x = s.get("processor")
+    if x and "error" not in x:
+        where = f"replay topic, grace {x['grace_ms']} ms" if x.get("grace_ms") is not None else "replay topic"
+        for variant, v in x.get("variants", {}).items():
+            row(f"2. Processor {variant}: {v['label']} ({where})", "rec/s", v["ours_rps"], "ConsumerPerformance",
+                x["reference_rps"], v["ratio"], v.get("target"))
+        for variant, reason in x.get("skipped", {}).items():
+            rows.append([f"2. Processor {variant}", "", f"skipped: {reason}", "", "", "", "", "-"])
+        for mode, q in x.get("quix", {}).items():
+            if q.get("ratio") is None:
+                continue
+            agree = "totals agree" if q.get("totals_check", {}).get("equal") else "TOTALS DIFFER"
+            topics = ", ".join(q.get("internal_topics") or []) or "no internal topics"
+            row(f"2. Processor {q['ours']} vs Quix Streams, {mode} ({x['records']:,} events; {agree}; {topics})",
+                "rec/s", q["ours_rps"], f"Quix Streams ({mode})", q["reference_rps"], q["ratio"], q.get("target"))
+    x = s.get("archiver")
+    if x and "error" not in x:
+        row("3. Archiver (topic -> Parquet in S3)", "rec/s", x["ours_rps"], "ConsumerPerformance", x["reference_rps"],
             x["ratio"], x["target"])
     return rows
 
 
-def markdown(results: dict[str, Any]) -> str:
-    meta, data, s = results.get("meta", {}), results.get("dataset", {}), results.get("scenarios", {})
-    config = meta.get("config", {})
+def _header(results: dict[str, Any]) -> list[str]:
+    meta, data, v = results.get("meta", {}), results.get("dataset", {}), verdict(results)
+    commit = meta.get("commit", {})
+    result = "PASSED" if v["passed"] else "FAILED"
     lines = [
         "# kappa-dagster benchmark results",
         "",
-        f"Run `{meta.get('run_id')}` at {meta.get('started_at')} ({meta.get('duration_s', '?')} s). "
-        f"{meta.get('label') or ''}".rstrip(),
+        f"**Result: {result}** ({v['checks_met']} of {v['checks']} checks met"
+        + (f"; missed: {'; '.join(v['missed'])}" if v["missed"] else "")
+        + (f"; failed sections: {', '.join(v['failed_sections'])}" if v["failed_sections"] else "") + "). "
+        + ("All sections present." if v["complete"] else "**Incomplete**: "
+           + "; ".join([*(f"{m} not measured" for m in v["missing"]),
+                        *(f"{q} from a quick run" for q in v["quick_sections"])]) + "."),
         "",
-        f"**Sizes:** {config.get('events', 0):,} events for scenarios 1-4 ({data.get('mean_value_bytes', '?')} B "
-        f"mean JSON value, {config.get('partitions')} partitions, replay topic {config.get('replay_partitions')} "
-        f"partitions), {config.get('quix_events', 0):,} events for the Quix Streams comparison, memory at "
-        + ", ".join(f"{n:,}" for n in config.get("memory_sizes", []))
-        + f" events. {config.get('runs')} runs per scenario ({config.get('e2e_runs')} for e2e); "
-        "figures are median (min-max); each ratio is computed per run (ours / reference measured back to back).",
+        f"Commit `{commit.get('short', '?')}`{' (with uncommitted changes)' if commit.get('dirty') else ''} "
+        f"{commit.get('subject', '')}. Run `{meta.get('run_id')}` at {meta.get('started_at')} "
+        f"({meta.get('duration_s', '?')} s). {meta.get('label') or ''}".rstrip(),
+        *(["", f"**Sections come from different commits: {', '.join(v['commits'])}.**"] if len(v["commits"]) > 1
+          else []),
         "",
-        "## Ratios vs references",
-        "",
-        "| Scenario | Unit | Ours | Reference | Reference value | Ratio | Target | Met |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | :---: |",
+        "| Section | Run | Commit | Runs | Events |",
+        "| --- | --- | --- | ---: | ---: |",
     ]
+    for name in SECTIONS:
+        p = results.get("scenarios", {}).get(name, {}).get("provenance")
+        if p:
+            quick = " (QUICK)" if p.get("quick") else ""
+            events = p["events"] if isinstance(p["events"], list) else [p["events"]]
+            lines.append(f"| {name} | `{p['run_id']}` {p['started_at']}{quick} | `{p['commit']}`"
+                         f"{'+dirty' if p.get('dirty') else ''} | {p['runs']}{' per size' if name == 'memory' else ''}"
+                         f" | {', '.join(f'{n:,}' for n in events)} |")
+    if data:
+        lines += ["", f"Dataset: {data.get('records', 0):,} events, {data.get('mean_value_bytes', '?')} B mean JSON "
+                  f"value, {data.get('partitions')} partitions (replay topic "
+                  f"{meta.get('config', {}).get('replay_partitions')} partitions). Figures are median (min-max); each "
+                  "ratio is computed per run (ours / reference measured back to back, order alternating)."]
+    return lines
+
+
+def _e2e_lines(e2e: dict[str, Any]) -> list[str]:
+    phases = e2e["phases_s"]
+    return [
+        "",
+        f"## 4. End-to-end reprocess of one day through Dagster ({e2e['records']:,} events)",
+        "",
+        "`dagster job execute -m kappa_dagster -j reprocess --tags '{\"dagster/partition\": \"<day>\"}'` "
+        "(run config `replay.force: true`, so every run really loads).",
+        "",
+        "| Wall time (s) | load (s) | consume (s) | report + checks (s) | report + checks / consume "
+        "| Dagster/CLI overhead (s) | events/s overall |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {_med(e2e['wall_s'], 1)} | {_med(phases['load'], 1)} | {_med(phases['consume'], 1)} | "
+        f"{_med(phases['report'], 1)} | {_med(report_vs_consume(e2e), 2)} | {_med(e2e['dagster_overhead_s'], 1)} | "
+        f"{_med(e2e['events_per_s'])} |",
+        "",
+        "Issue 14 asks the report and its checks to take about as long as the consume step (ratio ~1).",
+    ]
+
+
+def report_vs_consume(e2e: dict[str, Any]) -> dict[str, Any] | None:
+    """Per Dagster run: (report + asset checks) / consume, from the runs' step durations."""
+    from benchmarks.runner import e2e_phase  # the runner's own phase split (it imports the workers)
+
+    values = []
+    for run in e2e.get("runs", []):
+        phases = {"consume": 0.0, "report": 0.0}
+        for step, seconds in run["steps"].items():
+            if e2e_phase(step) in phases:
+                phases[e2e_phase(step)] += seconds
+        if phases["consume"] > 0:
+            values.append(phases["report"] / phases["consume"])
+    return summary(values) if values else None
+
+
+def _memory_lines(mem: dict[str, Any]) -> list[str]:
+    sizes = mem["sizes"]
+    small, large = sizes[0], sizes[-1]
+    lines = [
+        "",
+        f"## 5. Memory: peak RSS from {small:,} to {large:,} events ({mem['pipeline']}; mean JSON value "
+        + ", ".join(f"{v} B" for v in sorted(set(mem.get("mean_value_bytes", {}).values()))) + ")",
+        "",
+        "| Component | Path | " + " | ".join(f"{n:,} events: MiB (rec/s)" for n in sizes)
+        + f" | RSS {large:,} / {small:,} | Target | Met |",
+        "| --- | --- | " + " | ".join("---:" for _ in sizes) + " | ---: | ---: | :---: |",
+    ]
+    for component, x in mem["components"].items():
+        ratio = x["ratio"]
+        met = "n/a" if ratio is None else ("yes" if ratio <= mem["target"] else "**NO**")
+        cells = [f"{_n(x['peak_rss_bytes'][str(n)] / MIB)} ({_n(x['rate'][str(n)])})" for n in sizes]
+        lines.append(f"| {component} | {x['path']} | " + " | ".join(cells)
+                     + f" | {_n(ratio, 2)} | <= {mem['target']:g} | {met} |")
+    lines += ["", "Each peak is the process's own `ru_maxrss` (one process per worker and size, imports included); "
+              "live = the archiver and the live processor over the source topic from its beginning, bounded = "
+              "the replay loader and the bounded processor over the loader's replay topic."]
+    if large < 10_000_000:
+        lines += ["", f"Largest size measured: {large:,} events (not 10M: configured smaller for this run)."]
+    return lines
+
+
+def markdown(results: dict[str, Any], chart: str | None = "latest.png") -> str:
+    meta, s = results.get("meta", {}), results.get("scenarios", {})
+    lines = [*_header(results), "", "## Ratios vs references", "",
+             "| Scenario | Unit | Ours | Reference | Reference value | Ratio | Target | Met |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | :---: |"]
     lines += ["| " + " | ".join(r) + " |" for r in ratio_rows(results)]
-    for name in ("load", "processor", "archiver", "e2e", "memory"):
+    for name in SECTIONS:
         if "error" in s.get(name, {}):
             error = " ".join(s[name]["error"].split())[:200].replace("|", "/")
             lines.append(f"| {name} | | FAILED: {error} | | | | | **NO** |")
-    e2e = s.get("e2e")
-    if e2e and "error" not in e2e:
-        phases = e2e["phases_s"]
-        lines += [
-            "",
-            f"## 4. End-to-end reprocess of one day through Dagster ({e2e['records']:,} events)",
-            "",
-            "`dagster job execute -m kappa_dagster -j reprocess --tags '{\"dagster/partition\": \"<day>\"}'` "
-            "(run config `replay.force: true`, so every run really loads).",
-            "",
-            "| Wall time (s) | load (s) | consume (s) | report + checks (s) | Dagster/CLI overhead (s) "
-            "| events/s overall |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| {_med(e2e['wall_s'], 1)} | {_med(phases['load'], 1)} | {_med(phases['consume'], 1)} | "
-            f"{_med(phases['report'], 1)} | {_med(e2e['dagster_overhead_s'], 1)} | "
-            f"{_med(e2e['events_per_s'])} |",
-        ]
-    mem = s.get("memory")
-    if mem and "error" not in mem:
-        small, large = mem["sizes"][0], mem["sizes"][-1]
-        lines += [
-            "",
-            f"## 5. Memory: peak RSS at {small:,} and {large:,} events",
-            "",
-            f"| Component | {small:,} events (MiB) | {large:,} events (MiB) | Ratio | Target | Met |",
-            "| --- | ---: | ---: | ---: | ---: | :---: |",
-        ]
-        for component, x in mem["components"].items():
-            peaks = x["peak_rss_bytes"]
-            ratio = x["ratio"]
-            met = "n/a" if ratio is None else ("yes" if ratio <= mem["target"] else "**NO**")
-            lines.append(
-                f"| {component} | {_n(peaks[str(small)] / MIB)} | {_n(peaks[str(large)] / MIB)} | "
-                f"{_n(ratio, 2)} | <= {mem['target']:g} | {met} |"
-            )
-        if large < 10_000_000:
-            lines.append("")
-            lines.append(f"Largest size measured: {large:,} events (not 10M: configured smaller for this run).")
+    if s.get("e2e") and "error" not in s["e2e"]:
+        lines += _e2e_lines(s["e2e"])
+    if s.get("memory") and "error" not in s["memory"]:
+        lines += _memory_lines(s["memory"])
+    if chart:
+        lines += ["", "## Throughput and RSS against events", "", f"![throughput and RSS]({chart})"]
     lines += ["", "## Machine and versions", ""]
     machine = meta.get("machine", {})
     lines.append(
@@ -139,17 +303,20 @@ def markdown(results: dict[str, Any]) -> str:
         f"kernel {machine.get('kernel')}; load average at start {meta.get('load_average_start')}, "
         f"at end {meta.get('load_average_end')}"
     )
-    for name, version in meta.get("versions", {}).items():
-        lines.append(f"- {name}: {version}")
+    lines += [f"- {name}: {version}" for name, version in meta.get("versions", {}).items()]
     lines.append("")
     return "\n".join(lines)
 
 
-def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+def write(results: dict[str, Any], out: Path) -> tuple[Path, Path, Path | None]:
+    from benchmarks import chart
+
     out.mkdir(parents=True, exist_ok=True)
+    results["verdict"] = verdict(results)
     json_path, md_path = out / "latest.json", out / "latest.md"
+    png = chart.render(results, out / "latest.png")
     tmp = out / "latest.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
     tmp.replace(json_path)
-    md_path.write_text(markdown(results))
-    return json_path, md_path
+    md_path.write_text(markdown(results, png.name if png else None))
+    return json_path, md_path, png

@@ -26,29 +26,99 @@ from workers import kafka as kafka_helpers
 from workers.config import Settings, load_settings
 
 ALL_SCENARIOS = ("load", "processor", "archiver", "e2e", "memory")
+#: `make bench`: the ratios. `make bench-memory` runs "memory" (1M and 10M events do not fit 20 minutes with them).
+DEFAULT_SCENARIOS = ("load", "processor", "archiver", "e2e")
 MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ProcessorVariant:
+    """One processor row of scenario 2. Data, so a variant that needs a later commit is one entry here.
+
+    ``needs``: conditions that must hold at this commit, else the row is skipped with the reason:
+    ``"attr:X"`` = the pipeline class declares a truthy ``X``; ``"kwarg:X"`` = ``run_processor``
+    accepts the keyword ``X``. ``unless``: the same conditions, any of which skips the row.
+    """
+
+    name: str
+    label: str
+    pipeline: str
+    version: int
+    target: float | None = None  # vs ConsumerPerformance; None = an information row
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra run_processor keyword arguments
+    needs: tuple[str, ...] = ()
+    unless: tuple[str, ...] = ()
+    quix: bool = False  # the variant compared with the Quix peer (same work: counts every record)
+
+
+PROCESSOR_VARIANTS: dict[str, ProcessorVariant] = {v.name: v for v in (
+    ProcessorVariant("v1", "orders v1 (counts every record)", "orders", 1, target=0.5, quix=True),
+    # v2 as it is before issue 12: dedup per partition, no shuffle. Once v2 declares a state key,
+    # running v2 is the shuffle and this row gives way to the next one.
+    ProcessorVariant("v2", "orders v2 (dedup per input partition)", "orders", 2, unless=("attr:state_key",)),
+    ProcessorVariant("v2-shuffle", "orders v2 with its shuffle (state keyed by event_id, two stages)", "orders",
+                     2, needs=("attr:state_key",)),
+)}
+#: Quix peer topologies (quix_peer.py --mode); the target applies to the processor's ``quix`` variant.
+QUIX_TARGETS: dict[str, float | None] = {"best": 5.0, "windowed": None}
+#: memory rows: component -> the path it belongs to
+MEMORY_COMPONENTS = {"archiver": "live", "processor live": "live", "loader": "bounded",
+                     "processor bounded": "bounded"}
+MEMORY_VERSION = 2  # the version the Dagster job replays
+
+
+def _condition(variant: ProcessorVariant, condition: str) -> bool:
+    import inspect
+
+    from workers import processor
+    from workers.pipelines import get_pipeline
+
+    kind, _, name = condition.partition(":")
+    if kind == "attr":
+        return bool(getattr(get_pipeline(variant.pipeline, variant.version), name, None))
+    if kind == "kwarg":
+        return name in inspect.signature(processor.run_processor).parameters
+    raise ValueError(f"unknown variant condition {condition!r} (attr:NAME or kwarg:NAME)")
+
+
+def variant_unavailable(variant: ProcessorVariant) -> str | None:
+    """Why ``variant`` cannot run at this commit, or None."""
+    missing = [c for c in variant.needs if not _condition(variant, c)]
+    if missing:
+        return f"not available at this commit ({', '.join(missing)} missing)"
+    present = [c for c in variant.unless if _condition(variant, c)]
+    if present:
+        return f"superseded at this commit ({', '.join(present)} present: see the other v{variant.version} row)"
+    for key in variant.kwargs:
+        if not _condition(variant, f"kwarg:{key}"):
+            return f"not available at this commit (run_processor has no {key!r} argument)"
+    return None
 
 
 @dataclass
 class Config:
-    runs: int = 3
+    runs: int = 5
     events: int = 1_000_000
-    quix_events: int = 100_000
-    memory_sizes: list[int] = field(default_factory=lambda: [1_000_000, 3_000_000])
-    scenarios: list[str] = field(default_factory=lambda: list(ALL_SCENARIOS))
-    e2e_runs: int = 2
+    memory_sizes: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000])
+    memory_value_bytes: int = 100
+    scenarios: list[str] = field(default_factory=lambda: list(DEFAULT_SCENARIOS))
+    processor_variants: list[str] = field(default_factory=lambda: list(PROCESSOR_VARIANTS))
+    quix_modes: list[str] = field(default_factory=lambda: ["best"])
+    e2e_runs: int = 3
     value_bytes: int = 200
     partitions: int = 6
     replay_partitions: int = 3
     keep: bool = False
     out: Path = Path(__file__).resolve().parent / "results"
     label: str = ""
-    render: Path | None = None  # only re-render latest.md from this JSON
+    quick: bool = False
+    render: Path | None = None  # only re-render latest.md (and the chart) from this JSON
 
 
 def _show_child(line: str) -> bool:
     """Which lines of a child's stderr are worth echoing as progress."""
-    return any(marker in line for marker in ("loader produce", "loader sort: ", "quix:", "records=", "Traceback"))
+    markers = ("loader produce", "loader sort: ", "quix:", "records=", "processor live", "Traceback")
+    return any(marker in line for marker in markers)
 
 
 class Bench:
@@ -63,7 +133,6 @@ class Bench:
         self.archive_bucket: str | None = None
         self.replay: dict[str, Any] | None = None  # the main dataset's replay topic (loader result)
         self.main: dataset.Dataset | None = None
-        self.peaks: dict[int, dict[str, list[int]]] = {}  # size -> component -> peak RSS of each run
 
     # ------------------------------------------------------------------ helpers
 
@@ -83,15 +152,12 @@ class Bench:
             raise RuntimeError(f"{label}: no record count in {result}")
         return result
 
-    def note_peak(self, size: int, component: str, rss: int) -> None:
-        self.peaks.setdefault(size, {}).setdefault(component, []).append(int(rss))
-
-    def make_dataset(self, name: str, records: int) -> dataset.Dataset:
-        topic = self.topic(name)
-        say(f"dataset: producing {records:,} events (~{self.config.value_bytes} B values) to {topic}")
+    def make_dataset(self, name: str, records: int, value_bytes: int | None = None) -> dataset.Dataset:
+        topic, value_bytes = self.topic(name), value_bytes or self.config.value_bytes
+        say(f"dataset: producing {records:,} events (~{value_bytes} B values) to {topic}")
         data = dataset.produce(
             self.settings, topic, records, day=self.day, partitions=self.config.partitions,
-            value_bytes=self.config.value_bytes,
+            value_bytes=value_bytes,
             progress=lambda n, s: say(f"  dataset: {n:,}/{records:,} ({n / s:,.0f}/s)"),
         )
         say(f"dataset: {records:,} events in {data.seconds:.1f}s, mean value {data.mean_value_bytes:.0f} B")
@@ -120,8 +186,9 @@ class Bench:
         say(f"bench {self.id}: scenarios {', '.join(config.scenarios)}; {config.runs} runs; "
             f"{config.events:,} events; memory sizes {', '.join(f'{s:,}' for s in config.memory_sizes)}")
         try:
-            self.main = self.make_dataset("events", config.events)
-            self.results["dataset"] = self.main.as_dict()
+            if set(config.scenarios) - {"memory"}:  # the memory scenario makes datasets of its own
+                self.main = self.make_dataset("events", config.events)
+                self.results["dataset"] = self.main.as_dict()
             steps = [("archiver", self.scenario_archiver), ("load", self.scenario_load),
                      ("processor", self.scenario_processor), ("e2e", self.scenario_e2e),
                      ("memory", self.scenario_memory)]
@@ -130,9 +197,11 @@ class Bench:
                     say(f"=== scenario {name}")
                     try:
                         step()
+                        self.results["scenarios"][name]["provenance"] = self.provenance(name)
                     except Exception as exc:  # keep the other scenarios' results
                         say(f"scenario {name} FAILED: {type(exc).__name__}: {str(exc)[:2000]}")
-                        self.results["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
+                        self.results["scenarios"][name] = {"error": f"{type(exc).__name__}: {exc}"[:4000],
+                                                           "provenance": self.provenance(name)}
         finally:
             if not config.keep:
                 self.cleanup()
@@ -140,6 +209,16 @@ class Bench:
         self.results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
         self.results["meta"]["load_average_end"] = machine.load_average()
         return self.results
+
+    def provenance(self, scenario: str) -> dict[str, Any]:
+        """Which run and commit a scenario's figures come from (sections of latest.json can come from
+        different runs: `make bench` and `make bench-memory`)."""
+        meta, config = self.results["meta"], self.config
+        runs, events = {"memory": (1, config.memory_sizes), "e2e": (config.e2e_runs, [config.events])}.get(
+            scenario, (config.runs, [config.events]))
+        return {"run_id": self.id, "commit": meta["commit"]["short"], "dirty": meta["commit"]["dirty"],
+                "started_at": meta["started_at"], "runs": runs, "events": events, "quick": config.quick,
+                "label": config.label}
 
     def ensure_archive(self) -> str:
         """The archive of the main dataset (made by the archiver scenario, or once here)."""
@@ -187,11 +266,10 @@ class Bench:
                 self.archive_bucket = bucket
             else:
                 dataset.delete_bucket(self.settings, bucket)
-        for value in rss:
-            self.note_peak(data.records, "archiver", value)
         self.results["scenarios"]["archiver"] = {
             "records": data.records, "ours_rps": summary(ours), "reference_rps": summary(ref),
             "ratio": summary(ratios(ours, ref)), "target": 0.5, "reference": "ConsumerPerformance",
+            "peak_rss_bytes": summary(rss),
         }
 
     # ------------------------------------------------------------------ 1. replay load
@@ -235,8 +313,6 @@ class Bench:
 
             for step in ((reference, mine) if run % 2 == 0 else (mine, reference)):
                 step()
-        for value in rss:
-            self.note_peak(data.records, "loader", value)
         self.results["scenarios"]["load"] = {
             "records": data.records, "mean_value_bytes": data.mean_value_bytes, "producer_props": props,
             "ours_rps": summary(ours), "reference_rps": summary(ref), "ratio": summary(ratios(ours, ref)),
@@ -244,86 +320,137 @@ class Bench:
             "ratio_mibps": summary(ratios(ours_mb, ref_mb)),
             "ours_produce_phase_rps": summary(ours_produce),
             "ratio_produce_phase": summary(ratios(ours_produce, ref)) if len(ours_produce) == len(ref) else {},
-            "target": 0.5, "reference": "ProducerPerformance",
+            "target": 0.5, "reference": "ProducerPerformance", "peak_rss_bytes": summary(rss),
         }
 
-    # ------------------------------------------------------------------ 2. processor
+    # ------------------------------------------------------------------ 2. processor (+ Quix peer)
 
     def scenario_processor(self) -> None:
+        """Every available variant, ConsumerPerformance and the Quix peer(s) on the day's replay topic.
+
+        One input for all of them: the replay topic the loader wrote (as the Dagster job reads it),
+        with the grace the job passes. In each run the steps go in one order, in the next reversed.
+        """
         assert self.main is not None
-        data, bucket = self.main, self.bucket("processor")
-        # the replay topic of the day with the grace the Dagster job passes (replay_consume)
+        records, bucket = self.main.records, self.bucket("processor")
         replay = self.ensure_replay()
         topic, grace_ms = replay["replay_topic"], replay.get("grace_ms")
-        say(f"processor: input {topic} (the day's replay topic), grace_ms {grace_ms}")
-        ours, ref, rss = [], [], []
-        for run in range(self.config.runs):
-            def reference(run: int = run) -> None:
-                r = kafka_tools.consumer_performance(self.settings.bootstrap_servers, topic, data.records,
-                                                     f"bench.{self.id}.cp-processor{run}", "ConsumerPerformance")
-                ref.append(r.records_per_s)
-                say(f"processor run {run + 1}: ConsumerPerformance {r.records_per_s:,.0f} rec/s")
+        variants, skipped = self.processor_variants()
+        quix_modes = self.quix_modes()
+        say(f"processor: input {topic} (the day's replay topic), grace_ms {grace_ms}; variants "
+            f"{', '.join(v.name for v in variants) or 'none'}; Quix {', '.join(quix_modes) or 'none'}")
+        for name, reason in skipped.items():
+            say(f"processor: {name} skipped: {reason}")
+        ref: list[float] = []
+        ours: dict[str, list[float]] = {v.name: [] for v in variants}
+        rss: dict[str, list[int]] = {v.name: [] for v in variants}
+        quix: dict[str, dict[str, Any]] = {mode: {"rates": [], "rss": []} for mode in quix_modes}
+        windows: dict[str, list[list]] = {}
 
-            def mine(run: int = run) -> None:
-                r = self.child("processor", f"processor{run}", topic=topic, group=f"bench.{self.id}.proc{run}",
-                               bucket=bucket, grace_ms=grace_ms)
-                if r["records"] != data.records or not r["complete"]:
-                    raise RuntimeError(f"processor processed {r['records']} of {data.records} records")
-                ours.append(r["rate"])
-                rss.append(r["peak_rss_bytes"])
-                say(f"processor run {run + 1}: processor {r['rate']:,.0f} rec/s, "
-                    f"peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
+        def reference(run: int) -> None:
+            r = kafka_tools.consumer_performance(self.settings.bootstrap_servers, topic, records,
+                                                 f"bench.{self.id}.cp-processor{run}", "ConsumerPerformance")
+            ref.append(r.records_per_s)
+            say(f"processor run {run + 1}: ConsumerPerformance {r.records_per_s:,.0f} rec/s")
 
-            for step in ((reference, mine) if run % 2 == 0 else (mine, reference)):
-                step()
-        for value in rss:
-            self.note_peak(data.records, "processor", value)
-        result: dict[str, Any] = {
-            "records": data.records, "ours_rps": summary(ours), "reference_rps": summary(ref),
-            "ratio": summary(ratios(ours, ref)), "target": 0.5, "reference": "ConsumerPerformance",
-            "topic": "replay", "grace_ms": grace_ms,
-        }
-        self.results["scenarios"]["processor"] = result
-        result["quix"] = self.processor_vs_quix(bucket)
-
-    def processor_vs_quix(self, bucket: str) -> dict[str, Any]:
-        if not machine.QUIX_PYTHON.exists():
-            raise RuntimeError(f"Quix Streams is not installed at {machine.QUIX_PYTHON}: run `make bench`")
-        data = self.make_dataset("quix", self.config.quix_events)
-        ours, ref, checks = [], [], []
-        for run in range(self.config.runs):
-            outputs: dict[str, list] = {}
-
-            def reference(run: int = run, outputs: dict = outputs) -> None:
-                command = [str(machine.QUIX_PYTHON), str(Path(__file__).with_name("quix_peer.py")),
-                           "--broker", self.settings.bootstrap_servers, "--topic", data.topic,
-                           "--group", f"bench.{self.id}.quix{run}", "--records", str(data.records)]
-                r = procs.run(command, label="quix", show=_show_child, timeout=3600).result_json()
-                if r["records"] != data.records:
-                    raise RuntimeError(f"Quix Streams emitted {r['records']} of {data.records} updates")
-                ref.append(r["rate"])
-                outputs["quix"] = r["windows"]
-                say(f"quix run {run + 1}: Quix Streams {r['rate']:,.0f} rec/s, "
-                    f"peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
-
-            def mine(run: int = run, outputs: dict = outputs) -> None:
-                r = self.child("processor", f"processor-q{run}", topic=data.topic, group=f"bench.{self.id}.pq{run}",
-                               bucket=bucket, dump_report=run == 0)
-                if r["records"] != data.records or not r["complete"]:
-                    raise RuntimeError(f"processor processed {r['records']} of {data.records} records")
-                ours.append(r["rate"])
-                outputs["ours"] = r.get("windows", [])
-                say(f"quix run {run + 1}: processor {r['rate']:,.0f} rec/s")
-
-            for step in ((reference, mine) if run % 2 == 0 else (mine, reference)):
-                step()
+        def mine(run: int, variant: ProcessorVariant) -> None:
+            r = self.child("processor", f"processor-{variant.name}-{run}", topic=topic,
+                           group=f"bench.{self.id}.proc-{variant.name}-{run}", bucket=bucket, grace_ms=grace_ms,
+                           pipeline=variant.pipeline, version=variant.version, kwargs=variant.kwargs,
+                           dump_report=run == 0)
+            if r["records"] != records or not r["complete"]:
+                raise RuntimeError(f"processor {variant.name} processed {r['records']} of {records} records")
+            ours[variant.name].append(r["rate"])
+            rss[variant.name].append(r["peak_rss_bytes"])
             if run == 0:
-                checks.append(compare_windows(outputs["ours"], outputs["quix"]))
-                say(f"quix: totals {'AGREE' if checks[-1]['equal'] else 'DIFFER'}: {checks[-1]}")
-        return {
-            "records": data.records, "ours_rps": summary(ours), "reference_rps": summary(ref),
-            "ratio": summary(ratios(ours, ref)), "target": 5.0, "reference": "Quix Streams", "totals_check": checks[0],
+                windows[variant.name] = r.get("windows", [])
+            say(f"processor run {run + 1}: {variant.name} {r['rate']:,.0f} rec/s, "
+                f"peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
+
+        def peer(run: int, mode: str) -> None:
+            r = self.quix_peer(topic, records, mode, run)
+            quix[mode]["rates"].append(r["rate"])
+            quix[mode]["rss"].append(r["peak_rss_bytes"])
+            quix[mode]["internal_topics"] = r["internal_topics"]
+            if run == 0:
+                windows[f"quix-{mode}"] = r["windows"]
+            say(f"processor run {run + 1}: Quix Streams ({mode}) {r['rate']:,.0f} rec/s from its first record, "
+                f"peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB, internal topics {r['internal_topics'] or 'none'}")
+
+        for run in range(self.config.runs):
+            steps = [lambda run=run: reference(run)]
+            steps += [lambda run=run, v=v: mine(run, v) for v in variants]
+            steps += [lambda run=run, m=m: peer(run, m) for m in quix_modes]
+            for step in steps if run % 2 == 0 else reversed(steps):
+                step()
+        self.results["scenarios"]["processor"] = self.processor_result(
+            records, topic, grace_ms, ref, ours, rss, quix, windows, variants, skipped)
+
+    def processor_result(self, records: int, topic: str, grace_ms: int | None, ref: list[float],
+                         ours: dict[str, list[float]], rss: dict[str, list[int]], quix: dict[str, dict[str, Any]],
+                         windows: dict[str, list[list]], variants: list[ProcessorVariant],
+                         skipped: dict[str, str]) -> dict[str, Any]:
+        """Ratios per variant (vs ConsumerPerformance) and per Quix mode (the Quix variant vs the peer)."""
+        baseline = next((v for v in variants if v.quix), None)
+        result: dict[str, Any] = {
+            "records": records, "topic": topic, "input": "replay", "grace_ms": grace_ms,
+            "reference": "ConsumerPerformance", "reference_rps": summary(ref), "skipped": skipped, "variants": {},
+            "quix": {},
         }
+        for v in variants:
+            result["variants"][v.name] = {
+                "label": v.label, "pipeline": v.pipeline, "version": v.version, "kwargs": v.kwargs,
+                "ours_rps": summary(ours[v.name]), "ratio": summary(ratios(ours[v.name], ref)),
+                "target": v.target, "peak_rss_bytes": summary(rss[v.name]),
+                "same_totals_as": {other: compare_windows(windows[v.name], windows[other])
+                                   for other in windows if other != v.name and other.startswith("quix-")},
+            }
+        for mode, x in quix.items():
+            entry: dict[str, Any] = {
+                "mode": mode, "reference": f"Quix Streams ({mode})", "reference_rps": summary(x["rates"]),
+                "peak_rss_bytes": summary(x["rss"]), "internal_topics": x.get("internal_topics", []),
+                "target": QUIX_TARGETS.get(mode),
+            }
+            if baseline is not None:
+                entry.update(ours=baseline.name, ours_rps=summary(ours[baseline.name]),
+                             ratio=summary(ratios(ours[baseline.name], x["rates"])),
+                             totals_check=compare_windows(windows[baseline.name], windows[f"quix-{mode}"]))
+            result["quix"][mode] = entry
+        return result
+
+    def processor_variants(self) -> tuple[list[ProcessorVariant], dict[str, str]]:
+        """The configured variants this commit can run, and why the others are skipped."""
+        chosen = [PROCESSOR_VARIANTS[name] for name in self.config.processor_variants]
+        runnable, skipped = [], {}
+        for variant in chosen:
+            reason = variant_unavailable(variant)
+            if reason:
+                skipped[variant.name] = reason
+            else:
+                runnable.append(variant)
+        return runnable, skipped
+
+    def quix_modes(self) -> list[str]:
+        if not self.config.quix_modes:
+            return []
+        if not machine.QUIX_PYTHON.exists():
+            raise RuntimeError(f"Quix Streams is not installed at {machine.QUIX_PYTHON}: run `make bench` "
+                               "(or --quix-modes '' to leave the peer out)")
+        return list(self.config.quix_modes)
+
+    def quix_peer(self, topic: str, records: int, mode: str, run: int) -> dict[str, Any]:
+        """One Quix Streams run over ``topic`` with our processor's fetch tuning."""
+        command = [str(machine.QUIX_PYTHON), str(Path(__file__).with_name("quix_peer.py")),
+                   "--broker", self.settings.bootstrap_servers, "--topic", topic, "--mode", mode,
+                   "--group", f"bench.{self.id}.quix-{mode}-{run}", "--records", str(records),
+                   "--consumer-config", json.dumps(kafka_helpers.BULK_CONSUMER_TUNING)]
+        r = procs.run(command, label=f"quix-{mode}", show=_show_child, timeout=3600).result_json()
+        if r["records"] != records:
+            raise RuntimeError(f"Quix Streams ({mode}) saw {r['records']} of {records} records")
+        if mode == "best" and r["internal_topics"]:
+            raise RuntimeError(f"Quix Streams (best) created internal topics {r['internal_topics']}: not the "
+                               "no-changelog, no-repartition configuration it claims to be")
+        return r
 
     # ------------------------------------------------------------------ 4. end-to-end through Dagster
 
@@ -359,40 +486,64 @@ class Bench:
     # ------------------------------------------------------------------ 5. memory
 
     def scenario_memory(self) -> None:
-        for size in self.config.memory_sizes:
-            components = self.peaks.get(size, {})
-            if all(name in components for name in ("archiver", "loader", "processor")):
-                say(f"memory {size:,}: reusing the peaks measured by the scenarios above")
-                continue
-            data = self.main if self.main is not None and size == self.main.records else None
-            data = data or self.make_dataset(f"mem{size}", size)
-            bucket = self.bucket(f"mem{size}")
-            say(f"memory {size:,}: archiver")
-            r = self.archive(data, bucket, f"archiver-mem{size}")
-            self.note_peak(size, "archiver", r["peak_rss_bytes"])
-            say(f"memory {size:,}: archiver peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB ({r['rate']:,.0f} rec/s)")
-            r = self.child("loader", f"loader-mem{size}", topic=data.topic, day=self.day, bucket=bucket,
-                           partitions=self.config.replay_partitions)
-            self.note_peak(size, "loader", r["peak_rss_bytes"])
-            say(f"memory {size:,}: loader peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB ({r['rate']:,.0f} rec/s)")
-            replay_topic = r["replay_topic"]
-            r = self.child("processor", f"processor-mem{size}", topic=replay_topic, group=f"bench.{self.id}.pm{size}",
-                           bucket=bucket, grace_ms=r.get("grace_ms"))
-            if r["records"] != size or not r["complete"]:
-                raise RuntimeError(f"processor processed {r['records']} of {size} records")
-            dataset.delete_topics(self.settings, [replay_topic])
-            self.note_peak(size, "processor", r["peak_rss_bytes"])
-            say(f"memory {size:,}: processor peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB ({r['rate']:,.0f} rec/s)")
-            if not self.config.keep and data is not self.main:
+        """Peak RSS of each worker on the live path and the bounded path, at every memory size.
+
+        Live: the archiver and the live processor (unbounded, live grace) over the source topic from
+        the beginning. Bounded: the replay loader and the bounded processor over the loader's replay
+        topic (the Dagster job's path). Every size gets a dataset of its own with the same value size.
+        """
+        config, measured, value_bytes = self.config, {}, {}
+        for size in config.memory_sizes:
+            reuse = self.main is not None and size == self.main.records and config.memory_value_bytes == \
+                config.value_bytes
+            data = self.main if reuse else self.make_dataset(f"mem{size}", size, config.memory_value_bytes)
+            assert data is not None
+            measured[size], value_bytes[str(size)] = self.memory_at(data), round(data.mean_value_bytes, 1)
+            if not config.keep and data is not self.main:
                 dataset.delete_topics(self.settings, [data.topic])
-                dataset.delete_bucket(self.settings, bucket)
-        sizes = sorted(self.config.memory_sizes)
+        sizes = sorted(measured)
         table = {}
-        for component in ("archiver", "loader", "processor"):
-            peaks = {str(size): max(self.peaks.get(size, {}).get(component, [0])) for size in sizes}
+        for component, path in MEMORY_COMPONENTS.items():
+            peaks = {str(size): measured[size][component]["peak_rss_bytes"] for size in sizes}
+            rates = {str(size): measured[size][component]["rate"] for size in sizes}
             small, large = peaks[str(sizes[0])], peaks[str(sizes[-1])]
-            table[component] = {"peak_rss_bytes": peaks, "ratio": large / small if small else None}
-        self.results["scenarios"]["memory"] = {"sizes": sizes, "components": table, "target": 1.2}
+            table[component] = {"path": path, "peak_rss_bytes": peaks, "rate": rates,
+                                "ratio": large / small if small else None}
+        self.results["scenarios"]["memory"] = {
+            "sizes": sizes, "value_bytes": config.memory_value_bytes, "mean_value_bytes": value_bytes,
+            "components": table, "target": 1.2,
+            "pipeline": f"orders v{MEMORY_VERSION}",
+        }
+
+    def memory_at(self, data: dataset.Dataset) -> dict[str, dict[str, float]]:
+        """The four workers over one dataset, each in its own process: peak RSS and rate."""
+        size, bucket, out = data.records, self.bucket(f"mem{data.records}"), {}
+
+        def keep(component: str, r: dict[str, Any]) -> None:
+            out[component] = {"peak_rss_bytes": r["peak_rss_bytes"], "rate": r["rate"]}
+            say(f"memory {size:,}: {component} peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB ({r['rate']:,.0f} rec/s)")
+
+        keep("archiver", self.archive(data, bucket, f"archiver-mem{size}"))
+        keep("processor live", self.processor_child(
+            f"processor-live-mem{size}", data.topic, f"bench.{self.id}.pl{size}", bucket, size, live=True))
+        loaded = self.child("loader", f"loader-mem{size}", topic=data.topic, day=self.day, bucket=bucket,
+                            partitions=self.config.replay_partitions)
+        keep("loader", loaded)
+        keep("processor bounded", self.processor_child(
+            f"processor-mem{size}", loaded["replay_topic"], f"bench.{self.id}.pm{size}", bucket, size,
+            grace_ms=loaded.get("grace_ms")))
+        if not self.config.keep:
+            dataset.delete_topics(self.settings, [loaded["replay_topic"]])
+            dataset.delete_bucket(self.settings, bucket)
+        return out
+
+    def processor_child(self, label: str, topic: str, group: str, bucket: str, records: int,
+                        **options: Any) -> dict[str, Any]:
+        r = self.child("processor", label, topic=topic, group=group, bucket=bucket, records=records,
+                       version=MEMORY_VERSION, **options)
+        if r["records"] != records or not r["complete"]:
+            raise RuntimeError(f"{label}: processed {r['records']} of {records} records")
+        return r
 
     # ------------------------------------------------------------------ cleanup
 

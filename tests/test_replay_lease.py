@@ -21,7 +21,8 @@ from dagster_env import ROOT
 from replay_data import day_records, write_day
 
 from workers import kafka as kafka_helpers
-from workers import replay_lease, replay_loader, s3_cas
+from workers import replay_lease, replay_loader
+from workers import s3 as s3_helpers
 from workers.config import Settings
 
 DAY = "2026-11-20"
@@ -35,7 +36,7 @@ def test_lease_is_exclusive_reentrant_and_taken_over_after_expiry(settings: Sett
         replay_lease.acquire(s3, bucket, "slot-a", "run-2", what=what, ttl_s=2)
     assert replay_lease.acquire(s3, bucket, "slot-b", "run-2", what=what, ttl_s=2)  # other slots are free
     gone = replay_lease.acquire(s3, bucket, "slot-a", "run-3", what=what, owner_gone=lambda owner: owner == "run-1")
-    with pytest.raises(s3_cas.Conflict):  # the old holder cannot renew (or delete) what it lost
+    with pytest.raises(s3_helpers.Fenced):  # the old holder cannot renew (or delete) what it lost
         again.renew()
     assert first.etag != gone.etag
     first.release()  # a no-op: the lease is run-3's now

@@ -14,6 +14,11 @@ Rebalances use cooperative-sticky assignment: revoked partitions are flushed and
 ``on_revoke``; lost partitions (fenced member) are dropped unwritten, the new owner re-reads them.
 When S3 fails, the partition is paused and retried with exponential backoff, so memory stays
 bounded by the flush thresholds and no data is skipped.
+
+Fencing: a checkpoint PUT is conditional on the ETag of the checkpoint this member read at
+assignment (or last wrote), see :class:`ArchiveStore`. A zombie (paused past its session, or cut
+off from Kafka only) can never move a partition's resume point; a fenced flush logs one line, drops
+the buffer and, if the partition is still assigned here, re-reads the checkpoint and seeks to it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.s3 import Fenced
 
 log = logging.getLogger("kappa.archiver")
 
@@ -128,18 +134,48 @@ def archive_objects(topic: str, partition: int, frame: pl.DataFrame) -> list[tup
 
 
 class ArchiveStore:
-    """Archive files and per-partition checkpoints of one topic in one bucket."""
+    """Archive files and per-partition checkpoints of one topic in one bucket.
+
+    The store remembers, per partition, the ETag of the checkpoint it read (or wrote) last, and
+    writes the next checkpoint only if S3 still holds that one (``If-Match``; ``If-None-Match: *``
+    for a partition never archived): compare-and-swap on the one checkpoint key, so readers keep a
+    fixed key and a stale writer gets :class:`~workers.s3.Fenced`. Before writing files it checks the
+    same condition (a HEAD), so a zombie that wakes up after the takeover adds no files. Between
+    that check and the checkpoint PUT a zombie's files can still land; they hold exactly the records
+    of their offset range, so they are overlapping copies readers drop, never wrong data, and they
+    are never deleted (the new owner may have written the same key).
+    """
 
     def __init__(self, client: Any, bucket: str, topic: str) -> None:
         self.client, self.bucket, self.topic = client, bucket, topic
+        self.etags: dict[int, str | None] = {}
 
     def read_checkpoint(self, partition: int) -> int | None:
-        """The next offset to archive, or None if this partition was never archived here."""
-        body = s3_helpers.get_bytes(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition))
-        return None if body is None else int(json.loads(body)["next_offset"])
+        """The next offset to archive, or None if this partition was never archived here.
+
+        Also makes this checkpoint the one the next :meth:`write_checkpoint` must replace.
+        """
+        stored = s3_helpers.get_stored(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition))
+        self.etags[partition] = None if stored is None else stored.etag
+        return None if stored is None else int(json.loads(stored.body)["next_offset"])
+
+    def forget(self, partition: int) -> None:
+        """This member no longer owns ``partition``: a write needs a fresh :meth:`read_checkpoint`."""
+        self.etags.pop(partition, None)
+
+    def _expected(self, partition: int) -> str | None:
+        if partition not in self.etags:
+            raise Fenced(keys.archiver_checkpoint(self.topic, partition), None,
+                         f"partition {partition}: no checkpoint read by this member (not assigned here)")
+        return self.etags[partition]
 
     def write_files(self, partition: int, frame: pl.DataFrame) -> tuple[list[str], int]:
-        """Write the buffer as one Parquet object per day; returns (keys, bytes written)."""
+        """Write the buffer as one Parquet object per day; returns (keys, bytes written).
+
+        Raises :class:`Fenced` first, without writing, if another member checkpointed meanwhile.
+        """
+        key = keys.archiver_checkpoint(self.topic, partition)
+        s3_helpers.still_at(self.client, self.bucket, key, self._expected(partition))
         written, size = [], 0
         for key, rows in archive_objects(self.topic, partition, frame):
             body = archive_format.to_parquet_bytes(rows)
@@ -159,7 +195,9 @@ class ArchiveStore:
             "files": files,
         }
         key = keys.archiver_checkpoint(self.topic, partition)
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(body).encode())
+        self.etags[partition] = s3_helpers.put_if(
+            self.client, self.bucket, key, json.dumps(body).encode(), self._expected(partition)
+        )
 
 
 # ---------------------------------------------------------------- per-partition buffer
@@ -227,6 +265,7 @@ class ArchiverSummary:
     files: int = 0
     checkpoints: int = 0
     s3_errors: int = 0
+    fences: int = 0
     seconds: float = 0.0
 
 
@@ -243,6 +282,8 @@ class ArchiverMetrics:
         self.bytes = Counter("kappa_archiver_written_bytes", "Parquet bytes written to S3", registry=registry)
         self.files = Counter("kappa_archiver_files", "Archive files written", registry=registry)
         self.s3_errors = Counter("kappa_archiver_s3_errors", "Failed S3 calls (retried)", registry=registry)
+        self.fences = Counter("kappa_archiver_fenced_flushes", "Flushes refused because another member "
+                              "checkpointed the partition (zombie)", registry=registry)
         self.lag = Gauge("kappa_archiver_lag", "Records not yet archived", ["partition"], registry=registry)
         self.buffered = Gauge("kappa_archiver_buffered_records", "Records in memory", registry=registry)
         self.paused = Gauge("kappa_archiver_paused_partitions", "Partitions paused by S3 errors", registry=registry)
@@ -274,6 +315,8 @@ class Archiver:
         self.stop = stop or threading.Event()
         self.store = ArchiveStore(s3_helpers.s3_client(settings, retries=2), settings.s3_bucket, self.topic)
         self.parts: dict[int, PartitionState] = {}
+        #: partitions whose flush was fenced: re-read and re-seeked by the loop (never inside a callback)
+        self.refetch: set[int] = set()
         self.ends: dict[int, int] = {}
         self.summary, self.metrics = ArchiverSummary(), ArchiverMetrics()
         self.assigned_once = self.closing = False
@@ -351,6 +394,7 @@ class Archiver:
 
     def _step(self, messages: list[Message]) -> None:
         now = time.monotonic()
+        self._reload_fenced()
         self._ingest(messages, now)
         due = self._due(now)
         if due:
@@ -421,8 +465,25 @@ class Archiver:
             except S3_ERRORS as exc:
                 self._s3_failed(partition, state, exc)
                 failed.append(partition)
+            except Fenced as exc:
+                self._fenced(partition, state, exc)
         self._commit(done)
         return failed
+
+    def _fenced(self, partition: int, state: PartitionState, exc: Fenced) -> None:
+        """Another member checkpointed this partition: drop our buffer, never write it from here."""
+        self.summary.fences += 1
+        self.metrics.fences.inc()
+        self.parts.pop(partition, None)
+        self.store.forget(partition)
+        self.refetch.add(partition)
+        winner = "?"
+        if exc.current is not None:
+            doc = json.loads(exc.current)
+            winner = f"{doc.get('writer')} at offset {doc.get('next_offset')}"
+        log.warning("fenced: partition %d checkpointed by %s since we read it; %d buffered records (from offset "
+                    "%s) dropped unwritten by %s:%d, re-reading the checkpoint if still assigned", partition, winner,
+                    state.records, state.durable, socket.gethostname(), os.getpid())
 
     def _persist(self, partition: int, state: PartitionState) -> int:
         frame = state.frame()
@@ -490,6 +551,28 @@ class Archiver:
                 )
             time.sleep(max(wait, 0))
 
+    def _reload_fenced(self) -> None:
+        """Fenced partitions still assigned here restart from the checkpoint the winner wrote."""
+        if not self.refetch or self.consumer is None:
+            return
+        try:
+            assigned = {tp.partition for tp in self.consumer.assignment()}
+        except KafkaException:
+            return
+        for partition in sorted(self.refetch):
+            self.refetch.discard(partition)
+            if partition not in assigned:
+                continue
+            start = self._retry_s3(lambda p=partition: self.store.read_checkpoint(p), "read checkpoint")
+            offset = OFFSET_BEGINNING if start is None else start
+            try:
+                self.consumer.seek(TopicPartition(self.topic, partition, offset))
+                self.consumer.resume([TopicPartition(self.topic, partition)])  # it may have been paused by S3 errors
+            except KafkaException as exc:
+                log.warning("partition %d not re-read after the fence (%s)", partition, exc)
+                continue
+            self.parts[partition] = PartitionState(durable=start, position=start)
+
     # -- rebalance callbacks (run inside consume())
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -500,6 +583,7 @@ class Archiver:
                 self._check_not_beyond_end(consumer, tp, start)
             tp.offset = OFFSET_BEGINNING if start is None else start
             self.parts[tp.partition] = PartitionState(durable=start, position=start)
+            self.refetch.discard(tp.partition)
         consumer.incremental_assign(partitions)
         consumer.resume(partitions)
         self.assigned_once = True
@@ -529,12 +613,18 @@ class Archiver:
                 log.warning("revoked partitions not flushed: %s", exc)
         for partition in owned:
             self.parts.pop(partition, None)
+        for tp in partitions:
+            self.store.forget(tp.partition)
+            self.refetch.discard(tp.partition)
         log.info("revoked %s", owned)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Fenced out: another member may own these already, so drop the buffers unwritten."""
         owned = [tp.partition for tp in partitions if tp.partition in self.parts]
         dropped = {partition: self.parts.pop(partition).records for partition in owned}
+        for tp in partitions:
+            self.store.forget(tp.partition)
+            self.refetch.discard(tp.partition)
         log.warning("partitions lost (not written, re-read by their new owner): %s", dropped)
 
     def _retry_s3(self, call: Callable[[], T], what: str) -> T:

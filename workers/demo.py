@@ -207,9 +207,9 @@ def promote_and_switch(settings: Settings) -> None:
     """Promote v2, then stop live v1 and start live v2 at the promoted offsets (no gap, no overlap)."""
     output = run("kappa promote --pipeline orders --version 2", quiet=True)
     console.print(output.rstrip(), highlight=False)
-    start = next((line.strip() for line in output.splitlines() if "--start-offsets" in line), None)
+    start = next((line.strip() for line in output.splitlines() if "--handoff" in line), None)
     if start is None:
-        raise KappaError("kappa promote did not print the live start offsets")
+        raise KappaError("kappa promote did not print how to start the live processor at the switch")
     stop_background(["processor-v1"])
     background("processor-v2", f"{start} --progress log --checkpoint-seconds 2")
 

@@ -3,7 +3,10 @@
 Same code path for both modes; only topic, consumer group and start/stop differ:
 
 * **live**: group ``kappa.<P>.v<V>.live`` on ``settings.events_topic``; starts at the S3 checkpoint,
-  else ``start_offsets`` (used by promote), else the committed Kafka offset, else ``start``.
+  else ``start_offsets``, else the committed Kafka offset, else ``start``. Explicit start offsets
+  (``--start-offsets``, or ``--handoff``: the promoted switch) beat a checkpoint made from other ones:
+  it is removed at start (``handoff.claim_live_prefix``); a restart with the same offsets resumes.
+  With ``--handoff`` the records a promoted corrected report already counts are skipped.
   Windows close when the per-partition watermark (max Kafka timestamp seen - ``grace_ms``) passes
   their end; records for an already-closed window are counted as ``late`` and never mixed in.
   Results: ``live/<P>/v<V>/dt=<D>/part=<p>/...`` read by :func:`read_live_results`.
@@ -28,9 +31,11 @@ producer flushed first, then outputs, then one state JSON PUT (the commit point)
 offset commit. After a crash the partition resumes at the S3 offset with the S3 state, so nothing is
 lost or counted twice. A crash between the DLQ flush and the state PUT re-sends those DLQ records
 on restart: consumers dedupe on (``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``).
-On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol); a
-commit also checks that the S3 state is still the one we loaded (a zombie fence), else the
-partition is reloaded from S3.
+On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol). The
+state JSON PUT is conditional on the ETag we loaded (``workers.s3.put_if``): a zombie (paused past
+its session, or cut off from Kafka only) that lost its partitions cannot overwrite the new owner's
+commit. A fenced commit logs one line, drops the partition's in-memory state and, if the partition is
+still assigned here, reloads it from S3 and seeks to its offset; ``on_lost`` drops state unwritten.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
+from workers import handoff as handoff_lib
 from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
@@ -61,7 +67,6 @@ from workers.pipelines import get_pipeline
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline, reject_missing_timestamp
 from workers.processor_progress import NoProgress, Progress
 from workers.processor_state import (
-    FencedError,
     PartitionState,
     StateStore,
     day_of,
@@ -70,7 +75,7 @@ from workers.processor_state import (
     results_for_day,
     to_parquet,
 )
-from workers.s3 import ensure_bucket, get_bytes, s3_client
+from workers.s3 import Fenced, ensure_bucket, get_bytes, put_if, s3_client
 
 log = logging.getLogger("kappa.processor")
 
@@ -108,6 +113,8 @@ class RunSummary:
     records: int = 0
     dlq_records: int = 0
     late_records: int = 0
+    #: commits refused because another member committed the partition since we loaded it (S3 fence)
+    fenced_commits: int = 0
     seconds: float = 0.0
     end_offsets: dict[int, int] = field(default_factory=dict)
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -230,10 +237,14 @@ class Processor:
         dlq_topic: str,
         progress: Progress,
         stop: threading.Event,
+        switch: handoff_lib.Switch | None = None,
     ) -> None:
         self.settings, self.pipeline = settings, pipeline
         self.topic, self.group, self.bounded, self.start = topic, group, bounded, start
         self.start_offsets = dict(start_offsets or {})
+        if switch is None and self.start_offsets and not bounded:
+            switch = handoff_lib.Switch(self.start_offsets, {})
+        self.switch = switch
         self.requested_end = dict(end_offsets) if end_offsets is not None else None
         self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
         self.dlq_topic, self.progress, self.stop = dlq_topic, progress, stop
@@ -241,6 +252,8 @@ class Processor:
         self.prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if bounded else None)
         self.store = StateStore(self.client, settings.s3_bucket, self.prefix, writer=uuid.uuid4().hex[:10])
         self.states: dict[int, PartitionState] = {}
+        #: partitions whose commit was fenced: reloaded from S3 by the loop (never inside a callback)
+        self.refetch: set[int] = set()
         self.end: dict[int, int] = {}
         self.summary = RunSummary(pipeline.name, pipeline.version, topic, group, bounded)
         self.delivery_errors: list[str] = []
@@ -260,6 +273,10 @@ class Processor:
         if self.bounded:
             self.end = self.bounded_end_offsets(partitions)
             self.summary.end_offsets = dict(self.end)
+        elif self.switch is not None and handoff_lib.claim_live_prefix(
+            self.client, self.settings.s3_bucket, self.prefix, self.switch.origin
+        ):
+            log.warning("explicit start offsets win: removed the older checkpoint under %s", self.prefix)
         self.producer = Producer(self.settings.kafka_config(**DLQ_PRODUCER_CONFIG))
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
@@ -316,6 +333,7 @@ class Processor:
         """Checkpoint when due (or when S3 just failed), report progress; True once a bounded run is done."""
         # bounded: once every assigned partition is finalized, checkpoint now instead of idling
         # up to checkpoint_seconds before finished() can see it
+        self.reload_fenced()
         done = self.bounded and bool(self.states) and all(s.finalized for s in self.states.values())
         if done or self.s3_backoff or time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
             self.checkpoint()
@@ -363,6 +381,7 @@ class Processor:
         for tp in partitions:
             state = self.store.load(self.new_state(tp.partition))
             self.states[tp.partition] = state
+            self.refetch.discard(tp.partition)
             tp.offset = self.start_offset(state)
         consumer.assign(partitions)
         self.pause_finished()
@@ -376,11 +395,16 @@ class Processor:
             log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
         for partition in revoked:
             self.states.pop(partition, None)
+        self.refetch -= revoked
 
     def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
-        """Someone else owns these now: our uncommitted work is void."""
-        for tp in partitions:
-            self.states.pop(tp.partition, None)
+        """Someone else owns these now (our session expired): our uncommitted work is void."""
+        lost = sorted(tp.partition for tp in partitions)
+        for partition in lost:
+            self.states.pop(partition, None)
+        self.refetch -= set(lost)
+        log.warning("partitions %s of %s lost (session expired): uncommitted state dropped unwritten, "
+                    "their new owner resumes from S3; rejoining", lost, self.group)
 
     def new_state(self, partition: int) -> PartitionState:
         return PartitionState(self.pipeline, self.topic, self.group, partition, self.grace_ms)
@@ -395,12 +419,33 @@ class Processor:
             return OFFSET_BEGINNING
         return OFFSET_STORED
 
+    def reload_fenced(self) -> None:
+        """Partitions fenced and still assigned here: adopt what the winner committed, continue from it."""
+        assert self.consumer is not None
+        if not self.refetch:
+            return
+        try:
+            assigned = {tp.partition for tp in self.consumer.assignment()}
+        except KafkaException:
+            return  # retried at the next step
+        for partition in sorted(self.refetch):
+            if partition in assigned:
+                self.reload(partition)
+            self.refetch.discard(partition)
+
     def reload(self, partition: int) -> None:
-        """After a fence: adopt the state another processor committed and continue from its offset."""
+        """Load the committed state and seek to its offset; the state is used only once the seek worked."""
         assert self.consumer is not None
         state = self.store.load(self.new_state(partition))
+        try:
+            self.consumer.seek(TP(self.topic, partition, self.start_offset(state)))
+            if not state.finalized:  # it may have been paused by an S3 outage
+                self.consumer.resume([TP(self.topic, partition)])
+        except KafkaException as exc:  # not fetchable here (any more): a rebalance hands it out again
+            log.warning("partition %d not reloaded after the fence (%s)", partition, exc)
+            return
         self.states[partition] = state
-        self.consumer.seek(TP(self.topic, partition, self.start_offset(state)))
+        self.pause_finished()
 
     # ---------------------------------------------------------------- processing
 
@@ -425,6 +470,10 @@ class Processor:
             if frame.height and frame["offset"].max() >= end:  # type: ignore[operator]
                 state.next_offset, state.dirty = end, True
             frame = frame.filter(pl.col("offset") < end)
+        if self.switch is not None and self.switch.covered:
+            # handoff: a promoted day's corrected report counts these (EOF still moves the position past them)
+            covered = self.switch.covered_rows(state.partition, day_of(pl.col("timestamp_ms")), pl.col("offset"))
+            frame = frame.filter(~covered)
         if frame.height == 0:
             return
         frame = apply(frame, state)
@@ -520,7 +569,10 @@ class Processor:
     # ---------------------------------------------------------------- checkpoint
 
     def checkpoint(self, partitions: set[int] | None = None) -> None:
-        """DLQ flush -> per partition outputs + state JSON (commit point) -> Kafka commit -> garbage."""
+        """DLQ flush -> per partition outputs + state JSON (commit point) -> Kafka commit -> garbage.
+
+        A fenced partition commits nothing (not even its Kafka offset) and its state is dropped.
+        """
         self.last_checkpoint = time.monotonic()
         targets = [s for p, s in self.states.items() if s.dirty and (partitions is None or p in partitions)]
         targets = [s for s in targets if s.next_offset is not None]
@@ -532,10 +584,17 @@ class Processor:
             try:
                 superseded += self.store.commit(state)
                 committed.append(TP(self.topic, state.partition, state.next_offset))
-            except FencedError:
-                self.reload(state.partition)
+            except Fenced as exc:
+                self.fenced(state.partition, exc)
         self.commit_offsets(committed)
         self.store.delete(superseded)
+
+    def fenced(self, partition: int, exc: Fenced) -> None:
+        """Another member committed this partition: never write it again from the state we hold."""
+        self.summary.fenced_commits += 1
+        self.states.pop(partition, None)
+        self.refetch.add(partition)
+        log.warning("fenced: %s (group %s); our state dropped, reloading from S3 if still assigned", exc, self.group)
 
     def commit_offsets(self, offsets: list[TP]) -> None:
         """Kafka commit after S3: only for lag monitoring and tools; S3 stays authoritative."""
@@ -562,7 +621,10 @@ class Processor:
         if sorted(end) != list(range(partitions)):
             raise KappaError(f"end offsets must name partitions 0..{partitions - 1} of {self.topic}, got {sorted(end)}")
         doc = {"topic": self.topic, "group": self.group, "end_offsets": {str(p): o for p, o in sorted(end.items())}}
-        self.store.put(key, json.dumps(doc).encode(), "application/json")
+        try:  # create-only: two members starting together must agree on one set of end offsets
+            put_if(self.client, self.settings.s3_bucket, key, json.dumps(doc).encode(), None)
+        except Fenced:
+            return self.bounded_end_offsets(partitions)  # the other member's record wins
         return end
 
     def finished(self) -> bool:
@@ -651,8 +713,11 @@ def run_processor(
     dlq_topic: str | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    handoff: bool = False,
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
+
+    ``handoff`` starts the live processor of the promoted version at its switch (``workers/handoff.py``).
 
     ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
     in the CLI). Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
@@ -663,6 +728,12 @@ def run_processor(
     if not bounded and grace_ms is None:
         raise KappaError("a live processor needs a finite grace period (windows would never close)")
     stop = stop or threading.Event()
+    switch = None
+    if handoff:
+        if bounded or start_offsets is not None:
+            raise KappaError("--handoff is for the live processor and brings its own start offsets")
+        switch = handoff_lib.promoted_switch(s3_client(settings), settings.s3_bucket, pipeline, version)
+        start_offsets = switch.start
     processor = Processor(
         settings,
         impl,
@@ -678,6 +749,7 @@ def run_processor(
         dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
         progress=progress or NoProgress(),
         stop=stop,
+        switch=switch,
     )
     with stop_on_signals(stop):
         return processor.run()

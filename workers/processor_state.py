@@ -14,6 +14,14 @@ orphans nobody reads; after it, the Kafka commit is only an optimisation (we alw
 offset). Readers follow the JSON only, so they never see half a checkpoint. Superseded objects are
 deleted after the commit (best effort).
 
+Fencing: the JSON PUT is conditional on the ETag of the JSON this state was loaded from (or on its
+absence), see :func:`workers.s3.put_if`. A zombie (a member paused past its session, or cut off
+from Kafka only) that loaded seq N cannot replace the new owner's seq N+1: its PUT answers
+PreconditionFailed, it deletes the objects it wrote for the lost commit (only those no committed
+JSON names) and nothing else. Objects are deleted only after *our* conditional PUT succeeded, and
+only objects the previous JSON named and ours no longer names; no later commit can name them again,
+because every later commit descends from ours.
+
 State JSON (format 1)::
 
     {"format": 1, "pipeline", "version", "topic", "group", "partition", "seq", "writer",
@@ -43,14 +51,12 @@ from botocore.client import BaseClient
 from workers import keys
 from workers.errors import KappaError
 from workers.pipelines.base import STAT_NAMES, WINDOW_MS, Pipeline
-from workers.s3 import get_bytes, iter_keys
+from workers.s3 import Fenced, get_bytes, get_stored, iter_keys, put_if
 
 STATE_FORMAT = 1
 STATE_KEY_RE = re.compile(r"_state/part=(\d+)\.json$")
-
-
-class FencedError(Exception):
-    """Another processor committed this partition since we loaded it: reload and continue from there."""
+#: a state JSON names objects another commit may delete while we read them: re-read that often
+LOAD_ATTEMPTS = 5
 
 
 def to_parquet(frame: pl.DataFrame) -> bytes:
@@ -62,7 +68,7 @@ def to_parquet(frame: pl.DataFrame) -> bytes:
 def read_parquet(client: BaseClient, bucket: str, key: str) -> pl.DataFrame:
     data = get_bytes(client, bucket, key)
     if data is None:
-        raise FencedError(f"s3://{bucket}/{key} vanished (superseded by another processor)")
+        raise Fenced(key, None, f"s3://{bucket}/{key} vanished (superseded by another processor)")
     return pl.read_parquet(io.BytesIO(data))
 
 
@@ -89,6 +95,8 @@ class PartitionState:
     snapshot: dict[str, str | None] = field(default_factory=lambda: {"open": None, "seen": None})
     seq: int = 0
     writer: str | None = None
+    #: ETag of the committed JSON this state is based on (None: no JSON yet); the commit's condition
+    etag: str | None = None
     finalized: bool = False
     end_offset: int | None = None
     #: closed partials not yet written, and the newest written day's partials (to append to)
@@ -172,10 +180,24 @@ class StateStore:
         return None if data is None else json.loads(data)
 
     def load(self, state: PartitionState) -> PartitionState:
-        """Fill ``state`` from S3 (if a checkpoint exists); refuses a checkpoint of another topic/group."""
-        doc = self.read_json(state.partition)
-        if doc is None:
+        """Fill ``state`` from S3 (if a checkpoint exists); refuses a checkpoint of another topic/group.
+
+        Re-reads when an object the JSON names vanished meanwhile (another member committed).
+        """
+        attempt = 1
+        while True:
+            try:
+                return self._load(replace(state))
+            except Fenced:
+                if attempt >= LOAD_ATTEMPTS:
+                    raise
+                attempt += 1
+
+    def _load(self, state: PartitionState) -> PartitionState:
+        stored = get_stored(self.client, self.bucket, keys.processor_state(self.prefix, state.partition))
+        if stored is None:
             return state
+        doc, state.etag = json.loads(stored.body), stored.etag
         for name, expected in (("topic", state.topic), ("group", state.group)):
             if doc.get(name) != expected:
                 raise KappaError(
@@ -209,25 +231,50 @@ class StateStore:
         """Write outputs + snapshot, then the state JSON (the commit point). Returns superseded keys.
 
         ``state`` changes only after the JSON PUT succeeded, so a failed commit can simply be retried.
+        Raises :class:`Fenced` (naming the winner) when another processor committed since ``state``
+        was loaded; the objects written for this attempt are then deleted again.
         """
         seq = state.seq + 1
-        outputs, latest_day, replaced_outputs = self._write_outputs(state, seq)
-        snapshot = self._write_snapshot(state, seq)
-        current = self.read_json(state.partition)
-        found = (current["seq"], current["writer"]) if current else (0, None)
-        if found != (state.seq, state.writer):
-            ours = (state.seq, state.writer)
-            raise FencedError(f"partition {state.partition}: checkpoint {found} is not ours {ours}")
-        staged = replace(state, seq=seq, writer=self.writer, outputs=outputs, snapshot=snapshot)
-        body = json.dumps(staged.to_json(), indent=1).encode()
-        self.put(keys.processor_state(self.prefix, state.partition), body, "application/json")
+        written: list[str] = []
+        try:
+            outputs, latest_day, replaced_outputs = self._write_outputs(state, seq, written)
+            snapshot = self._write_snapshot(state, seq, written)
+            staged = replace(state, seq=seq, writer=self.writer, outputs=outputs, snapshot=snapshot)
+            body = json.dumps(staged.to_json(), indent=1).encode()
+            etag = put_if(self.client, self.bucket, keys.processor_state(self.prefix, state.partition), body,
+                          state.etag)
+        except Fenced as exc:
+            self._discard_lost(state.partition, written)
+            raise self._fence_error(state, seq, exc) from None
         superseded = replaced_outputs + [k for k in state.snapshot.values() if k]
-        state.seq, state.writer, state.outputs, state.snapshot = seq, self.writer, outputs, snapshot
+        state.seq, state.writer, state.outputs, state.snapshot, state.etag = seq, self.writer, outputs, snapshot, etag
         state.latest_day, state.pending, state.dirty = latest_day, state.pipeline.empty_partials(), False
         return superseded
 
+    def _discard_lost(self, partition: int, written: list[str]) -> None:
+        """Delete what a lost commit wrote, except anything the committed JSON names (a PUT of ours
+        may have landed before it was superseded; then its successor may still name our objects)."""
+        try:
+            current = self.read_json(partition) or {}
+        except Exception:  # cleanup is best effort: without the current JSON, delete nothing
+            return
+        named = set(current.get("outputs", {}).values()) | set((current.get("snapshot") or {}).values())
+        self.delete([key for key in written if key not in named])
+
+    def _fence_error(self, state: PartitionState, seq: int, exc: Fenced) -> Fenced:
+        """The same fence, with one line naming both writers."""
+        winner = "the checkpoint was deleted"
+        if exc.current is not None:
+            doc = json.loads(exc.current)
+            winner = f"seq {doc.get('seq')} of writer {doc.get('writer')}"
+        elif exc.key != keys.processor_state(self.prefix, state.partition):
+            winner = f"{exc.key} (named by our state) vanished"
+        detail = (f"partition {state.partition}: commit of seq {seq} by writer {self.writer} (based on seq "
+                  f"{state.seq} of writer {state.writer}) lost to {winner}")
+        return Fenced(exc.key, exc.current, detail)
+
     def _write_outputs(
-        self, state: PartitionState, seq: int
+        self, state: PartitionState, seq: int, written: list[str]
     ) -> tuple[dict[str, str], tuple[str, pl.DataFrame] | None, list[str]]:
         """One object per touched day: that day's earlier partials + newly closed windows."""
         outputs, latest_day, superseded = dict(state.outputs), state.latest_day, []
@@ -244,18 +291,20 @@ class StateStore:
                 superseded.append(previous)
             new = new.sort(state.pipeline.key_columns)
             key = keys.processor_output(self.prefix, day, state.partition, seq, self.writer)
+            written.append(key)
             self.put(key, to_parquet(new))
             outputs[day] = key
             if latest_day is None or day >= latest_day[0]:
                 latest_day = (day, new)
         return outputs, latest_day, superseded
 
-    def _write_snapshot(self, state: PartitionState, seq: int) -> dict[str, str | None]:
+    def _write_snapshot(self, state: PartitionState, seq: int, written: list[str]) -> dict[str, str | None]:
         snapshot: dict[str, str | None] = {}
         for kind, frame in (("open", state.open), ("seen", state.seen)):
             key = None
             if frame.height:
                 key = keys.processor_snapshot(self.prefix, state.partition, seq, self.writer, kind)
+                written.append(key)
                 self.put(key, to_parquet(frame))
             snapshot[kind] = key
         return snapshot
@@ -319,7 +368,7 @@ def results_for_day(
         try:
             frames = collect_partials(client, bucket, states, day, include_open)
             break
-        except FencedError:
+        except Fenced:
             if attempt == 2:
                 raise
     frames = [f.cast(pipeline.partial_schema) for f in frames]  # type: ignore[arg-type]

@@ -5,20 +5,23 @@ new pointer, never a mix. It carries its own history (previous pointers, newest 
 is again a single PUT that restores the previous one (or deletes the pointer after the first promotion,
 returning readers to the live results).
 
-It also records ``live_start_offsets``: for each partition of the events topic, the offset just after
-the last record the promoted replays read from the archive. Starting the live processor of the new
-version there (``kappa processor --start-offsets``) continues without re-reading history, with no
-gap and no overlap, provided the replayed days cover the archive up to those offsets
-(``uncovered_days`` lists archived days that were not replayed and hold lower offsets).
+It also records the switch (``workers/handoff.py``): per promoted day and partition, the offset below
+which the corrected report counts that day's records, and ``live_start_offsets`` for **every**
+partition of the events topic. The live processor of the new version started with ``--handoff``
+begins there and skips what the corrected reports already count, so every record is in exactly one
+part (``uncovered_days`` lists archived days that were not replayed and hold lower offsets).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from typing import Any
 
-from workers import archive_stats, keys, replay_loader
+from botocore.exceptions import ClientError
+
+from workers import archive_stats, handoff, keys, replay_loader
 from workers import s3 as s3_helpers
 from workers.errors import KappaError
 
@@ -76,13 +79,20 @@ def refused_days(client: Any, bucket: str, pipeline: str, version: int, source_t
     return dict(sorted(refused.items()))
 
 
-def live_start_offsets(manifests: list[dict[str, Any]]) -> dict[str, int]:
-    """Per source partition: one past the highest offset any replayed day read."""
-    offsets: dict[str, int] = {}
-    for manifest in manifests:
-        for partition, end in manifest.get("source_end_offsets", {}).items():
-            offsets[partition] = max(offsets.get(partition, 0), int(end))
-    return dict(sorted(offsets.items(), key=lambda item: int(item[0])))
+def source_partitions(manifests: list[dict[str, Any]]) -> int:
+    """Partitions of the events topic as the replays saw them (a source-mode replay mirrors all of them)."""
+    mirrored = [int(m["partitions"]) for m in manifests if m.get("partitioning") == "source" and "partitions" in m]
+    archived = [int(p) + 1 for m in manifests for p in m.get("source_end_offsets", {})]
+    return max([*mirrored, *archived], default=0)
+
+
+def report_etags(client: Any, bucket: str, pipeline: str, version: int, days: list[str]) -> dict[str, str]:
+    """The exact report objects promoted: one recomputed later no longer matches the switch."""
+    etags = {}
+    for day in days:
+        with contextlib.suppress(ClientError):
+            etags[day] = client.head_object(Bucket=bucket, Key=keys.report_file(pipeline, version, day))["ETag"]
+    return etags
 
 
 def uncovered_days(client: Any, bucket: str, source_topic: str, days: set[str], offsets: dict[str, int]) -> list[str]:
@@ -114,7 +124,8 @@ def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version:
             f"no corrected reports of {pipeline} v{version} in s3://{bucket}/reports/{pipeline}/v{version}/: "
             "run the reprocess job first"
         )
-    offsets = live_start_offsets(manifests)
+    switch = handoff.Switch.plan(manifests, source_partitions(manifests))
+    offsets = {str(p): o for p, o in sorted(switch.start.items())}
     days = [m["day"] for m in manifests]
     previous = read_current(client, bucket, pipeline)
     history = []
@@ -128,6 +139,8 @@ def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version:
         "days": days,
         "source_topic": source_topic,
         "live_start_offsets": offsets,
+        "switch": switch.to_json(),
+        "report_etags": report_etags(client, bucket, pipeline, version, days),
         "uncovered_days": uncovered_days(client, bucket, source_topic, set(days), offsets),
         "history": history,
     }
@@ -150,5 +163,5 @@ def rollback(client: Any, bucket: str, pipeline: str) -> dict[str, Any] | None:
 
 
 def start_offsets_arg(pointer: dict[str, Any]) -> str:
-    """The ``--start-offsets`` JSON for the live processor of the promoted version."""
+    """The start offsets as JSON (``kappa processor --handoff`` reads them, and the covered days, itself)."""
     return json.dumps(pointer["live_start_offsets"], separators=(",", ":"))

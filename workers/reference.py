@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from botocore.exceptions import ClientError
 
-from workers import archive_format, archive_stats, s3_cas
+from workers import archive_format, archive_stats
+from workers import s3 as s3_helpers
 from workers.errors import KappaError
 from workers.pipelines.base import Pipeline
 
@@ -93,11 +93,9 @@ def snapshot(client: Any, bucket: str, topic: str, day: str, objects: list | Non
         paths = []
         for index, file in enumerate(files):
             try:
-                body = client.get_object(Bucket=bucket, Key=file["key"], IfMatch=file["etag"])["Body"].read()
-            except ClientError as exc:
-                if s3_cas.is_conflict(exc) or exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
-                    raise SnapshotChanged(f"archive object {file['key']} changed while reading {day}: retry") from None
-                raise
+                body = s3_helpers.get_if(client, bucket, file["key"], file["etag"])
+            except s3_helpers.Fenced:
+                raise SnapshotChanged(f"archive object {file['key']} changed while reading {day}: retry") from None
             path = Path(tmp) / f"{index:06d}.parquet"
             path.write_bytes(body)
             paths.append(path)

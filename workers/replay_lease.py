@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers import keys, s3_cas
+from workers import keys
+from workers import s3 as s3_helpers
 from workers.errors import KappaError
 
 log = logging.getLogger("kappa.replay_lease")
@@ -80,15 +81,14 @@ class Lease:
         """Push the expiry forward; raises Conflict (and sets ``lost``) when another run took the lease."""
         try:
             body = _body(self.slot, self.owner, self.ttl_s)
-            self.etag = s3_cas.put(self.client, self.bucket, self.key, body, self.etag)
-        except s3_cas.Conflict:
+            self.etag = s3_helpers.put_if(self.client, self.bucket, self.key, body, self.etag)
+        except s3_helpers.Fenced:
             self.lost.set()
             raise
 
     def release(self) -> None:
         """Delete the lease if it is still ours (a takeover already replaced it otherwise)."""
-        with contextlib.suppress(s3_cas.Conflict):
-            s3_cas.delete(self.client, self.bucket, self.key, self.etag)
+        s3_helpers.delete_if(self.client, self.bucket, self.key, self.etag)
 
     @contextlib.contextmanager
     def kept_alive(self, interval_s: float | None = None) -> Iterator[Lease]:
@@ -100,7 +100,7 @@ class Lease:
             while not stop.wait(every):
                 try:
                     self.renew()
-                except s3_cas.Conflict:
+                except s3_helpers.Fenced:
                     log.error("lease of replay %s lost to another run; this run's writes will be refused", self.slot)
                     return
                 except Exception as exc:  # S3 hiccup: try again next round, the ttl covers a few misses
@@ -138,9 +138,9 @@ def acquire(
     key = keys.replay_lease(slot)
     deadline = time.monotonic() + wait_s
     while True:
-        current = s3_cas.read(client, bucket, key)
-        holder: dict[str, Any] = json.loads(current[0]) if current else {}
-        etag = current[1] if current else None
+        current = s3_helpers.get_stored(client, bucket, key)
+        holder: dict[str, Any] = json.loads(current.body) if current else {}
+        etag = current.etag if current else None
         free = (
             current is None
             or holder.get("owner") == owner
@@ -150,8 +150,8 @@ def acquire(
         )
         if free:
             try:
-                new_etag = s3_cas.put(client, bucket, key, _body(slot, owner, ttl_s), etag)
-            except s3_cas.Conflict:
+                new_etag = s3_helpers.put_if(client, bucket, key, _body(slot, owner, ttl_s), etag)
+            except s3_helpers.Fenced:
                 continue  # another run raced us to it: look again
             if current is not None and holder.get("owner") != owner:
                 log.warning("took over the lease of replay %s from %s", slot, holder.get("owner"))

@@ -57,7 +57,7 @@ from botocore.exceptions import ClientError
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import NewTopic
 
-from workers import archive_format, archive_stats, keys, s3_cas
+from workers import archive_format, archive_stats, keys
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
@@ -219,8 +219,8 @@ def _loaded(body: bytes, etag: str) -> dict[str, Any]:
 
 def read_manifest(client: Any, bucket: str, slot: str) -> dict[str, Any] | None:
     """The slot's manifest, remembering its ETag so that :func:`write_manifest` can fence on it."""
-    found = s3_cas.read(client, bucket, keys.replay_manifest(slot))
-    return _loaded(*found) if found else None
+    found = s3_helpers.get_stored(client, bucket, keys.replay_manifest(slot))
+    return _loaded(found.body, found.etag) if found else None
 
 
 def write_manifest(client: Any, bucket: str, manifest: dict[str, Any]) -> None:
@@ -233,8 +233,8 @@ def write_manifest(client: Any, bucket: str, manifest: dict[str, Any]) -> None:
     body = json.dumps(stored, indent=2, sort_keys=True).encode()
     key = keys.replay_manifest(manifest.get("slot") or manifest["replay_id"])
     try:
-        manifest[ETAG] = s3_cas.put(client, bucket, key, body, manifest.get(ETAG))
-    except s3_cas.Conflict:
+        manifest[ETAG] = s3_helpers.put_if(client, bucket, key, body, manifest.get(ETAG))
+    except s3_helpers.Fenced:
         raise ManifestFenced(
             f"replay {manifest['replay_id']}: another run rewrote s3://{bucket}/{key} since this one read it; "
             "this run no longer owns the replay and stops without writing"
@@ -245,9 +245,9 @@ def iter_manifests(client: Any, bucket: str) -> Iterator[dict[str, Any]]:
     """Every replay manifest in the bucket (for the progress sensor and promote)."""
     for obj in s3_helpers.iter_keys(client, bucket, "_state/replays/"):
         if obj["Key"].endswith("/manifest.json"):
-            found = s3_cas.read(client, bucket, obj["Key"])
+            found = s3_helpers.get_stored(client, bucket, obj["Key"])
             if found:
-                yield _loaded(*found)
+                yield _loaded(found.body, found.etag)
 
 
 def processor_grace_ms(manifest: dict[str, Any]) -> int | None:
@@ -557,6 +557,11 @@ def published(client: Any, bucket: str, manifest: dict[str, Any]) -> bool:
     return bool(head["ETag"] == manifest["report_etag"])
 
 
+def archive_fingerprint(files: list[dict]) -> str:
+    """The raw archive's data version of these objects (``archive_stats.day_fingerprint``: keys, sizes, ETags)."""
+    return archive_stats.files_fingerprint(files)
+
+
 def is_up_to_date(settings: Settings, client: Any, manifest: dict[str, Any] | None, spec: ReplaySpec, fp: str) -> str:
     """Why the previous load can be reused ('' when it cannot)."""
     if not manifest or manifest.get("source_fingerprint") != fp:
@@ -587,6 +592,8 @@ def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any
         "processor_prefix": spec.processor_prefix,
         "report_key": keys.report_file(spec.pipeline, spec.version, spec.day),
         "source_fingerprint": fp,
+        # provenance: the data version of raw_archive[day] this replay (and its report) was computed from
+        "archive_fingerprint": fp,
         # every replay partition is in (timestamp, partition, offset) order: see processor_grace_ms
         "event_time_ordered": True,
         "source_files": len(files),
@@ -638,7 +645,7 @@ def load(
     if not files:
         prefix = keys.raw_day_prefix(spec.source_topic, spec.day)
         raise KappaError(f"no raw archive objects under s3://{spec.bucket}/{prefix}: nothing to replay for {spec.day}")
-    fp = archive_stats.files_fingerprint(files)
+    fp = archive_fingerprint(files)
     previous = read_manifest(client, spec.bucket, spec.slot)
     reason = "" if force else is_up_to_date(settings, client, previous, spec, fp)
     if reason and previous is not None:
@@ -725,11 +732,9 @@ def _sort_files(
 def _read_listed(client: Any, bucket: str, file: dict) -> bytes:
     """The object at the version the listing (and so the fingerprint) saw, or a clear error."""
     try:
-        return client.get_object(Bucket=bucket, Key=file["key"], IfMatch=file["etag"])["Body"].read()
-    except ClientError as exc:
-        if s3_cas.is_conflict(exc) or exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
-            raise KappaError(f"archive object {file['key']} changed during the load: run it again") from None
-        raise
+        return s3_helpers.get_if(client, bucket, file["key"], file["etag"])
+    except s3_helpers.Fenced:
+        raise KappaError(f"archive object {file['key']} changed during the load: run it again") from None
 
 
 def _produce_all(settings: Settings, spec: ReplaySpec, runs: list[SortedRun], total: int, reporter: _Reporter) -> int:

@@ -22,7 +22,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from workers import keys, reference, replay_loader, s3_cas
+from workers import keys, reference, replay_loader
+from workers import s3 as s3_helpers
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline
 
@@ -99,13 +100,11 @@ def _read_bound(client: Any, bucket: str, key: str, etag: str | None, day: str) 
     if not etag:
         raise KappaError(f"the replay of {day} has not been consumed yet: run the reprocess job for {day}")
     try:
-        return client.get_object(Bucket=bucket, Key=key, IfMatch=etag)["Body"].read()
-    except ClientError as exc:
-        if s3_cas.is_conflict(exc) or exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
-            raise KappaError(
-                f"s3://{bucket}/{key} was rewritten or removed after the consume step of {day}: reprocess {day}"
-            ) from None
-        raise
+        return s3_helpers.get_if(client, bucket, key, etag)
+    except s3_helpers.Fenced:
+        raise KappaError(
+            f"s3://{bucket}/{key} was rewritten or removed after the consume step of {day}: reprocess {day}"
+        ) from None
 
 
 def evaluate(client: Any, bucket: str, manifest: dict[str, Any]) -> Verdict:

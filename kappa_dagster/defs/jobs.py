@@ -56,6 +56,15 @@ def promote_version(
     context.log.info(
         f"{config.pipeline} CURRENT -> v{config.version}; live start offsets {pointer['live_start_offsets']}"
     )
+    if pointer["uncovered_days"]:
+        context.log.warning(
+            f"uncovered days (archived, not replayed, records below the switch in no v{config.version} report): "
+            + ", ".join(pointer["uncovered_days"])
+        )
+    context.log.info(
+        f"start its live processor with: kappa processor --pipeline {config.pipeline} --version {config.version} "
+        "--handoff"
+    )
 
 
 @dg.op

@@ -90,7 +90,12 @@ def processor(
     topic: str = typer.Option(None, help="Input topic (default: KAPPA_EVENTS_TOPIC)."),
     group: str = typer.Option(None, help="Consumer group (default: kappa.<P>.v<V>.live)."),
     start: StartAt = typer.Option(StartAt.latest, help="Where a partition without checkpoint starts."),
-    start_offsets: str = typer.Option(None, help="JSON {partition: offset} for partitions without checkpoint."),
+    start_offsets: str = typer.Option(
+        None, help="JSON {partition: offset}; beats a checkpoint made from other start offsets."
+    ),
+    handoff: bool = typer.Option(
+        False, "--handoff", help="Live: start at the promoted version's switch (see kappa promote)."
+    ),
     from_beginning: bool = typer.Option(False, "--from-beginning", help="Same as --start earliest."),
     until_end: bool = typer.Option(False, "--until-end", help="Bounded: stop at the end offsets, write reports."),
     end_offsets: str = typer.Option(None, help="Bounded: JSON {partition: offset} to stop at (default: now)."),
@@ -124,6 +129,7 @@ def processor(
             checkpoint_seconds=checkpoint_seconds,
             dlq_topic=dlq_topic,
             progress=bar,
+            handoff=handoff,
         )
         if pipes is not None:
             pipes.report_custom_message(summary.to_dict())

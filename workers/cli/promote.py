@@ -26,13 +26,9 @@ def promote(
     console.print(f"days with corrected reports: {', '.join(pointer['days'])}")
     if pointer["uncovered_days"]:
         console.print(f"[yellow]not replayed, below the start offsets:[/] {', '.join(pointer['uncovered_days'])}")
-    console.print("start the new live processor with:")
-    console.print(
-        f"  kappa processor --pipeline {pipeline} --version {version} "
-        f"--start-offsets '{promote_lib.start_offsets_arg(pointer)}'",
-        highlight=False,
-        soft_wrap=True,
-    )
+    console.print(f"live start offsets (every partition): {promote_lib.start_offsets_arg(pointer)}")
+    console.print("start the new live processor with (stop any older one of this version first):")
+    console.print(f"  kappa processor --pipeline {pipeline} --version {version} --handoff", highlight=False)
 
 
 def rollback(pipeline: str = typer.Option("orders", help="Pipeline to roll back.")) -> None:

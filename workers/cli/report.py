@@ -1,4 +1,4 @@
-"""`kappa report`: print or export the live results of one day."""
+"""`kappa report`: print or export the live results of one day, or what users read (``--served``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from rich.table import Table
 
 from workers.config import load_settings
 from workers.errors import KappaError
+from workers.handoff import served_report
 from workers.keys import valid_day
 from workers.processor import read_live_results
+from workers.s3 import s3_client
 
 console = Console()
 
@@ -52,15 +54,26 @@ def write(frame: pl.DataFrame, fmt: Format, output: Path | None) -> None:
 
 def report(
     pipeline: str = typer.Option(..., "--pipeline", "-p", help="Pipeline name, e.g. orders."),
-    version: int = typer.Option(..., "--version", "-v", help="Pipeline version."),
+    version: int = typer.Option(None, "--version", "-v", help="Pipeline version (live results)."),
     day: str = typer.Option(..., "--day", "-d", help="UTC day, YYYY-MM-DD."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="table, parquet, csv or json."),
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
     include_open: bool = typer.Option(False, "--include-open", help="Add windows that are still open."),
+    served: bool = typer.Option(
+        False, "--served", help="What users read: the promoted corrected report + its live part (handoff)."
+    ),
 ) -> None:
-    """Live results of one day: one row per (window, type), closed windows only unless --include-open."""
-    frame = read_live_results(load_settings(), pipeline, version, valid_day(day), include_open=include_open)
+    """Live results of one day (closed windows unless --include-open), or with --served what users read."""
+    settings = load_settings()
+    if served:
+        version, frame = served_report(s3_client(settings), settings.s3_bucket, pipeline, valid_day(day))
+        title = f"{pipeline} v{version} served (corrected + live from the switch), {day}"
+    elif version is None:
+        raise KappaError("--version is required for live results (or use --served)")
+    else:
+        frame = read_live_results(settings, pipeline, version, valid_day(day), include_open=include_open)
+        title = f"{pipeline} v{version} live, {day}"
     if fmt is Format.table and output is None:
-        console.print(render_table(frame, f"{pipeline} v{version} live, {day} ({frame.height} rows)"))
+        console.print(render_table(frame, f"{title} ({frame.height} rows)"))
     else:
         write(frame, Format.csv if fmt is Format.table else fmt, output)

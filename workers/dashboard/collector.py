@@ -193,11 +193,15 @@ class Collector:
         base = {"day": day, "live_version": pipeline.version, "promoted_version": current}
         if corrected_version is None:
             return {**base, "available": False, "message": f"no corrected report for {day} yet"}
+        live_version = sources.live_version_of_day(*bucket, pipeline.name, day, prefer=pipeline.version)
+        if live_version is None:
+            return {**base, "available": False, "message": f"no live processor of {pipeline.name} saw {day}"}
         corrected = sources.report(*bucket, pipeline.name, corrected_version, day)
-        live = sources.live_results(*bucket, pipeline, day)
+        live = sources.live_results(*bucket, get_pipeline(pipeline.name, live_version), day)
         summary = report_diff.summary(corrected, live)
         return {
             **base,
+            "live_version": live_version,
             "available": True,
             "corrected_version": corrected_version,
             "promoted": corrected_version == current,

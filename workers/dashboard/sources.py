@@ -15,7 +15,7 @@ import polars as pl
 
 from workers import keys, processor_state, promote, replay_loader
 from workers import s3 as s3_helpers
-from workers.pipelines import Pipeline
+from workers.pipelines import Pipeline, known
 
 DEFAULT_VERSION = 1
 
@@ -43,6 +43,25 @@ def live_results(client: Any, bucket: str, pipeline: Pipeline, day: str) -> pl.D
     """
     prefix = keys.processor_prefix(pipeline.name, pipeline.version, None)
     return processor_state.results_for_day(client, bucket, prefix, pipeline, day, include_open=True)
+
+
+def live_version_of_day(client: Any, bucket: str, pipeline: str, day: str, prefer: int | None) -> int | None:
+    """The live version that actually processed ``day``: the one whose checkpoints saw most of its records.
+
+    A promoted version often never ran live on the days it corrected, so comparing with *its* live
+    output would show every window as changed. ``prefer`` wins ties (the version being looked at).
+    """
+    seen: dict[int, int] = {}
+    for name, version in known():
+        if name != pipeline:
+            continue
+        states = processor_state.list_states(client, bucket, keys.processor_prefix(name, version, None))
+        records = processor_state.day_stats(states).get(day, {}).get("records", 0)
+        if records:
+            seen[version] = records
+    if not seen:
+        return None
+    return max(seen, key=lambda version: (seen[version], version == prefer, version))
 
 
 def day_stats(states: dict[int, dict[str, Any]]) -> dict[str, dict[str, int]]:

@@ -1,24 +1,51 @@
-"""The raw archive (DESIGN §2): written by the archiver, observed here, never materialized by Dagster."""
+"""The raw archive (DESIGN §2): written by the archiver, observed here, never materialized by Dagster.
 
+Each day's observation carries a **data version**: the fingerprint of the day's objects (keys, sizes,
+ETags; ``workers.archive_stats``). ``replay_load`` records the version it read as its input data
+version, so when late records change a day's prefix, Dagster shows that day's replay and corrected
+report as stale (upstream data version changed) until the day is reprocessed.
+"""
+
+import warnings
 from typing import Any
 
 import dagster as dg
 
-from kappa_dagster.defs.partitions import OWNERS, daily_partitions
+from kappa_dagster.defs.partitions import daily_partitions
+from workers import archive_stats
 
-raw_archive = dg.AssetSpec(
-    "raw_archive",
-    partitions_def=daily_partitions,
-    owners=OWNERS,
-    group_name="archive",
-    kinds={"s3", "parquet"},
-    description="s3://BUCKET/raw/<topic>/dt=<day>/: every Kafka record of the day, byte-exact (source of truth). "
-    "Observed by the raw_archive_sensor and by each replay load (objects, bytes, rows).",
-)
+#: the tag Dagster reads an observation's data version from (``dagster._core.definitions.data_version``)
+DATA_VERSION_TAG = "dagster/data_version"
 
 
-def observation(day: str, summary: dict[str, Any], **extra: Any) -> dg.AssetObservation:
-    """An observation of one day's prefix: what the UI shows per partition."""
+def _observe(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
+    """Observe every day's prefix from one listing: the data version is the day's fingerprint."""
+    settings = context.resources.kafka.settings()
+    fingerprints = archive_stats.days_fingerprints(
+        context.resources.s3.get_client(), settings.s3_bucket, settings.events_topic
+    )
+    known = set(daily_partitions.get_partition_keys())
+    return dg.DataVersionsByPartition({day: fp for day, fp in fingerprints.items() if day in known})
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)  # observable source assets are beta; this is their use
+    raw_archive = dg.observable_source_asset(
+        name="raw_archive",
+        partitions_def=daily_partitions,
+        group_name="archive",
+        required_resource_keys={"s3", "kafka"},
+        tags={"dagster/kind/s3": "", "dagster/kind/parquet": ""},
+        description="s3://BUCKET/raw/<topic>/dt=<day>/: every Kafka record of the day, byte-exact (source of truth). "
+        "Observed by the raw_archive_sensor and by each replay load (objects, bytes, rows); its data version per "
+        "day is the fingerprint of the day's objects (keys, sizes, ETags).",
+    )(_observe)
+
+
+def observation(
+    day: str, summary: dict[str, Any], data_version: str | None = None, **extra: Any
+) -> dg.AssetObservation:
+    """An observation of one day's prefix: what the UI shows per partition, with its data version."""
     metadata: dict[str, Any] = {
         "objects": dg.MetadataValue.int(summary["objects"]),
         "bytes": dg.MetadataValue.int(summary["bytes"]),
@@ -26,4 +53,6 @@ def observation(day: str, summary: dict[str, Any], **extra: Any) -> dg.AssetObse
     }
     if summary.get("rows") is not None:
         metadata["rows"] = dg.MetadataValue.int(summary["rows"])
-    return dg.AssetObservation(asset_key=raw_archive.key, partition=day, metadata=metadata)
+    tags = {} if data_version is None else {DATA_VERSION_TAG: data_version}
+    metadata.update({"fingerprint": data_version} if data_version else {})
+    return dg.AssetObservation(asset_key=raw_archive.key, partition=day, metadata=metadata, tags=tags)

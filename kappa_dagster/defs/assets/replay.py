@@ -83,6 +83,7 @@ def replay_load(
         observation(
             target.day,
             {"objects": manifest["source_files"], "bytes": manifest["source_bytes"], "rows": manifest.get("rows_read")},
+            manifest.get("archive_fingerprint"),
             records=dg.MetadataValue.int(manifest["records"]) if "records" in manifest else None,
             duplicate_rows=dg.MetadataValue.int(manifest["duplicates_dropped"]) if "records" in manifest else None,
         )

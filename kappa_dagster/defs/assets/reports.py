@@ -16,6 +16,7 @@ import dagster as dg
 import polars as pl
 from dagster_aws.s3 import S3Resource
 
+from kappa_dagster.defs.assets.raw_archive import raw_archive
 from kappa_dagster.defs.assets.replay import loaded_manifest, replay_consume
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
@@ -118,7 +119,9 @@ GATE_CHECKS = [
     owners=OWNERS,
     group_name="reports",
     kinds={"s3", "parquet", "duckdb"},
-    deps=[replay_consume],
+    # raw_archive too: the report records the day's data version it was computed from, so the UI
+    # shows the day as stale once late records change its archive
+    deps=[replay_consume, raw_archive],
     check_specs=GATE_CHECKS,
 )
 def corrected_report(
@@ -155,6 +158,8 @@ def corrected_report(
             "replay_id": manifest["replay_id"],
             "status": manifest["status"],
             "source_fingerprint": manifest["source_fingerprint"],
+            # provenance: raw_archive's data version (keys, sizes, ETags) this report was computed from
+            "archive_fingerprint": manifest.get("archive_fingerprint", "unknown (loaded before fingerprints)"),
             **report_metadata(report, verdict.stats),
             **diff_metadata(live_version, live, report),
         },

@@ -1,38 +1,116 @@
-"""Raw archive sensor: observes each day's prefix (objects, bytes, rows) when it changes, so the UI
-shows which days hold data. Lists keys and reads Parquet footers only."""
+"""Raw archive sensor: observes each day's prefix and re-runs days whose corrected report went stale.
 
-import hashlib
+Each tick lists the archive once per purpose (keys, sizes, ETags; Parquet footers for row counts,
+never data). A day whose fingerprint changed is observed with the new fingerprint as its data
+version (the UI then shows its replay and report as stale). A day whose archive no longer matches
+the fingerprint its reported replay was computed from (``archive_fingerprint`` in the manifest)
+is reprocessed with the ``reprocess`` job, rate-limited:
+
+* only once its fingerprint was the same on two consecutive ticks (late records still trickling in
+  do not start a run per archiver flush);
+* one run per (day, fingerprint): the ``run_key`` is ``stale:<pipeline>:<day>:<fingerprint>``;
+* at most ``KAPPA_STALE_RUNS_PER_TICK`` (2) runs per tick, none for a day with a run in flight;
+* the version is the promoted one if it reported the day, else the newest version that did.
+"""
+
 import json
+import os
+from collections import defaultdict
+from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.raw_archive import observation
+from kappa_dagster.defs.jobs import reprocess
 from kappa_dagster.defs.partitions import daily_partitions
 from kappa_dagster.defs.resources import KafkaResource
-from workers import archive_stats
+from kappa_dagster.defs.sensors.replay_progress import day_in_flight
+from kappa_dagster.replay_target import PIPELINE_TAG, VERSION_TAG
+from workers import archive_stats, promote, replay_loader
+
+STALE_TAG = "kappa/stale"
 
 
-def _digest(files: list[tuple[str, int]]) -> str:
-    return hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
+def interval_seconds() -> int:
+    return max(1, int(os.environ.get("KAPPA_ARCHIVE_SENSOR_SECONDS", "120")))
+
+
+def runs_per_tick() -> int:
+    return max(1, int(os.environ.get("KAPPA_STALE_RUNS_PER_TICK", "2")))
+
+
+def reported_versions(client: Any, bucket: str, topic: str) -> dict[tuple[str, str], dict[int, str]]:
+    """(pipeline, day) -> {version: archive fingerprint its newest reported replay was computed from}."""
+    found: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    manifests = sorted(replay_loader.iter_manifests(client, bucket), key=lambda m: str(m.get("started_at", "")))
+    for manifest in manifests:  # oldest first: a newer replay of the same day and version wins
+        reported = manifest.get("status") == "reported" and manifest.get("source_topic") == topic
+        if reported and manifest.get("archive_fingerprint"):
+            versions = found[(manifest["pipeline"], manifest["day"])]
+            versions[int(manifest["version"])] = manifest["archive_fingerprint"]
+    return found
+
+
+def stale_version(versions: dict[int, str], fingerprint: str, promoted: int | None) -> int | None:
+    """The version to re-run for a day whose archive is now ``fingerprint`` (None: nothing is stale)."""
+    stale = [v for v, computed_from in versions.items() if computed_from != fingerprint]
+    if not stale:
+        return None
+    return promoted if promoted in stale else max(stale)
+
+
+def stale_requests(
+    context: dg.SensorEvaluationContext,
+    client: Any,
+    bucket: str,
+    topic: str,
+    fingerprints: dict[str, str],
+    settled: dict[str, str],
+) -> list[dg.RunRequest]:
+    requests: list[dg.RunRequest] = []
+    for (pipeline, day), versions in sorted(reported_versions(client, bucket, topic).items()):
+        fingerprint = fingerprints.get(day)
+        if fingerprint is None or settled.get(day) != fingerprint or len(requests) >= runs_per_tick():
+            continue
+        version = stale_version(versions, fingerprint, promote.current_version(client, bucket, pipeline))
+        if version is None or day_in_flight(context.instance, day):
+            continue
+        context.log.info(f"{pipeline} v{version} {day}: archive {fingerprint} changed since its report, re-running")
+        requests.append(
+            dg.RunRequest(
+                run_key=f"stale:{pipeline}:{day}:{fingerprint}",
+                partition_key=day,
+                tags={VERSION_TAG: str(version), PIPELINE_TAG: pipeline, STALE_TAG: fingerprint},
+            )
+        )
+    return requests
 
 
 @dg.sensor(
-    minimum_interval_seconds=300,
+    job=reprocess,
+    minimum_interval_seconds=interval_seconds(),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Observes raw/<topic>/dt=<day>/ prefixes (objects, bytes, rows) when they change.",
+    description="Observes raw/<topic>/dt=<day>/ (objects, bytes, rows; data version = fingerprint) and re-runs "
+    "days whose archive changed after their corrected report (rate-limited, one run per fingerprint).",
 )
 def raw_archive_sensor(context: dg.SensorEvaluationContext, s3: S3Resource, kafka: KafkaResource) -> dg.SensorResult:
     settings = kafka.settings()
     client = s3.get_client()
-    cursor: dict[str, str] = json.loads(context.cursor or "{}")
+    bucket, topic = settings.s3_bucket, settings.events_topic
+    previous: dict[str, str] = json.loads(context.cursor or "{}")
     known_days = set(daily_partitions.get_partition_keys())
+    listing = archive_stats.days_listing(client, bucket, topic)
+    fingerprints = {
+        d: fp for d, fp in archive_stats.days_fingerprints(client, bucket, topic).items() if d in known_days
+    }
     events = []
-    for day, files in sorted(archive_stats.days_listing(client, settings.s3_bucket, settings.events_topic).items()):
-        digest = _digest(files)
-        if day not in known_days or cursor.get(day) == digest:
+    for day, fingerprint in sorted(fingerprints.items()):
+        if previous.get(day) == fingerprint or day not in listing:
             continue
-        rows = sum(archive_stats.parquet_rows(client, settings.s3_bucket, key, size) for key, size in files)
-        events.append(observation(day, {"objects": len(files), "bytes": sum(s for _, s in files), "rows": rows}))
-        cursor[day] = digest
-    return dg.SensorResult(asset_events=events, cursor=json.dumps(cursor, sort_keys=True))
+        files = listing[day]
+        rows = sum(archive_stats.parquet_rows(client, bucket, key, size) for key, size in files)
+        summary = {"objects": len(files), "bytes": sum(s for _, s in files), "rows": rows}
+        events.append(observation(day, summary, fingerprint))
+    requests = stale_requests(context, client, bucket, topic, fingerprints, previous)
+    return dg.SensorResult(run_requests=requests, asset_events=events, cursor=json.dumps(fingerprints, sort_keys=True))
