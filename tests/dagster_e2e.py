@@ -118,3 +118,22 @@ def pids_running(needle: str) -> list[int]:
             if needle in cmdline and "workers.cli processor" in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+def publish_replay(settings: Settings, s3: Any, version: int, day: str, partitions: int | None = None) -> dict:
+    """A day's corrected report the way the Dagster job makes it, without Dagster: load the archive into
+    a replay topic, run the bounded processor over it, then the gate (reference check, publish)."""
+    from workers import replay_loader, report_gate
+    from workers.processor import run_processor
+
+    spec = replay_loader.ReplaySpec("orders", version, day, settings.events_topic, settings.s3_bucket, partitions)
+    manifest = replay_loader.load(settings, spec, client=s3).manifest
+    summary = run_processor(
+        settings, "orders", version, topic=manifest["replay_topic"], group=manifest["group"], bounded=True,
+        start="earliest", grace_ms=None, dlq_topic=manifest["dlq_topic"],
+    )
+    manifest = report_gate.mark_consumed(s3, settings.s3_bucket, manifest, summary.to_dict())
+    verdict = report_gate.evaluate(s3, settings.s3_bucket, manifest)
+    manifest = report_gate.publish(s3, settings.s3_bucket, manifest, verdict)
+    assert manifest["status"] == "reported", manifest.get("failed_checks")
+    return manifest

@@ -8,11 +8,14 @@ day, so comparing with the promoted version's (empty) live output would mark eve
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 import polars as pl
+from dagster_e2e import publish_replay
 
 from workers import kafka as kafka_helpers
 from workers import keys, processor_state
@@ -48,8 +51,11 @@ def test_diff_uses_the_live_version_that_processed_the_day(settings: Settings, s
     finally:
         stop.set()
         live.join(60)
-    # the corrected v2 report of the day: the same processor, bounded, over the whole topic
-    run_processor(settings, "orders", 2, group="diff-replay", bounded=True, start="earliest", grace_ms=None)
+    # the corrected v2 report of the day, archived, replayed and through the gate (only a published
+    # report is shown as corrected)
+    archiver = [sys.executable, "-m", "workers.cli", "archiver", "--until-end", "--group", "kappa.archiver.diff"]
+    subprocess.run(archiver, check=True, capture_output=True, timeout=120)
+    publish_replay(settings, s3, 2, DAY)
     pointer = {"pipeline": "orders", "version": 2, "reports_prefix": "reports/orders/v2/", "days": [DAY]}
     s3.put_object(Bucket=settings.s3_bucket, Key=keys.current_pointer("orders"), Body=json.dumps(pointer).encode())
 
