@@ -28,8 +28,10 @@ producer flushed first, then outputs, then one state JSON PUT (the commit point)
 offset commit. After a crash the partition resumes at the S3 offset with the S3 state, so nothing is
 lost or counted twice. A crash between the DLQ flush and the state PUT re-sends those DLQ records
 on restart: consumers dedupe on (``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``).
-On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol); a
-commit also checks that the S3 state is still the one we loaded (a zombie fence), else the
+On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol, or
+KIP-848's incremental one), except after a crash: state that
+may be half applied is never checkpointed, the last checkpoint stands. A commit also checks that
+the S3 state is still the one we loaded (a zombie fence), else the
 partition is reloaded from S3.
 """
 
@@ -49,16 +51,23 @@ from typing import Any, Literal
 
 import polars as pl
 from botocore.exceptions import BotoCoreError, ClientError
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
 from workers import kafka as kafka_helpers
-from workers import keys
+from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.perf import gc_paused
 from workers.pipelines import get_pipeline
-from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline, reject_missing_timestamp
+from workers.pipelines.base import (
+    MAX_TIMESTAMP_MS,
+    MIN_TIMESTAMP_MS,
+    REJECT,
+    WINDOW_MS,
+    Pipeline,
+    reject_missing_timestamp,
+)
 from workers.processor_progress import NoProgress, Progress
 from workers.processor_state import (
     FencedError,
@@ -86,6 +95,9 @@ DLQ_PRODUCER_CONFIG = {"enable.idempotence": True, "linger.ms": 20, "message.max
 TRUNCATED_HEADER = "kappa.dlq.truncated"
 DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
+#: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
+#: gets its partitions back at once, a dead one's move to the others after it
+SESSION_TIMEOUT_MS = 10_000
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
@@ -163,7 +175,10 @@ def classify(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
     pipeline = state.pipeline
     frame = pipeline.with_window(frame)
     floor = NEVER if state.max_ts is None else state.max_ts
-    previous_max = pl.max_horizontal(pl.col("timestamp_ms").cum_max().shift(1, fill_value=floor), pl.lit(floor))
+    # only valid records move the watermark: a malformed record stamped an hour ahead must not make
+    # the next hour of good records late
+    valid_ts = pl.when(pl.col(REJECT).is_null()).then(pl.col("timestamp_ms")).otherwise(pl.lit(floor))
+    previous_max = pl.max_horizontal(valid_ts.cum_max().shift(1, fill_value=floor), pl.lit(floor))
     late = (
         pl.lit(False)
         if state.grace_ms is None
@@ -201,13 +216,20 @@ def apply(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
         if pipeline.dedup_by:
             seen = counted.select(WINDOW_MS, *pipeline.dedup_by).cast(state.seen.schema)  # type: ignore[arg-type]
             state.seen = pl.concat([state.seen, seen])
-    state.add_stats(frame.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome"))
-    batch_max = frame["timestamp_ms"].max()
-    state.max_ts = batch_max if state.max_ts is None else max(state.max_ts, batch_max)  # type: ignore[type-var]
+    state.add_stats(day_counts(frame))
+    batch_max = frame.filter(pl.col("outcome") != "dlq")["timestamp_ms"].max()
+    if batch_max is not None:
+        state.max_ts = batch_max if state.max_ts is None else max(state.max_ts, batch_max)  # type: ignore[type-var,assignment]
     state.next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
     state.dirty = True
     state.close_windows(state.watermark())
     return frame
+
+
+def day_counts(frame: pl.DataFrame) -> pl.DataFrame:
+    """Outcomes per UTC day; a record whose timestamp has no calendar day (DLQ'd) belongs to no day."""
+    in_range = frame.filter(pl.col("timestamp_ms").is_between(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS))
+    return in_range.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome")
 
 
 class Processor:
@@ -230,6 +252,8 @@ class Processor:
         dlq_topic: str,
         progress: Progress,
         stop: threading.Event,
+        instance_id: str | None = None,
+        group_protocol: str | None = None,
     ) -> None:
         self.settings, self.pipeline = settings, pipeline
         self.topic, self.group, self.bounded, self.start = topic, group, bounded, start
@@ -237,6 +261,7 @@ class Processor:
         self.requested_end = dict(end_offsets) if end_offsets is not None else None
         self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
         self.dlq_topic, self.progress, self.stop = dlq_topic, progress, stop
+        self.instance_id, self.group_protocol = instance_id, group_protocol
         self.client = s3_client(settings)
         self.prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if bounded else None)
         self.store = StateStore(self.client, settings.s3_bucket, self.prefix, writer=uuid.uuid4().hex[:10])
@@ -249,6 +274,12 @@ class Processor:
         self.lag: int | None = None
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self.membership = membership.Membership()
+        #: set when the run dies of an unexpected error: state in memory may be half applied, so the
+        #: revoke that ``close()`` triggers must not checkpoint it (the last checkpoint stands)
+        self.crashed = False
+        #: live, before the first assignment: was there no checkpoint at all (see :meth:`unknown_start`)
+        self.fresh_group: bool | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -261,15 +292,20 @@ class Processor:
             self.end = self.bounded_end_offsets(partitions)
             self.summary.end_offsets = dict(self.end)
         self.producer = Producer(self.settings.kafka_config(**DLQ_PRODUCER_CONFIG))
+        self.membership = membership.resolve("processor", self.group, self.instance_id, self.group_protocol)
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
         self.last_checkpoint = time.monotonic()
         try:
             self.loop()
             self.retry_s3(self.checkpoint, "final checkpoint")
+        except BaseException:
+            self.crashed = True
+            raise
         finally:
             with contextlib.suppress(Exception):
                 self.consumer.close()
+            self.membership.release()
             self.progress.update(self.summary.records, self.lag, self.summary.late_records, force=True)
             self.progress.close()
         if self.summary.complete:
@@ -278,19 +314,23 @@ class Processor:
         return self.summary
 
     def consumer_config(self) -> dict[str, object]:
-        return self.settings.kafka_config(
+        # auto.offset.reset "earliest": a partition without any start position is a new partition
+        # (``--start latest`` is applied explicitly, see unknown_start), never skipped
+        return membership.consumer_config(
+            self.settings,
+            self.membership,
+            group=self.group,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            # eager: a rolling upgrade must not mix protocols in one group (INCONSISTENT_GROUP_PROTOCOL)
+            assignment_strategy="range",
             **{
                 **kafka_helpers.BULK_CONSUMER_TUNING,
-                "group.id": self.group,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "auto.offset.reset": self.start,
+                "auto.offset.reset": "earliest",
                 "enable.partition.eof": True,
                 "isolation.level": "read_committed",
-                "partition.assignment.strategy": "range",
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 1_000,
-            }
+            },
         )
 
     def loop(self) -> None:
@@ -364,14 +404,35 @@ class Processor:
             state = self.store.load(self.new_state(tp.partition))
             self.states[tp.partition] = state
             tp.offset = self.start_offset(state)
-        consumer.assign(partitions)
+            if tp.offset == OFFSET_STORED:
+                tp.offset = self.unknown_start()
+        self.fresh_group = False  # partitions assigned from now on are new ones: earliest
+        if self.membership.protocol == "consumer":  # KIP-848 assignments are always incremental
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         self.pause_finished()
 
+    def unknown_start(self) -> int:
+        """Start of a partition with no checkpoint and no explicit offset.
+
+        ``--start latest`` applies to the partitions of a live group's very first assignment (the
+        group has no checkpoint at all); a partition that appears later was added to the topic after
+        the group started, so all of it is new: it starts at the committed offset, else the earliest
+        (``auto.offset.reset``), never at the end.
+        """
+        if self.bounded or self.start != "latest":
+            return OFFSET_STORED
+        if self.fresh_group is None:
+            self.fresh_group = not list_states(self.client, self.settings.s3_bucket, self.prefix)
+        return OFFSET_END if self.fresh_group else OFFSET_STORED
+
     def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
-        """Hand over cleanly: checkpoint what we have, then forget it."""
+        """Hand over cleanly: checkpoint what we have, then forget it (not after a crash: see ``crashed``)."""
         revoked = {tp.partition for tp in partitions}
         try:
-            self.checkpoint(revoked)
+            if not self.crashed:
+                self.checkpoint(revoked)
         except S3_ERRORS as exc:  # the new owner resumes from the last durable checkpoint: nothing lost
             log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
         for partition in revoked:
@@ -651,11 +712,14 @@ def run_processor(
     dlq_topic: str | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    instance_id: str | None = None,
+    group_protocol: str | None = None,
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
 
     ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
-    in the CLI). Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
+    in the CLI). ``instance_id``/``group_protocol``: see :mod:`workers.membership`.
+    Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
     """
     impl = get_pipeline(pipeline, version)
     if batch_size < 1 or checkpoint_seconds <= 0 or (grace_ms is not None and grace_ms < 0):
@@ -678,6 +742,8 @@ def run_processor(
         dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
         progress=progress or NoProgress(),
         stop=stop,
+        instance_id=instance_id,
+        group_protocol=group_protocol,
     )
     with stop_on_signals(stop):
         return processor.run()

@@ -101,6 +101,10 @@ def processor(
     checkpoint_seconds: float = typer.Option(DEFAULT_CHECKPOINT_SECONDS, help="Seconds between S3 checkpoints."),
     dlq_topic: str = typer.Option(None, help="Dead-letter topic (default: KAPPA_DLQ_TOPIC)."),
     progress: ProgressKind = typer.Option(ProgressKind.auto, help="Progress display."),
+    instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; default "
+                                                "kappa-processor-<host>-<ordinal>; 'none' = dynamic member)."),
+    group_protocol: str = typer.Option(None, help="Consumer group protocol: classic (default) or consumer "
+                                                  "(KIP-848; env KAPPA_GROUP_PROTOCOL)."),
 ) -> None:
     """Run one pipeline version: live (until stopped) or bounded (--until-end) over a replay topic."""
     settings = load_settings()
@@ -124,6 +128,8 @@ def processor(
             checkpoint_seconds=checkpoint_seconds,
             dlq_topic=dlq_topic,
             progress=bar,
+            instance_id=instance_id,
+            group_protocol=group_protocol,
         )
         if pipes is not None:
             pipes.report_custom_message(summary.to_dict())
