@@ -440,7 +440,7 @@ class Archiver:
                     state.eof = message.offset()
             elif error.code() == KafkaError._AUTO_OFFSET_RESET and message.partition() in self.parts:
                 self._position_deleted(message.partition())
-            elif error.fatal():
+            elif error.fatal() or error.code() == KafkaError._FATAL:  # e.g. our instance id is still in use
                 raise KafkaException(error)
             else:
                 log.warning("consumer error (librdkafka retries): %s", error)

@@ -19,7 +19,8 @@ Same code path for both modes; only topic, consumer group and start/stop differ:
 Per micro-batch (``consume(num_messages=N)``): one Python pass pulls partition/offset/timestamp/value
 out of the messages, the pipeline parses the whole batch at once, and everything else is polars:
 late and duplicate marking, aggregation into open-window partials, per-day outcome counters.
-Malformed records go to the DLQ topic with their original key/value/headers/timestamp plus
+Malformed records go to the DLQ topic with their original key/value/headers/timestamp (a timestamp
+the DLQ topic refuses, e.g. past 9999, becomes the broker's time plus ``kappa.dlq.timestamp``) plus
 ``kappa.dlq.reason``, ``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``,
 ``kappa.dlq.pipeline``.
 
@@ -93,6 +94,8 @@ S3_GIVE_UP_S = 120.0
 #: bad records); a copy the DLQ broker still refuses is re-sent without its value (see ``delivered``)
 DLQ_PRODUCER_CONFIG = {"enable.idempotence": True, "linger.ms": 20, "message.max.bytes": 64 * 1024 * 1024}
 TRUNCATED_HEADER = "kappa.dlq.truncated"
+#: the record's own timestamp when the DLQ copy had to take the broker's time instead
+ORIGINAL_TIMESTAMP_HEADER = "kappa.dlq.timestamp"
 DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
@@ -536,7 +539,10 @@ class Processor:
                 ("kappa.dlq.pipeline", label),
             ]
             timestamp = message.timestamp()[1]
-            self.produce_dlq(message.key(), message.value(), headers, timestamp if timestamp > 0 else 0)
+            if timestamp > MAX_TIMESTAMP_MS:  # the DLQ topic may refuse what the input topic accepted
+                headers.append(original_timestamp_header(timestamp))
+            usable = 0 < timestamp <= MAX_TIMESTAMP_MS
+            self.produce_dlq(message.key(), message.value(), headers, timestamp if usable else 0)
         self.summary.dlq_records += rejects.height
 
     def produce_dlq(self, key: bytes | None, value: bytes | None, headers: list, timestamp: int) -> None:
@@ -567,6 +573,14 @@ class Processor:
             # too big for the DLQ topic: keep key, headers and reason, drop the value (the raw archive has it)
             headers = [*(message.headers() or []), truncated_header(len(message.value()))]
             self.produce_dlq(message.key(), None, headers, message.timestamp()[1])
+            return
+        headers = message.headers() or []
+        if error.code() in (KafkaError.INVALID_TIMESTAMP, KafkaError.INVALID_RECORD) and not any(
+            name == ORIGINAL_TIMESTAMP_HEADER for name, _ in headers
+        ):
+            # e.g. stamped further ahead than the DLQ topic allows: broker time, original in a header
+            original = original_timestamp_header(message.timestamp()[1])
+            self.produce_dlq(message.key(), message.value(), [*headers, original], 0)
             return
         self.delivery_errors.append(str(error))
 
@@ -673,6 +687,10 @@ class Processor:
             return lag
         except KafkaException:
             return None
+
+
+def original_timestamp_header(timestamp: int) -> tuple[str, bytes]:
+    return ORIGINAL_TIMESTAMP_HEADER, str(timestamp).encode()
 
 
 def truncated_header(size: int) -> tuple[str, bytes]:
