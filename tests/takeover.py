@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +80,10 @@ class Worker:
 
 
 def takeover_seconds(folder: Path, args: list[str], env: dict[str, str], partitions: int,
-                     timeout: float, double: bool = False) -> tuple[float | None, int]:
-    """Kill the owner of every partition, restart it, return (takeover seconds or None, kills landed)."""
+                     timeout: float, double: bool = False,
+                     check: Callable[[Worker], None] | None = None) -> tuple[float | None, int]:
+    """Kill the owner of every partition, restart it, return (takeover seconds or None, kills landed).
+    ``check`` runs against the restarted worker after its takeover, before it is stopped."""
     everything = set(range(partitions))
     first = Worker.start(folder / "first.log", args, env)
     workers = [first]
@@ -99,7 +102,10 @@ def takeover_seconds(folder: Path, args: list[str], env: dict[str, str], partiti
             last = Worker.start(folder / "third.log", args, env)
             workers.append(last)
         waited = last.wait_owns(everything, timeout)
-        return (None if waited is None else time.monotonic() - killed_at), kills
+        seconds = None if waited is None else time.monotonic() - killed_at
+        if seconds is not None and check is not None:
+            check(last)
+        return seconds, kills
     finally:
         for worker in workers:
             worker.stop()
