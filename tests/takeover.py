@@ -5,10 +5,10 @@ real stack (the numbers in docs/ARCHITECTURE.md, "Fast takeover")::
 
     .venv/bin/python tests/takeover.py --rounds 5 [--double]
 
-Each round: one archiver subprocess (the real CLI) owns every partition of a fresh topic, gets
-``kill -9``, and is restarted at once; the takeover time is from the kill until the restarted
-process logs an assignment covering every partition. ``--double`` kills the restarted process
-again 1 s after its start (often mid-rebalance) and times the third process.
+Each round: one worker subprocess (the real CLI; the script measures the archiver) owns every
+partition of a fresh topic, gets ``kill -9``, and is restarted at once; the takeover time is from
+the kill until the restarted process logs an assignment covering every partition. ``--double``
+kills the restarted process again 1 s after its start (often mid-rebalance) and times the third.
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSIGNED = re.compile(r"kappa\.archiver: assigned \{([^}]*)\}")
-REVOKED = re.compile(r"kappa\.archiver: revoked \[([^\]]*)\]")
+ASSIGNED = re.compile(r"kappa\.(?:archiver|processor): assigned \{([^}]*)\}")
+REVOKED = re.compile(r"kappa\.(?:archiver|processor): revoked \[([^\]]*)\]")
 
 
 @dataclass
 class Worker:
-    """One ``kappa archiver`` process with its log file."""
+    """One ``kappa archiver|processor`` process (``args`` start with the command) with its log file."""
 
     log: Path
     proc: subprocess.Popen
 
     @classmethod
     def start(cls, log: Path, args: list[str], env: dict[str, str]) -> Worker:
-        proc = subprocess.Popen([sys.executable, "-m", "workers.cli", "archiver", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *args],
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
         return cls(log, proc)
 
@@ -59,7 +59,8 @@ class Worker:
             if self.owned() >= partitions:
                 return time.monotonic() - started
             if self.proc.poll() is not None:
-                raise AssertionError(f"archiver exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                tail = self.log.read_text()[-3000:]
+                raise AssertionError(f"{self.log.stem} exited with {self.proc.returncode}:\n{tail}")
             time.sleep(0.05)
         return None
 
@@ -89,7 +90,7 @@ def takeover_seconds(folder: Path, args: list[str], env: dict[str, str], partiti
     workers = [first]
     try:
         if first.wait_owns(everything, 90) is None:
-            raise AssertionError(f"the first archiver never owned {everything}:\n{first.log.read_text()[-3000:]}")
+            raise AssertionError(f"the first worker never owned {everything}:\n{first.log.read_text()[-3000:]}")
         kills = int(first.kill())
         killed_at = time.monotonic()
         second = Worker.start(folder / "second.log", args, env)
@@ -141,8 +142,8 @@ def measure(rounds: int, double: bool, session_timeout: int, timeout: float, var
             s3_helpers.ensure_bucket(s3_helpers.s3_client(settings), settings.s3_bucket)
             folder = Path(f"/tmp/kappa-takeover-{tag}")
             folder.mkdir()
-            args = ["--group", f"takeover-{tag}", "--session-timeout", str(session_timeout), "--log-interval", "1",
-                    "--flush-seconds", "1", *extra]
+            args = ["archiver", "--group", f"takeover-{tag}", "--session-timeout", str(session_timeout),
+                    "--log-interval", "1", "--flush-seconds", "1", *extra]
             try:
                 seconds, kills = takeover_seconds(folder, args, env, 6, timeout, double)
             except AssertionError as exc:  # e.g. KIP-848 + static: "instance ID is still used" is fatal

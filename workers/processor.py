@@ -100,7 +100,7 @@ DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
 #: gets its partitions back at once, a dead one's move to the others after it
-SESSION_TIMEOUT_MS = 10_000
+DEFAULT_SESSION_TIMEOUT_S = 10.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
@@ -257,6 +257,7 @@ class Processor:
         stop: threading.Event,
         instance_id: str | None = None,
         group_protocol: str | None = None,
+        session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
     ) -> None:
         self.settings, self.pipeline = settings, pipeline
         self.topic, self.group, self.bounded, self.start = topic, group, bounded, start
@@ -264,7 +265,7 @@ class Processor:
         self.requested_end = dict(end_offsets) if end_offsets is not None else None
         self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
         self.dlq_topic, self.progress, self.stop = dlq_topic, progress, stop
-        self.instance_id, self.group_protocol = instance_id, group_protocol
+        self.instance_id, self.group_protocol, self.session_timeout = instance_id, group_protocol, session_timeout
         self.client = s3_client(settings)
         self.prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if bounded else None)
         self.store = StateStore(self.client, settings.s3_bucket, self.prefix, writer=uuid.uuid4().hex[:10])
@@ -296,6 +297,8 @@ class Processor:
             self.summary.end_offsets = dict(self.end)
         self.producer = Producer(self.settings.kafka_config(**DLQ_PRODUCER_CONFIG))
         self.membership = membership.resolve("processor", self.group, self.instance_id, self.group_protocol)
+        log.info("joining group %s as %s (protocol %s)", self.group,
+                 self.membership.instance_id or "a dynamic member", self.membership.protocol)
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
         self.last_checkpoint = time.monotonic()
@@ -323,7 +326,7 @@ class Processor:
             self.settings,
             self.membership,
             group=self.group,
-            session_timeout_ms=SESSION_TIMEOUT_MS,
+            session_timeout_ms=int(self.session_timeout * 1000),
             # eager: a rolling upgrade must not mix protocols in one group (INCONSISTENT_GROUP_PROTOCOL)
             assignment_strategy="range",
             **{
@@ -410,6 +413,7 @@ class Processor:
             if tp.offset == OFFSET_STORED:
                 tp.offset = self.unknown_start()
         self.fresh_group = False  # partitions assigned from now on are new ones: earliest
+        log.info("assigned %s", {tp.partition: tp.offset for tp in partitions})
         if self.membership.protocol == "consumer":  # KIP-848 assignments are always incremental
             consumer.incremental_assign(partitions)
         else:
@@ -440,6 +444,7 @@ class Processor:
             log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
         for partition in revoked:
             self.states.pop(partition, None)
+        log.info("revoked %s", sorted(revoked))
 
     def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Someone else owns these now: our uncommitted work is void."""
@@ -732,6 +737,7 @@ def run_processor(
     stop: threading.Event | None = None,
     instance_id: str | None = None,
     group_protocol: str | None = None,
+    session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
 
@@ -742,6 +748,8 @@ def run_processor(
     impl = get_pipeline(pipeline, version)
     if batch_size < 1 or checkpoint_seconds <= 0 or (grace_ms is not None and grace_ms < 0):
         raise KappaError("batch size must be >= 1, checkpoint interval > 0 and grace >= 0")
+    if not 6 <= session_timeout <= 300:
+        raise KappaError(f"--session-timeout must be between 6 and 300 seconds, got {session_timeout}")
     if not bounded and grace_ms is None:
         raise KappaError("a live processor needs a finite grace period (windows would never close)")
     stop = stop or threading.Event()
@@ -762,6 +770,7 @@ def run_processor(
         stop=stop,
         instance_id=instance_id,
         group_protocol=group_protocol,
+        session_timeout=session_timeout,
     )
     with stop_on_signals(stop):
         return processor.run()
