@@ -112,6 +112,32 @@ def takeover_seconds(folder: Path, args: list[str], env: dict[str, str], partiti
             worker.stop()
 
 
+def handover_seconds(folder: Path, args: list[str], env: dict[str, str], partitions: int, timeout: float,
+                     how: str) -> float | None:
+    """Two members; one is stopped (SIGTERM, ``how="stop"``) or killed for good (``"kill"``): seconds
+    until the other owns every partition (None: not within ``timeout``). Static members send no
+    LeaveGroup, so this is where the session timeout shows."""
+    everything = set(range(partitions))
+    first = Worker.start(folder / "first.log", args, env)
+    second = Worker.start(folder / "second.log", args, env)
+    try:
+        deadline = time.monotonic() + 90
+        while not (first.owned() and second.owned() and first.owned() | second.owned() >= everything):
+            if time.monotonic() > deadline:
+                raise AssertionError("the two members never shared the partitions")
+            time.sleep(0.1)
+        gone_at = time.monotonic()
+        if how == "kill":
+            first.kill()
+        else:
+            first.stop()
+        waited = second.wait_owns(everything, timeout)
+        return None if waited is None else time.monotonic() - gone_at
+    finally:
+        first.stop()
+        second.stop()
+
+
 VARIANTS = {
     "classic, dynamic": ["--group-protocol", "classic", "--instance-id", "none"],
     "classic, static": ["--group-protocol", "classic"],
@@ -120,7 +146,8 @@ VARIANTS = {
 }
 
 
-def measure(rounds: int, double: bool, session_timeout: int, timeout: float, variants: list[str]) -> None:
+def measure(rounds: int, double: bool, session_timeout: int, timeout: float, variants: list[str],
+            handover: str | None = None) -> None:
     """Print a markdown table of takeover times per variant (each round on a fresh topic and group)."""
     from workers import kafka as kafka_helpers
     from workers import s3 as s3_helpers
@@ -145,7 +172,10 @@ def measure(rounds: int, double: bool, session_timeout: int, timeout: float, var
             args = ["archiver", "--group", f"takeover-{tag}", "--session-timeout", str(session_timeout),
                     "--log-interval", "1", "--flush-seconds", "1", *extra]
             try:
-                seconds, kills = takeover_seconds(folder, args, env, 6, timeout, double)
+                if handover:
+                    seconds, kills = handover_seconds(folder, args, env, 6, timeout, handover), 1
+                else:
+                    seconds, kills = takeover_seconds(folder, args, env, 6, timeout, double)
             except AssertionError as exc:  # e.g. KIP-848 + static: "instance ID is still used" is fatal
                 print(f"<!-- {name}: {str(exc).splitlines()[0]} -->", flush=True)
                 seconds, kills = None, (2 if double else 1)
@@ -167,6 +197,9 @@ if __name__ == "__main__":
     parser.add_argument("--session-timeout", type=int, default=45, help="classic session timeout (s)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--variant", action="append", default=[], help="only variants containing this text")
+    parser.add_argument("--handover", choices=["stop", "kill"],
+                        help="two members, one stopped/killed for good: time until the other owns everything")
     options = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    measure(options.rounds, options.double, options.session_timeout, options.timeout, options.variant)
+    measure(options.rounds, options.double, options.session_timeout, options.timeout, options.variant,
+            options.handover)

@@ -14,6 +14,11 @@ Rebalances use cooperative-sticky assignment: revoked partitions are flushed and
 ``on_revoke``; lost partitions (fenced member) are dropped unwritten, the new owner re-reads them.
 When S3 fails, the partition is paused and retried with exponential backoff, so memory stays
 bounded by the flush thresholds and no data is skipped.
+
+Never silently skipped either: offsets Kafka deleted before they were archived (checkpoint below the
+log start, or retention overtaking a running archiver) are refused unless ``--accept-data-loss``,
+and a checkpoint of a recreated topic (other topic id) is refused. Records whose timestamp has no
+``YYYY-MM-DD`` day go byte-exact to ``quarantine/<topic>/part=<p>/...`` (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
