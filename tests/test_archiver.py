@@ -523,3 +523,31 @@ def test_timestamps_without_a_day_are_quarantined_byte_exact(settings: Settings,
     assert rows.select("offset", pl.col("timestamp").dt.epoch("ms"), "key", "value").rows() == [
         (i, stamps[i], f"k{i}".encode(), b"\xff" + bytes([i])) for i in (1, 3, 4, 5)]
     assert [h[0]["value"] for h in rows["headers"].to_list()] == [str(i).encode() for i in (1, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("accept", [False, True], ids=["refused", "accepted"])
+def test_retention_overtaking_a_running_archiver_is_refused_or_skipped_loudly(settings: Settings, s3, archivers,
+                                                                              unique, accept: bool) -> None:
+    """The archiver is frozen (SIGSTOP) while records arrive and Kafka deletes them: when it thaws,
+    its fetch position is gone. librdkafka must not jump to the log start silently."""
+    produce_events(settings, 50, seed=1, partitions=1)
+    args = ["--group", unique("g"), "--flush-seconds", "0.5", *FAST_GROUP, "--session-timeout", "30"]
+    run = archivers("frozen", *args, *(["--accept-data-loss"] if accept else []))
+    wait_for(lambda: "records=50 " in run.text(), 60, "the first 50 records archived")
+    run.proc.send_signal(signal.SIGSTOP)
+    try:
+        produce_events(settings, 100, seed=2, partitions=1)
+        delete_up_to(settings, 120)
+    finally:
+        run.proc.send_signal(signal.SIGCONT)
+    if accept:
+        wait_for(lambda: "SKIPPED" in run.text(), 60, "the skip to be logged")
+        assert "offsets 50..119 (70 records deleted by Kafka before they were archived" in run.text()
+        wait_for(lambda: "records=80 " in run.text(), 60, "offsets 120..149 archived")
+        assert archived_offsets(s3, settings) == [*range(50), *range(120, 150)]
+    else:
+        wait_for(lambda: "refusing to archive" in run.text(), 60, "the refusal")
+        assert "Kafka deleted offsets 50..119 (70 records)" in run.text()
+        time.sleep(2)
+        assert archived_offsets(s3, settings) == list(range(50))
+    assert run.stop() == 0, run.text()

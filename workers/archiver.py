@@ -599,8 +599,9 @@ class Archiver:
         if state.refused:
             self.consumer.pause([tp])
             self._count_refused()
-        else:
-            self.consumer.seek(TopicPartition(self.topic, partition, start))
+        else:  # seek() refuses a partition in this error state ("Erroneous state"): assign it afresh
+            self.consumer.incremental_unassign([tp])
+            self.consumer.incremental_assign([TopicPartition(self.topic, partition, start)])
 
     def _count_refused(self) -> None:
         self.metrics.refused.set(sum(state.refused for state in self.parts.values()))

@@ -25,6 +25,7 @@ import fcntl
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -76,8 +77,17 @@ def resolve(role: str, group: str, instance: str | None = None, protocol: str | 
 
 
 def lock_dir() -> Path:
-    """Where ordinal locks live (``KAPPA_INSTANCE_LOCK_DIR``, default under the cache dir)."""
-    return Path(os.environ.get("KAPPA_INSTANCE_LOCK_DIR", cache_dir() / "instances")).expanduser()
+    """Where ordinal locks live: ``KAPPA_INSTANCE_LOCK_DIR``, else under the cache dir, else (a
+    read-only home, e.g. in a container) the temp dir: every worker of the host sees the same one."""
+    if "KAPPA_INSTANCE_LOCK_DIR" in os.environ:
+        return Path(os.environ["KAPPA_INSTANCE_LOCK_DIR"]).expanduser()
+    for folder in (cache_dir() / "instances", Path(tempfile.gettempdir()) / "kappa-instances"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:
+            continue
+    return folder
 
 
 def claim_ordinal(role: str, group: str) -> tuple[int, IO[bytes]]:
