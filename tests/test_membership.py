@@ -88,3 +88,17 @@ def test_the_consumer_protocol_config_leaves_out_what_librdkafka_refuses(setting
         assert config["group.instance.id"] == "kappa-test-0" and config["group.protocol"] == protocol
         assert (protocol == "classic") == all(key in config for key in membership.CLASSIC_ONLY)
         Consumer(config).close()  # librdkafka accepts it
+
+
+@pytest.mark.parametrize("command", [["archiver", "--until-end"], ["processor", "-p", "orders", "-v", "2"]])
+@pytest.mark.parametrize(("option", "message"), [
+    (["--group-protocol", "eager"], "must be one of classic, consumer"),
+    (["--instance-id", "a/b"], "may only use letters"),
+])
+def test_the_clis_refuse_bad_membership_values_before_touching_kafka(
+    command: list[str], option: list[str], message: str
+) -> None:
+    run = subprocess.run([sys.executable, "-m", "workers.cli", *command, *option, "--topic", "no-such-topic-xyz"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert message in run.stderr.strip().splitlines()[-1] and "no-such-topic" not in run.stderr

@@ -101,6 +101,7 @@ class ArchiverOptions:
             raise KappaError(f"--metrics-port {self.metrics_port} is not a TCP port")
         if not self.group.strip():
             raise KappaError("--group must not be empty")
+        membership.validate(self.instance_id, self.group_protocol)
         return self
 
 

@@ -59,21 +59,28 @@ class Membership:
             self._lock = None
 
 
-def resolve(role: str, group: str, instance: str | None = None, protocol: str | None = None) -> Membership:
-    """Flag > environment > default for both settings; a bad value is one clear error."""
+def validate(instance: str | None = None, protocol: str | None = None) -> tuple[GroupProtocol, str]:
+    """Flag > environment > default for both settings; a bad value is one clear error. Returns the
+    protocol and the wanted identity (``auto``, ``none`` or an explicit id)."""
     chosen = (protocol or os.environ.get(PROTOCOL_ENV) or DEFAULT_PROTOCOL).strip().lower()
     if chosen not in PROTOCOLS:
         raise KappaError(f"--group-protocol / {PROTOCOL_ENV} must be one of {', '.join(PROTOCOLS)}, got {chosen!r}")
     wanted = (instance or os.environ.get(INSTANCE_ENV) or AUTO).strip()
+    if wanted.lower() not in (AUTO, NONE) and not INSTANCE_RE.match(wanted):
+        raise KappaError(f"--instance-id / {INSTANCE_ENV} {wanted!r} may only use letters, digits, '.', '_', '-'")
+    return chosen, wanted  # type: ignore[return-value]
+
+
+def resolve(role: str, group: str, instance: str | None = None, protocol: str | None = None) -> Membership:
+    """The membership of one worker; the default identity claims this host's lowest free ordinal."""
+    chosen, wanted = validate(instance, protocol)
     if wanted.lower() == NONE:
-        return Membership(chosen)  # type: ignore[arg-type]
+        return Membership(chosen)
     if wanted.lower() != AUTO:
-        if not INSTANCE_RE.match(wanted):
-            raise KappaError(f"--instance-id / {INSTANCE_ENV} {wanted!r} may only use letters, digits, '.', '_', '-'")
-        return Membership(chosen, wanted)  # type: ignore[arg-type]
+        return Membership(chosen, wanted)
     ordinal, lock = claim_ordinal(role, group)
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:100] or "host"
-    return Membership(chosen, f"kappa-{role}-{host}-{ordinal}", lock)  # type: ignore[arg-type]
+    return Membership(chosen, f"kappa-{role}-{host}-{ordinal}", lock)
 
 
 def lock_dir() -> Path:

@@ -748,6 +748,7 @@ def run_processor(
     impl = get_pipeline(pipeline, version)
     if batch_size < 1 or checkpoint_seconds <= 0 or (grace_ms is not None and grace_ms < 0):
         raise KappaError("batch size must be >= 1, checkpoint interval > 0 and grace >= 0")
+    membership.validate(instance_id, group_protocol)
     if not 6 <= session_timeout <= 300:
         raise KappaError(f"--session-timeout must be between 6 and 300 seconds, got {session_timeout}")
     if not bounded and grace_ms is None:
