@@ -138,6 +138,13 @@ def handover_seconds(folder: Path, args: list[str], env: dict[str, str], partiti
         second.stop()
 
 
+#: the worker commands the takeover tests run (with --group and --session-timeout appended)
+COMMANDS = {
+    "archiver": ["archiver", "--log-interval", "1", "--flush-seconds", "1"],
+    "processor": ["processor", "-p", "orders", "-v", "2", "--start", "earliest", "--checkpoint-seconds", "1",
+                  "--progress", "none"],
+}
+
 VARIANTS = {
     "classic, dynamic": ["--group-protocol", "classic", "--instance-id", "none"],
     "classic, static": ["--group-protocol", "classic"],

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from takeover import Worker, takeover_seconds
+from takeover import COMMANDS, Worker, takeover_seconds
 
 from workers import kafka as kafka_helpers
 from workers import keys
@@ -29,13 +29,6 @@ def group_members(settings: Settings, group: str) -> list[tuple[str, str | None]
     admin = AdminClient(settings.kafka_config())
     description = admin.describe_consumer_groups([group])[group].result(timeout=30)
     return [(member.client_id, member.group_instance_id) for member in description.members]
-
-
-COMMANDS = {
-    "archiver": ["archiver", "--log-interval", "1", "--flush-seconds", "1"],
-    "processor": ["processor", "-p", "orders", "-v", "2", "--start", "earliest", "--checkpoint-seconds", "1",
-                  "--progress", "none"],
-}
 
 
 @pytest.mark.parametrize("role", sorted(COMMANDS))

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from takeover import takeover_seconds
+from takeover import COMMANDS, takeover_seconds
 
 from workers import kafka as kafka_helpers
 from workers.config import Settings
@@ -19,12 +19,13 @@ ROUNDS = 10
 
 
 @pytest.mark.soak
+@pytest.mark.parametrize("role", sorted(COMMANDS))
 def test_repeated_kills_each_restart_takes_over_before_the_session_timeout(
-    settings: Settings, tmp_path: Path, unique
+    settings: Settings, tmp_path: Path, unique, role: str
 ) -> None:
     kafka_helpers.ensure_topic(settings, settings.events_topic, 6)
     group = unique("g")
-    args = ["--group", group, "--session-timeout", str(SESSION_TIMEOUT), "--log-interval", "1", "--flush-seconds", "1"]
+    args = [*COMMANDS[role], "--group", group, "--session-timeout", str(SESSION_TIMEOUT)]
     env = {**os.environ, "KAPPA_INSTANCE_LOCK_DIR": str(tmp_path / "locks")}
     times, kills = [], 0
     for round_ in range(ROUNDS):
@@ -34,5 +35,5 @@ def test_repeated_kills_each_restart_takes_over_before_the_session_timeout(
         kills += landed
         assert seconds is not None, f"round {round_}: no takeover before the session timeout"
         times.append(seconds)
-    print(f"{kills} kills, takeover median {statistics.median(times):.1f} s, max {max(times):.1f} s")
+    print(f"{role}: {kills} kills, takeover median {statistics.median(times):.1f} s, max {max(times):.1f} s")
     assert kills == ROUNDS + ROUNDS // 2
