@@ -365,7 +365,7 @@ def test_a_partition_added_while_live_is_read_from_its_first_record(settings: Se
     before = [(b"k", orders_value(f"old{i}"), BASE_MS, []) for i in range(5)]
     produce(settings, settings.events_topic, before)  # history before the group's first start: skipped
     fast_metadata = dataclasses.replace(
-        settings, kafka_extra={**settings.kafka_extra, "topic.metadata.refresh.interval.ms": "3000"}
+        settings, kafka_extra={**settings.kafka_extra, "topic.metadata.refresh.interval.ms": "5000"}
     )
     stop, result = threading.Event(), []
 
