@@ -3,8 +3,10 @@
 Same code path for both modes; only topic, consumer group and start/stop differ:
 
 * **live**: group ``kappa.<P>.v<V>.live`` on ``settings.events_topic``; starts at the S3 checkpoint,
-  else ``start_offsets`` (used by promote), else the committed Kafka offset, else ``start``.
-  Windows close when the per-partition watermark (max Kafka timestamp seen - ``grace_ms``) passes
+  else ``start_offsets`` (used by promote); else, in the first assignment of a group with no S3
+  checkpoint at all, ``start``; else the committed Kafka offset, else the earliest offset (a
+  partition added to the topic later: nothing in it is skipped).
+  Windows close when the per-partition watermark (max timestamp of the valid records seen - ``grace_ms``) passes
   their end; records for an already-closed window are counted as ``late`` and never mixed in.
   Results: ``live/<P>/v<V>/dt=<D>/part=<p>/...`` read by :func:`read_live_results`.
 * **bounded** (replay): consumes ``topic`` from offset 0 until the end offsets recorded at the first
