@@ -200,14 +200,15 @@ def read_progress(progress: ProgressFn) -> tuple[int, int]:
 
 
 def kill_at(worker: Worker, fraction: float, kind: str, progress: ProgressFn, ready: str | None = None,
-            **detail: Any) -> Kill:
-    """SIGKILL ``worker`` once it has done ``fraction`` of the work left when it logged ``ready``.
+            resumes: bool = True, **detail: Any) -> Kill:
+    """SIGKILL ``worker`` once it has done ``fraction`` of the work left when it logged ``ready``
+    (``resumes=False``: of all the work, for a worker that starts over, like the replay loader).
 
     The kill point is a share of real progress, not a delay, so it always lands mid-work whatever the
     machine's speed; :func:`sigkill` asserts that it did.
     """
     wait_ready(worker, ready)
-    start, total = read_progress(progress)
+    start, total = read_progress(progress) if resumes else (0, read_progress(progress)[1])
     assert start < total, f"{worker.name}: no work left at the kill point ({start}/{total}): the test is broken"
     target = start + fraction * (total - start)
     wait_until(lambda: not worker.alive() or read_progress(progress)[0] >= target, 180,

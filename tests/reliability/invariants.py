@@ -1,13 +1,15 @@
 """The one check every reliability test ends with, plus the figures the suite reports.
 
-* :func:`assert_archive_exact`: the raw archive holds every record of the topic exactly once after
-  dedup by ``(partition, offset)``, byte-exact (key, value, headers, timestamp), compared with a plain
-  consumer read of the topic; every object sits under the day of its records and is named by its
-  real offset range; overlapping copies (left by a crash) are identical to the original.
+* :func:`assert_archive_exact`: every record of the topic has a byte-exact row in the raw archive
+  (key, value, headers, timestamp), compared with a plain consumer read of the topic; no row is extra
+  (an offset the topic never had) or differs from the topic's bytes; overlapping copies left by a
+  crash are counted apart (readers drop them) and reported. Every object sits under the day of its
+  records and is named by its real offset range.
 * :func:`assert_report_exact`: a report equals the pipeline's own ``batch_report`` over the archive
   *and* an independent plain-Python/polars computation written here from DESIGN §3.
-* :data:`FIGURES` accumulates faults injected, records checked, lost and duplicated counts; the
-  session writes them to JSON (see ``conftest.py``) so docs/RELIABILITY.md quotes a real run.
+* :data:`FIGURES` accumulates landed faults, records checked, missing/extra/repeated counts and
+  measured samples; the session writes them to JSON (see ``conftest.py``), and docs/RELIABILITY.md
+  is generated from the JSON of green runs (``render_doc.py``).
 
 Nothing here uses the archiver's or the processor's code to decide what is right.
 """

@@ -128,9 +128,9 @@ def test_replay_loader_sigkill_then_rerun_replays_each_record_once(
     progress = topic_progress(settings, spec.topic, len(archive_records(s3, spec.bucket, spec.source_topic, spec.day)))
     landed = []
     for point, fraction in enumerate(kill_fractions(rng, kills)):
-        loader = workers.start(f"load-{point}", *load_args(spec), "--throttle", "40000")
+        loader = workers.start(f"load-{point}", *load_args(spec), "--throttle", "10000")
         landed.append(kill_at(loader, fraction, "sigkill.replay_loader", progress, ready=f"replay {spec.replay_id}",
-                              seed=seed, point=point))
+                              resumes=False, seed=seed, point=point))
     assert len(landed) == kills
     workers.run("load-final", *load_args(spec), timeout=300)
     assert_archive_exact(settings, s3)
