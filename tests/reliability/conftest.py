@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shlex
 import socket
 import subprocess
 import time
@@ -149,7 +150,7 @@ def run_record(session: pytest.Session, exitstatus: int) -> dict[str, object]:
         "commit": git("rev-parse", "HEAD"),
         "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "pytest " + " ".join(session.config.invocation_params.args),
+        "command": shlex.join(["pytest", *session.config.invocation_params.args]),
         "exitstatus": int(exitstatus),
         "green": int(exitstatus) == 0 and counts["failed"] == counts["error"] == 0 and counts["passed"] > 0,
         "passed": counts["passed"], "failed": counts["failed"], "errors": counts["error"],

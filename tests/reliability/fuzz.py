@@ -1,15 +1,16 @@
-"""Hypothesis strategies for hostile Kafka records: values, keys, headers and timestamps.
+"""Hostile Kafka records: hypothesis strategies for values (the parser property) and a seeded
+generator of whole records (the end-to-end fuzz through the real workers).
 
 Values mix valid orders with every way a producer can get them wrong: random bytes, invalid UTF-8,
 deep nesting, NaN/Infinity, wrong types, unknown types, unicode edge cases (lone surrogate escapes,
-NUL, RTL marks, emoji, BOM), empty values, tombstones, and huge values near the broker's 4 MiB limit.
+NUL, RTL marks, emoji, BOM), empty values, tombstones; whole records add null/binary keys, odd
+headers, extreme timestamps the broker accepts and values near its 4 MiB limit.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Any, NamedTuple
 
 from hypothesis import strategies as st
@@ -19,7 +20,6 @@ EDGE_TEXT = ["", "\u0000", "\u202e", "\ufeff", "😀", "e\u0301", "\uffff", "\U0
 LONE_SURROGATES = [b'"\\ud800"', b'"\\udfff"', b'"\\ud83d"']
 #: The broker's message.max.bytes is 4 MiB (4194304); keep room for the record overhead and headers.
 HUGE = 4_150_000
-HOUR_MS = 3_600_000
 
 
 class FuzzRecord(NamedTuple):
@@ -101,52 +101,10 @@ def corrupted_bytes(draw: st.DrawFn) -> bytes:
     return bytes(value)
 
 
-@st.composite
-def huge_value(draw: st.DrawFn) -> bytes:
-    """Near the broker's limit: either one huge valid order (a long event_id) or huge random-ish bytes."""
-    size = draw(st.integers(HUGE - 50_000, HUGE))
-    if draw(st.booleans()):
-        return b'{"event_id":"' + b"x" * size + b'","user_id":"u","type":"purchase","amount":3}'
-    return draw(st.binary(min_size=16, max_size=16)) * (size // 16)
-
-
 values = st.one_of(
     valid_order(), valid_order(), wrong_typed_order(), special_number(), deep_json(), unicode_edge(),
     corrupted_bytes(), st.binary(max_size=200), st.sampled_from([b"", b" ", b"null", b"{}", b"[]", b"\n", None]),
 )
-keys = st.one_of(st.none(), st.binary(max_size=40), texts.map(lambda t: t.encode("utf-8", "surrogatepass")))
-headers = st.lists(st.tuples(texts, st.one_of(st.none(), st.binary(max_size=30))), max_size=4)
-
-
-def timestamps(now_ms: int | None = None) -> st.SearchStrategy[int]:
-    """Epoch (1 ms: librdkafka reads 0 as "now"), early, ordinary and near-future times.
-
-    The broker refuses timestamps more than ``log.message.timestamp.after.max.ms`` (1 h) ahead, so
-    "far future" records can never enter the topic; the latest we send is 50 minutes ahead.
-    """
-    now_ms = now_ms or int(time.time() * 1000)
-    return st.one_of(
-        st.just(1), st.integers(1, 10**6), st.integers(1_700_000_000_000, now_ms),
-        st.integers(now_ms, now_ms + 50 * 60_000),
-    )
-
-
-def records(max_size: int = 40, huge: bool = True) -> st.SearchStrategy[list[FuzzRecord]]:
-    """A batch of hostile records; ``huge`` adds up to two values near the 4 MiB limit."""
-    one = st.builds(FuzzRecord, keys, values, headers, timestamps())
-    big = st.builds(FuzzRecord, keys, huge_value(), headers, timestamps())
-    extra = st.lists(big, max_size=2) if huge else st.just([])
-    return st.tuples(st.lists(one, min_size=1, max_size=max_size), extra).map(lambda pair: pair[0] + pair[1])
-
-
-#: Always tried: a bad and a valid value near the broker's limit, at the epoch and in a normal day.
-NEAR_LIMIT_EXAMPLE = [
-    FuzzRecord(b"k", b"\x00\xff" * (HUGE // 2), [("h", None)], 1),
-    FuzzRecord(None, b'{"event_id":"' + b"x" * HUGE + b'","user_id":"u","type":"purchase","amount":3}', [],
-               1_790_000_000_000),
-    FuzzRecord(b"k", b'{"event_id":"e","user_id":"u","type":"refund","amount":-2.5}', [], 1),
-]
-
 
 # ---------------------------------------------------------------- seeded generation for the end-to-end fuzz
 #

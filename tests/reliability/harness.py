@@ -411,7 +411,8 @@ def outage(stack: Stack, service: str, seconds: float, kind: str, worker: Worker
     assert worker.alive(), f"{worker.name} died while {service} was down:\n{worker.tail()}"
     lines = [line for line in seen.splitlines() if errors.search(line)]
     assert lines, f"{worker.name} logged no error while {service} was down: the outage did not reach it\n{seen[-2000:]}"
-    FIGURES.fault(kind, service=service, downtime_s=round(downtime, 1), done=done, total=total, errors=len(lines))
+    stream = {"done": done, "total": total} if progress else {}
+    FIGURES.fault(kind, service=service, downtime_s=round(downtime, 1), errors=len(lines), **stream)
     return Outage(kind, downtime, done, total, len(lines), seen)
 
 
