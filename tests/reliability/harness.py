@@ -230,9 +230,9 @@ def sigkill(worker: Worker, kind: str, progress: ProgressFn | None = None, **det
     after = read_progress(progress) if progress else (0, 1)
     assert after[0] < after[1], f"{worker.name} had finished its work ({after[0]}/{after[1]}) when killed"
     kill = Kill(kind, worker.pid, before[0], after[0], after[1])
-    FIGURES.fault(kind, pid=kill.pid, exit=code, done_before=kill.done_before, done_after=kill.done_after,
-                  total=kill.total, **detail)
-    print(f"[reliability] {kind}: SIGKILL pid {kill.pid} at {kill.done_before}/{kill.total} ({detail})")
+    work = {"done_before": kill.done_before, "done_after": kill.done_after, "total": kill.total} if progress else {}
+    FIGURES.fault(kind, pid=kill.pid, exit=code, **work, **detail)
+    print(f"[reliability] {kind}: SIGKILL pid {kill.pid} {work} {detail}")
     return kill
 
 

@@ -23,20 +23,20 @@ MEMBERS = 3
 RATE = 1500
 
 
-def stop_member(member: Worker, signum: int, kind: str | None = None, **detail: object) -> None:
+def stop_member(victim: Worker, signum: int, kind: str | None = None, **detail: object) -> None:
     """Stop a consuming member and assert the stop landed; SIGTERM must end in a clean exit 0.
 
     The member is first given time (bounded) to start consuming: a SIGTERM during interpreter
     start-up, before the processor installs its handlers, is an ordinary kill. SIGKILL goes through
     :func:`sigkill` (alive when signalled, exit -9); SIGTERM must find the member alive and exit 0.
     """
-    wait_ready(member, "records=", timeout=90)
+    wait_ready(victim, "records=", timeout=90)
     if signum == signal.SIGKILL:
-        sigkill(member, kind or "rebalance.sigkill", **detail)
+        sigkill(victim, kind or "rebalance.sigkill", **detail)
         return
-    member.signal(signum)
-    code = member.wait(60)
-    assert code == 0, f"{member.name} did not stop cleanly on SIGTERM (exit {code}):\n{member.tail()}"
+    victim.signal(signum)
+    code = victim.wait(60)
+    assert code == 0, f"{victim.name} did not stop cleanly on SIGTERM (exit {code}):\n{victim.tail()}"
     if kind is not None:  # a fault of the storm (the final clean stops are not)
         FIGURES.fault(kind, exit=code, **detail)
 
