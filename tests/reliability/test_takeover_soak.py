@@ -14,6 +14,8 @@ from takeover import COMMANDS, takeover_seconds
 from workers import kafka as kafka_helpers
 from workers.config import Settings
 
+from .invariants import FIGURES, record_figure
+
 SESSION_TIMEOUT = 40
 ROUNDS = 10
 
@@ -35,5 +37,7 @@ def test_repeated_kills_each_restart_takes_over_before_the_session_timeout(
         kills += landed
         assert seconds is not None, f"round {round_}: no takeover before the session timeout"
         times.append(seconds)
+        record_figure(f"takeover_s.{role}", seconds)
     print(f"{role}: {kills} kills, takeover median {statistics.median(times):.1f} s, max {max(times):.1f} s")
     assert kills == ROUNDS + ROUNDS // 2
+    FIGURES.fault(f"takeover.{role}", count=ROUNDS, kills=kills)

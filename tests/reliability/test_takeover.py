@@ -18,6 +18,8 @@ from workers.config import Settings
 from workers.generator import produce_events
 from workers.processor_state import list_states
 
+from .invariants import FIGURES, record_figure
+
 #: long enough that a dynamic member could not take over before it expires (~45 s measured)
 SESSION_TIMEOUT = 40
 
@@ -52,6 +54,8 @@ def test_a_killed_worker_restarted_owns_its_partitions_again_before_its_session_
           f"(session timeout {SESSION_TIMEOUT} s)")
     assert kills == 1, "the kill did not land"
     assert seconds is not None, f"the restarted {role} did not get its partitions back before the session timeout"
+    FIGURES.fault(f"takeover.{role}", kills=kills, seconds=round(seconds, 2))
+    record_figure(f"takeover_s.{role}", seconds)
     instances = [instance for _client, instance in seen["members"]]
     assert len(instances) == 1 and instances[0].startswith(f"kappa-{role}-"), seen["members"]
     assert seen["working"], f"the restarted {role} did not process the new records"
