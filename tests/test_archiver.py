@@ -431,3 +431,123 @@ def list_raw(s3, settings: Settings) -> list[str]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=settings.s3_bucket, Prefix="raw/"):
         names += [o["Key"] for o in page.get("Contents", [])]
     return names
+
+
+# ---------------------------------------------------------------- offsets Kafka deleted before they were archived
+
+
+def archived_offsets(s3, settings: Settings) -> list[int]:
+    return sorted(archive_frame(s3, settings.s3_bucket, settings.events_topic)["offset"].unique().to_list())
+
+
+def delete_up_to(settings: Settings, offset: int) -> None:
+    """Move partition 0's log start to ``offset``, as retention would."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_config())
+    futures = admin.delete_records([TopicPartition(settings.events_topic, 0, offset)], request_timeout=30)
+    for future in futures.values():
+        assert future.result(timeout=30).low_watermark == offset
+
+
+def test_a_checkpoint_below_the_log_start_is_refused_unless_the_loss_is_accepted(settings: Settings, s3, archivers,
+                                                                                 unique) -> None:
+    """Down longer than retention: offsets 100..149 were deleted before they were archived."""
+    produce_events(settings, 100, seed=1, partitions=1)
+    group = unique("g")
+    assert run_archiver(settings, ArchiverOptions(group=group, until_end=True, session_timeout=6)).records == 100
+    produce_events(settings, 100, seed=2, partitions=1)
+    delete_up_to(settings, 150)
+    objects = list_raw(s3, settings)
+
+    refused = archivers("refused", "--until-end", "--group", group, *FAST_GROUP)
+    assert refused.wait() == 2
+    line = "Kafka deleted offsets 100..149 (50 records) before they were archived"
+    assert line in refused.text() and "--accept-data-loss" in refused.text() and "Traceback" not in refused.text()
+    assert list_raw(s3, settings) == objects
+
+    # a long-running archiver does not exit: it keeps the partition paused and says so in a metric
+    archiver = Archiver(settings, ArchiverOptions(group=group, session_timeout=6, log_interval=1))
+    worker = threading.Thread(target=archiver.run)
+    worker.start()
+    try:
+        wait_for(lambda: archiver.metrics.refused._value.get() == 1, 60, "the refused-partitions gauge")
+        time.sleep(2)
+        assert archiver.summary.consumed == 0 and list_raw(s3, settings) == objects
+    finally:
+        archiver.stop.set()
+        worker.join(60)
+
+    accepted = run_archiver(settings, ArchiverOptions(group=group, until_end=True, session_timeout=6,
+                                                      accept_data_loss=True))
+    assert (accepted.records, accepted.skipped_offsets) == (50, 50)
+    assert archived_offsets(s3, settings) == [*range(100), *range(150, 200)]
+
+
+def test_a_recreated_topic_is_refused_even_when_it_grew_past_the_checkpoint(settings: Settings, s3, archivers,
+                                                                            unique) -> None:
+    """Offsets restart at 0 in a recreated topic: archiving from the old checkpoint would skip 0..99."""
+    produce_events(settings, 100, seed=1, partitions=1)
+    group = unique("g")
+    run_archiver(settings, ArchiverOptions(group=group, until_end=True, session_timeout=6))
+    kafka_helpers.delete_topics(settings, [settings.events_topic])
+    produce_events(settings, 300, seed=2, partitions=1)
+    objects = list_raw(s3, settings)
+    run = archivers("recreated", "--until-end", "--group", group, "--accept-data-loss", *FAST_GROUP)
+    assert run.wait() == 2
+    assert "the topic was recreated" in run.text() and "Traceback" not in run.text()
+    assert list_raw(s3, settings) == objects
+
+
+# ---------------------------------------------------------------- timestamps without a calendar day
+
+
+def test_timestamps_without_a_day_are_quarantined_byte_exact(settings: Settings, s3, unique) -> None:
+    """Older brokers (or a topic with message.timestamp.after.max.ms raised) accept any timestamp."""
+    kafka_helpers.ensure_topic(settings, settings.events_topic, 1, {"message.timestamp.after.max.ms": str(2**63 - 1)})
+    year_10000 = 253_402_300_800_000
+    stamps = [1_790_000_000_000, year_10000, -5, 2**62, 2**63 - 1, -62_135_596_800_001, -3_153_600_000_000]
+    producer = Producer(settings.kafka_config())
+    for index, stamp in enumerate(stamps):
+        producer.produce(settings.events_topic, key=f"k{index}".encode(), value=b"\xff" + bytes([index]),
+                         timestamp=stamp, headers=[("i", str(index).encode())])
+    assert producer.flush(30) == 0
+    summary = run_archiver(settings, ArchiverOptions(group=unique("g"), until_end=True, session_timeout=6))
+    assert summary.records == len(stamps)
+    names = list_raw(s3, settings)
+    assert {name.split("/")[2] for name in names} == {"dt=2026-09-21", "dt=1969-12-31", "dt=1870-01-25"}
+    quarantine = [o["Key"] for o in s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix="quarantine/")["Contents"]]
+    assert quarantine == [f"quarantine/{settings.events_topic}/part=0/{1:020d}-{5:020d}.parquet"]
+    rows = pl.read_parquet(io.BytesIO(s3.get_object(Bucket=settings.s3_bucket, Key=quarantine[0])["Body"].read()))
+    assert dict(rows.schema) == ARCHIVE_SCHEMA
+    assert rows.select("offset", pl.col("timestamp").dt.epoch("ms"), "key", "value").rows() == [
+        (i, stamps[i], f"k{i}".encode(), b"\xff" + bytes([i])) for i in (1, 3, 4, 5)]
+    assert [h[0]["value"] for h in rows["headers"].to_list()] == [str(i).encode() for i in (1, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("accept", [False, True], ids=["refused", "accepted"])
+def test_retention_overtaking_a_running_archiver_is_refused_or_skipped_loudly(settings: Settings, s3, archivers,
+                                                                              unique, accept: bool) -> None:
+    """The archiver is frozen (SIGSTOP) while records arrive and Kafka deletes them: when it thaws,
+    its fetch position is gone. librdkafka must not jump to the log start silently."""
+    produce_events(settings, 50, seed=1, partitions=1)
+    args = ["--group", unique("g"), "--flush-seconds", "0.5", *FAST_GROUP, "--session-timeout", "30"]
+    run = archivers("frozen", *args, *(["--accept-data-loss"] if accept else []))
+    wait_for(lambda: "records=50 " in run.text(), 60, "the first 50 records archived")
+    run.proc.send_signal(signal.SIGSTOP)
+    try:
+        produce_events(settings, 100, seed=2, partitions=1)
+        delete_up_to(settings, 120)
+    finally:
+        run.proc.send_signal(signal.SIGCONT)
+    if accept:
+        wait_for(lambda: "SKIPPED" in run.text(), 60, "the skip to be logged")
+        assert "offsets 50..119 (70 records deleted by Kafka before they were archived" in run.text()
+        wait_for(lambda: "records=80 " in run.text(), 60, "offsets 120..149 archived")
+        assert archived_offsets(s3, settings) == [*range(50), *range(120, 150)]
+    else:
+        wait_for(lambda: "refusing to archive" in run.text(), 60, "the refusal")
+        assert "Kafka deleted offsets 50..119 (70 records)" in run.text()
+        time.sleep(2)
+        assert archived_offsets(s3, settings) == list(range(50))
+    assert run.stop() == 0, run.text()

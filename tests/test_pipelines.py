@@ -275,3 +275,29 @@ def test_late_records_are_counted_and_never_mixed_in() -> None:
         assert report["events"].to_list() == [1, 1, 1]
         assert report["window_start"].dt.epoch("ms").to_list() == [BASE_MS + s * 1000 for s in (0, 120, 180)]
         assert sum(c["late"] for c in state.stats.values()) == 2
+
+
+@pytest.mark.parametrize("window_ms", [7 * 60_000, 0, -60_000, 86_400_000 * 2, 90_000.0])
+def test_a_window_that_does_not_divide_a_day_fails_fast_with_one_line(window_ms: object) -> None:
+    """A 7-minute window straddles midnight: its records would belong to two day reports."""
+    from workers.pipelines import register
+    from workers.pipelines.orders import OrdersV2
+
+    odd = type("OddWindow", (OrdersV2,), {"name": "odd_window", "version": 1, "window_ms": window_ms})
+    with pytest.raises(KappaError, match="does not divide a day") as error:
+        register(odd)
+    assert "\n" not in str(error.value)
+    assert ("odd_window", 1) not in known()
+
+
+@pytest.mark.parametrize("window_ms", [1000, 60_000, 300_000, 3_600_000, 86_400_000])
+def test_windows_that_tile_a_day_are_accepted(window_ms: int) -> None:
+    from workers.pipelines import _REGISTRY, register
+    from workers.pipelines.orders import OrdersV2
+
+    fine = type("FineWindow", (OrdersV2,), {"name": "fine_window", "version": window_ms, "window_ms": window_ms})
+    try:
+        assert register(fine) is fine
+        assert get_pipeline("fine_window", window_ms).window_ms == window_ms
+    finally:
+        _REGISTRY.pop(("fine_window", window_ms), None)

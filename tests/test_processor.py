@@ -3,6 +3,7 @@ crash safety (SIGKILL), rebalance, live results and late records, CLI errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -334,3 +335,109 @@ def test_unknown_pipeline_or_version_is_one_line_and_non_zero(settings: Settings
     assert run.returncode != 0
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "orders v1, orders v2" in lines[0], run.stderr
+
+
+# -------------------------------------------------------------------- worker bugs (issue 16)
+
+
+def orders_value(event_id: str, amount: int = 1) -> bytes:
+    return json.dumps({"event_id": event_id, "user_id": "u1", "type": "purchase", "amount": amount}).encode()
+
+
+def test_a_malformed_record_stamped_ahead_does_not_move_the_watermark(settings: Settings, s3, events_topic) -> None:
+    """A bad record 50 minutes ahead (the broker accepts up to 1 h) must not make the next 49 minutes late."""
+    minute = 60_000
+    records: list[Record] = [(b"k", orders_value(f"a{i}"), BASE_MS + i * minute, []) for i in range(5)]
+    records.append((b"k", b"{not json", BASE_MS + 55 * minute, []))
+    records += [(b"k", orders_value(f"b{i}"), BASE_MS + (5 + i) * minute, []) for i in range(30)]
+    topic = events_topic(records, 1)
+    summary = bounded(settings, 2, topic, "g-watermark", grace_ms=minute, batch_size=7)
+    assert (summary.dlq_records, summary.late_records) == (1, 0)
+    report, stats = read_report(s3, settings, 2)
+    assert stats["counted"] == 35 and report["events"].sum() == 35
+
+
+def test_a_partition_added_while_live_is_read_from_its_first_record(settings: Settings, s3: Any) -> None:
+    """--start latest is for the group's first start; a partition added later is new from offset 0."""
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    kafka_helpers.ensure_topic(settings, settings.events_topic, 1)
+    before = [(b"k", orders_value(f"old{i}"), BASE_MS, []) for i in range(5)]
+    produce(settings, settings.events_topic, before)  # history before the group's first start: skipped
+    fast_metadata = dataclasses.replace(
+        settings, kafka_extra={**settings.kafka_extra, "topic.metadata.refresh.interval.ms": "5000"}
+    )
+    stop, result = threading.Event(), []
+
+    def counted() -> int:
+        return sum(s["stats"].get(DAY, {}).get("counted", 0) for s in live_states(s3, settings).values())
+
+    def target() -> None:
+        result.append(run_processor(fast_metadata, "orders", 2, start="latest", checkpoint_seconds=0.3, stop=stop))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: 0 in live_states(s3, settings))  # partition 0 checkpointed at its end
+        produce(settings, settings.events_topic, [(b"k", orders_value(f"p0-{i}"), BASE_MS, []) for i in range(10)])
+        wait_for(lambda: counted() == 10)
+        admin = AdminClient(settings.kafka_config())
+        admin.create_partitions([NewPartitions(settings.events_topic, 2)])[settings.events_topic].result(30)
+        producer = Producer(settings.kafka_config())
+        for i in range(20):  # written before the processor is assigned the new partition
+            producer.produce(settings.events_topic, value=orders_value(f"p1-{i}"), partition=1, timestamp=BASE_MS)
+        assert producer.flush(30) == 0
+        assert 1 not in live_states(s3, settings), "the processor was assigned the new partition too early"
+        wait_for(lambda: counted() == 30)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert live_states(s3, settings)[1]["next_offset"] == 20
+
+
+def test_a_crash_never_checkpoints_half_applied_state(
+    settings: Settings, s3: Any, events_topic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DLQ send fails after a batch was applied: close() must not commit that batch (its DLQ
+    records were never sent), so a restart redoes it and every malformed record reaches the DLQ."""
+    from workers import processor as processor_module
+
+    records = make_records(600, seed=9, malformed=0.2)
+    topic = events_topic(records, 1)
+    real_send, calls = processor_module.Processor.send_to_dlq, []
+
+    def failing_send(self: Any, rejects: pl.DataFrame, messages: list) -> None:
+        calls.append(rejects.height)
+        if len(calls) == 3:
+            raise RuntimeError("injected DLQ failure after the batch was applied")
+        real_send(self, rejects, messages)
+
+    monkeypatch.setattr(processor_module.Processor, "send_to_dlq", failing_send)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_processor(settings, "orders", 2, topic=topic, group="g-halfway", bounded=True, start="earliest",
+                      batch_size=50, checkpoint_seconds=0.05)
+    assert len(calls) == 3
+    monkeypatch.setattr(processor_module.Processor, "send_to_dlq", real_send)
+    bounded(settings, 2, topic, "g-halfway", batch_size=50)
+    raw = archive_of(settings, topic)
+    bad = raw.filter(pl.col("value").is_in(list(MALFORMED.values())) | pl.col("value").is_null())
+    dlq = {(int(dict(m.headers())["kappa.dlq.partition"]), int(dict(m.headers())["kappa.dlq.offset"]))
+           for m in consume_all(settings, settings.dlq_topic)}
+    assert dlq == set(zip(bad["partition"].to_list(), bad["offset"].to_list(), strict=True))
+    _report, stats = read_report(s3, settings, 2)
+    assert stats == get_pipeline("orders", 2).batch_report(raw)[1]
+
+
+def test_timestamps_past_year_9999_go_to_the_dlq_with_a_reason(settings: Settings, s3: Any, unique) -> None:
+    """Older brokers (or a lenient topic) accept them; they have no day to be reported under."""
+    topic = unique("events")
+    kafka_helpers.ensure_topic(settings, topic, 1, {"message.timestamp.after.max.ms": str(2**63 - 1)})
+    records: list[Record] = [(b"k", orders_value(f"e{i}"), BASE_MS + i, []) for i in range(5)]
+    records += [(b"k", orders_value("far"), 253_402_300_800_000, []), (b"k", orders_value("max"), 2**63 - 1, [])]
+    produce(settings, topic, records)
+    summary = bounded(settings, 2, topic, "g-far", grace_ms=60_000)
+    assert (summary.records, summary.dlq_records) == (7, 2)
+    reasons = [dict(m.headers())["kappa.dlq.reason"] for m in consume_all(settings, settings.dlq_topic)]
+    assert reasons == [b"timestamp after 9999-12-31 (no calendar day)"] * 2
+    report, stats = read_report(s3, settings, 2)
+    assert stats["counted"] == 5 and report["events"].sum() == 5

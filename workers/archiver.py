@@ -19,6 +19,11 @@ Fencing: a checkpoint PUT is conditional on the ETag of the checkpoint this memb
 assignment (or last wrote), see :class:`ArchiveStore`. A zombie (paused past its session, or cut
 off from Kafka only) can never move a partition's resume point; a fenced flush logs one line, drops
 the buffer and, if the partition is still assigned here, re-reads the checkpoint and seeks to it.
+
+Never silently skipped either: offsets Kafka deleted before they were archived (checkpoint below the
+log start, or retention overtaking a running archiver) are refused unless ``--accept-data-loss``,
+and a checkpoint of a recreated topic (other topic id) is refused. Records whose timestamp has no
+``YYYY-MM-DD`` day go byte-exact to ``quarantine/<topic>/part=<p>/...`` (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from workers import archive_format, keys
+from workers import archive_format, keys, membership
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
@@ -77,6 +82,11 @@ class ArchiverOptions:
     max_backoff: float = 30.0
     revoke_timeout: float = 30.0
     shutdown_timeout: float = 60.0
+    #: static membership (``None``: ``KAPPA_INSTANCE_ID`` or the per-host default) and group protocol
+    instance_id: str | None = None
+    group_protocol: str | None = None
+    #: skip offsets Kafka deleted before they were archived (logged and counted) instead of refusing
+    accept_data_loss: bool = False
 
     def validate(self) -> ArchiverOptions:
         positive = {
@@ -97,6 +107,7 @@ class ArchiverOptions:
             raise KappaError(f"--metrics-port {self.metrics_port} is not a TCP port")
         if not self.group.strip():
             raise KappaError("--group must not be empty")
+        membership.validate(self.instance_id, self.group_protocol)
         return self
 
 
@@ -114,19 +125,32 @@ def parse_size(text: str) -> int:
 # ---------------------------------------------------------------- pure layout (DESIGN §2)
 
 
+def has_day() -> pl.Expr:
+    """True for rows whose timestamp has a ``YYYY-MM-DD`` day (see :data:`workers.keys.MAX_DAY_MS`)."""
+    return pl.col("timestamp").dt.epoch("ms").is_between(keys.MIN_DAY_MS, keys.MAX_DAY_MS)
+
+
 def split_by_day(frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
-    """``[(day, rows of that UTC day in offset order)]``: a late record goes to the day it belongs to."""
-    with_day = archive_format.with_day(frame)
+    """``[(day, rows of that UTC day in offset order)]``: a late record goes to the day it belongs to.
+    Rows without a calendar day are left out (see :func:`archive_objects`)."""
+    with_day = archive_format.with_day(frame.filter(has_day()))
     parts = with_day.partition_by("dt", as_dict=True, maintain_order=True)
     return sorted((str(day), rows.drop("dt")) for (day,), rows in parts.items())
 
 
 def archive_objects(topic: str, partition: int, frame: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
-    """The ``(object key, rows)`` a flush of one partition's buffer writes."""
+    """The ``(object key, rows)`` a flush of one partition's buffer writes: one per day, plus one
+    quarantine object for timestamps past 9999-12-31 or before 0001-01-01 (no day to file them under)."""
     objects = []
     for day, rows in split_by_day(frame):
         first, last = rows["offset"].min(), rows["offset"].max()
         objects.append((keys.raw_file(topic, day, partition, int(first), int(last)), rows))  # type: ignore[arg-type]
+    stray = frame.filter(~has_day())
+    if stray.height:
+        first, last = stray["offset"].min(), stray["offset"].max()
+        objects.append((keys.quarantine_file(topic, partition, int(first), int(last)), stray))  # type: ignore[arg-type]
+        log.warning("%d records of %s[%d] have a timestamp outside 0001-01-01..9999-12-31: archived under %s",
+                    stray.height, topic, partition, objects[-1][0])
     return objects
 
 
@@ -149,15 +173,18 @@ class ArchiveStore:
     def __init__(self, client: Any, bucket: str, topic: str) -> None:
         self.client, self.bucket, self.topic = client, bucket, topic
         self.etags: dict[int, str | None] = {}
+        self.topic_id: str | None = None  # the Kafka topic id, recorded in checkpoints
 
     def read_checkpoint(self, partition: int) -> int | None:
-        """The next offset to archive, or None if this partition was never archived here.
+        """The next offset to archive, or None if this partition was never archived here."""
+        doc = self.read_checkpoint_doc(partition)
+        return None if doc is None else int(doc["next_offset"])
 
-        Also makes this checkpoint the one the next :meth:`write_checkpoint` must replace.
-        """
+    def read_checkpoint_doc(self, partition: int) -> dict[str, Any] | None:
+        """The checkpoint document; also makes it the one the next :meth:`write_checkpoint` must replace."""
         stored = s3_helpers.get_stored(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition))
         self.etags[partition] = None if stored is None else stored.etag
-        return None if stored is None else int(json.loads(stored.body)["next_offset"])
+        return None if stored is None else json.loads(stored.body)
 
     def forget(self, partition: int) -> None:
         """This member no longer owns ``partition``: a write needs a fresh :meth:`read_checkpoint`."""
@@ -188,6 +215,7 @@ class ArchiveStore:
         body = {
             "topic": self.topic,
             "partition": partition,
+            "topic_id": self.topic_id,
             "next_offset": next_offset,
             "group": group,
             "writer": f"{socket.gethostname()}:{os.getpid()}",
@@ -215,6 +243,7 @@ class PartitionState:
     bytes: int = 0
     oldest: float | None = None  # monotonic time the oldest buffered record arrived
     paused: bool = False
+    refused: bool = False  # Kafka deleted offsets we never archived: not consumed until an operator decides
     backoff: float = 0.0
     retry_at: float = 0.0
 
@@ -266,6 +295,7 @@ class ArchiverSummary:
     checkpoints: int = 0
     s3_errors: int = 0
     fences: int = 0
+    skipped_offsets: int = 0
     seconds: float = 0.0
 
 
@@ -287,6 +317,12 @@ class ArchiverMetrics:
         self.lag = Gauge("kappa_archiver_lag", "Records not yet archived", ["partition"], registry=registry)
         self.buffered = Gauge("kappa_archiver_buffered_records", "Records in memory", registry=registry)
         self.paused = Gauge("kappa_archiver_paused_partitions", "Partitions paused by S3 errors", registry=registry)
+        self.refused = Gauge("kappa_archiver_refused_partitions",
+                             "Partitions not archived: Kafka deleted offsets never archived (see --accept-data-loss)",
+                             registry=registry)
+        self.skipped = Counter("kappa_archiver_skipped_offsets",
+                               "Offsets deleted from Kafka before they were archived, skipped with --accept-data-loss",
+                               registry=registry)
 
     def serve(self, port: int) -> None:
         """Serve ``/metrics`` on ``port`` until :meth:`close` (a clear error if the port is taken)."""
@@ -320,6 +356,7 @@ class Archiver:
         self.ends: dict[int, int] = {}
         self.summary, self.metrics = ArchiverSummary(), ArchiverMetrics()
         self.assigned_once = self.closing = False
+        self.membership = membership.Membership()
         self.consumer: Consumer | None = None
         self.last_activity = self.last_report = time.monotonic()
 
@@ -329,6 +366,10 @@ class Archiver:
         """Consume, flush, checkpoint, commit until stopped; then drain everything and leave the group."""
         started = time.monotonic()
         self._prepare()
+        self.membership = membership.resolve("archiver", self.options.group, self.options.instance_id,
+                                             self.options.group_protocol)
+        log.info("joining group %s as %s (protocol %s)", self.options.group,
+                 self.membership.instance_id or "a dynamic member", self.membership.protocol)
         self.consumer = consumer = Consumer(self._consumer_config())
         self.last_activity = time.monotonic()
         try:
@@ -342,6 +383,7 @@ class Archiver:
         finally:
             self.closing = True
             consumer.close()
+            self.membership.release()
             self.metrics.close()
             self.summary.seconds = time.monotonic() - started
             self._report(time.monotonic(), force=True)
@@ -350,6 +392,7 @@ class Archiver:
     def _prepare(self) -> None:
         """Fail fast on a missing topic or an unusable bucket; read end offsets for --until-end."""
         kafka_helpers.partition_count(self.settings, self.topic)
+        self.store.topic_id = kafka_helpers.topic_id(self.settings, self.topic)
         try:
             s3_helpers.ensure_bucket(self.store.client, self.store.bucket)
         except S3_ERRORS as exc:
@@ -360,18 +403,15 @@ class Archiver:
             log.info("until-end: end offsets %s", self.ends)
 
     def _consumer_config(self) -> dict[str, object]:
-        session_ms = int(self.options.session_timeout * 1000)
-        return self.settings.kafka_config(**{
+        # "error": a position Kafka deleted meanwhile (retention) must not silently jump to the log start
+        return membership.consumer_config(self.settings, self.membership, group=self.options.group,
+                                          session_timeout_ms=int(self.options.session_timeout * 1000), **{
             **kafka_helpers.BULK_CONSUMER_TUNING,
-            "group.id": self.options.group,
             "client.id": f"kappa-archiver-{socket.gethostname()}-{os.getpid()}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
+            "auto.offset.reset": "error",
             "enable.partition.eof": True,
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": session_ms,
-            "heartbeat.interval.ms": max(1000, session_ms // 6),
             "queued.max.messages.kbytes": 32768,
         })
 
@@ -446,7 +486,9 @@ class Archiver:
                 state = self.parts.get(message.partition())
                 if state is not None:
                     state.eof = message.offset()
-            elif error.fatal():
+            elif error.code() == KafkaError._AUTO_OFFSET_RESET and message.partition() in self.parts:
+                self._position_deleted(message.partition())
+            elif error.fatal() or error.code() == KafkaError._FATAL:  # e.g. our instance id is still in use
                 raise KafkaException(error)
             else:
                 log.warning("consumer error (librdkafka retries): %s", error)
@@ -578,30 +620,90 @@ class Archiver:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Seek every new partition to its S3 checkpoint (the durable resume point)."""
         for tp in partitions:
-            start = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint(p), "read checkpoint")
+            doc = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint_doc(p), "read checkpoint")
+            start = None if doc is None else int(doc["next_offset"])
+            state = self.parts[tp.partition] = PartitionState(durable=start, position=start)
             if start is not None:
-                self._check_not_beyond_end(consumer, tp, start)
+                self._check_same_topic(tp.partition, doc)  # type: ignore[arg-type]
+                low = self._check_not_beyond_end(consumer, tp, start)
+                if low is not None and start < low:
+                    start = self._skip_or_refuse(tp.partition, state, start, low)
             tp.offset = OFFSET_BEGINNING if start is None else start
-            self.parts[tp.partition] = PartitionState(durable=start, position=start)
             self.refetch.discard(tp.partition)
         consumer.incremental_assign(partitions)
-        consumer.resume(partitions)
+        refused = [tp for tp in partitions if self.parts[tp.partition].refused]
+        consumer.resume([tp for tp in partitions if tp not in refused])
+        if refused:
+            consumer.pause(refused)
+        self._count_refused()
         self.assigned_once = True
         log.info("assigned %s", {tp.partition: self.parts[tp.partition].durable for tp in partitions} or "nothing")
 
-    def _check_not_beyond_end(self, consumer: Consumer, tp: TopicPartition, start: int) -> None:
+    def _check_same_topic(self, partition: int, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another topic id means the topic was deleted and recreated: its offsets restart
+        at 0, so archiving from the checkpoint would skip them and collide with archived offsets."""
+        recorded = checkpoint.get("topic_id")
+        if recorded and self.store.topic_id and recorded != self.store.topic_id:
+            raise ArchiverError(
+                f"the S3 checkpoint of {self.topic}[{partition}] belongs to topic id {recorded}, but {self.topic} is "
+                f"now topic id {self.store.topic_id}: the topic was recreated. Archive it under a new topic name or "
+                f"move raw/{self.topic}/ and _state/archiver/{self.topic}/ aside"
+            )
+
+    def _skip_or_refuse(self, partition: int, state: PartitionState, start: int, low: int) -> int:
+        """Offsets start..low-1 were deleted by Kafka before we archived them: refuse, or skip if accepted."""
+        if not self.options.accept_data_loss:
+            state.refused = True
+            message = (f"refusing to archive {self.topic}[{partition}]: Kafka deleted offsets {start}..{low - 1} "
+                       f"({low - start} records) before they were archived (retention shorter than the outage?); "
+                       "restart with --accept-data-loss to skip them")
+            if self.options.until_end:
+                raise ArchiverError(message)
+            log.error(message)
+            return start
+        self.summary.skipped_offsets += low - start
+        self.metrics.skipped.inc(low - start)
+        log.warning("SKIPPED %s[%d] offsets %d..%d (%d records deleted by Kafka before they were archived; "
+                    "--accept-data-loss)", self.topic, partition, start, low - 1, low - start)
+        state.position = low
+        return low
+
+    def _position_deleted(self, partition: int) -> None:
+        """Kafka deleted our fetch position while we ran (retention overtook us): refuse or skip as on assign."""
+        assert self.consumer is not None
+        state = self.parts[partition]
+        tp = TopicPartition(self.topic, partition)
+        low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+        position = state.position if state.position is not None else (state.durable or 0)
+        if position >= low:
+            raise ArchiverError(f"offset {position} of {self.topic}[{partition}] is out of range ({low}..{high}): "
+                                "was the topic recreated or truncated?")
+        start = self._skip_or_refuse(partition, state, position, low)
+        if state.refused:
+            self.consumer.pause([tp])
+            self._count_refused()
+        else:  # seek() refuses a partition in this error state ("Erroneous state"): assign it afresh
+            self.consumer.incremental_unassign([tp])
+            self.consumer.incremental_assign([TopicPartition(self.topic, partition, start)])
+
+    def _count_refused(self) -> None:
+        self.metrics.refused.set(sum(state.refused for state in self.parts.values()))
+
+    def _check_not_beyond_end(self, consumer: Consumer, tp: TopicPartition, start: int) -> int | None:
         """A checkpoint past the log end means the topic was recreated (or lost data): offsets would
-        collide with archived ones and readers would drop new records as duplicates, so refuse."""
+        collide with archived ones and readers would drop new records as duplicates, so refuse.
+        Returns the log start offset (None if the broker cannot tell now)."""
         try:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=10)
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=10)
         except KafkaException:
-            return  # cannot tell now; librdkafka reports a real out-of-range later
+            return None  # cannot tell now; librdkafka reports a real out-of-range later
         if start > high:
             raise ArchiverError(
                 f"the S3 checkpoint of {self.topic}[{tp.partition}] is at offset {start} but the partition ends at "
                 f"{high}: was the topic recreated? Archive it under a new topic name or move raw/{self.topic}/ and "
                 f"{keys.archiver_checkpoint(self.topic, tp.partition)} aside"
             )
+        return low
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Flush, checkpoint and commit what we hold before another member takes over."""
@@ -616,6 +718,7 @@ class Archiver:
         for tp in partitions:
             self.store.forget(tp.partition)
             self.refetch.discard(tp.partition)
+        self._count_refused()
         log.info("revoked %s", owned)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -625,6 +728,7 @@ class Archiver:
         for tp in partitions:
             self.store.forget(tp.partition)
             self.refetch.discard(tp.partition)
+        self._count_refused()
         log.warning("partitions lost (not written, re-read by their new owner): %s", dropped)
 
     def _retry_s3(self, call: Callable[[], T], what: str) -> T:

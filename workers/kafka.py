@@ -6,7 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from workers.config import Settings
@@ -99,6 +99,13 @@ def partition_count(settings: Settings, topic: str, timeout: float = 30.0) -> in
     if info is None or info.error is not None:
         raise UnreachableError(f"topic {topic!r} does not exist on {settings.bootstrap_servers}")
     return len(info.partitions)
+
+
+def topic_id(settings: Settings, topic: str, timeout: float = 30.0) -> str:
+    """The topic's id (a UUID the broker gives each topic at creation): tells a recreated topic apart."""
+    admin = admin_client(settings)  # kept referenced until the answer arrives
+    future = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic]
+    return str(future.result(timeout=timeout).topic_id)
 
 
 def end_offsets(settings: Settings, topic: str, timeout: float = 30.0) -> dict[int, int]:

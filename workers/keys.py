@@ -88,6 +88,23 @@ def parse_raw_file(key: str) -> dict[str, str | int] | None:
     }
 
 
+#: Kafka timestamps (epoch ms) that have a ``YYYY-MM-DD`` UTC day: 0001-01-01 .. 9999-12-31. Brokers
+#: accept any 64-bit timestamp (older ones, or a topic with ``message.timestamp.after.max.ms`` raised),
+#: so records outside this range have no ``dt=`` prefix: the archiver quarantines them, the
+#: processor dead-letters them.
+MIN_DAY_MS = -62_135_596_800_000
+MAX_DAY_MS = 253_402_300_799_999
+
+
+def quarantine_file(topic: str, partition: int, first_offset: int, last_offset: int) -> str:
+    """Records whose timestamp has no calendar day, byte-exact, same Parquet schema as ``raw/``:
+    ``quarantine/<topic>/part=<p>/<first:020d>-<last:020d>.parquet`` (outside ``raw/``, whose
+    readers expect ``dt=`` prefixes)."""
+    if partition < 0 or first_offset < 0 or last_offset < first_offset:
+        raise KappaError(f"bad offset range {first_offset}-{last_offset} for partition {partition}")
+    return f"quarantine/{valid_topic(topic)}/part={partition}/{first_offset:020d}-{last_offset:020d}.parquet"
+
+
 def archiver_checkpoint(topic: str, partition: int) -> str:
     """The archiver's durable resume point for one partition."""
     return f"_state/archiver/{valid_topic(topic)}/part={int(partition)}.json"

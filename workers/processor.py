@@ -3,11 +3,13 @@
 Same code path for both modes; only topic, consumer group and start/stop differ:
 
 * **live**: group ``kappa.<P>.v<V>.live`` on ``settings.events_topic``; starts at the S3 checkpoint,
-  else ``start_offsets``, else the committed Kafka offset, else ``start``. Explicit start offsets
-  (``--start-offsets``, or ``--handoff``: the promoted switch) beat a checkpoint made from other ones:
-  it is removed at start (``handoff.claim_live_prefix``); a restart with the same offsets resumes.
-  With ``--handoff`` the records a promoted corrected report already counts are skipped.
-  Windows close when the per-partition watermark (max Kafka timestamp seen - ``grace_ms``) passes
+  else ``start_offsets``; else, in the first assignment of a group with no S3 checkpoint at all,
+  ``start``; else the committed Kafka offset, else the earliest offset (a partition added to the topic
+  later: nothing in it is skipped). Explicit start offsets (``--start-offsets``, or ``--handoff``: the
+  promoted switch) beat a checkpoint made from other ones: it is removed at start
+  (``handoff.claim_live_prefix``); a restart with the same offsets resumes. With ``--handoff`` the
+  records a promoted corrected report already counts are skipped.
+  Windows close when the per-partition watermark (max timestamp of the valid records seen - ``grace_ms``) passes
   their end; records for an already-closed window are counted as ``late`` and never mixed in.
   Results: ``live/<P>/v<V>/dt=<D>/part=<p>/...`` read by :func:`read_live_results`.
 * **bounded** (replay): consumes ``topic`` from offset 0 until the end offsets recorded at the first
@@ -22,7 +24,8 @@ Same code path for both modes; only topic, consumer group and start/stop differ:
 Per micro-batch (``consume(num_messages=N)``): one Python pass pulls partition/offset/timestamp/value
 out of the messages, the pipeline parses the whole batch at once, and everything else is polars:
 late and duplicate marking, aggregation into open-window partials, per-day outcome counters.
-Malformed records go to the DLQ topic with their original key/value/headers/timestamp plus
+Malformed records go to the DLQ topic with their original key/value/headers/timestamp (a timestamp
+the DLQ topic refuses, e.g. past 9999, becomes the broker's time plus ``kappa.dlq.timestamp``) plus
 ``kappa.dlq.reason``, ``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``,
 ``kappa.dlq.pipeline``.
 
@@ -31,11 +34,13 @@ producer flushed first, then outputs, then one state JSON PUT (the commit point)
 offset commit. After a crash the partition resumes at the S3 offset with the S3 state, so nothing is
 lost or counted twice. A crash between the DLQ flush and the state PUT re-sends those DLQ records
 on restart: consumers dedupe on (``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``).
-On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol). The
-state JSON PUT is conditional on the ETag we loaded (``workers.s3.put_if``): a zombie (paused past
-its session, or cut off from Kafka only) that lost its partitions cannot overwrite the new owner's
-commit. A fenced commit logs one line, drops the partition's in-memory state and, if the partition is
-still assigned here, reloads it from S3 and seeks to its offset; ``on_lost`` drops state unwritten.
+On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol, or
+KIP-848's incremental one), except after a crash: state that may be half applied is never
+checkpointed, the last checkpoint stands. The state JSON PUT is conditional on the ETag we loaded
+(``workers.s3.put_if``): a zombie (paused past its session, or cut off from Kafka only) that lost its
+partitions cannot overwrite the new owner's commit. A fenced commit logs one line, drops the
+partition's in-memory state and, if the partition is still assigned here, reloads it from S3 and
+seeks to its offset; ``on_lost`` drops state unwritten.
 """
 
 from __future__ import annotations
@@ -54,17 +59,24 @@ from typing import Any, Literal
 
 import polars as pl
 from botocore.exceptions import BotoCoreError, ClientError
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
 from workers import handoff as handoff_lib
 from workers import kafka as kafka_helpers
-from workers import keys
+from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.perf import gc_paused
 from workers.pipelines import get_pipeline
-from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline, reject_missing_timestamp
+from workers.pipelines.base import (
+    MAX_TIMESTAMP_MS,
+    MIN_TIMESTAMP_MS,
+    REJECT,
+    WINDOW_MS,
+    Pipeline,
+    reject_missing_timestamp,
+)
 from workers.processor_progress import NoProgress, Progress
 from workers.processor_state import (
     PartitionState,
@@ -89,8 +101,13 @@ S3_GIVE_UP_S = 120.0
 #: bad records); a copy the DLQ broker still refuses is re-sent without its value (see ``delivered``)
 DLQ_PRODUCER_CONFIG = {"enable.idempotence": True, "linger.ms": 20, "message.max.bytes": 64 * 1024 * 1024}
 TRUNCATED_HEADER = "kappa.dlq.truncated"
+#: the record's own timestamp when the DLQ copy had to take the broker's time instead
+ORIGINAL_TIMESTAMP_HEADER = "kappa.dlq.timestamp"
 DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
+#: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
+#: gets its partitions back at once, a dead one's move to the others after it
+DEFAULT_SESSION_TIMEOUT_S = 10.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
@@ -170,7 +187,10 @@ def classify(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
     pipeline = state.pipeline
     frame = pipeline.with_window(frame)
     floor = NEVER if state.max_ts is None else state.max_ts
-    previous_max = pl.max_horizontal(pl.col("timestamp_ms").cum_max().shift(1, fill_value=floor), pl.lit(floor))
+    # only valid records move the watermark: a malformed record stamped an hour ahead must not make
+    # the next hour of good records late
+    valid_ts = pl.when(pl.col(REJECT).is_null()).then(pl.col("timestamp_ms")).otherwise(pl.lit(floor))
+    previous_max = pl.max_horizontal(valid_ts.cum_max().shift(1, fill_value=floor), pl.lit(floor))
     late = (
         pl.lit(False)
         if state.grace_ms is None
@@ -208,13 +228,20 @@ def apply(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
         if pipeline.dedup_by:
             seen = counted.select(WINDOW_MS, *pipeline.dedup_by).cast(state.seen.schema)  # type: ignore[arg-type]
             state.seen = pl.concat([state.seen, seen])
-    state.add_stats(frame.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome"))
-    batch_max = frame["timestamp_ms"].max()
-    state.max_ts = batch_max if state.max_ts is None else max(state.max_ts, batch_max)  # type: ignore[type-var]
+    state.add_stats(day_counts(frame))
+    batch_max = frame.filter(pl.col("outcome") != "dlq")["timestamp_ms"].max()
+    if batch_max is not None:
+        state.max_ts = batch_max if state.max_ts is None else max(state.max_ts, batch_max)  # type: ignore[type-var,assignment]
     state.next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
     state.dirty = True
     state.close_windows(state.watermark())
     return frame
+
+
+def day_counts(frame: pl.DataFrame) -> pl.DataFrame:
+    """Outcomes per UTC day; a record whose timestamp has no calendar day (DLQ'd) belongs to no day."""
+    in_range = frame.filter(pl.col("timestamp_ms").is_between(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS))
+    return in_range.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome")
 
 
 class Processor:
@@ -238,6 +265,9 @@ class Processor:
         progress: Progress,
         stop: threading.Event,
         switch: handoff_lib.Switch | None = None,
+        instance_id: str | None = None,
+        group_protocol: str | None = None,
+        session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
     ) -> None:
         self.settings, self.pipeline = settings, pipeline
         self.topic, self.group, self.bounded, self.start = topic, group, bounded, start
@@ -248,6 +278,7 @@ class Processor:
         self.requested_end = dict(end_offsets) if end_offsets is not None else None
         self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
         self.dlq_topic, self.progress, self.stop = dlq_topic, progress, stop
+        self.instance_id, self.group_protocol, self.session_timeout = instance_id, group_protocol, session_timeout
         self.client = s3_client(settings)
         self.prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if bounded else None)
         self.store = StateStore(self.client, settings.s3_bucket, self.prefix, writer=uuid.uuid4().hex[:10])
@@ -262,6 +293,12 @@ class Processor:
         self.lag: int | None = None
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self.membership = membership.Membership()
+        #: set when the run dies of an unexpected error: state in memory may be half applied, so the
+        #: revoke that ``close()`` triggers must not checkpoint it (the last checkpoint stands)
+        self.crashed = False
+        #: live, before the first assignment: was there no checkpoint at all (see :meth:`unknown_start`)
+        self.fresh_group: bool | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -278,15 +315,22 @@ class Processor:
         ):
             log.warning("explicit start offsets win: removed the older checkpoint under %s", self.prefix)
         self.producer = Producer(self.settings.kafka_config(**DLQ_PRODUCER_CONFIG))
+        self.membership = membership.resolve("processor", self.group, self.instance_id, self.group_protocol)
+        log.info("joining group %s as %s (protocol %s)", self.group,
+                 self.membership.instance_id or "a dynamic member", self.membership.protocol)
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
         self.last_checkpoint = time.monotonic()
         try:
             self.loop()
             self.retry_s3(self.checkpoint, "final checkpoint")
+        except BaseException:
+            self.crashed = True
+            raise
         finally:
             with contextlib.suppress(Exception):
                 self.consumer.close()
+            self.membership.release()
             self.progress.update(self.summary.records, self.lag, self.summary.late_records, force=True)
             self.progress.close()
         if self.summary.complete:
@@ -295,19 +339,23 @@ class Processor:
         return self.summary
 
     def consumer_config(self) -> dict[str, object]:
-        return self.settings.kafka_config(
+        # auto.offset.reset "earliest": a partition without any start position is a new partition
+        # (``--start latest`` is applied explicitly, see unknown_start), never skipped
+        return membership.consumer_config(
+            self.settings,
+            self.membership,
+            group=self.group,
+            session_timeout_ms=int(self.session_timeout * 1000),
+            # eager: a rolling upgrade must not mix protocols in one group (INCONSISTENT_GROUP_PROTOCOL)
+            assignment_strategy="range",
             **{
                 **kafka_helpers.BULK_CONSUMER_TUNING,
-                "group.id": self.group,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "auto.offset.reset": self.start,
+                "auto.offset.reset": "earliest",
                 "enable.partition.eof": True,
                 "isolation.level": "read_committed",
-                "partition.assignment.strategy": "range",
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 1_000,
-            }
+            },
         )
 
     def loop(self) -> None:
@@ -383,19 +431,42 @@ class Processor:
             self.states[tp.partition] = state
             self.refetch.discard(tp.partition)
             tp.offset = self.start_offset(state)
-        consumer.assign(partitions)
+            if tp.offset == OFFSET_STORED:
+                tp.offset = self.unknown_start()
+        self.fresh_group = False  # partitions assigned from now on are new ones: earliest
+        log.info("assigned %s", {tp.partition: tp.offset for tp in partitions})
+        if self.membership.protocol == "consumer":  # KIP-848 assignments are always incremental
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         self.pause_finished()
 
+    def unknown_start(self) -> int:
+        """Start of a partition with no checkpoint and no explicit offset.
+
+        ``--start latest`` applies to the partitions of a live group's very first assignment (the
+        group has no checkpoint at all); a partition that appears later was added to the topic after
+        the group started, so all of it is new: it starts at the committed offset, else the earliest
+        (``auto.offset.reset``), never at the end.
+        """
+        if self.bounded or self.start != "latest":
+            return OFFSET_STORED
+        if self.fresh_group is None:
+            self.fresh_group = not list_states(self.client, self.settings.s3_bucket, self.prefix)
+        return OFFSET_END if self.fresh_group else OFFSET_STORED
+
     def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
-        """Hand over cleanly: checkpoint what we have, then forget it."""
+        """Hand over cleanly: checkpoint what we have, then forget it (not after a crash: see ``crashed``)."""
         revoked = {tp.partition for tp in partitions}
         try:
-            self.checkpoint(revoked)
+            if not self.crashed:
+                self.checkpoint(revoked)
         except S3_ERRORS as exc:  # the new owner resumes from the last durable checkpoint: nothing lost
             log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
         for partition in revoked:
             self.states.pop(partition, None)
         self.refetch -= revoked
+        log.info("revoked %s", sorted(revoked))
 
     def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Someone else owns these now (our session expired): our uncommitted work is void."""
@@ -524,7 +595,10 @@ class Processor:
                 ("kappa.dlq.pipeline", label),
             ]
             timestamp = message.timestamp()[1]
-            self.produce_dlq(message.key(), message.value(), headers, timestamp if timestamp > 0 else 0)
+            if timestamp > MAX_TIMESTAMP_MS:  # the DLQ topic may refuse what the input topic accepted
+                headers.append(original_timestamp_header(timestamp))
+            usable = 0 < timestamp <= MAX_TIMESTAMP_MS
+            self.produce_dlq(message.key(), message.value(), headers, timestamp if usable else 0)
         self.summary.dlq_records += rejects.height
 
     def produce_dlq(self, key: bytes | None, value: bytes | None, headers: list, timestamp: int) -> None:
@@ -555,6 +629,14 @@ class Processor:
             # too big for the DLQ topic: keep key, headers and reason, drop the value (the raw archive has it)
             headers = [*(message.headers() or []), truncated_header(len(message.value()))]
             self.produce_dlq(message.key(), None, headers, message.timestamp()[1])
+            return
+        headers = message.headers() or []
+        if error.code() in (KafkaError.INVALID_TIMESTAMP, KafkaError.INVALID_RECORD) and not any(
+            name == ORIGINAL_TIMESTAMP_HEADER for name, _ in headers
+        ):
+            # e.g. stamped further ahead than the DLQ topic allows: broker time, original in a header
+            original = original_timestamp_header(message.timestamp()[1])
+            self.produce_dlq(message.key(), message.value(), [*headers, original], 0)
             return
         self.delivery_errors.append(str(error))
 
@@ -676,6 +758,10 @@ class Processor:
             return None
 
 
+def original_timestamp_header(timestamp: int) -> tuple[str, bytes]:
+    return ORIGINAL_TIMESTAMP_HEADER, str(timestamp).encode()
+
+
 def truncated_header(size: int) -> tuple[str, bytes]:
     return TRUNCATED_HEADER, f"value of {size} bytes dropped: too large for the DLQ topic; see the raw archive".encode()
 
@@ -714,17 +800,24 @@ def run_processor(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     handoff: bool = False,
+    instance_id: str | None = None,
+    group_protocol: str | None = None,
+    session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
 
     ``handoff`` starts the live processor of the promoted version at its switch (``workers/handoff.py``).
 
     ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
-    in the CLI). Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
+    in the CLI). ``instance_id``/``group_protocol``: see :mod:`workers.membership`.
+    Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
     """
     impl = get_pipeline(pipeline, version)
     if batch_size < 1 or checkpoint_seconds <= 0 or (grace_ms is not None and grace_ms < 0):
         raise KappaError("batch size must be >= 1, checkpoint interval > 0 and grace >= 0")
+    membership.validate(instance_id, group_protocol)
+    if not 6 <= session_timeout <= 300:
+        raise KappaError(f"--session-timeout must be between 6 and 300 seconds, got {session_timeout}")
     if not bounded and grace_ms is None:
         raise KappaError("a live processor needs a finite grace period (windows would never close)")
     stop = stop or threading.Event()
@@ -750,6 +843,9 @@ def run_processor(
         progress=progress or NoProgress(),
         stop=stop,
         switch=switch,
+        instance_id=instance_id,
+        group_protocol=group_protocol,
+        session_timeout=session_timeout,
     )
     with stop_on_signals(stop):
         return processor.run()

@@ -82,6 +82,9 @@ PRODUCER_TUNING: dict[str, object] = {
     "queue.buffering.max.messages": 500_000,
     "queue.buffering.max.kbytes": 512 * 1024,
     "delivery.report.only.error": True,  # per-record Python callbacks only when something fails
+    # replay what the source topic accepted: librdkafka's 1 MB default refused a 4 MiB archived record
+    # at produce time (found by the end-to-end fuzz); the broker still enforces the topic's own limit
+    "message.max.bytes": 64 * 1024 * 1024,
 }
 
 #: Grace of the bounded processor over a replay topic (see :func:`processor_grace_ms`).

@@ -7,9 +7,14 @@ in-process code and subprocess workers) for the duration of each test that uses 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import shlex
 import socket
+import subprocess
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,15 +105,63 @@ def seed(request: pytest.FixtureRequest) -> int:
     return seed_for(request.node.nodeid)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def reliability_figures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Figures]:
-    """Write the session's figures as JSON: to ``KAPPA_RELIABILITY_FIGURES`` if set, else a tmp dir."""
+@pytest.fixture(autouse=True)
+def figures_of_this_test(request: pytest.FixtureRequest) -> Iterator[Figures]:
+    """Attribute what this test counts (faults, records checked, lost, ...) to it in the figures."""
+    FIGURES.current_test = request.node.nodeid
     yield FIGURES
+    FIGURES.current_test = ""
+
+
+#: The final outcome of each reliability test of this session (``failed`` wins over ``passed``).
+OUTCOMES: dict[str, str] = {}
+STARTED = time.monotonic()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        OUTCOMES[report.nodeid] = "failed" if report.when == "call" else "error"
+    elif report.skipped and report.nodeid not in OUTCOMES:
+        OUTCOMES[report.nodeid] = "skipped"
+    elif report.when == "call" and report.passed:
+        OUTCOMES.setdefault(report.nodeid, "passed")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write the figures and how the run went (commit, date, outcomes) as JSON.
+
+    To ``KAPPA_RELIABILITY_FIGURES`` if set (``make reliability-figures`` points it at a temp file and
+    moves that into docs/ only when pytest exits 0), else into pytest's temp dir.
+    """
+    if not OUTCOMES:
+        return  # no reliability test ran in this session
     target = os.environ.get("KAPPA_RELIABILITY_FIGURES")
-    path = Path(target) if target else tmp_path_factory.getbasetemp() / "reliability-figures.json"
+    path = Path(target) if target else session.config._tmp_path_factory.getbasetemp() / "reliability-figures.json"
+    document = {"run": run_record(session, exitstatus), **FIGURES.as_json()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(FIGURES.as_json(), indent=2) + "\n")
+    path.write_text(json.dumps(document, indent=1) + "\n")
     print(f"\n[reliability] figures written to {path}")
+
+
+def run_record(session: pytest.Session, exitstatus: int) -> dict[str, object]:
+    """What a reader needs to trust the figures: which code, when, which selection, what passed."""
+    counts = Counter(OUTCOMES.values())
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["pytest", *session.config.invocation_params.args]),
+        "exitstatus": int(exitstatus),
+        "green": int(exitstatus) == 0 and counts["failed"] == counts["error"] == 0 and counts["passed"] > 0,
+        "passed": counts["passed"], "failed": counts["failed"], "errors": counts["error"],
+        "skipped": counts["skipped"], "seconds": round(time.monotonic() - STARTED),
+        "tests": dict(sorted(OUTCOMES.items())),
+    }
+
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
 @pytest.fixture

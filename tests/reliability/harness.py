@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from botocore.exceptions import FlexibleChecksumError
+from confluent_kafka import KafkaException
 
 from workers import keys, replay_loader
 from workers.config import Settings, load_settings
+from workers.errors import KappaError
 from workers.generator import Faults, ProduceSummary, produce_events
 from workers.kafka import end_offsets
 from workers.processor_state import list_states
@@ -119,6 +121,9 @@ class Worker:
         self.peak_rss_kb = max(self.peak_rss_kb, rss)
         return rss
 
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
@@ -161,29 +166,115 @@ def seed_for(test_name: str) -> int:
     return seed
 
 
-def kill_points(rng: random.Random, count: int, low: float, high: float) -> list[float]:
-    """``count`` delays (seconds after a start) drawn uniformly from ``[low, high]``, rounded to ms."""
+#: A worker's progress as ``(done, total)`` records, read where its work becomes durable (S3 checkpoints,
+#: a topic's end offsets), never from the worker's own log.
+ProgressFn = Callable[[], tuple[int, int]]
+
+
+@dataclass
+class Kill:
+    """One SIGKILL that landed: the worker was alive and mid-work, and died of the signal (exit -9)."""
+
+    kind: str
+    pid: int
+    done_before: int
+    done_after: int
+    total: int
+
+
+def kill_fractions(rng: random.Random, count: int, low: float = 0.0, high: float = 0.8) -> list[float]:
+    """``count`` seeded kill points: fractions of the work left when the worker became ready."""
     return [round(rng.uniform(low, high), 3) for _ in range(count)]
 
 
-def kill_after(worker: Worker, delay: float, kind: str, seed: int, point: int, ready: str | None = None) -> bool:
-    """SIGKILL ``worker`` ``delay`` seconds after its log shows ``ready`` (or after start).
-
-    Returns False if the worker finished before the kill point (no fault injected, not counted).
-    """
+def wait_ready(worker: Worker, ready: str | None, timeout: float = 120) -> None:
+    """Bounded wait until ``worker`` logs ``ready``; fails if it exits first."""
     if ready is not None:
-        wait_until(lambda: ready in worker.output() or not worker.alive(), 90, f"{worker.name} to log {ready!r}")
-    deadline = time.monotonic() + delay
-    while time.monotonic() < deadline and worker.alive():
-        worker.rss_kb()
-        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-    if not worker.alive():
-        print(f"[reliability] {kind} #{point}: exited before the kill point {delay}s")
-        return False
-    worker.kill()
-    FIGURES.fault(kind, seed=seed, point=point, after_s=delay, after=ready or "start")
-    print(f"[reliability] {kind} #{point}: SIGKILL {delay}s after {ready or 'start'!r} (seed {seed})")
+        wait_until(lambda: ready in worker.output() or not worker.alive(), timeout, f"{worker.name} to log {ready!r}")
+    assert worker.alive(), f"{worker.name} exited before logging {ready!r}:\n{worker.tail()}"
+
+
+def read_progress(progress: ProgressFn) -> tuple[int, int]:
+    """``progress()``, retrying S3Proxy's transient read errors."""
+    return wait_until(progress, 30, "a progress reading")
+
+
+def kill_at(worker: Worker, fraction: float, kind: str, progress: ProgressFn, ready: str | None = None,
+            resumes: bool = True, **detail: Any) -> Kill:
+    """SIGKILL ``worker`` once it has done ``fraction`` of the work left when it logged ``ready``
+    (``resumes=False``: of all the work, for a worker that starts over, like the replay loader).
+
+    The kill point is a share of real progress, not a delay, so it always lands mid-work whatever the
+    machine's speed; :func:`sigkill` asserts that it did.
+    """
+    wait_ready(worker, ready)
+    start, total = read_progress(progress) if resumes else (0, read_progress(progress)[1])
+    assert start < total, f"{worker.name}: no work left at the kill point ({start}/{total}): the test is broken"
+    target = start + fraction * (total - start)
+    wait_until(lambda: not worker.alive() or read_progress(progress)[0] >= target, 180,
+               f"{worker.name} to reach {target:.0f}/{total}")
+    return sigkill(worker, kind, progress, fraction=fraction, ready=ready or "start", **detail)
+
+
+def sigkill(worker: Worker, kind: str, progress: ProgressFn | None = None, **detail: Any) -> Kill:
+    """SIGKILL ``worker`` and assert the fault landed before counting it in the figures.
+
+    Landed means: the worker was alive when signalled, it died of SIGKILL (not of its own exit), and,
+    when ``progress`` is given, its work was not complete after the kill (it was killed mid-work).
+    """
+    assert worker.alive(), f"{worker.name} exited ({worker.exit_code()}) before the kill: no fault\n{worker.tail()}"
+    before = read_progress(progress) if progress else (0, 0)
+    os.kill(worker.pid, signal.SIGKILL)
+    code = worker.wait(30)
+    assert code == -signal.SIGKILL, f"{worker.name} exited {code} on its own before SIGKILL reached it"
+    after = read_progress(progress) if progress else (0, 1)
+    assert after[0] < after[1], f"{worker.name} had finished its work ({after[0]}/{after[1]}) when killed"
+    kill = Kill(kind, worker.pid, before[0], after[0], after[1])
+    work = {"done_before": kill.done_before, "done_after": kill.done_after, "total": kill.total} if progress else {}
+    FIGURES.fault(kind, pid=kill.pid, exit=code, **work, **detail)
+    print(f"[reliability] {kind}: SIGKILL pid {kill.pid} {work} {detail}")
+    return kill
+
+
+def kill_after(worker: Worker, delay: float, kind: str, seed: int, point: int, ready: str | None = None) -> bool:
+    """SIGKILL ``worker`` ``delay`` seconds after its log shows ``ready`` (or after start); asserts it landed.
+
+    For kill points in time where no progress measure exists; :func:`kill_at` is preferred.
+    """
+    wait_ready(worker, ready)
+    time.sleep(delay)
+    sigkill(worker, kind, seed=seed, point=point, after_s=delay, after=ready or "start")
     return True
+
+
+def end_total(settings: Settings, topic: str, timeout: float = 30) -> dict[int, int]:
+    """End offsets of ``topic`` (``{}`` while it does not exist, e.g. being recreated)."""
+    try:
+        return end_offsets(settings, topic, timeout)
+    except (KafkaException, KappaError):
+        return {}
+
+
+def durable_progress(ends: dict[int, int], durable: Callable[[], dict[int, int]]) -> ProgressFn:
+    """Progress towards ``ends``: the durable next offset per partition, capped at its end."""
+    return lambda: (sum(min(durable().get(p, 0), end) for p, end in ends.items()), sum(ends.values()))
+
+
+def archiver_progress(settings: Settings, client: Any) -> ProgressFn:
+    """The archiver's S3 checkpoints vs the events topic's end offsets now."""
+    ends = end_offsets(settings, settings.events_topic)
+    return durable_progress(ends, lambda: archived_offsets(client, settings.s3_bucket, settings.events_topic))
+
+
+def processor_progress(settings: Settings, client: Any, prefix: str, topic: str) -> ProgressFn:
+    """A processor's committed S3 states (under ``prefix``) vs ``topic``'s end offsets now."""
+    ends = end_offsets(settings, topic)
+    return durable_progress(ends, lambda: committed_offsets(client, settings.s3_bucket, prefix))
+
+
+def topic_progress(settings: Settings, topic: str, total: int) -> ProgressFn:
+    """Records in ``topic`` (e.g. a replay topic being loaded) vs the ``total`` it must end with."""
+    return lambda: (sum(end_total(settings, topic, 5).values()), total)
 
 
 def secrets_in(text: str, secrets: list[str]) -> list[str]:
@@ -217,6 +308,10 @@ DAY = "2026-11-20"
 #: equal the whole-day reference exactly, and every crash exercises the open-window state in S3.
 LIVE_ARGS = ("processor", "-p", "orders", "-v", "2", "--start", "earliest", "--grace-seconds", "100000000",
              "--batch-size", "300", "--checkpoint-seconds", "0.5", "--progress", "log")
+#: Small batches for the SIGKILL test: a checkpoint (every 0.5 s) then covers a small share of the work,
+#: so progress-based kill points land between checkpoints, before the backlog is done.
+LIVE_KILL_ARGS = ("processor", "-p", "orders", "-v", "2", "--start", "earliest", "--grace-seconds", "100000000",
+                  "--batch-size", "20", "--checkpoint-seconds", "0.5", "--progress", "log")
 
 
 def archive_all(workers: Workers, name: str = "archiver-final") -> Worker:
@@ -274,16 +369,51 @@ def wait_archived(settings: Settings, client: Any, timeout: float = 120) -> None
                            for p, o in ends.items()), timeout, f"archiver checkpoints to reach {ends}")
 
 
-def outage(stack: Stack, service: str, seconds: float, kind: str) -> float:
-    """Stop one service of the private stack for ``seconds``, start it again; returns the measured downtime."""
+#: What a worker logs while Kafka is unreachable: librdkafka's own log lines, the workers' warnings.
+KAFKA_DOWN_LINES = re.compile(r"Connection refused|Disconnected|brokers are down|_TRANSPORT|ALL_BROKERS_DOWN|"
+                              r"consumer error", re.IGNORECASE)
+#: What a worker logs when an S3 call fails (the archiver's and the processor's retry warnings).
+S3_DOWN_LINES = re.compile(r"\bS3\b.*\bfailed\b")
+
+
+@dataclass
+class Outage:
+    """One stop/start of a private-stack service that landed on a worker mid-stream."""
+
+    kind: str
+    downtime_s: float
+    done: int
+    total: int
+    errors: int
+    log: str
+
+
+def outage(stack: Stack, service: str, seconds: float, kind: str, worker: Worker,
+           errors: re.Pattern[str], progress: ProgressFn | None = None) -> Outage:
+    """Stop one service of the private stack for ``seconds`` while ``worker`` runs, start it again.
+
+    Asserts the fault landed: the worker was alive when the service stopped and still is; with
+    ``progress``, it had done some but not all of its work just before the stop (mid-stream); and
+    it logged at least one ``errors`` line while the service was down (it saw the outage).
+    """
+    done, total = read_progress(progress) if progress else (0, 0)
+    if progress:
+        assert 0 < done < total, f"{worker.name} was not mid-stream when {service} stopped ({done}/{total})"
+    assert worker.alive(), f"{worker.name} exited before {service} stopped:\n{worker.tail()}"
+    mark = len(worker.output())
     started = time.monotonic()
     assert stack.down([service]) == [service], f"{service} was not running"
     print(f"[reliability] {kind}: {service} stopped for {seconds}s")
     time.sleep(seconds)
+    seen = worker.output()[mark:]
     stack.up([service])
     downtime = time.monotonic() - started
-    FIGURES.fault(kind, service=service, downtime_s=round(downtime, 1))
-    return downtime
+    assert worker.alive(), f"{worker.name} died while {service} was down:\n{worker.tail()}"
+    lines = [line for line in seen.splitlines() if errors.search(line)]
+    assert lines, f"{worker.name} logged no error while {service} was down: the outage did not reach it\n{seen[-2000:]}"
+    stream = {"done": done, "total": total} if progress else {}
+    FIGURES.fault(kind, service=service, downtime_s=round(downtime, 1), errors=len(lines), **stream)
+    return Outage(kind, downtime, done, total, len(lines), seen)
 
 
 def drain_live(workers: Workers, settings: Settings, client: Any, name: str = "live-final") -> Worker:

@@ -1,13 +1,15 @@
 """The one check every reliability test ends with, plus the figures the suite reports.
 
-* :func:`assert_archive_exact`: the raw archive holds every record of the topic exactly once after
-  dedup by ``(partition, offset)``, byte-exact (key, value, headers, timestamp), compared with a plain
-  consumer read of the topic; every object sits under the day of its records and is named by its
-  real offset range; overlapping copies (left by a crash) are identical to the original.
+* :func:`assert_archive_exact`: every record of the topic has a byte-exact row in the raw archive
+  (key, value, headers, timestamp), compared with a plain consumer read of the topic; no row is extra
+  (an offset the topic never had) or differs from the topic's bytes; overlapping copies left by a
+  crash are counted apart (readers drop them) and reported. Every object sits under the day of its
+  records and is named by its real offset range.
 * :func:`assert_report_exact`: a report equals the pipeline's own ``batch_report`` over the archive
   *and* an independent plain-Python/polars computation written here from DESIGN §3.
-* :data:`FIGURES` accumulates faults injected, records checked, lost and duplicated counts; the
-  session writes them to JSON (see ``conftest.py``) so docs/RELIABILITY.md quotes a real run.
+* :data:`FIGURES` accumulates landed faults, records checked, missing/extra/repeated counts and
+  measured samples; the session writes them to JSON (see ``conftest.py``), and docs/RELIABILITY.md
+  is generated from the JSON of green runs (``render_doc.py``).
 
 Nothing here uses the archiver's or the processor's code to decide what is right.
 """
@@ -57,51 +59,76 @@ MAX_DEPTH = 1000
 
 # ---------------------------------------------------------------- figures
 
+#: The lost/duplicated/extra/corrupted summaries of the figures: which detailed counters they add up.
+SUMMARIES = {
+    "lost": ("archive_missing_rows", "replay_missing", "report_events_missing", "dlq_missing"),
+    "duplicated": ("replay_repeated", "report_events_extra"),
+    "extra": ("archive_extra_rows", "dlq_unexpected"),
+    "corrupted": ("archive_differing_rows", "replay_differing", "dlq_altered"),
+}
+
 
 @dataclass
 class Figures:
-    """What the suite did, summed over the session (written to JSON at the end)."""
+    """What the suite did and measured, summed over the session and kept per test (written to JSON).
 
+    * :meth:`count` — named counters of the checks (records checked, rows missing, ...);
+    * :meth:`fault` — one fault that *landed* (call it only after asserting so), e.g. ``sigkill.archiver``,
+      ``broker_restart.archive``, ``s3_outage.archiver``, ``zombie.processor`` (one zombie round);
+    * :meth:`sample` — a measured value, e.g. ``takeover_s.archiver`` (seconds from kill -9 to the
+      restarted member working again); the doc shows median and max per name;
+    * :meth:`note` — a structured figure, e.g. the recorded fuzz example.
+    """
+
+    counts: Counter = field(default_factory=Counter)
     faults: Counter = field(default_factory=Counter)
-    kill_points: list[dict[str, Any]] = field(default_factory=list)
-    records_checked: int = 0
-    archive_rows_read: int = 0
-    overlap_rows_dropped: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    corrupted: int = 0
-    reports_checked: int = 0
-    report_rows_checked: int = 0
-    report_events_checked: int = 0
-    dlq_records_checked: int = 0
-    fuzz_examples: int = 0
+    fault_details: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    per_test: dict[str, Counter] = field(default_factory=dict)
+    current_test: str = ""
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counts[name] += amount
+        self._test()[name] += amount
 
     def fault(self, kind: str, count: int = 1, **detail: Any) -> None:
-        """Count one injected fault (``kind`` e.g. ``sigkill.archiver``) and keep its details."""
+        """Count ``count`` landed faults of ``kind`` and keep their details (seed, kill point, ...)."""
         self.faults[kind] += count
+        self._test()[f"fault:{kind}"] += count
         if detail:
-            self.kill_points.append({"kind": kind, **detail})
+            self.fault_details.append({"kind": kind, "test": self.current_test, **detail})
+
+    def sample(self, name: str, value: float) -> None:
+        self.samples.setdefault(name, []).append(round(float(value), 3))
+
+    def note(self, name: str, value: Any) -> None:
+        self.notes[name] = value
+
+    def _test(self) -> Counter:
+        return self.per_test.setdefault(self.current_test, Counter())
 
     def as_json(self) -> dict[str, Any]:
+        totals = dict(sorted(self.counts.items()))
+        for summary, parts in SUMMARIES.items():
+            totals[summary] = sum(self.counts[part] for part in parts)
         return {
-            "faults_injected": sum(self.faults.values()),
+            "totals": totals,
+            "faults_landed": sum(self.faults.values()),
             "faults": dict(sorted(self.faults.items())),
-            "records_checked": self.records_checked,
-            "archive_rows_read": self.archive_rows_read,
-            "overlap_rows_dropped": self.overlap_rows_dropped,
-            "lost": self.lost,
-            "duplicated": self.duplicated,
-            "corrupted": self.corrupted,
-            "reports_checked": self.reports_checked,
-            "report_rows_checked": self.report_rows_checked,
-            "report_events_checked": self.report_events_checked,
-            "dlq_records_checked": self.dlq_records_checked,
-            "fuzz_examples": self.fuzz_examples,
-            "fault_details": self.kill_points,
+            "samples": {name: values for name, values in sorted(self.samples.items())},
+            "notes": self.notes,
+            "tests": {test: dict(sorted(c.items())) for test, c in sorted(self.per_test.items()) if test},
+            "fault_details": self.fault_details,
         }
 
 
 FIGURES = Figures()
+
+
+def record_figure(name: str, value: float) -> None:
+    """Record one measured value (e.g. ``record_figure("takeover_s.processor", 2.4)``) for the doc."""
+    FIGURES.sample(name, value)
 
 
 # ---------------------------------------------------------------- plain reads
@@ -206,36 +233,57 @@ def _object_problems(name: str, match: re.Match[str], frame: pl.DataFrame, topic
 
 @dataclass
 class ArchiveCheck:
+    """How the archive's rows compare with the topic. Every row is exactly one of: the record itself,
+    an overlap (a byte-identical extra copy of a topic record, left by a crash; readers drop it), a
+    differing row (a topic offset with other bytes) or an extra row (an offset the topic never had)."""
+
     records: int
     archive_rows: int
     objects: int
+    overlap_rows: int
+    extra_rows: int
+    differing_rows: int
+    missing_rows: int
+    problems: list[str]
 
 
-def assert_archive_exact(settings: Settings, client: Any, topic: str | None = None) -> ArchiveCheck:
-    """Every record of the topic is in the archive exactly once after dedup, byte-exact; nothing else is."""
+def check_archive(settings: Settings, client: Any, topic: str | None = None) -> ArchiveCheck:
+    """Compare the raw archive of ``topic`` with a plain read of the topic (counts only, asserts nothing)."""
     topic = topic or settings.events_topic
     expected = read_topic(settings, topic)
     archive = read_archive(client, settings.s3_bucket, topic)
-    archived: dict[RecordId, RecordBody] = {}
-    corrupted: list[RecordId] = []
+    exact: Counter[RecordId] = Counter()
+    extra = differing = 0
     for rid, body in archive.rows:
-        first = archived.setdefault(rid, body)
-        if first != body:
-            corrupted.append(rid)  # two copies of one offset that differ
-    lost = sorted(set(expected) - set(archived))
-    extra = sorted(set(archived) - set(expected))
-    corrupted += [rid for rid, body in expected.items() if rid in archived and archived[rid] != body]
-    FIGURES.records_checked += len(expected)
-    FIGURES.archive_rows_read += len(archive.rows)
-    FIGURES.overlap_rows_dropped += len(archive.rows) - len(archived)
-    FIGURES.lost += len(lost)
-    FIGURES.duplicated += len(extra)
-    FIGURES.corrupted += len(corrupted)
-    assert not archive.problems, f"bad archive objects: {archive.problems[:5]}"
-    assert not lost, f"{len(lost)} records missing from the archive, e.g. {lost[:5]}"
-    assert not extra, f"{len(extra)} archive rows that are not records of {topic}, e.g. {extra[:5]}"
-    assert not corrupted, f"{len(corrupted)} records not byte-exact in the archive, e.g. {corrupted[:5]}"
-    return ArchiveCheck(records=len(expected), archive_rows=len(archive.rows), objects=archive.objects)
+        if rid not in expected:
+            extra += 1
+        elif body != expected[rid]:
+            differing += 1
+        else:
+            exact[rid] += 1
+    return ArchiveCheck(
+        records=len(expected), archive_rows=len(archive.rows), objects=archive.objects,
+        overlap_rows=sum(n - 1 for n in exact.values()), extra_rows=extra, differing_rows=differing,
+        missing_rows=sum(1 for rid in expected if rid not in exact), problems=archive.problems,
+    )
+
+
+def assert_archive_exact(settings: Settings, client: Any, topic: str | None = None,
+                         figures: Figures | None = FIGURES) -> ArchiveCheck:
+    """Every record of the topic is in the archive byte-exact; no extra or differing row; overlaps counted."""
+    check = check_archive(settings, client, topic)
+    if figures is not None:
+        figures.count("records_checked", check.records)
+        figures.count("archive_rows_read", check.archive_rows)
+        figures.count("archive_overlap_rows", check.overlap_rows)
+        figures.count("archive_extra_rows", check.extra_rows)
+        figures.count("archive_differing_rows", check.differing_rows)
+        figures.count("archive_missing_rows", check.missing_rows)
+    assert not check.problems, f"bad archive objects: {check.problems[:5]}"
+    assert not check.missing_rows, f"{check.missing_rows} records of the topic have no byte-exact archive row"
+    assert not check.extra_rows, f"{check.extra_rows} archive rows are not records of the topic"
+    assert not check.differing_rows, f"{check.differing_rows} archive rows differ from the topic's bytes"
+    return check
 
 
 def archive_frame(client: Any, bucket: str, topic: str, day: str | None = None) -> pl.DataFrame:
@@ -346,12 +394,12 @@ def assert_report_exact(report: pl.DataFrame, archive: pl.DataFrame, pipeline: A
     independent = independent_report(archive, pipeline.version)
     for name, expected in (("batch_report", reference), ("independent computation", independent)):
         missing, extra, rows = report_difference(report, expected)
-        FIGURES.lost += missing
-        FIGURES.duplicated += extra
+        FIGURES.count("report_events_missing", missing)
+        FIGURES.count("report_events_extra", extra)
         assert not rows, f"report differs from the {name}: {missing} events missing, {extra} extra, e.g. {rows}"
-    FIGURES.reports_checked += 1
-    FIGURES.report_rows_checked += report.height
-    FIGURES.report_events_checked += int(report["events"].sum() or 0)
+    FIGURES.count("reports_checked")
+    FIGURES.count("report_rows_checked", report.height)
+    FIGURES.count("report_events_checked", int(report["events"].sum() or 0))
     return stats
 
 
@@ -393,10 +441,10 @@ def assert_replay_topic_exact(settings: Settings, client: Any, source_topic: str
             corrupted.append(src)
     lost = sorted(set(expected) - set(seen))
     twice = sorted(rid for rid, n in seen.items() if n > 1)
-    FIGURES.records_checked += len(expected)
-    FIGURES.lost += len(lost)
-    FIGURES.duplicated += sum(seen[rid] - 1 for rid in twice)
-    FIGURES.corrupted += len(corrupted)
+    FIGURES.count("replay_records_checked", len(expected))
+    FIGURES.count("replay_missing", len(lost))
+    FIGURES.count("replay_repeated", sum(seen[rid] - 1 for rid in twice))
+    FIGURES.count("replay_differing", len(corrupted))
     assert not lost, f"{len(lost)} archived records of {day} missing from {replay_topic}, e.g. {lost[:5]}"
     assert not twice, f"{len(twice)} records replayed more than once, e.g. {twice[:5]}"
     assert not corrupted, f"{len(corrupted)} replayed records differ from the archive, e.g. {corrupted[:5]}"
@@ -454,8 +502,10 @@ def assert_dlq_exact(settings: Settings, client: Any, dlq_topic: str, day: str |
     missing = sorted(bad - set(found))
     unexpected = sorted(set(found) - bad)
     altered = [rid for rid in set(found) & bad if found[rid][2:4] != archive[rid][2:4]]
-    FIGURES.dlq_records_checked += len(found)
-    FIGURES.lost += len(missing)
+    FIGURES.count("dlq_records_checked", len(found))
+    FIGURES.count("dlq_missing", len(missing))
+    FIGURES.count("dlq_unexpected", len(unexpected))
+    FIGURES.count("dlq_altered", len(altered))
     assert not missing, f"{len(missing)} malformed records not in {dlq_topic}, e.g. {missing[:5]}"
     assert not unexpected, f"{len(unexpected)} valid records sent to {dlq_topic}, e.g. {unexpected[:5]}"
     assert not altered, f"{len(altered)} DLQ records not byte-exact, e.g. {altered[:5]}"

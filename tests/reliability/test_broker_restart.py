@@ -1,7 +1,9 @@
 """Broker restart (private stack, Kafka only): running workers reconnect and finish on their own.
 
-The broker is stopped while the worker is mid-stream, kept down for a few seconds and started again;
-nobody restarts the worker. The test only waits (bounded) for the worker to reach the end.
+The broker is stopped while the worker is mid-stream (its durable progress, read from S3 or the
+replay topic, shows some but not all records done), kept down for a few seconds and started again;
+the worker must have logged connection errors meanwhile. Nobody restarts the worker: the test only
+waits (bounded) for it to reach the end.
 """
 
 from __future__ import annotations
@@ -9,38 +11,55 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from workers import keys
 from workers.config import Settings
 from workers.stack import Stack
 
 from .harness import (
-    ARCHIVER_ARGS,
+    ARCHIVER_KILL_ARGS,
     DAY,
+    KAFKA_DOWN_LINES,
     Workers,
     archive_all,
+    archiver_progress,
     bounded_args,
     load_args,
     outage,
+    processor_progress,
     produce_orders,
+    read_progress,
     replay_spec,
+    topic_progress,
     wait_archived,
     wait_until,
 )
-from .invariants import assert_archive_exact, assert_dlq_exact, assert_replay_topic_exact, assert_reports_exact
+from .invariants import (
+    archive_records,
+    assert_archive_exact,
+    assert_dlq_exact,
+    assert_replay_topic_exact,
+    assert_reports_exact,
+)
 
 DOWN_SECONDS = 5.0
+
+
+def started_some(progress: Any, what: str) -> None:
+    """Bounded wait until ``progress`` shows at least one record done: the worker is streaming."""
+    wait_until(lambda: read_progress(progress)[0] > 0, 120, what)
 
 
 def test_archiver_survives_broker_restart(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
 ) -> None:
     """Live archiver keeps running across a broker restart and archives what came before and after."""
-    produce_orders(private_settings, 20_000, 1, days=2)
-    archiver = workers.start("archiver", *ARCHIVER_ARGS)
-    wait_until(lambda: "assigned" in archiver.output(), 60, "the archiver to get its partitions")
-    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.archive")
-    assert archiver.alive(), f"the archiver died during the broker restart:\n{archiver.tail()}"
+    produce_orders(private_settings, 30_000, 1, days=2)
+    archiver = workers.start("archiver", *ARCHIVER_KILL_ARGS)  # small flushes: seconds of work, stopped mid-way
+    progress = archiver_progress(private_settings, private_s3)
+    started_some(progress, "the archiver to archive its first records")
+    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.archiver", archiver, KAFKA_DOWN_LINES, progress)
     produce_orders(private_settings, 10_000, 2, days=2)
-    wait_archived(private_settings, private_s3)
+    wait_archived(private_settings, private_s3, timeout=240)
     archiver.signal(signal.SIGTERM)
     assert archiver.wait(90) == 0, archiver.tail()
     assert_archive_exact(private_settings, private_s3)
@@ -53,13 +72,18 @@ def test_replay_survives_broker_restarts(
     produce_orders(private_settings, 20_000, 3, start=f"{DAY}T00:00:00Z")
     archive_all(workers)
     spec = replay_spec(private_settings)
+    day_records = len(archive_records(private_s3, spec.bucket, spec.source_topic, spec.day))
     loader = workers.start("load", *load_args(spec), "--throttle", "3000")
-    wait_until(lambda: "produce:" in loader.output(), 60, "the loader to start producing")
-    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.replay_load")
+    produced = topic_progress(private_settings, spec.topic, day_records)
+    started_some(produced, "the loader to produce its first records")
+    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.replay_loader", loader, KAFKA_DOWN_LINES, produced)
     assert loader.wait(240) == 0, f"the loader did not finish after the broker came back:\n{loader.tail()}"
     bounded = workers.start("bounded", *bounded_args(spec, batch_size=100))
-    wait_until(lambda: "records=" in bounded.output(), 60, "the bounded processor to consume")
-    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.replay_consume")
+    prefix = keys.processor_prefix(spec.pipeline, spec.version, spec.group)
+    consumed = processor_progress(private_settings, private_s3, prefix, spec.topic)
+    started_some(consumed, "the bounded processor to commit its first records")
+    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.processor.bounded", bounded, KAFKA_DOWN_LINES,
+           consumed)
     assert bounded.wait(240) == 0, f"the bounded processor did not finish:\n{bounded.tail()}"
     assert_archive_exact(private_settings, private_s3)
     assert_replay_topic_exact(private_settings, private_s3, private_settings.events_topic, spec.topic, spec.day)

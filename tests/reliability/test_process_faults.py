@@ -1,7 +1,10 @@
 """Process faults: SIGKILL the workers at seeded random points, restart them, compare with the truth.
 
-Default run: a few kill points per worker (fast); ``-m soak``: 20 per worker. Seeds and kill points
-are printed (``-s``) and recorded in the figures JSON.
+A kill point is a seeded fraction of the work left (read from S3 checkpoints or the replay topic's
+end offsets), so every kill lands mid-work whatever the machine's speed; each kill asserts that it
+landed (the worker was alive, died of SIGKILL with exit -9, its work was not complete) and each test
+asserts it landed all the kills it asked for. Default run: a few kill points per worker (fast);
+``-m soak``: 20 per worker. Seeds and kill points are printed (``-s``) and recorded in the figures.
 """
 
 from __future__ import annotations
@@ -10,23 +13,28 @@ import random
 
 import pytest
 
+from workers import keys
 from workers.config import Settings
 
 from .harness import (
     ARCHIVER_KILL_ARGS,
     DAY,
-    LIVE_ARGS,
+    LIVE_KILL_ARGS,
     Workers,
     archive_all,
+    archiver_progress,
     bounded_args,
     drain_live,
-    kill_after,
-    kill_points,
+    kill_at,
+    kill_fractions,
     load_args,
+    processor_progress,
     produce_orders,
     replay_spec,
+    topic_progress,
 )
 from .invariants import (
+    archive_records,
     assert_archive_exact,
     assert_dlq_exact,
     assert_live_exact,
@@ -47,15 +55,16 @@ def test_archiver_sigkill_loses_and_duplicates_nothing(
     """Archiver killed mid-run (records keep arriving between runs), restarted; the archive is exact."""
     rng = random.Random(seed)
     produced = produce_orders(settings, 60_000, seed, days=2).count
-    injected = 0
-    for point, delay in enumerate(kill_points(rng, kills, 0.0, 1.5)):
+    landed = []
+    for point, fraction in enumerate(kill_fractions(rng, kills)):
         archiver = workers.start(f"archiver-{point}", *ARCHIVER_KILL_ARGS, "--until-end")
-        injected += kill_after(archiver, delay, "sigkill.archiver", seed, point, ready="assigned")
+        landed.append(kill_at(archiver, fraction, "sigkill.archiver", archiver_progress(settings, s3),
+                              ready="assigned", seed=seed, point=point))
         produced += produce_orders(settings, rng.randrange(5_000, 15_000), seed + point + 1, days=2).count
+    assert len(landed) == kills
     archive_all(workers)
     check = assert_archive_exact(settings, s3)
     assert check.records == produced
-    assert injected >= kills * 3 // 4, f"only {injected} of {kills} kills hit a running archiver"
 
 
 @pytest.mark.parametrize("kills", kills(3))
@@ -65,10 +74,15 @@ def test_live_processor_sigkill_keeps_results_exact(
     """Live v2 processor killed mid-batch/mid-checkpoint, restarted; results and DLQ stay exact."""
     rng = random.Random(seed)
     produce_orders(settings, 30_000, seed)
-    for point, delay in enumerate(kill_points(rng, kills, 0.0, 2.5)):
-        live = workers.start(f"live-{point}", *LIVE_ARGS)
-        kill_after(live, delay, "sigkill.processor.live", seed, point, ready="records=")
+    prefix = keys.live_prefix("orders", 2)
+    landed = []
+    for point, fraction in enumerate(kill_fractions(rng, kills)):
+        live = workers.start(f"live-{point}", *LIVE_KILL_ARGS)
+        progress = processor_progress(settings, s3, prefix, settings.events_topic)
+        landed.append(kill_at(live, fraction, "sigkill.processor.live", progress, ready="records=",
+                              seed=seed, point=point))
         produce_orders(settings, rng.randrange(2000, 6000), seed + point + 1)
+    assert len(landed) == kills
     drain_live(workers, settings, s3)
     archive_all(workers)
     assert_archive_exact(settings, s3)
@@ -86,9 +100,15 @@ def test_bounded_processor_sigkill_gives_the_same_report(
     archive_all(workers)
     spec = replay_spec(settings)
     workers.run("load", *load_args(spec))
-    for point, delay in enumerate(kill_points(rng, kills, 0.0, 2.0)):
-        bounded = workers.start(f"bounded-{point}", *bounded_args(spec, batch_size=200))
-        kill_after(bounded, delay, "sigkill.processor.bounded", seed, point, ready="records=")
+    progress = processor_progress(settings, s3, keys.processor_prefix(spec.pipeline, spec.version, spec.group),
+                                  spec.topic)
+    landed = []
+    # no new records between rounds: small fractions keep work left for every one of many kills
+    for point, fraction in enumerate(kill_fractions(rng, kills, high=min(0.8, 2.4 / kills))):
+        bounded = workers.start(f"bounded-{point}", *bounded_args(spec, batch_size=20))
+        landed.append(kill_at(bounded, fraction, "sigkill.processor.bounded", progress, ready="records=",
+                              seed=seed, point=point))
+    assert len(landed) == kills
     workers.run("bounded-final", *bounded_args(spec), timeout=300)
     assert_archive_exact(settings, s3)
     assert_replay_topic_exact(settings, s3, settings.events_topic, spec.topic, spec.day)
@@ -105,9 +125,13 @@ def test_replay_loader_sigkill_then_rerun_replays_each_record_once(
     produce_orders(settings, 60_000, seed, start=f"{DAY}T00:00:00Z")
     archive_all(workers)
     spec = replay_spec(settings, version=1)
-    for point, delay in enumerate(kill_points(rng, kills, 0.3, 2.5)):
-        loader = workers.start(f"load-{point}", *load_args(spec), "--throttle", "40000")
-        kill_after(loader, delay, "sigkill.replay_loader", seed, point)
+    progress = topic_progress(settings, spec.topic, len(archive_records(s3, spec.bucket, spec.source_topic, spec.day)))
+    landed = []
+    for point, fraction in enumerate(kill_fractions(rng, kills)):
+        loader = workers.start(f"load-{point}", *load_args(spec), "--throttle", "10000")
+        landed.append(kill_at(loader, fraction, "sigkill.replay_loader", progress, ready=f"replay {spec.replay_id}",
+                              resumes=False, seed=seed, point=point))
+    assert len(landed) == kills
     workers.run("load-final", *load_args(spec), timeout=300)
     assert_archive_exact(settings, s3)
     assert_replay_topic_exact(settings, s3, settings.events_topic, spec.topic, spec.day)

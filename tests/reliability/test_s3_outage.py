@@ -1,5 +1,7 @@
 """S3 outage (private stack): the S3 server is stopped mid-flush while records keep arriving.
 
+Each outage asserts it landed: the worker was running and logged S3 failures while S3 was down.
+
 Workers must retry with growing backoff, pause consumption instead of buffering without bound (the
 archiver's buffered record count and RSS are sampled during the outage), resume on their own when S3
 is back, and lose nothing. Default outage 10 s; the soak variant stops S3 for 30 s.
@@ -22,6 +24,7 @@ from workers.stack import Stack
 from .harness import (
     ARCHIVER_ARGS,
     LIVE_ARGS,
+    S3_DOWN_LINES,
     Worker,
     Workers,
     outage,
@@ -44,10 +47,11 @@ def logged(text: str, name: str) -> list[int]:
     return [int(v) for v in re.findall(rf"\b{name}=(\d+)", text)]
 
 
-def s3_down_while_producing(stack: Stack, settings: Settings, worker: Worker, seconds: int) -> str:
+def s3_down_while_producing(stack: Stack, settings: Settings, worker: Worker, seconds: int, kind: str) -> str:
     """Keep producing at ``RATE`` while S3 is stopped for ``seconds``; sample ``worker``'s RSS meanwhile.
 
-    Returns what ``worker`` logged during the outage.
+    The outage asserts it landed: ``worker`` logged S3 failures while S3 was down. Returns what
+    ``worker`` logged during the outage.
     """
     feeder = threading.Thread(target=produce_orders, args=(settings, RATE * (seconds + 6), 12),
                               kwargs={"partitions": PARTITIONS, "rate": RATE})
@@ -62,14 +66,12 @@ def s3_down_while_producing(stack: Stack, settings: Settings, worker: Worker, se
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    before = len(worker.output())
     try:
-        outage(stack, "s3proxy", seconds, "s3_outage")
+        return outage(stack, "s3proxy", seconds, kind, worker, S3_DOWN_LINES).log
     finally:
         stop.set()
         sampler.join()
         feeder.join(timeout=seconds + 60)
-    return worker.output()[before:]
 
 
 def stop_cleanly(*running: Worker) -> None:
@@ -86,7 +88,7 @@ def test_archiver_pauses_and_backs_off_during_s3_outage(
     archiver = workers.start("archiver", *ARCHIVER_ARGS)
     wait_archived(private_settings, private_s3)
     baseline_kb = archiver.rss_kb()
-    during = s3_down_while_producing(private_stack, private_settings, archiver, seconds)
+    during = s3_down_while_producing(private_stack, private_settings, archiver, seconds, "s3_outage.archiver")
     assert archiver.alive(), f"archiver died during the S3 outage:\n{archiver.tail()}"
 
     buffered, consumed = logged(during, "buffered"), logged(during, "consumed")
@@ -111,7 +113,7 @@ def test_live_processor_survives_s3_outage(
     live = workers.start("live", *LIVE_ARGS)
     prefix = keys.live_prefix("orders", 2)
     wait_processor_caught_up(private_settings, private_s3, prefix, private_settings.events_topic)
-    s3_down_while_producing(private_stack, private_settings, live, seconds)
+    s3_down_while_producing(private_stack, private_settings, live, seconds, "s3_outage.processor.live")
     assert live.alive(), f"live processor died during the S3 outage:\n{live.tail()}"
     wait_processor_caught_up(private_settings, private_s3, prefix, private_settings.events_topic, timeout=180)
     stop_cleanly(live)

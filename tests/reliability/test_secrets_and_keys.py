@@ -146,6 +146,7 @@ def test_days_must_be_real_dates(day: str) -> None:
         keys.valid_day(day)
 
 
+@settings(deadline=None)  # behaviour, not speed: the shared 2-core machine once took 280 ms for one example
 @given(day=st.dates(), partition=st.integers(0, 10_000), first=st.integers(0, 10**12), span=st.integers(0, 10**6))
 def test_raw_file_keys_round_trip(day, partition: int, first: int, span: int) -> None:
     key = keys.raw_file("events", day.isoformat(), partition, first, first + span)

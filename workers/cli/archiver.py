@@ -28,6 +28,12 @@ def archiver(
     metrics_port: int = typer.Option(None, help="Serve Prometheus metrics on this port."),
     max_backoff: float = typer.Option(30.0, help="Longest wait between S3 retries, in seconds."),
     shutdown_timeout: float = typer.Option(60.0, help="Seconds to keep retrying S3 when stopping."),
+    instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; default "
+                                                "kappa-archiver-<host>-<ordinal>; 'none' = dynamic member)."),
+    group_protocol: str = typer.Option(None, help="Consumer group protocol: classic (default) or consumer "
+                                                  "(KIP-848; env KAPPA_GROUP_PROTOCOL)."),
+    accept_data_loss: bool = typer.Option(False, "--accept-data-loss", help="Skip offsets Kafka deleted before "
+                                          "they were archived (logged and counted) instead of refusing."),
 ) -> None:
     """Consume the events topic in micro-batches and write byte-exact Parquet files plus S3 checkpoints."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,6 +44,7 @@ def archiver(
         until_end=until_end, idle_exit=idle_exit,
         session_timeout=session_timeout, log_interval=log_interval, metrics_port=metrics_port,
         max_backoff=max_backoff, shutdown_timeout=shutdown_timeout,
+        instance_id=instance_id, group_protocol=group_protocol, accept_data_loss=accept_data_loss,
     ).validate()
     settings = load_settings()
     stop = threading.Event()

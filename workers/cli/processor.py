@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from enum import StrEnum
@@ -15,7 +16,14 @@ from rich.table import Table
 
 from workers.config import load_settings
 from workers.errors import KappaError
-from workers.processor import DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_SECONDS, LIVE_GRACE_MS, RunSummary, run_processor
+from workers.processor import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHECKPOINT_SECONDS,
+    DEFAULT_SESSION_TIMEOUT_S,
+    LIVE_GRACE_MS,
+    RunSummary,
+    run_processor,
+)
 from workers.processor_progress import make_progress
 
 console = Console(stderr=True)
@@ -106,8 +114,16 @@ def processor(
     checkpoint_seconds: float = typer.Option(DEFAULT_CHECKPOINT_SECONDS, help="Seconds between S3 checkpoints."),
     dlq_topic: str = typer.Option(None, help="Dead-letter topic (default: KAPPA_DLQ_TOPIC)."),
     progress: ProgressKind = typer.Option(ProgressKind.auto, help="Progress display."),
+    instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; default "
+                                                "kappa-processor-<host>-<ordinal>; 'none' = dynamic member)."),
+    group_protocol: str = typer.Option(None, help="Consumer group protocol: classic (default) or consumer "
+                                                  "(KIP-848; env KAPPA_GROUP_PROTOCOL)."),
+    session_timeout: float = typer.Option(DEFAULT_SESSION_TIMEOUT_S, help="Kafka group session timeout in seconds "
+                                          "(6-300, classic protocol; see docs/ARCHITECTURE.md, Fast takeover)."),
 ) -> None:
     """Run one pipeline version: live (until stopped) or bounded (--until-end) over a replay topic."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     settings = load_settings()
     default_grace = None if until_end else LIVE_GRACE_MS
     grace_ms = default_grace if grace_seconds is None else int(grace_seconds * 1000)
@@ -130,6 +146,9 @@ def processor(
             dlq_topic=dlq_topic,
             progress=bar,
             handoff=handoff,
+            instance_id=instance_id,
+            group_protocol=group_protocol,
+            session_timeout=session_timeout,
         )
         if pipes is not None:
             pipes.report_custom_message(summary.to_dict())

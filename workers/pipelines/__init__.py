@@ -15,7 +15,7 @@ import os
 from importlib.metadata import entry_points
 
 from workers.errors import KappaError
-from workers.pipelines.base import Pipeline
+from workers.pipelines.base import Pipeline, check_window
 from workers.pipelines.orders import OrdersV1, OrdersV2
 
 ENTRY_POINT_GROUP = "kappa.pipelines"
@@ -27,6 +27,7 @@ _plugins_loaded = False
 def register(cls: type[Pipeline]) -> type[Pipeline]:
     """Class decorator: make ``(cls.name, cls.version)`` available to the processor and the CLI."""
     key = (cls.name, cls.version)
+    check_window(cls)
     if key in _REGISTRY and _REGISTRY[key] is not cls:
         raise KappaError(f"pipeline {cls.name} v{cls.version} is registered twice")
     _REGISTRY[key] = cls
@@ -61,6 +62,7 @@ def get_pipeline(name: str, version: int) -> Pipeline:
         if any(n == name for n, _ in _REGISTRY):
             raise KappaError(f"pipeline {name!r} has no version {version}; known pipelines: {listing}")
         raise KappaError(f"unknown pipeline {name!r}; known pipelines: {listing}")
+    check_window(cls)  # also a window changed after registration
     return cls()
 
 

@@ -31,11 +31,18 @@ from typing import ClassVar
 
 import polars as pl
 
+from workers.errors import KappaError
+from workers.keys import MAX_DAY_MS
+
 #: Column of :meth:`Pipeline.parse` output: why a value was rejected, null when valid.
 REJECT = "reject"
 #: Column the engine and the batch reference add: window start in epoch milliseconds.
 WINDOW_MS = "window_ms"
 NO_TIMESTAMP = "record has no timestamp"
+TIMESTAMP_OUT_OF_RANGE = "timestamp after 9999-12-31 (no calendar day)"
+#: the timestamps the engine windows: 1970-01-01 .. 9999-12-31 (negative = none, past 9999: no day)
+MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS = 0, MAX_DAY_MS
+DAY_MS = 86_400_000
 #: Outcome counters of every record; ``records == counted + dlq + duplicates + late``.
 STAT_NAMES = ("records", "counted", "dlq", "duplicates", "late")
 
@@ -124,10 +131,26 @@ class Pipeline(ABC):
 
 
 def reject_missing_timestamp() -> pl.Expr:
-    """Records without a usable Kafka timestamp cannot be windowed: reject them (engine and reference)."""
+    """Records without a usable Kafka timestamp cannot be windowed: reject them (engine and reference).
+
+    Negative is Kafka's "no timestamp"; past 9999-12-31 there is no ``YYYY-MM-DD`` day to report
+    it under (older brokers accept such timestamps)."""
+    valid = pl.col(REJECT).is_null()
     return (
-        pl.when(pl.col(REJECT).is_null() & (pl.col("timestamp_ms") < 0))
+        pl.when(valid & (pl.col("timestamp_ms") < MIN_TIMESTAMP_MS))
         .then(pl.lit(NO_TIMESTAMP))
+        .when(valid & (pl.col("timestamp_ms") > MAX_TIMESTAMP_MS))
+        .then(pl.lit(TIMESTAMP_OUT_OF_RANGE))
         .otherwise(pl.col(REJECT))
         .alias(REJECT)
     )
+
+
+def check_window(cls: type[Pipeline]) -> None:
+    """Windows must tile a UTC day: a window straddling midnight would belong to two day reports."""
+    width = cls.window_ms
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0 or DAY_MS % width:
+        raise KappaError(
+            f"pipeline {cls.name} v{cls.version}: window_ms={width!r} does not divide a day (86400000 ms); "
+            "use e.g. 60000 (1 min), 300000 (5 min) or 3600000 (1 h)"
+        )

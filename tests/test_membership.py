@@ -1,0 +1,104 @@
+"""Static group membership: identities, per-host ordinals, the one consumer-config builder."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+
+from workers import membership
+from workers.config import Settings
+from workers.errors import KappaError
+
+
+@pytest.fixture(autouse=True)
+def lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KAPPA_INSTANCE_LOCK_DIR", str(tmp_path))
+    monkeypatch.delenv(membership.INSTANCE_ENV, raising=False)
+    monkeypatch.delenv(membership.PROTOCOL_ENV, raising=False)
+    return tmp_path
+
+
+def test_default_ids_are_per_host_role_and_ordinal_and_a_dead_slot_is_reused() -> None:
+    host = socket.gethostname()
+    first, second = membership.resolve("archiver", "g"), membership.resolve("archiver", "g")
+    other_role, other_group = membership.resolve("processor", "g"), membership.resolve("archiver", "h")
+    try:
+        assert first.instance_id == f"kappa-archiver-{host}-0" and second.instance_id == f"kappa-archiver-{host}-1"
+        assert other_role.instance_id == f"kappa-processor-{host}-0"
+        assert other_group.instance_id == f"kappa-archiver-{host}-0"
+        first.release()
+        again = membership.resolve("archiver", "g")
+        assert again.instance_id == f"kappa-archiver-{host}-0"  # a restart takes the freed slot
+        again.release()
+    finally:
+        for held in (first, second, other_role, other_group):
+            held.release()
+
+
+def test_a_killed_process_frees_its_slot(lock_dir: Path) -> None:
+    """The kernel drops a dead process's flock: the restarted worker gets the same identity."""
+    code = "from workers import membership; import time; held = membership.resolve('archiver', 'g'); " \
+           "print(held.instance_id, flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip().endswith("-0")
+        taken = membership.resolve("archiver", "g")
+        assert taken.instance_id.endswith("-1")  # type: ignore[union-attr]
+        taken.release()
+        child.kill()
+        child.wait(10)
+        restarted = membership.resolve("archiver", "g")
+        assert restarted.instance_id.endswith("-0")  # type: ignore[union-attr]
+        restarted.release()
+    finally:
+        child.kill()
+
+
+def test_flag_beats_environment_and_none_means_dynamic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(membership.INSTANCE_ENV, "from-env")
+    monkeypatch.setenv(membership.PROTOCOL_ENV, "consumer")
+    assert membership.resolve("archiver", "g").instance_id == "from-env"
+    assert membership.resolve("archiver", "g").protocol == "consumer"
+    chosen = membership.resolve("archiver", "g", instance="from-flag", protocol="classic")
+    assert (chosen.instance_id, chosen.protocol) == ("from-flag", "classic")
+    assert membership.resolve("archiver", "g", instance="none").instance_id is None
+
+
+@pytest.mark.parametrize(("instance", "protocol", "message"), [
+    ("a b", None, "may only use letters"),
+    (None, "eager", "must be one of classic, consumer"),
+])
+def test_bad_values_are_one_clear_line(instance: str | None, protocol: str | None, message: str) -> None:
+    with pytest.raises(KappaError, match=message) as error:
+        membership.resolve("archiver", "g", instance=instance, protocol=protocol)
+    assert "\n" not in str(error.value)
+
+
+def test_the_consumer_protocol_config_leaves_out_what_librdkafka_refuses(settings: Settings) -> None:
+    """KIP-848 moves session timeout, heartbeat and assignor to the broker: librdkafka refuses them."""
+    with_extra = Settings(settings.bootstrap_servers, kafka_extra={"session.timeout.ms": "30000"})
+    for protocol in membership.PROTOCOLS:
+        member = membership.Membership(protocol, "kappa-test-0")
+        config = membership.consumer_config(with_extra, member, group="g", session_timeout_ms=20_000)
+        assert config["group.instance.id"] == "kappa-test-0" and config["group.protocol"] == protocol
+        assert (protocol == "classic") == all(key in config for key in membership.CLASSIC_ONLY)
+        Consumer(config).close()  # librdkafka accepts it
+
+
+@pytest.mark.parametrize("command", [["archiver", "--until-end"], ["processor", "-p", "orders", "-v", "2"]])
+@pytest.mark.parametrize(("option", "message"), [
+    (["--group-protocol", "eager"], "must be one of classic, consumer"),
+    (["--instance-id", "a/b"], "may only use letters"),
+])
+def test_the_clis_refuse_bad_membership_values_before_touching_kafka(
+    command: list[str], option: list[str], message: str
+) -> None:
+    run = subprocess.run([sys.executable, "-m", "workers.cli", *command, *option, "--topic", "no-such-topic-xyz"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert message in run.stderr.strip().splitlines()[-1] and "no-such-topic" not in run.stderr

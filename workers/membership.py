@@ -1,0 +1,144 @@
+"""Consumer-group membership of the workers: static identity, group protocol, one config builder.
+
+Why static membership: with dynamic membership a worker restarted after ``kill -9`` is a *new*
+member; its old partitions stay with the dead member until the session timeout expires, and with
+the classic protocol a member killed mid-rebalance holds every member up. With a
+``group.instance.id`` the restarted worker *is* the old member: the coordinator hands it the same
+partitions at once, no rebalance, no wait (numbers in docs/ARCHITECTURE.md, "Fast takeover").
+
+The identity is ``kappa-<role>-<host>-<ordinal>``. ``--instance-id`` / ``KAPPA_INSTANCE_ID`` set it
+explicitly (``none`` turns static membership off). By default the ordinal is the lowest free slot
+of an advisory lock file per (group, role) on this host: the first worker of a group on a host is
+0, a second one 1, and a worker restarted after a crash takes the slot the dead one released (the
+kernel drops a dead process's ``flock``). Two live members never share an id, which would fence
+one of them.
+
+The group protocol is ``classic`` (default, measured fastest after a kill) or ``consumer`` (KIP-848,
+``--group-protocol`` / ``KAPPA_GROUP_PROTOCOL``). Under ``consumer`` the session timeout, heartbeat
+interval and assignor are broker-side settings and librdkafka refuses them: :func:`consumer_config`
+is the one place that drops them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+from workers.config import Settings, cache_dir
+from workers.errors import KappaError
+
+GroupProtocol = Literal["classic", "consumer"]
+PROTOCOLS: tuple[GroupProtocol, ...] = ("classic", "consumer")
+DEFAULT_PROTOCOL: GroupProtocol = "classic"
+#: client settings the consumer protocol (KIP-848) moves to the broker; librdkafka rejects them
+CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy")
+INSTANCE_ENV, PROTOCOL_ENV = "KAPPA_INSTANCE_ID", "KAPPA_GROUP_PROTOCOL"
+AUTO, NONE = "auto", "none"
+INSTANCE_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+MAX_ORDINALS = 256
+
+
+@dataclass
+class Membership:
+    """How one worker joins its group; holds the ordinal lock while the worker runs."""
+
+    protocol: GroupProtocol = DEFAULT_PROTOCOL
+    instance_id: str | None = None
+    _lock: IO[bytes] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Free the ordinal slot (also freed by the kernel when the process dies)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def validate(instance: str | None = None, protocol: str | None = None) -> tuple[GroupProtocol, str]:
+    """Flag > environment > default for both settings; a bad value is one clear error. Returns the
+    protocol and the wanted identity (``auto``, ``none`` or an explicit id)."""
+    chosen = (protocol or os.environ.get(PROTOCOL_ENV) or DEFAULT_PROTOCOL).strip().lower()
+    if chosen not in PROTOCOLS:
+        raise KappaError(f"--group-protocol / {PROTOCOL_ENV} must be one of {', '.join(PROTOCOLS)}, got {chosen!r}")
+    wanted = (instance or os.environ.get(INSTANCE_ENV) or AUTO).strip()
+    if wanted.lower() not in (AUTO, NONE) and not INSTANCE_RE.match(wanted):
+        raise KappaError(f"--instance-id / {INSTANCE_ENV} {wanted!r} may only use letters, digits, '.', '_', '-'")
+    return chosen, wanted  # type: ignore[return-value]
+
+
+def resolve(role: str, group: str, instance: str | None = None, protocol: str | None = None) -> Membership:
+    """The membership of one worker; the default identity claims this host's lowest free ordinal."""
+    chosen, wanted = validate(instance, protocol)
+    if wanted.lower() == NONE:
+        return Membership(chosen)
+    if wanted.lower() != AUTO:
+        return Membership(chosen, wanted)
+    ordinal, lock = claim_ordinal(role, group)
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:100] or "host"
+    return Membership(chosen, f"kappa-{role}-{host}-{ordinal}", lock)
+
+
+def lock_dir() -> Path:
+    """Where ordinal locks live: ``KAPPA_INSTANCE_LOCK_DIR``, else under the cache dir, else (a
+    read-only home, e.g. in a container) the temp dir: every worker of the host sees the same one."""
+    if "KAPPA_INSTANCE_LOCK_DIR" in os.environ:
+        return Path(os.environ["KAPPA_INSTANCE_LOCK_DIR"]).expanduser()
+    for folder in (cache_dir() / "instances", Path(tempfile.gettempdir()) / "kappa-instances"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError:
+            continue
+    return folder
+
+
+def claim_ordinal(role: str, group: str) -> tuple[int, IO[bytes]]:
+    """The lowest ordinal whose lock file nobody holds, with its (held) lock."""
+    folder = lock_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KappaError(f"cannot create {folder} for instance locks ({exc.strerror}); "
+                         f"set {INSTANCE_ENV} or KAPPA_INSTANCE_LOCK_DIR") from None
+    safe_group = re.sub(r"[^A-Za-z0-9._-]", "_", group)
+    for ordinal in range(MAX_ORDINALS):
+        handle = (folder / f"{safe_group}.{role}.{ordinal}.lock").open("ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return ordinal, handle
+    raise KappaError(f"more than {MAX_ORDINALS} {role} workers of group {group} on this host; set {INSTANCE_ENV}")
+
+
+def consumer_config(
+    settings: Settings,
+    membership: Membership,
+    *,
+    group: str,
+    session_timeout_ms: int,
+    assignment_strategy: str = "cooperative-sticky",
+    **overrides: object,
+) -> dict[str, object]:
+    """The group consumer settings of every worker: membership, protocol and liveness in one place."""
+    config: dict[str, object] = {
+        "group.id": group,
+        "group.protocol": membership.protocol,
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": max(1000, min(3000, session_timeout_ms // 6)),
+        "partition.assignment.strategy": assignment_strategy,
+        **overrides,
+    }
+    if membership.instance_id is not None:
+        config["group.instance.id"] = membership.instance_id
+    config = settings.kafka_config(**config)
+    if membership.protocol == "consumer":  # also drops pass-through KAPPA_KAFKA_SESSION_TIMEOUT_MS & co
+        for key in CLASSIC_ONLY:
+            config.pop(key, None)
+    return config
