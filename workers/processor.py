@@ -651,11 +651,15 @@ def run_processor(
     dlq_topic: str | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    stage: Literal["both", "1", "2"] = "both",
+    shuffle_partitions: int | None = None,
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
 
     ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
     in the CLI). Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
+    A pipeline with a state key runs as two stages joined by a repartition topic (``workers/shuffle.py``;
+    ``stage`` runs one of them alone, ``shuffle_partitions`` sizes the topic, default: the input's).
     """
     impl = get_pipeline(pipeline, version)
     if batch_size < 1 or checkpoint_seconds <= 0 or (grace_ms is not None and grace_ms < 0):
@@ -663,9 +667,7 @@ def run_processor(
     if not bounded and grace_ms is None:
         raise KappaError("a live processor needs a finite grace period (windows would never close)")
     stop = stop or threading.Event()
-    processor = Processor(
-        settings,
-        impl,
+    options: dict[str, Any] = dict(
         topic=keys.valid_topic(topic or settings.events_topic),
         group=keys.valid_group(group or live_group(pipeline, version)),
         bounded=bounded,
@@ -676,9 +678,16 @@ def run_processor(
         batch_size=batch_size,
         checkpoint_seconds=checkpoint_seconds,
         dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
-        progress=progress or NoProgress(),
-        stop=stop,
     )
+    if impl.state_key:
+        from workers.shuffle import run_shuffled  # the shuffle builds on this module
+
+        with stop_on_signals(stop):
+            return run_shuffled(
+                settings, impl, stage=stage, shuffle_partitions=shuffle_partitions,
+                progress=progress or NoProgress(), stop=stop, **options,
+            )
+    processor = Processor(settings, impl, **options, progress=progress or NoProgress(), stop=stop)
     with stop_on_signals(stop):
         return processor.run()
 

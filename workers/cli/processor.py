@@ -26,6 +26,12 @@ class StartAt(StrEnum):
     latest = "latest"
 
 
+class StageKind(StrEnum):
+    both = "both"
+    one = "1"
+    two = "2"
+
+
 class ProgressKind(StrEnum):
     auto = "auto"
     rich = "rich"
@@ -101,6 +107,10 @@ def processor(
     checkpoint_seconds: float = typer.Option(DEFAULT_CHECKPOINT_SECONDS, help="Seconds between S3 checkpoints."),
     dlq_topic: str = typer.Option(None, help="Dead-letter topic (default: KAPPA_DLQ_TOPIC)."),
     progress: ProgressKind = typer.Option(ProgressKind.auto, help="Progress display."),
+    stage: StageKind = typer.Option(StageKind.both, help="Pipelines with a state key: run both shuffle stages, "
+                                    "or only stage 1 (parse + repartition) or stage 2 (state + results)."),
+    shuffle_partitions: int = typer.Option(None, help="Partitions of the repartition topic when it is created "
+                                           "(default: the input topic's)."),
 ) -> None:
     """Run one pipeline version: live (until stopped) or bounded (--until-end) over a replay topic."""
     settings = load_settings()
@@ -124,6 +134,8 @@ def processor(
             checkpoint_seconds=checkpoint_seconds,
             dlq_topic=dlq_topic,
             progress=bar,
+            stage=stage.value,
+            shuffle_partitions=shuffle_partitions,
         )
         if pipes is not None:
             pipes.report_custom_message(summary.to_dict())
