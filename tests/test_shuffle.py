@@ -25,6 +25,7 @@ from typing import Any
 import polars as pl
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from test_processor import consume_all
 
 from workers import kafka as kafka_helpers
 from workers import keys
@@ -69,15 +70,8 @@ def order_of(value: bytes | None) -> dict | None:
 
 
 def read_topic(settings: Settings, topic: str) -> list[Any]:
-    ends = kafka_helpers.end_offsets(settings, topic)
-    consumer = Consumer(settings.kafka_config(**{"group.id": "test-oracle", "enable.auto.commit": False}))
-    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-    messages: list[Any] = []
-    deadline = time.monotonic() + 60
-    while len(messages) < sum(ends.values()) and time.monotonic() < deadline:
-        messages += [m for m in consumer.consume(1000, timeout=1) if m.error() is None]
-    consumer.close()
-    assert len(messages) == sum(ends.values())
+    messages = consume_all(settings, topic)
+    assert len(messages) == sum(kafka_helpers.end_offsets(settings, topic).values())
     return messages
 
 

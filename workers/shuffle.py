@@ -59,7 +59,7 @@ from workers.perf import gc_paused
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
 from workers.processor import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, split_batch
 from workers.processor_progress import NoProgress, Progress
-from workers.processor_state import PartitionState, StateStore, day_of, list_states
+from workers.processor_state import PartitionState, StateStore, day_of
 from workers.replay_loader import SRC_OFFSET_HEADER, SRC_PARTITION_HEADER
 from workers.s3 import ensure_bucket, get_bytes, s3_client
 
@@ -344,7 +344,8 @@ class Stage2(Processor):
         return {**config, "group.id": stage2_group(self.group), "auto.offset.reset": "earliest"}
 
     def bounded_end_offsets(self, partitions: int) -> dict[int, int]:
-        return {}  # bounded by stage 1's end markers, not by offsets
+        """Bounded by stage 1's end markers, not offsets: end 0 lets ``finished`` see only ``finalized``."""
+        return dict.fromkeys(range(partitions), 0)
 
     def new_state(self, partition: int) -> PartitionState:
         return ShuffleState(self.pipeline, self.topic, self.group, partition, self.grace_ms)
@@ -418,17 +419,6 @@ class Stage2(Processor):
             if isinstance(state, ShuffleState) and state.dirty and (partitions is None or partition in partitions):
                 state.refresh_open()
         super().checkpoint(partitions)
-
-    def finished(self) -> bool:
-        """True when every repartition partition is finalized in S3 (by us or another member)."""
-        if any(not s.finalized or s.dirty for s in self.states.values()):
-            return False
-        if time.monotonic() - self.last_global_check < 1.0:
-            return False
-        self.last_global_check = time.monotonic()
-        states = list_states(self.client, self.settings.s3_bucket, self.prefix)
-        partitions = kafka_helpers.partition_count(self.settings, self.topic)
-        return all(p in states and states[p]["finalized"] for p in range(partitions))
 
     def report_progress(self) -> None:
         if isinstance(self.progress, NoProgress):
