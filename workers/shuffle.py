@@ -69,8 +69,6 @@ Stage = Literal["both", "1", "2"]
 SHUFFLE_HEADER = "kappa.shuffle"
 DATA, PROGRESS = b"data", b"progress"
 SRC_PARTITION, SRC_OFFSET = "src_partition", "src_offset"
-#: headers the replay loader puts on every replayed record: the archive's coordinates
-SRC_HEADERS = {SRC_PARTITION_HEADER: SRC_PARTITION, SRC_OFFSET_HEADER: SRC_OFFSET}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: no time/size retention: stage 2 may be down for long, and event times are historical in replays
 INTERNAL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "max.message.bytes": str(MAX_MESSAGE_BYTES)}
@@ -190,31 +188,39 @@ class SourceProgress:
 
 @dataclass
 class ShuffleState(PartitionState):
-    """A repartition partition's state: ``seen`` holds the winning copy per (window, dedup_by) of the
-    open windows, ``max_ts`` the watermark before grace (min over sources, monotonic)."""
+    """A repartition partition's state: ``windows`` holds per open window the winning copy per
+    (window, dedup_by) (``seen`` is their checkpointed form), ``max_ts`` the watermark before grace
+    (min over sources, monotonic). Per-window frames keep a batch's work proportional to the windows
+    it touches, not to the whole state (a bounded run with infinite grace holds the whole day)."""
 
     sources: dict[int, SourceProgress] = field(default_factory=dict)
     n_sources: int | None = None
+    windows: dict[int, pl.DataFrame] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.seen.width == 0:
             self.seen = winners_schema(self.pipeline).to_frame()
         super().__post_init__()
 
+    def split_seen(self) -> None:
+        """After a load: the checkpointed winners back into per-window frames."""
+        self.windows = {w: f for (w,), f in self.seen.partition_by(WINDOW_MS, as_dict=True).items()}  # type: ignore[misc]
+
     def close_windows(self, watermark: int | None) -> int:
         """Aggregate the winners of windows ending at or before ``watermark`` into ``pending``."""
         if watermark is None:
             return 0
-        ends = pl.col(WINDOW_MS) + self.pipeline.window_ms
-        closing = self.seen.filter(ends <= watermark)
-        if closing.height:
-            self.seen = self.seen.filter(ends > watermark)
-            self.pending = pl.concat([self.pending, aggregate_winners(self.pipeline, closing)])
+        closing = [w for w in self.windows if w + self.pipeline.window_ms <= watermark]
+        if closing:
+            closed = pl.concat([self.windows.pop(w) for w in sorted(closing)])
+            self.pending = pl.concat([self.pending, aggregate_winners(self.pipeline, closed)])
             self.dirty = True
-        return closing.height
+        return len(closing)
 
     def refresh_open(self) -> None:
-        """Open-window partials for readers of provisional results (computed at checkpoint only)."""
+        """Winners and open-window partials as checkpointed (and read as provisional results)."""
+        schema = winners_schema(self.pipeline)
+        self.seen = pl.concat([schema.to_frame(), *self.windows.values()])
         self.open = aggregate_winners(self.pipeline, self.seen)
 
     def floor(self) -> int | None:
@@ -270,6 +276,8 @@ class ShuffleStore(StateStore):
         if doc is not None and isinstance(state, ShuffleState) and doc.get("shuffle"):
             state.n_sources = doc["shuffle"]["sources"]
             state.sources = {int(p): SourceProgress(*v) for p, v in doc["shuffle"]["progress"].items()}
+        if isinstance(state, ShuffleState):
+            state.split_seen()
         return state
 
 
@@ -291,7 +299,9 @@ def apply_rows(rows: pl.DataFrame, state: ShuffleState) -> pl.DataFrame:
     key = [WINDOW_MS, *pipeline.dedup_by]
     candidates = rows.filter(pl.col("outcome") == "counted")
     if candidates.height:
-        known = state.seen.select(key).with_columns(pl.lit(True).alias("_known"))
+        touched = [w for w in candidates[WINDOW_MS].unique().to_list() if w in state.windows]
+        before = pl.concat([state.seen.clear(), *(state.windows[w] for w in touched)])
+        known = before.select(key).with_columns(pl.lit(True).alias("_known"))
         marked = candidates.with_columns(pl.struct(key).is_first_distinct().alias("_first")).join(
             known, on=key, how="left", maintain_order="left"
         )
@@ -299,7 +309,8 @@ def apply_rows(rows: pl.DataFrame, state: ShuffleState) -> pl.DataFrame:
         rows = rows.with_columns(
             pl.when(pl.col("_row").is_in(repeats.implode())).then(pl.lit("duplicates")).otherwise("outcome").alias("outcome")
         )
-        state.seen = keep_winners(state.seen, candidates.select(state.seen.columns), key)
+        winners = keep_winners(before, candidates.select(state.seen.columns), key)
+        state.windows.update({w: f for (w,), f in winners.partition_by(WINDOW_MS, as_dict=True).items()})
     state.add_stats(rows.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome"))
     state.dirty = True
     return rows.drop("_row")
@@ -457,7 +468,7 @@ class Stage1(Processor):
             self.end = self.bounded_end_offsets(self.sources)
             self.summary.end_offsets = dict(self.end)
         self.producer = Producer(self.producer_config())
-        self.producer.init_transactions(60)  # aborts what a crashed producer of the same id left open
+        retrying(lambda: self.producer.init_transactions(60))  # type: ignore[union-attr]  # aborts a crashed twin's
         self.producer.begin_transaction()
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
@@ -501,7 +512,7 @@ class Stage1(Processor):
 
     def on_assign(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Committed offset (the transaction's) > explicit start offset > bounded from-beginning > reset."""
-        committed = consumer.committed(partitions, timeout=30) if partitions else []
+        committed = retrying(lambda: consumer.committed(partitions, timeout=30)) if partitions else []
         for tp, done in zip(partitions, committed, strict=True):
             self.positions[tp.partition], tp.offset = self.first_offset(tp.partition, done.offset)
             self.source_progress[tp.partition] = SourceProgress()
@@ -567,11 +578,11 @@ class Stage1(Processor):
     def with_source(self, frame: pl.DataFrame, messages: list[Any]) -> pl.DataFrame:
         """Source coordinates: the archive's (``kappa.src.*`` headers of a replay topic) when present."""
         partitions, offsets = frame["partition"].to_list(), frame["offset"].to_list()
-        if self.bounded:
+        if self.bounded:  # the loader appends the two headers last (replay_loader.row_headers)
             for row, idx in enumerate(frame["idx"].to_list()):
-                found = {SRC_HEADERS[k]: v for k, v in (messages[idx].headers() or []) if k in SRC_HEADERS}
-                if len(found) == 2:
-                    partitions[row], offsets[row] = int(found[SRC_PARTITION]), int(found[SRC_OFFSET])
+                headers = messages[idx].headers()
+                if is_replayed(headers):
+                    partitions[row], offsets[row] = int(headers[-2][1]), int(headers[-1][1])
         return frame.with_columns(
             pl.Series(SRC_PARTITION, partitions, dtype=pl.Int32), pl.Series(SRC_OFFSET, offsets, dtype=pl.Int64)
         )
@@ -642,8 +653,9 @@ class Stage1(Processor):
         offsets = [TP(self.topic, p, o) for p, o in sorted(self.positions.items()) if o is not None]
         try:
             if offsets:
-                self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 60)
-            self.producer.commit_transaction(60)
+                metadata = self.consumer.consumer_group_metadata()
+                retrying(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 60))  # type: ignore[union-attr]
+            retrying(lambda: self.producer.commit_transaction(60))  # type: ignore[union-attr]
         except KafkaException as exc:
             self.transaction_failed(exc)
             return
@@ -667,7 +679,7 @@ class Stage1(Processor):
         self.producer.abort_transaction(60)
         self.delivery_errors.clear()
         owned = [TP(self.topic, p) for p in sorted(self.positions)]
-        for tp in self.consumer.committed(owned, timeout=30) if owned else []:
+        for tp in retrying(lambda: self.consumer.committed(owned, timeout=30)) if owned else []:  # type: ignore[union-attr]
             self.positions[tp.partition], offset = self.first_offset(tp.partition, tp.offset)
             self.source_progress[tp.partition] = SourceProgress(*self.committed_progress[tp.partition].as_list())
             self.consumer.seek(TP(self.topic, tp.partition, offset))
@@ -688,13 +700,34 @@ class Stage1(Processor):
             return False
         self.last_done_check = time.monotonic()
         assert self.consumer is not None
-        committed = self.consumer.committed([TP(self.topic, p) for p in self.end], timeout=30)
+        consumer = self.consumer
+        committed = retrying(lambda: consumer.committed([TP(self.topic, p) for p in self.end], timeout=30))
         return all(tp.offset >= self.end[tp.partition] for tp in committed)
 
     def remaining(self) -> int | None:
         if not self.end:
             return None
         return sum(max(0, end - (self.positions.get(p) or 0)) for p, end in self.end.items() if p in self.positions)
+
+
+def is_replayed(headers: list[tuple[str, bytes]] | None) -> bool:
+    """Carries the archive coordinates the replay loader appends as the last two headers."""
+    return bool(headers) and len(headers) >= 2 and (headers[-2][0], headers[-1][0]) == (  # type: ignore[arg-type]
+        SRC_PARTITION_HEADER, SRC_OFFSET_HEADER
+    )
+
+
+def retrying(call: Callable[[], Any], seconds: float = 120.0) -> Any:
+    """Retry what Kafka calls retriable (a broker restart, a coordinator moving) for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() > deadline:
+                raise
+            log.warning("Kafka: %s; retrying", exc.args[0].str())
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------- both stages
