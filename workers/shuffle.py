@@ -35,6 +35,7 @@ headers), so live, replay and :meth:`Pipeline.batch_report` pick the same copy.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import json
 import logging
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import polars as pl
+from botocore.exceptions import ClientError
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
@@ -77,6 +79,8 @@ STAGE1_COMMIT_SECONDS = 1.0
 #: a killed stage 1 with a random transactional.id holds stage 2 (read_committed) until this expires
 TRANSACTION_TIMEOUT_MS = 10_000
 INSTANCE_ENV = "KAPPA_INSTANCE_ID"
+#: a reset of the internals takes seconds; a lock this old was left by a member that died meanwhile
+RESET_LOCK_SECONDS = 180.0
 
 
 # ---------------------------------------------------------------- names and internal topics
@@ -118,29 +122,59 @@ def prepare_internals(settings: Settings, stage: Stage, prefix: str, names: Mapp
     """Bind the Kafka-side state (stage-1 offsets, repartition topic, stage-2 group) to the S3 prefix.
 
     Stage 2 trusts what the repartition topic holds, so internals left by an earlier incarnation of
-    the group (its S3 state deleted, e.g. a fresh bucket) must go first: stage 1 removes them when
-    the prefix has no ``shuffle.json`` yet, then writes it; a stage 2 alone waits for it.
-    Returns the repartition topic's partition count.
+    the group (its S3 state deleted, e.g. a fresh bucket) must go first. While the prefix has no
+    ``shuffle.json``, one stage-1 member (the one whose create-only PUT of a reset lock succeeds)
+    removes them and writes the marker; every other member waits for the marker before it joins a
+    group. Returns the repartition topic's partition count.
     """
     client = s3_client(settings)
-    ensure_bucket(client, settings.s3_bucket)
-    marker = f"{prefix}_state/shuffle.json"
-    while (data := get_bytes(client, settings.s3_bucket, marker)) is None and stage == "2" and not stop.is_set():
+    bucket = settings.s3_bucket
+    ensure_bucket(client, bucket)
+    marker, lock = f"{prefix}_state/shuffle.json", f"{prefix}_state/shuffle.reset"
+    while (data := get_bytes(client, bucket, marker)) is None:
+        if stage != "2" and claim(client, bucket, lock):
+            try:
+                reset_internals(settings, names, partitions)
+                body = json.dumps({**names, "partitions": partitions}).encode()
+                client.put_object(Bucket=bucket, Key=marker, Body=body, ContentType="application/json")
+            finally:
+                client.delete_object(Bucket=bucket, Key=lock)
+            break
+        if stop.is_set():
+            raise KappaError(f"stopped while waiting for s3://{bucket}/{marker} (another member sets up the shuffle)")
+        drop_stale_lock(client, bucket, lock)
         time.sleep(0.5)
-    if data is not None:
-        doc = json.loads(data)
-        if doc["topic"] != names["topic"]:
-            raise KappaError(f"group {names['group']} shuffles topic {doc['topic']!r}, not {names['topic']!r}; "
-                             "use a new --group")
-    elif stage != "2":
-        from workers.replay_loader import delete_group  # the one group deleter (waits out dead members)
-
-        delete_group(settings, names["group"])
-        delete_internal(settings, names["group"], delete_group)
-        count = ensure_repartition_topic(settings, names["repartition"], partitions)
-        body = json.dumps({**names, "partitions": count}).encode()
-        client.put_object(Bucket=settings.s3_bucket, Key=marker, Body=body, ContentType="application/json")
+    if data is not None and json.loads(data)["topic"] != names["topic"]:
+        raise KappaError(f"group {names['group']} shuffles topic {json.loads(data)['topic']!r}, "
+                         f"not {names['topic']!r}; use a new --group")
     return ensure_repartition_topic(settings, names["repartition"], partitions)
+
+
+def reset_internals(settings: Settings, names: Mapping[str, str], partitions: int) -> None:
+    from workers.replay_loader import delete_group  # the one group deleter (waits out dead members)
+
+    delete_group(settings, names["group"])
+    delete_internal(settings, names["group"], delete_group)
+    ensure_repartition_topic(settings, names["repartition"], partitions)
+
+
+def claim(client: Any, bucket: str, key: str) -> bool:
+    """Create-only PUT (``If-None-Match: *``): True for the one caller that created ``key``."""
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "ConditionalRequestConflict"}:
+            return False
+        raise
+
+
+def drop_stale_lock(client: Any, bucket: str, key: str, seconds: float = RESET_LOCK_SECONDS) -> None:
+    """A reset lock older than ``seconds`` belongs to a member that died mid-reset: free it."""
+    with contextlib.suppress(ClientError):
+        modified = client.head_object(Bucket=bucket, Key=key)["LastModified"]
+        if (dt.datetime.now(dt.UTC) - modified).total_seconds() > seconds:
+            client.delete_object(Bucket=bucket, Key=key)
 
 
 def check_state_key(pipeline: Pipeline) -> None:
