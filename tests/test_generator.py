@@ -168,3 +168,24 @@ def test_cli_produce_bad_options_print_one_line(settings: Settings, args: list[s
     assert "Traceback" not in result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_keyings_change_only_the_keys_and_rerouted_duplicates_take_another_key() -> None:
+    """The same seed gives the same values, timestamps, headers and kinds whatever the keying."""
+    faults = Faults(duplicates=0.2, late=0.05, malformed=0.05)
+    runs = {k: list(generate(3000, start_ms=START_MS, seed=5, faults=faults, keying=k))
+            for k in ("user", "none", "random", "event-id")}
+    rerouted = list(generate(3000, start_ms=START_MS, seed=5, faults=Faults(**{**faults.__dict__, "rerouted": 0.3})))
+    plain = [r._replace(key=None) for r in runs["user"]]
+    for records in [*runs.values(), rerouted]:
+        assert [r._replace(key=None) for r in records] == plain
+    assert all(r.key is None for r in runs["none"])
+    valid = [(r, json.loads(r.value)) for r in runs["event-id"] if r.kind == "valid"]
+    assert all(r.key == body["event_id"].encode() for r, body in valid)
+    assert len({r.key for r in runs["random"] if r.kind == "valid"}) == sum(r.kind == "valid" for r in runs["random"])
+    moved = [a for a, b in zip(rerouted, runs["user"], strict=True) if a.key != b.key]
+    duplicates = sum(r.kind == "duplicate" for r in rerouted)
+    assert moved and all(r.kind == "duplicate" and r.key.startswith(b"session-") for r in moved)  # type: ignore[union-attr]
+    assert 0.2 < len(moved) / duplicates < 0.4
+    with pytest.raises(KappaError, match="--keying"):
+        list(generate(1, start_ms=START_MS, keying="by-magic"))

@@ -74,14 +74,16 @@ def archive(values: list[bytes | None], timestamps: list[int], partitions: list[
 
 
 def plain_report(values: list[bytes | None], timestamps: list[int], partitions: list[int], dedup: bool) -> pl.DataFrame:
-    """The expected report, computed the obvious way with json + polars (no pipeline code)."""
+    """The expected report, computed the obvious way with json + polars (no pipeline code).
+
+    Dedup (v2) keeps one copy per (window, event_id) across partitions; callers pass exact copies."""
     rows, seen = [], set()
-    for value, ts, partition in zip(values, timestamps, partitions, strict=True):
+    for value, ts, _partition in zip(values, timestamps, partitions, strict=True):
         body = json.loads(value)  # test data: malformed values are never passed here
         window = ts // 60_000 * 60_000
-        if dedup and (partition, window, body["event_id"]) in seen:
+        if dedup and (window, body["event_id"]) in seen:
             continue
-        seen.add((partition, window, body["event_id"]))
+        seen.add((window, body["event_id"]))
         rows.append({"window_start": window, "type": body["type"], "amount": float(body["amount"])})
     return (
         pl.DataFrame(rows)
@@ -301,3 +303,20 @@ def test_windows_that_tile_a_day_are_accepted(window_ms: int) -> None:
         assert get_pipeline("fine_window", window_ms).window_ms == window_ms
     finally:
         _REGISTRY.pop(("fine_window", window_ms), None)
+
+
+def test_v2_reference_counts_copies_across_partitions_by_the_smallest_timestamp_partition_offset() -> None:
+    """Copies of one event_id in other partitions count once; the one that counts has the smallest
+    (timestamp, partition, offset), whatever order the archive rows come in."""
+    copies = [
+        (json.dumps({**GOOD, "type": "refund", "amount": 1}).encode(), BASE_MS + 5, 2),
+        (json.dumps({**GOOD, "type": "purchase", "amount": 2}).encode(), BASE_MS + 5, 0),
+        (json.dumps({**GOOD, "type": "add_to_cart", "amount": 3}).encode(), BASE_MS + 1, 1),
+    ]
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2]):
+        values, timestamps, parts = zip(*(copies[i] for i in order), strict=True)
+        report, stats = get_pipeline("orders", 2).batch_report(archive(list(values), list(timestamps), list(parts)))
+        assert report.select("type", "events", "amount").rows() == [("add_to_cart", 1, 3.0)]
+        assert (stats["counted"], stats["duplicates"]) == (1, 2)
+    report, _ = get_pipeline("orders", 1).batch_report(archive(*map(list, zip(*copies, strict=True))))  # type: ignore[arg-type]
+    assert report["events"].sum() == 3

@@ -9,7 +9,13 @@ Two layers, so tests can compute expectations without Kafka:
 
 Faults mirror what real producers do: re-sent events (``duplicate``: same event_id, body, key,
 headers and timestamp), events arriving minutes to hours behind the stream (``late``), and
-malformed values of several sorts (``malformed.<sort>``), plus null keys and headers.
+malformed values of several sorts (``malformed.<sort>``), plus null keys and headers. A share of
+the duplicates can come *through another path* (``Faults.rerouted``: a retry by a service that keys
+by session, so usually another partition), which only a shuffle by event_id dedups.
+
+:data:`KEYINGS` choose the record key without changing anything else: the same seed gives the same
+values, timestamps and headers whatever the keying (keys come from their own random stream), so
+one event stream can be produced several ways and must give the same v2 results.
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ MIN_TIMESTAMP_MS = 1
 LATE_MIN_MS, LATE_MAX_MS = 60_000, 6 * 3_600_000
 JITTER_MS = 1_000
 DUPLICATE_WINDOW = 5_000
+#: user: by user_id (Faults.null_keys of them null); none: every key null (librdkafka's default
+#: partitioner spreads them at random); random: a random key per event; event-id: by event_id
+KEYINGS = ("user", "none", "random", "event-id")
+#: keys and re-routing draw from their own stream (seeded from the seed) so values stay identical
+KEY_STREAM_SALT = 0x6B657973
 
 PRODUCER_CONFIG: dict[str, object] = {
     "linger.ms": 50,
@@ -85,9 +96,11 @@ class Faults:
     malformed: float = 0.0
     null_keys: float = 0.02
     headers: float = 0.3
+    #: share of the duplicates re-sent with another key (another path, usually another partition)
+    rerouted: float = 0.0
 
     def validate(self) -> Faults:
-        for name in ("duplicates", "late", "malformed", "null_keys", "headers"):
+        for name in ("duplicates", "late", "malformed", "null_keys", "headers", "rerouted"):
             share = getattr(self, name)
             if not 0.0 <= share <= 1.0:
                 raise KappaError(f"--{name.replace('_', '-')} must be a share between 0 and 1, got {share}")
@@ -108,6 +121,7 @@ def generate(
     seed: int = 0,
     faults: Faults = Faults(),
     users: int = 1000,
+    keying: str = "user",
 ) -> Iterator[Record]:
     """Yield ``count`` records whose stream time runs evenly from ``start_ms`` over ``span_ms``.
 
@@ -115,17 +129,46 @@ def generate(
     """
     if count < 0 or span_ms < 0 or users < 1:
         raise KappaError("count and span must be >= 0 and users >= 1")
-    state = _GeneratorState(random.Random(seed), faults.validate(), users)
+    keyer = _Keyer(valid_keying(keying), random.Random(seed ^ KEY_STREAM_SALT))
+    state = _GeneratorState(random.Random(seed), faults.validate(), users, keyer)
     for index in range(count):
         stream_ms = start_ms + (index * span_ms) // max(count, 1)
         yield state.next_record(stream_ms)
 
 
+def valid_keying(keying: str) -> str:
+    if keying not in KEYINGS:
+        raise KappaError(f"--keying must be one of {', '.join(KEYINGS)}, got {keying!r}")
+    return keying
+
+
+class _Keyer:
+    """The record key of an event under a keying, from a random stream of its own."""
+
+    def __init__(self, keying: str, rng: random.Random) -> None:
+        self.keying, self.rng = keying, rng
+
+    def key(self, body: dict, null: bool) -> bytes | None:
+        if self.keying == "user":
+            return None if null else str(body.get("user_id", "")).encode()
+        if self.keying == "event-id":
+            return str(body.get("event_id", "")).encode()
+        if self.keying == "random":
+            return f"k{self.rng.getrandbits(64):016x}".encode()
+        return None
+
+    def reroute(self, record: Record, share: float) -> Record:
+        """A re-send through another path: the same record under a session key of another service."""
+        if share <= 0 or self.rng.random() >= share:
+            return record
+        return record._replace(key=f"session-{self.rng.getrandbits(32):08x}".encode())
+
+
 class _GeneratorState:
     """The random source plus the recent events duplicates are drawn from."""
 
-    def __init__(self, rng: random.Random, faults: Faults, users: int) -> None:
-        self.rng, self.faults, self.users = rng, faults, users
+    def __init__(self, rng: random.Random, faults: Faults, users: int, keyer: _Keyer) -> None:
+        self.rng, self.faults, self.users, self.keyer = rng, faults, users, keyer
         self.recent: list[Record] = []
         self.recent_next = 0
 
@@ -133,7 +176,7 @@ class _GeneratorState:
         draw, faults = self.rng.random(), self.faults
         if draw < faults.duplicates and self.recent:
             original = self.recent[self.rng.randrange(len(self.recent))]
-            return original._replace(kind=DUPLICATE)
+            return self.keyer.reroute(original._replace(kind=DUPLICATE), faults.rerouted)
         if draw < faults.duplicates + faults.late:
             return self._remember(self._event(stream_ms - self.rng.randrange(LATE_MIN_MS, LATE_MAX_MS), LATE))
         if draw < faults.duplicates + faults.late + faults.malformed:
@@ -165,9 +208,9 @@ class _GeneratorState:
         }
 
     def _envelope(self, body: dict, value: bytes | None, timestamp_ms: int, kind: str) -> Record:
-        """Key (user_id, sometimes null), headers (sometimes), clamped timestamp."""
+        """Key (by the keying: user_id sometimes null), headers (sometimes), clamped timestamp."""
         rng, faults = self.rng, self.faults
-        key = None if rng.random() < faults.null_keys else str(body.get("user_id", "")).encode()
+        key = self.keyer.key(body, null=rng.random() < faults.null_keys)
         headers: list[tuple[str, bytes]] = []
         if rng.random() < faults.headers:
             headers.append(("source", rng.choice(SOURCES)))
@@ -358,6 +401,7 @@ def produce_events(
     faults: Faults = Faults(),
     rate: float = 0.0,
     users: int = 1000,
+    keying: str = "user",
     progress: Callable[[int], None] | None = None,
     flush_timeout: float = 120.0,
 ) -> ProduceSummary:
@@ -365,17 +409,21 @@ def produce_events(
 
     ``start`` is epoch ms, an ISO string, or None (now minus ``days``). ``progress`` is called with
     the number of records sent since the last call. Raises :class:`KappaError` if any delivery failed.
+    ``keying`` none uses librdkafka's default partitioner (null keys spread at random), the others murmur2.
     """
     _check_options(count, days, partitions, rate)
+    valid_keying(keying)
     topic = topic or settings.events_topic
     start_ms = start if isinstance(start, int) else parse_start(start, days)
     kafka_helpers.ensure_topic(settings, topic, partitions)
     seed = random.randrange(2**32) if seed is None else seed
     summary = ProduceSummary(topic=topic, partitions=kafka_helpers.partition_count(settings, topic), seed=seed)
-    producer = Producer(settings.kafka_config(**PRODUCER_CONFIG))
+    partitioner = {"partitioner": "consistent_random"} if keying == "none" else {}
+    producer = Producer(settings.kafka_config(**{**PRODUCER_CONFIG, **partitioner}))
     on_delivery, pacer = _Delivery(summary), _Pacer(rate)
     started = time.monotonic()
-    records = generate(count, start_ms=start_ms, span_ms=int(days * DAY_MS), seed=seed, faults=faults, users=users)
+    span_ms = int(days * DAY_MS)
+    records = generate(count, start_ms=start_ms, span_ms=span_ms, seed=seed, faults=faults, users=users, keying=keying)
     for record in records:
         _send(producer, topic, record, on_delivery)
         summary.note(record)

@@ -803,6 +803,8 @@ def run_processor(
     instance_id: str | None = None,
     group_protocol: str | None = None,
     session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
+    stage: Literal["both", "1", "2"] = "both",
+    shuffle_partitions: int | None = None,
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
 
@@ -811,6 +813,8 @@ def run_processor(
     ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
     in the CLI). ``instance_id``/``group_protocol``: see :mod:`workers.membership`.
     Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
+    A pipeline with a state key runs as two stages joined by a repartition topic (``workers/shuffle.py``;
+    ``stage`` runs one of them alone, ``shuffle_partitions`` sizes the topic, default: the input's).
     """
     impl = get_pipeline(pipeline, version)
     if batch_size < 1 or checkpoint_seconds <= 0 or (grace_ms is not None and grace_ms < 0):
@@ -827,9 +831,7 @@ def run_processor(
             raise KappaError("--handoff is for the live processor and brings its own start offsets")
         switch = handoff_lib.promoted_switch(s3_client(settings), settings.s3_bucket, pipeline, version)
         start_offsets = switch.start
-    processor = Processor(
-        settings,
-        impl,
+    options: dict[str, Any] = dict(
         topic=keys.valid_topic(topic or settings.events_topic),
         group=keys.valid_group(group or live_group(pipeline, version)),
         bounded=bounded,
@@ -840,13 +842,20 @@ def run_processor(
         batch_size=batch_size,
         checkpoint_seconds=checkpoint_seconds,
         dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
-        progress=progress or NoProgress(),
-        stop=stop,
         switch=switch,
         instance_id=instance_id,
         group_protocol=group_protocol,
         session_timeout=session_timeout,
     )
+    if impl.state_key:
+        from workers.shuffle import run_shuffled  # the shuffle builds on this module
+
+        with stop_on_signals(stop):
+            return run_shuffled(
+                settings, impl, stage=stage, shuffle_partitions=shuffle_partitions,
+                progress=progress or NoProgress(), stop=stop, **options,
+            )
+    processor = Processor(settings, impl, **options, progress=progress or NoProgress(), stop=stop)
     with stop_on_signals(stop):
         return processor.run()
 

@@ -328,8 +328,16 @@ def delete_prefix(client: Any, bucket: str, prefix: str) -> int:
 def reset_consumer_side(settings: Settings, client: Any, manifest: dict[str, Any]) -> None:
     """Forget everything a consumer derived from a previous load: group, processor checkpoints, DLQ."""
     delete_group(settings, manifest["group"])
+    delete_shuffle_internals(settings, manifest["group"])
     delete_prefix(client, settings.s3_bucket, manifest["processor_prefix"])
     kafka_helpers.delete_topics(settings, [manifest["dlq_topic"]])
+
+
+def delete_shuffle_internals(settings: Settings, group: str) -> None:
+    """A pipeline with a state key also left a repartition topic and a stage-2 group (workers/shuffle.py)."""
+    from workers import shuffle  # imported here: the shuffle reads this module's header names
+
+    shuffle.delete_internal(settings, group, delete_group)
 
 
 def cleanup(settings: Settings, manifest: dict[str, Any], client: Any | None = None) -> None:

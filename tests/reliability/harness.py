@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from botocore.exceptions import FlexibleChecksumError
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from workers import keys, replay_loader
 from workers.config import Settings, load_settings
@@ -269,7 +269,7 @@ def archiver_progress(settings: Settings, client: Any) -> ProgressFn:
 def processor_progress(settings: Settings, client: Any, prefix: str, topic: str) -> ProgressFn:
     """A processor's committed S3 states (under ``prefix``) vs ``topic``'s end offsets now."""
     ends = end_offsets(settings, topic)
-    return durable_progress(ends, lambda: committed_offsets(client, settings.s3_bucket, prefix))
+    return durable_progress(ends, lambda: processor_offsets(settings, client, prefix, topic))
 
 
 def topic_progress(settings: Settings, topic: str, total: int) -> ProgressFn:
@@ -338,16 +338,48 @@ def bounded_args(spec: ReplaySpec, batch_size: int = 300) -> tuple[str, ...]:
             "--checkpoint-seconds", "0.5", "--progress", "log", *grace)
 
 
-def committed_offsets(client: Any, bucket: str, prefix: str) -> dict[int, int]:
-    """``{partition: next_offset}`` of a processor's committed S3 states (its durable position)."""
-    return {p: int(s["next_offset"] or 0) for p, s in list_states(client, bucket, prefix).items()}
-
-
 def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic: str, timeout: float = 120) -> None:
-    """Bounded wait until the processor's S3 checkpoints reach the topic's end offsets."""
+    """Bounded wait until the processor's S3 checkpoints reach the topic's end offsets (a shuffled
+    pipeline: stage 1's committed offsets reach them and stage 2's checkpoints the repartition topic's)."""
     ends = {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
-    wait_until(lambda: all(committed_offsets(client, settings.s3_bucket, prefix).get(p, -1) >= o
-                           for p, o in ends.items()), timeout, f"processor checkpoints to reach {ends}")
+
+    def caught_up() -> bool:
+        states = list_states(client, settings.s3_bucket, prefix)
+        shuffled = next((s for s in states.values() if "shuffle" in s), None)
+        if shuffled is None:
+            return all(int(states.get(p, {}).get("next_offset") or -1) >= o for p, o in ends.items())
+        return group_reached(settings, shuffled["group"], topic, ends) and all(
+            int(states.get(p, {}).get("next_offset") or -1) >= o
+            for p, o in end_offsets(settings, shuffled["topic"]).items() if o > 0
+        )
+
+    wait_until(caught_up, timeout, f"processor checkpoints to reach {ends}")
+
+
+def group_reached(settings: Settings, group: str, topic: str, ends: dict[int, int]) -> bool:
+    """The group's committed offsets on ``topic`` reach ``ends`` (stage 1 of a shuffle commits there)."""
+    committed = group_committed(settings, group, topic, list(ends))
+    return all(committed[p] >= end for p, end in ends.items())
+
+
+def group_committed(settings: Settings, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
+    """``{partition: committed offset}`` of ``group`` on ``topic`` (-1001 where it has none)."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+    try:
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in committed}
+
+
+def processor_offsets(settings: Settings, client: Any, prefix: str, topic: str) -> dict[int, int]:
+    """A processor's durable position on ``topic``: its S3 states, or for a shuffled pipeline (whose
+    S3 states are per repartition partition) stage 1's transactionally committed offsets."""
+    states = list_states(client, settings.s3_bucket, prefix)
+    shuffled = next((s for s in states.values() if "shuffle" in s), None)
+    if shuffled is None:
+        return {p: int(s["next_offset"] or 0) for p, s in states.items()}
+    return group_committed(settings, shuffled["group"], topic, list(end_offsets(settings, topic)))
 
 
 def archived_offsets(client: Any, bucket: str, topic: str) -> dict[int, int]:

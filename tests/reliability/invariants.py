@@ -352,17 +352,19 @@ def _has_lone_surrogate(text: str) -> bool:
 
 def independent_report(archive: pl.DataFrame, version: int) -> pl.DataFrame:
     """The orders report from raw rows: dedup (partition, offset); v2 also drops repeated event_ids
-    within one (partition, 1-minute window). Plain Python parsing, polars grouping."""
+    within one 1-minute window across partitions, keeping the smallest (timestamp, partition, offset).
+    Plain Python parsing, polars grouping."""
     records = archive.unique(subset=["partition", "offset"], keep="first").sort("partition", "offset")
     rows = []
-    for part, stamp, value in records.select("partition", pl.col("timestamp").dt.epoch("ms"), "value").iter_rows():
+    columns = records.select("partition", "offset", pl.col("timestamp").dt.epoch("ms"), "value")
+    for part, offset, stamp, value in columns.iter_rows():
         order = parse_order(value)
         if order is not None and stamp is not None and stamp >= 0:
-            rows.append({"partition": part, "window": stamp - stamp % 60_000, **order})
-    frame = pl.DataFrame(rows, schema={"partition": pl.Int32, "window": pl.Int64, "event_id": pl.String,
-                                       "type": pl.String, "amount": pl.Float64})
+            rows.append({"partition": part, "offset": offset, "ts": stamp, "window": stamp - stamp % 60_000, **order})
+    frame = pl.DataFrame(rows, schema={"partition": pl.Int32, "offset": pl.Int64, "ts": pl.Int64, "window": pl.Int64,
+                                       "event_id": pl.String, "type": pl.String, "amount": pl.Float64})
     if version >= 2:
-        frame = frame.unique(subset=["partition", "window", "event_id"], keep="first", maintain_order=True)
+        frame = frame.sort("ts", "partition", "offset").unique(subset=["window", "event_id"], keep="first")
     return (
         frame.group_by("window", "type")
         .agg(pl.len().cast(pl.Int64).alias("events"), pl.col("amount").sum().alias("amount"))

@@ -34,6 +34,12 @@ class StartAt(StrEnum):
     latest = "latest"
 
 
+class StageKind(StrEnum):
+    both = "both"
+    one = "1"
+    two = "2"
+
+
 class ProgressKind(StrEnum):
     auto = "auto"
     rich = "rich"
@@ -120,6 +126,10 @@ def processor(
                                                   "(KIP-848; env KAPPA_GROUP_PROTOCOL)."),
     session_timeout: float = typer.Option(DEFAULT_SESSION_TIMEOUT_S, help="Kafka group session timeout in seconds "
                                           "(6-300, classic protocol; see docs/ARCHITECTURE.md, Fast takeover)."),
+    stage: StageKind = typer.Option(StageKind.both, help="Pipelines with a state key: run both shuffle stages, "
+                                    "or only stage 1 (parse + repartition) or stage 2 (state + results)."),
+    shuffle_partitions: int = typer.Option(None, help="Partitions of the repartition topic when it is created "
+                                           "(default: the input topic's)."),
 ) -> None:
     """Run one pipeline version: live (until stopped) or bounded (--until-end) over a replay topic."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -149,6 +159,8 @@ def processor(
             instance_id=instance_id,
             group_protocol=group_protocol,
             session_timeout=session_timeout,
+            stage=stage.value,
+            shuffle_partitions=shuffle_partitions,
         )
         if pipes is not None:
             pipes.report_custom_message(summary.to_dict())

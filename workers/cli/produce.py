@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
@@ -12,6 +14,13 @@ from workers.config import load_settings
 from workers.generator import Faults, ProduceSummary, parse_start, produce_events
 
 console = Console(stderr=True)
+
+
+class Keying(StrEnum):
+    user = "user"
+    none = "none"
+    random = "random"
+    event_id = "event-id"
 
 
 class RateColumn(ProgressColumn):
@@ -35,12 +44,18 @@ def produce(
     null_keys: float = typer.Option(0.02, help="Share of records with a null key."),
     headers: float = typer.Option(0.3, help="Share of records carrying headers (`source`, sometimes `trace`)."),
     users: int = typer.Option(1000, help="Distinct user ids (the record key)."),
+    keying: Keying = typer.Option(Keying.user, help="Record key: user (user_id), none (null keys, librdkafka's "
+                                  "default partitioner), random, event-id. Values are the same for any keying."),
+    rerouted: float = typer.Option(0.0, "--rerouted-duplicates", help="Share of the duplicates re-sent through "
+                                   "another path (another key, so usually another partition)."),
     topic: str = typer.Option(None, help="Topic to write to (default: KAPPA_EVENTS_TOPIC)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Produce `orders` events keyed by user_id, with Kafka timestamp = event time."""
+    """Produce `orders` events (keyed by user_id unless --keying), with Kafka timestamp = event time."""
     settings = load_settings()
-    faults = Faults(duplicates=duplicates, late=late, malformed=malformed, null_keys=null_keys, headers=headers)
+    faults = Faults(
+        duplicates=duplicates, late=late, malformed=malformed, null_keys=null_keys, headers=headers, rerouted=rerouted
+    )
     faults.validate()
     start_ms = parse_start(start, days)  # validated before the progress bar shows
     columns = (TextColumn("[bold]produce"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn())
@@ -48,7 +63,7 @@ def produce(
         task = bar.add_task("produce", total=count)
         summary = produce_events(
             settings, count, topic=topic, start=start_ms, days=days, partitions=partitions, seed=seed,
-            faults=faults, rate=rate, users=users, progress=lambda n: bar.advance(task, n),
+            faults=faults, rate=rate, users=users, keying=keying.value, progress=lambda n: bar.advance(task, n),
         )
     print_summary(summary)
 

@@ -6,8 +6,8 @@ A pipeline is a class with a ``name`` and a ``version`` and five small, vectoris
    value, with a ``reject`` column holding why a value is malformed (null when it is fine).
 2. Windows are keyed by event time (the Kafka timestamp, in epoch ms): tumbling windows of
    :attr:`Pipeline.window_ms`, plus :attr:`Pipeline.group_by` columns inside a window.
-   :attr:`Pipeline.dedup_by` (optional) names columns whose repeats inside one window and partition
-   are duplicates: only the first (lowest offset) is counted.
+   :attr:`Pipeline.dedup_by` (optional) names columns whose repeats inside one window are
+   duplicates: only one copy is counted.
 3. :meth:`Pipeline.aggregate` folds counted rows into *partials* keyed by ``window_start`` +
    ``group_by``.
 4. :meth:`Pipeline.merge` combines partials with the same key (from several batches, partitions or
@@ -19,8 +19,13 @@ The streaming engine (``workers/processor.py``) owns watermarks, state, checkpoi
 :meth:`Pipeline.batch_report` is the independent whole-day reference: plain polars over the raw
 archive, no state, no windows closing, used by tests and Dagster asset checks.
 
-Dedup scope is *per Kafka partition*: a producer re-send carries the same key, hence lands in the
-same partition; the replay loader keeps same-key (and null-key, same-partition) records together.
+Keyed state: :attr:`Pipeline.state_key` names the columns the pipeline's state is keyed by (``orders``
+v2: ``event_id``). Copies of an event may arrive through any partition (null keys, another service's
+keying, a changed partition count), so a pipeline with a state key runs as two stages joined by a
+repartition topic keyed by it (``workers/shuffle.py``); dedup then spans every partition. The copy
+that counts is the one with the smallest ``(timestamp, source partition, source offset)``: a rule
+that does not depend on arrival order, used by the engine and by :meth:`Pipeline.batch_report`.
+A pipeline without dedup (``orders`` v1) declares no state key and runs single-stage.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Pipeline(ABC):
     reference_sql: ClassVar[str | None] = None
     #: DuckDB variables the SQL reads with ``getvariable(name)`` (e.g. a version's switches).
     reference_params: ClassVar[dict[str, bool | int | str]] = {}
+    #: Columns the state is keyed by; non-empty = two stages with a shuffle (must be part of dedup_by).
+    state_key: ClassVar[tuple[str, ...]] = ()
     #: Schema of the partials (window_start + group_by + accumulators) and of the output rows.
     partial_schema: ClassVar[pl.Schema]
     output_schema: ClassVar[pl.Schema]
@@ -117,8 +124,7 @@ class Pipeline(ABC):
         rows = pl.concat([frame.select("partition", "offset"), parsed], how="horizontal").with_columns(timestamp_ms)
         rows = rows.with_columns(reject_missing_timestamp())
         valid = self.with_window(rows.filter(pl.col(REJECT).is_null()))
-        dedup_keys = ["partition", WINDOW_MS, *self.dedup_by]
-        counted = valid.unique(subset=dedup_keys, keep="first", maintain_order=True) if self.dedup_by else valid
+        counted = self.batch_dedup(valid)
         report = self.finalize(self.aggregate(counted))
         stats = {
             "records": frame.height,
@@ -128,6 +134,16 @@ class Pipeline(ABC):
             "late": 0,
         }
         return report, stats
+
+    def batch_dedup(self, valid: pl.DataFrame) -> pl.DataFrame:
+        """Keep one copy per (window, dedup_by): across partitions the smallest (timestamp, partition,
+        offset) when the pipeline has a state key, else per partition the lowest offset."""
+        if not self.dedup_by:
+            return valid
+        if self.state_key:
+            ordered = valid.sort("timestamp_ms", "partition", "offset")
+            return ordered.unique(subset=[WINDOW_MS, *self.dedup_by], keep="first", maintain_order=True)
+        return valid.unique(subset=["partition", WINDOW_MS, *self.dedup_by], keep="first", maintain_order=True)
 
 
 def reject_missing_timestamp() -> pl.Expr:

@@ -1,8 +1,8 @@
 """Reference pipeline ``orders`` (DESIGN §3): events and amount per (1-minute window, type).
 
 * v1 counts every valid record, duplicates included (the original behaviour).
-* v2 (the "bug fix") counts an ``event_id`` once per window and partition (see ``base`` for why
-  per partition).
+* v2 (the "bug fix") counts an ``event_id`` once per window, whatever partition or key carried its
+  copies: its state is keyed by ``event_id`` (a shuffle, see ``base`` and ``workers/shuffle.py``).
 
 Parsing is strict (msgspec): ``event_id``/``user_id`` must be JSON strings, ``type`` one of
 :data:`EVENT_TYPES`, ``amount`` a JSON number (not a bool, not a string) with ``|amount| < 1e15``.
@@ -158,6 +158,7 @@ class OrdersV1(Pipeline):
 
 class OrdersV2(OrdersV1):
     version: ClassVar[int] = 2
-    summary: ClassVar[str] = "like v1, but a repeated event_id in the same window and partition counts once"
+    summary: ClassVar[str] = "like v1, but a repeated event_id in the same window counts once (any partition)"
     dedup_by: ClassVar[tuple[str, ...]] = ("event_id",)
     reference_params: ClassVar[dict[str, bool | int | str]] = {"dedup_event_id": True}
+    state_key: ClassVar[tuple[str, ...]] = ("event_id",)

@@ -1,0 +1,861 @@
+"""Keyed state across partitions: the two-stage topology of a pipeline with a state key.
+
+A pipeline whose state is keyed by something other than the input topic's key (``orders`` v2 dedups
+``event_id``; producers key by user, or not at all) cannot keep that state per input partition:
+copies of one event arrive through different partitions. As Kafka Streams (``selectKey`` +
+repartition topic), Quix Streams (``group_by``) and Flink (``keyBy``) do, the processor then runs
+two stages joined by an internal Kafka topic, in the same program for live and bounded replay:
+
+* **stage 1**, per input partition (consumer group ``G``): parse, malformed records to the DLQ,
+  then ship each micro-batch as ONE message per target partition of the repartition topic
+  ``<G>-<state key>-repartition`` (Arrow IPC; the source partition/offset and the event time are
+  columns, DESIGN §8: the per-record cost of a shuffle is paid per batch). Rows go to
+  ``crc32(state key) % R``; malformed rows (only counted there) to ``source partition % R``.
+  After the data, a *progress* message goes to every repartition partition: per source partition,
+  the max event time of its valid records, whether it is idle (live: at its end) and whether it
+  ended (bounded: reached its end offset). Everything, DLQ records included, is one Kafka
+  transaction with the input offsets (``send_offsets_to_transaction`` + the consumer's group
+  metadata, so a zombie of an old generation is fenced, KIP-447). A crash aborts the open
+  transaction; the restart resumes at the committed offsets: exactly once.
+* **stage 2**, per repartition partition (group ``G-shuffle``, ``read_committed``, so aborted
+  output is never seen): the usual per-partition state and S3 checkpoints of
+  ``workers/processor.py`` (same prefix, same reports and live layout), with
+  :class:`ShuffleState`: the watermark is the minimum over the source partitions (idle and ended
+  sources excluded, so an idle source does not stall it) minus the grace; a record is late when
+  its window ended at or before the watermark. Bounded: a repartition partition is finished once
+  every source partition sent its end marker.
+
+Deterministic duplicates: while a window is open, stage 2 keeps per ``(window, dedup_by)`` the copy
+with the smallest ``(timestamp, source partition, source offset)`` and aggregates the winners when
+the window closes, so which copy counts never depends on arrival order. The source coordinates
+are the record's own partition/offset, or for a replay topic the archive's (``kappa.src.*``
+headers), so live, replay and :meth:`Pipeline.batch_report` pick the same copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+from botocore.exceptions import ClientError
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as TP
+
+from workers import kafka as kafka_helpers
+from workers import keys, membership
+from workers.config import Settings
+from workers.errors import KappaError
+from workers.handoff import claim_live_prefix
+from workers.perf import gc_paused
+from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
+from workers.processor import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, split_batch
+from workers.processor_progress import NoProgress, Progress
+from workers.processor_state import PartitionState, StateStore, day_of
+from workers.replay_loader import SRC_OFFSET_HEADER, SRC_PARTITION_HEADER
+from workers.s3 import ensure_bucket, get_bytes, s3_client
+
+log = logging.getLogger("kappa.shuffle")
+
+Stage = Literal["both", "1", "2"]
+SHUFFLE_HEADER = "kappa.shuffle"
+DATA, PROGRESS = b"data", b"progress"
+SRC_PARTITION, SRC_OFFSET = "src_partition", "src_offset"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: no time/size retention: stage 2 may be down for long, and event times are historical in replays
+INTERNAL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "max.message.bytes": str(MAX_MESSAGE_BYTES)}
+#: stage 1 commits its transaction at least this often (stage 2 only sees committed data)
+STAGE1_COMMIT_SECONDS = 1.0
+#: a killed stage 1 with a random transactional.id holds stage 2 (read_committed) until this expires
+TRANSACTION_TIMEOUT_MS = 10_000
+INSTANCE_ENV = "KAPPA_INSTANCE_ID"
+#: a reset of the internals takes seconds; a lock this old was left by a member that died meanwhile
+RESET_LOCK_SECONDS = 180.0
+
+
+# ---------------------------------------------------------------- names and internal topics
+
+
+def repartition_topic(group: str, state_key: Sequence[str]) -> str:
+    """``<group>-<state key>-repartition``, as Kafka Streams names ``<application.id>-<name>-repartition``."""
+    return keys.valid_topic(f"{keys.valid_group(group)}-{'-'.join(state_key)}-repartition")
+
+
+def stage2_group(group: str) -> str:
+    return keys.valid_group(f"{keys.valid_group(group)}-shuffle")
+
+
+def internal_topics(settings: Settings, group: str) -> list[str]:
+    """Every repartition topic of ``group`` that exists on the cluster."""
+    listed = kafka_helpers.admin_client(settings).list_topics(timeout=30).topics
+    return sorted(t for t in listed if t.startswith(f"{group}-") and t.endswith("-repartition"))
+
+
+def delete_internal(settings: Settings, group: str, delete_group: Callable[[Settings, str], None]) -> None:
+    """Remove what the shuffle of ``group`` created: its repartition topics and the stage-2 group."""
+    kafka_helpers.delete_topics(settings, internal_topics(settings, group))
+    delete_group(settings, stage2_group(group))
+
+
+def ensure_repartition_topic(settings: Settings, topic: str, partitions: int) -> int:
+    """Create the internal topic with an explicit partition count; an existing one keeps its count
+    (stage-2 state is per repartition partition, so the count never changes under a running group)."""
+    kafka_helpers.ensure_topic(settings, topic, partitions, INTERNAL_TOPIC_CONFIG)
+    existing = kafka_helpers.partition_count(settings, topic)
+    if existing != partitions:
+        log.warning("%s exists with %d partitions (asked %d): keeping %d", topic, existing, partitions, existing)
+    return existing
+
+
+def prepare_internals(settings: Settings, stage: Stage, prefix: str, names: Mapping[str, str], partitions: int,
+                      stop: threading.Event) -> int:
+    """Bind the Kafka-side state (stage-1 offsets, repartition topic, stage-2 group) to the S3 prefix.
+
+    Stage 2 trusts what the repartition topic holds, so internals left by an earlier incarnation of
+    the group (its S3 state deleted, e.g. a fresh bucket) must go first. While the prefix has no
+    ``shuffle.json``, one stage-1 member (the one whose create-only PUT of a reset lock succeeds)
+    removes them and writes the marker; every other member waits for the marker before it joins a
+    group. Returns the repartition topic's partition count.
+    """
+    client = s3_client(settings)
+    bucket = settings.s3_bucket
+    ensure_bucket(client, bucket)
+    marker, lock = f"{prefix}_state/shuffle.json", f"{prefix}_state/shuffle.reset"
+    while (data := get_bytes(client, bucket, marker)) is None:
+        if stage != "2" and claim(client, bucket, lock):
+            try:
+                reset_internals(settings, names, partitions)
+                body = json.dumps({**names, "partitions": partitions}).encode()
+                client.put_object(Bucket=bucket, Key=marker, Body=body, ContentType="application/json")
+            finally:
+                client.delete_object(Bucket=bucket, Key=lock)
+            break
+        if stop.is_set():
+            raise KappaError(f"stopped while waiting for s3://{bucket}/{marker} (another member sets up the shuffle)")
+        drop_stale_lock(client, bucket, lock)
+        time.sleep(0.5)
+    if data is not None and json.loads(data)["topic"] != names["topic"]:
+        raise KappaError(f"group {names['group']} shuffles topic {json.loads(data)['topic']!r}, "
+                         f"not {names['topic']!r}; use a new --group")
+    return ensure_repartition_topic(settings, names["repartition"], partitions)
+
+
+def reset_internals(settings: Settings, names: Mapping[str, str], partitions: int) -> None:
+    from workers.replay_loader import delete_group  # the one group deleter (waits out dead members)
+
+    delete_group(settings, names["group"])
+    delete_internal(settings, names["group"], delete_group)
+    ensure_repartition_topic(settings, names["repartition"], partitions)
+
+
+def claim(client: Any, bucket: str, key: str) -> bool:
+    """Create-only PUT (``If-None-Match: *``): True for the one caller that created ``key``."""
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "ConditionalRequestConflict"}:
+            return False
+        raise
+
+
+def drop_stale_lock(client: Any, bucket: str, key: str, seconds: float = RESET_LOCK_SECONDS) -> None:
+    """A reset lock older than ``seconds`` belongs to a member that died mid-reset: free it."""
+    with contextlib.suppress(ClientError):
+        modified = client.head_object(Bucket=bucket, Key=key)["LastModified"]
+        if (dt.datetime.now(dt.UTC) - modified).total_seconds() > seconds:
+            client.delete_object(Bucket=bucket, Key=key)
+
+
+def check_state_key(pipeline: Pipeline) -> None:
+    """Copies that dedup together must meet in one repartition partition: state_key within dedup_by."""
+    if not set(pipeline.state_key) <= set(pipeline.dedup_by):
+        raise KappaError(f"{pipeline.label}: state_key {pipeline.state_key} must be in dedup_by {pipeline.dedup_by}")
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def encode_frame(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_ipc_stream(buffer, compression="uncompressed")  # the producer compresses the batch (lz4)
+    return buffer.getvalue()
+
+
+def decode_frame(value: bytes) -> pl.DataFrame:
+    return pl.read_ipc_stream(io.BytesIO(value))
+
+
+def target_partitions(frame: pl.DataFrame, state_key: Sequence[str], partitions: int) -> pl.Series:
+    """crc32 of the state key (stable across processes and versions, unlike polars' hash) % R;
+    rows without a key (malformed) stay with their source partition."""
+    joined = frame.select(pl.concat_str([pl.col(c).cast(pl.String) for c in state_key], separator="\x1f"))
+    hashed = [None if k is None else zlib.crc32(k.encode()) % partitions for k in joined.to_series().to_list()]
+    by_key = pl.Series("_target", hashed, dtype=pl.Int64)
+    return pl.select(pl.coalesce(by_key, frame[SRC_PARTITION].cast(pl.Int64) % partitions)).to_series()
+
+
+@dataclass
+class SourceProgress:
+    """Stage 1's progress on one source partition, as sent to stage 2."""
+
+    max_ts: int | None = None
+    idle: bool = False
+    ended: bool = False
+
+    def as_list(self) -> list[Any]:
+        return [self.max_ts, self.idle, self.ended]
+
+
+# ---------------------------------------------------------------- stage 2 state
+
+
+@dataclass
+class ShuffleState(PartitionState):
+    """A repartition partition's state: ``windows`` holds per open window the winning copy per
+    (window, dedup_by) (``seen`` is their checkpointed form), ``max_ts`` the watermark before grace
+    (min over sources, monotonic). Per-window frames keep a batch's work proportional to the windows
+    it touches, not to the whole state (a bounded run with infinite grace holds the whole day)."""
+
+    sources: dict[int, SourceProgress] = field(default_factory=dict)
+    n_sources: int | None = None
+    windows: dict[int, pl.DataFrame] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seen.width == 0:
+            self.seen = winners_schema(self.pipeline).to_frame()
+        super().__post_init__()
+
+    def split_seen(self) -> None:
+        """After a load: the checkpointed winners back into per-window frames."""
+        self.windows = {w: f for (w,), f in self.seen.partition_by(WINDOW_MS, as_dict=True).items()}  # type: ignore[misc]
+
+    def close_windows(self, watermark: int | None) -> int:
+        """Aggregate the winners of windows ending at or before ``watermark`` into ``pending``."""
+        if watermark is None:
+            return 0
+        closing = [w for w in self.windows if w + self.pipeline.window_ms <= watermark]
+        if closing:
+            closed = pl.concat([self.windows.pop(w) for w in sorted(closing)])
+            self.pending = pl.concat([self.pending, aggregate_winners(self.pipeline, closed)])
+            self.dirty = True
+        return len(closing)
+
+    def refresh_open(self) -> None:
+        """Winners and open-window partials as checkpointed (and read as provisional results)."""
+        schema = winners_schema(self.pipeline)
+        self.seen = pl.concat([schema.to_frame(), *self.windows.values()])
+        self.open = aggregate_winners(self.pipeline, self.seen)
+
+    def floor(self) -> int | None:
+        """Min max-event-time over the active sources; None until every source reported once."""
+        if self.n_sources is None:
+            return None
+        active, known = [], []
+        for partition in range(self.n_sources):
+            source = self.sources.get(partition)
+            if source is None:
+                return None
+            if source.max_ts is not None:
+                known.append(source.max_ts)
+            if source.idle or source.ended:
+                continue
+            if source.max_ts is None:
+                return None
+            active.append(source.max_ts)
+        if active:
+            return min(active)
+        return max(known) if known else None
+
+    def all_ended(self) -> bool:
+        return self.n_sources is not None and all(
+            self.sources.get(p, SourceProgress()).ended for p in range(self.n_sources)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        progress = {str(p): s.as_list() for p, s in sorted(self.sources.items())}
+        return {**super().to_json(), "shuffle": {"sources": self.n_sources, "progress": progress}}
+
+
+def winners_schema(pipeline: Pipeline) -> pl.Schema:
+    fields = pipeline.parse([]).drop(REJECT).schema
+    return pl.Schema(
+        {WINDOW_MS: pl.Int64, **fields, "timestamp_ms": pl.Int64, SRC_PARTITION: pl.Int32, SRC_OFFSET: pl.Int64}
+    )
+
+
+def aggregate_winners(pipeline: Pipeline, winners: pl.DataFrame) -> pl.DataFrame:
+    if winners.height == 0:
+        return pipeline.empty_partials()
+    rows = winners.with_columns(pl.col(WINDOW_MS).cast(pl.Datetime("ms", "UTC")).alias("window_start"))
+    return pipeline.aggregate(rows)
+
+
+class ShuffleStore(StateStore):
+    """The processor's state store; also restores the per-source progress of a :class:`ShuffleState`."""
+
+    def load(self, state: PartitionState) -> PartitionState:
+        state = super().load(state)
+        doc = self.read_json(state.partition)
+        if doc is not None and isinstance(state, ShuffleState) and doc.get("shuffle"):
+            state.n_sources = doc["shuffle"]["sources"]
+            state.sources = {int(p): SourceProgress(*v) for p, v in doc["shuffle"]["progress"].items()}
+        if isinstance(state, ShuffleState):
+            state.split_seen()
+        return state
+
+
+def apply_rows(rows: pl.DataFrame, state: ShuffleState) -> pl.DataFrame:
+    """Fold shuffled rows into the winners of their windows; returns them with their ``outcome``.
+
+    dlq: rejected by stage 1; late: window ended at or before the watermark; duplicates: a copy of
+    a (window, dedup_by) already seen (here or earlier); counted: the first copy seen. Counts do
+    not depend on order; which copy is kept (smallest timestamp, source partition, source offset)
+    is decided among all copies seen while the window is open.
+    """
+    pipeline = state.pipeline
+    rows = pipeline.with_window(rows).with_row_index("_row")
+    watermark = state.watermark()
+    ends = pl.col(WINDOW_MS) + pipeline.window_ms
+    late = pl.lit(False) if watermark is None else ends <= watermark
+    outcome = pl.when(pl.col(REJECT).is_not_null()).then(pl.lit("dlq")).when(late).then(pl.lit("late"))
+    rows = rows.with_columns(outcome.otherwise(pl.lit("counted")).alias("outcome"))
+    key = [WINDOW_MS, *pipeline.dedup_by]
+    candidates = rows.filter(pl.col("outcome") == "counted")
+    if candidates.height:
+        touched = [w for w in candidates[WINDOW_MS].unique().to_list() if w in state.windows]
+        before = pl.concat([state.seen.clear(), *(state.windows[w] for w in touched)])
+        known = before.select(key).with_columns(pl.lit(True).alias("_known"))
+        marked = candidates.with_columns(pl.struct(key).is_first_distinct().alias("_first")).join(
+            known, on=key, how="left", maintain_order="left"
+        )
+        repeats = marked.filter(~pl.col("_first") | pl.col("_known").is_not_null())["_row"]
+        rows = rows.with_columns(
+            pl.when(pl.col("_row").is_in(repeats.implode())).then(pl.lit("duplicates")).otherwise("outcome").alias("outcome")
+        )
+        winners = keep_winners(before, candidates.select(state.seen.columns), key)
+        state.windows.update({w: f for (w,), f in winners.partition_by(WINDOW_MS, as_dict=True).items()})
+    state.add_stats(rows.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome"))
+    state.dirty = True
+    return rows.drop("_row")
+
+
+def keep_winners(seen: pl.DataFrame, new: pl.DataFrame, key: list[str]) -> pl.DataFrame:
+    """Per key, the copy with the smallest (timestamp, source partition, source offset)."""
+    touched = new.select(key).unique()
+    contenders = pl.concat([seen.join(touched, on=key, how="semi"), new.cast(seen.schema)])  # type: ignore[arg-type]
+    best = contenders.sort("timestamp_ms", SRC_PARTITION, SRC_OFFSET).unique(subset=key, keep="first")
+    return pl.concat([seen.join(touched, on=key, how="anti"), best.select(seen.columns)])
+
+
+def apply_progress(doc: Mapping[str, Any], state: ShuffleState) -> None:
+    """Merge a stage-1 progress message; move the watermark (never back) and close windows."""
+    state.n_sources = max(state.n_sources or 0, int(doc["sources"]))
+    for partition, (max_ts, idle, ended) in doc["progress"].items():
+        source = state.sources.setdefault(int(partition), SourceProgress())
+        if max_ts is not None:
+            source.max_ts = max_ts if source.max_ts is None else max(source.max_ts, max_ts)
+        source.idle, source.ended = bool(idle), source.ended or bool(ended)
+    floor = state.floor()
+    if floor is not None and (state.max_ts is None or floor > state.max_ts):
+        state.max_ts = floor
+    state.dirty = True
+    state.close_windows(state.watermark())
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+class Stage2(Processor):
+    """Windows, dedup, aggregation and results per repartition partition (S3 checkpoints as usual)."""
+
+    def __init__(self, *args: Any, stage1_lag: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.store = ShuffleStore(self.client, self.store.bucket, self.prefix, self.store.writer)
+        self.stage1_lag = stage1_lag
+
+    def consumer_config(self) -> dict[str, object]:
+        config = super().consumer_config()
+        return {**config, "group.id": stage2_group(self.group), "auto.offset.reset": "earliest"}
+
+    def bounded_end_offsets(self, partitions: int) -> dict[int, int]:
+        """Bounded by stage 1's end markers, not offsets: end 0 lets ``finished`` see only ``finalized``."""
+        return dict.fromkeys(range(partitions), 0)
+
+    def new_state(self, partition: int) -> PartitionState:
+        return ShuffleState(self.pipeline, self.topic, self.group, partition, self.grace_ms)
+
+    def start_offset(self, state: PartitionState) -> int:
+        """The repartition topic only ever holds this group's data: without a checkpoint, read it all."""
+        return OFFSET_BEGINNING if state.next_offset is None else state.next_offset
+
+    def process(self, messages: Sequence[Any]) -> None:
+        runs: dict[int, list[Any]] = {}
+        eofs = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                runs.setdefault(message.partition(), []).append(message)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                eofs.append((message.partition(), message.offset()))
+            else:
+                raise KafkaException(error)
+        for partition, run in runs.items():
+            state = self.states.get(partition)
+            if isinstance(state, ShuffleState) and not state.finalized:
+                self.process_run(state, run)
+        for partition, offset in eofs:  # after the records: an EOF's offset is past them
+            self.on_eof(partition, offset)
+
+    def process_run(self, state: ShuffleState, run: list[Any]) -> None:
+        """Consecutive data messages are folded together: the watermark only moves at progress messages."""
+        frames: list[pl.DataFrame] = []
+        for message in run:
+            if state.finalized or message.offset() < (state.next_offset or 0):
+                continue
+            kind = dict(message.headers() or []).get(SHUFFLE_HEADER)
+            if kind == DATA:
+                frames.append(decode_frame(message.value()))
+            elif kind == PROGRESS:
+                self.fold(state, frames)
+                frames = []
+                apply_progress(json.loads(message.value()), state)
+                self.finalize_if_ended(state, message.offset() + 1)
+            else:
+                log.warning("%s[%d]@%d: not a shuffle message, skipped", self.topic, state.partition, message.offset())
+            state.next_offset, state.dirty = message.offset() + 1, True
+        self.fold(state, frames)
+
+    def fold(self, state: ShuffleState, frames: list[pl.DataFrame]) -> None:
+        if not frames:
+            return
+        rows = apply_rows(pl.concat(frames, how="vertical_relaxed"), state)
+        self.summary.records += rows.height
+        self.summary.late_records += int((rows["outcome"] == "late").sum())
+
+    def finalize_if_ended(self, state: ShuffleState, next_offset: int) -> None:
+        """Bounded: every source partition sent its end marker: close everything, stop fetching."""
+        if not self.bounded or not state.all_ended():
+            return
+        state.close_windows(ALWAYS)
+        state.finalized, state.end_offset, state.next_offset, state.dirty = True, next_offset, next_offset, True
+        self.pause_finished()
+
+    def finalize_if_done(self, state: PartitionState) -> None:
+        return  # finalized by end markers (finalize_if_ended)
+
+    def on_eof(self, partition: int, offset: int) -> None:
+        state = self.states.get(partition)
+        if state is not None and not state.finalized and (state.next_offset is None or offset > state.next_offset):
+            state.next_offset, state.dirty = offset, True
+
+    def checkpoint(self, partitions: set[int] | None = None) -> None:
+        for partition, state in self.states.items():
+            if isinstance(state, ShuffleState) and state.dirty and (partitions is None or partition in partitions):
+                state.refresh_open()
+        super().checkpoint(partitions)
+
+    def report_progress(self) -> None:
+        if isinstance(self.progress, NoProgress):
+            return
+        if self.bounded:
+            self.lag = self.stage1_lag() if self.stage1_lag else None
+            self.progress.update(self.summary.records, self.lag, self.summary.late_records)
+        else:
+            super().report_progress()
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+class Stage1(Processor):
+    """Parse, DLQ, and ship per-batch Arrow messages to the repartition topic, in Kafka transactions."""
+
+    def __init__(self, *args: Any, repartition: str, partitions_out: int, instance: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.repartition, self.partitions_out, self.instance = repartition, partitions_out, instance
+        self.sources = 0
+        self.positions: dict[int, int | None] = {}
+        self.source_progress: dict[int, SourceProgress] = {}
+        self.committed_progress: dict[int, SourceProgress] = {}
+        self.uncommitted = False
+        self.last_done_check = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        ensure_bucket(self.client, self.settings.s3_bucket)
+        self.sources = kafka_helpers.partition_count(self.settings, self.topic)
+        kafka_helpers.ensure_topic(self.settings, self.dlq_topic, self.sources)
+        if self.bounded:
+            self.end = self.bounded_end_offsets(self.sources)
+            self.summary.end_offsets = dict(self.end)
+        self.membership = membership.resolve("processor-stage1", self.group, self.instance_id, self.group_protocol)
+        if self.membership.instance_id:  # a restart after kill -9 reuses it: its transactional id fences the dead twin
+            self.instance = self.membership.instance_id
+        self.producer = Producer(self.producer_config())
+        retrying(lambda: self.producer.init_transactions(60))  # type: ignore[union-attr]  # aborts a crashed twin's
+        self.producer.begin_transaction()
+        self.consumer = Consumer(self.consumer_config())
+        self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
+        self.last_checkpoint = time.monotonic()
+        try:
+            self.loop()
+            self.commit()
+        finally:
+            with contextlib.suppress(KafkaException):
+                self.consumer.close()
+            self.membership.release()
+        self.summary.seconds = round(time.monotonic() - started, 3)
+        return self.summary
+
+    def producer_config(self) -> dict[str, object]:
+        return self.settings.kafka_config(
+            **{
+                **DLQ_PRODUCER_CONFIG,
+                "transactional.id": f"{self.group}-stage1-{self.instance}",
+                "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+                "compression.type": "lz4",
+                "linger.ms": 5,
+                "message.max.bytes": MAX_MESSAGE_BYTES,
+            }
+        )
+
+    def loop(self) -> None:
+        assert self.consumer is not None
+        while not self.stop.is_set():
+            with gc_paused():
+                messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.2)
+                if messages:
+                    self.process(messages)
+            due = time.monotonic() - self.last_checkpoint >= min(STAGE1_COMMIT_SECONDS, self.checkpoint_seconds)
+            if due or (self.bounded and self.ended_uncommitted()):
+                self.commit()
+            if self.bounded and self.all_done():
+                self.summary.complete = True
+                return
+
+    # ------------------------------------------------------------ rebalance
+
+    def on_assign(self, consumer: Consumer, partitions: list[TP]) -> None:
+        """Committed offset (the transaction's) > explicit start offset > bounded from-beginning > reset."""
+        committed = retrying(lambda: consumer.committed(partitions, timeout=30)) if partitions else []
+        for tp, done in zip(partitions, committed, strict=True):
+            self.positions[tp.partition], tp.offset = self.first_offset(tp.partition, done.offset)
+            self.source_progress[tp.partition] = SourceProgress()
+            self.committed_progress[tp.partition] = SourceProgress()
+        self.fresh_group = False  # partitions assigned from now on are new ones: earliest
+        consumer.assign(partitions)
+
+    def first_offset(self, partition: int, committed: int) -> tuple[int | None, int]:
+        if committed >= 0:
+            return committed, committed
+        if partition in self.start_offsets:
+            return self.start_offsets[partition], self.start_offsets[partition]
+        if self.bounded and self.start == "earliest":
+            return None, OFFSET_BEGINNING
+        return None, self.unknown_start()
+
+    def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
+        """Commit what we did (offsets + output, one transaction), then forget the revoked partitions."""
+        self.commit()
+        self.forget({tp.partition for tp in partitions})
+
+    def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
+        """Someone else owns them: our open transaction is void; the partitions we keep are rewound."""
+        self.forget({tp.partition for tp in partitions})
+        self.abort_and_rewind()
+
+    def forget(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            for table in (self.positions, self.source_progress, self.committed_progress):
+                table.pop(partition, None)
+
+    # ------------------------------------------------------------ processing
+
+    def process(self, messages: Sequence[Any]) -> None:
+        batch = split_batch(messages, self.pipeline)
+        frame = self.keep_new(batch.frame) if batch.frame.height else batch.frame
+        if frame.height:
+            frame = self.with_source(frame, batch.messages)
+            fresh = self.not_covered(frame)
+            self.send_to_dlq(fresh.filter(pl.col(REJECT).is_not_null()), batch.messages)
+            self.ship(fresh)
+            self.note_progress(frame)
+            self.summary.records += fresh.height
+        for partition, offset in batch.eofs:
+            self.on_eof(partition, offset)
+        if self.bounded:
+            self.mark_ended()
+
+    def keep_new(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Owned partitions only, offsets not yet shipped and (bounded) below the end offsets."""
+        owned = list(self.positions)
+        bounds = pl.DataFrame(
+            {
+                "partition": owned,
+                "_from": [self.positions[p] or 0 for p in owned],
+                "_to": [self.end.get(p, ALWAYS) if self.bounded else ALWAYS for p in owned],
+            },
+            schema={"partition": pl.Int32, "_from": pl.Int64, "_to": pl.Int64},
+        )
+        frame = frame.join(bounds, on="partition", how="inner", maintain_order="left")
+        return frame.filter((pl.col("offset") >= pl.col("_from")) & (pl.col("offset") < pl.col("_to"))).drop(
+            "_from", "_to"
+        )
+
+    def not_covered(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Handoff: drop the records a promoted day's corrected report already counts (as the
+        single-stage path does), before they are dead-lettered or shipped."""
+        if self.switch is None or not self.switch.covered:
+            return frame
+        day, covered = day_of(pl.col("timestamp_ms")), pl.lit(False)
+        for partition in frame["partition"].unique().to_list():
+            rows = self.switch.covered_rows(partition, day, pl.col("offset"))
+            covered = covered | ((pl.col("partition") == partition) & rows)
+        return frame.filter(~covered)
+
+    def with_source(self, frame: pl.DataFrame, messages: list[Any]) -> pl.DataFrame:
+        """Source coordinates: the archive's (``kappa.src.*`` headers of a replay topic) when present."""
+        partitions, offsets = frame["partition"].to_list(), frame["offset"].to_list()
+        if self.bounded:  # the loader appends the two headers last (replay_loader.row_headers)
+            for row, idx in enumerate(frame["idx"].to_list()):
+                headers = messages[idx].headers()
+                if is_replayed(headers):
+                    partitions[row], offsets[row] = int(headers[-2][1]), int(headers[-1][1])
+        return frame.with_columns(
+            pl.Series(SRC_PARTITION, partitions, dtype=pl.Int32), pl.Series(SRC_OFFSET, offsets, dtype=pl.Int64)
+        )
+
+    def ship(self, frame: pl.DataFrame) -> None:
+        """One Arrow message per target partition for the whole micro-batch."""
+        fields = [c for c in self.pipeline.parse([]).columns if c != REJECT]
+        rows = frame.select(SRC_PARTITION, SRC_OFFSET, "timestamp_ms", REJECT, *fields)
+        rows = rows.with_columns(target_partitions(rows, self.pipeline.state_key, self.partitions_out).alias("_t"))
+        for (target,), part in rows.partition_by("_t", as_dict=True).items():
+            self.produce_internal(encode_frame(part.drop("_t")), int(target), DATA)  # type: ignore[call-overload]
+
+    def produce_internal(self, value: bytes, partition: int, kind: bytes) -> None:
+        assert self.producer is not None
+        while True:
+            try:
+                self.producer.produce(
+                    self.repartition, value=value, partition=partition, headers=[(SHUFFLE_HEADER, kind)],
+                    on_delivery=self.delivered,
+                )
+                break
+            except BufferError:
+                self.producer.poll(0.1)
+        self.producer.poll(0)
+        self.uncommitted = True
+
+    def note_progress(self, frame: pl.DataFrame) -> None:
+        """Positions from every shipped row; event time only from valid rows (a bad timestamp must not
+        move the watermark)."""
+        for partition, last in frame.group_by("partition").agg(pl.col("offset").max()).iter_rows():
+            self.positions[partition] = last + 1
+            self.source_progress[partition].idle = False
+        valid = frame.filter(pl.col(REJECT).is_null())
+        for partition, max_ts in valid.group_by("partition").agg(pl.col("timestamp_ms").max()).iter_rows():
+            source = self.source_progress[partition]
+            source.max_ts = max_ts if source.max_ts is None else max(source.max_ts, max_ts)
+        self.uncommitted = True
+
+    def on_eof(self, partition: int, offset: int) -> None:
+        """At the end of a partition: our position is ``offset`` (past transaction markers); live: idle."""
+        if partition not in self.positions:
+            return
+        if self.bounded:
+            offset = min(offset, self.end[partition])
+        position = self.positions[partition]
+        if position is None or offset > position:
+            self.positions[partition], self.uncommitted = offset, True
+        if not self.bounded and not self.source_progress[partition].idle:
+            self.source_progress[partition].idle, self.uncommitted = True, True
+
+    def mark_ended(self) -> None:
+        for partition, position in self.positions.items():
+            source = self.source_progress[partition]
+            if position is not None and position >= self.end[partition] and not source.ended:
+                source.ended, self.uncommitted = True, True
+
+    # ------------------------------------------------------------ transactions
+
+    def commit(self) -> None:
+        """Progress to every repartition partition, input offsets, commit: all or nothing."""
+        self.last_checkpoint = time.monotonic()
+        if not self.uncommitted or self.producer is None or self.consumer is None:
+            return
+        progress = {str(p): s.as_list() for p, s in sorted(self.source_progress.items())}
+        body = json.dumps({"sources": self.sources, "progress": progress}).encode()
+        for target in range(self.partitions_out):
+            self.produce_internal(body, target, PROGRESS)
+        offsets = [TP(self.topic, p, o) for p, o in sorted(self.positions.items()) if o is not None]
+        try:
+            if offsets:
+                metadata = self.consumer.consumer_group_metadata()
+                retrying(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 60))  # type: ignore[union-attr]
+            retrying(lambda: self.producer.commit_transaction(60))  # type: ignore[union-attr]
+        except KafkaException as exc:
+            self.transaction_failed(exc)
+            return
+        if self.delivery_errors:
+            raise KappaError(f"stage 1 could not write: {'; '.join(self.delivery_errors[:3])}")
+        self.committed_progress = {p: SourceProgress(*s.as_list()) for p, s in self.source_progress.items()}
+        self.uncommitted = False
+        self.producer.begin_transaction()
+
+    def transaction_failed(self, exc: KafkaException) -> None:
+        """Fenced (a newer generation or producer owns our work): stop, a restart rejoins. Otherwise
+        abort and redo from the committed offsets."""
+        error = exc.args[0]
+        if error.fatal() or not error.txn_requires_abort():
+            raise KappaError(f"stage 1 transaction failed ({error.str()}); a restart resumes from the last commit")
+        log.warning("stage 1 transaction aborted (%s); redoing from the committed offsets", error.str())
+        self.abort_and_rewind()
+
+    def abort_and_rewind(self) -> None:
+        assert self.producer is not None and self.consumer is not None
+        self.producer.abort_transaction(60)
+        self.delivery_errors.clear()
+        owned = [TP(self.topic, p) for p in sorted(self.positions)]
+        for tp in retrying(lambda: self.consumer.committed(owned, timeout=30)) if owned else []:  # type: ignore[union-attr]
+            self.positions[tp.partition], offset = self.first_offset(tp.partition, tp.offset)
+            self.source_progress[tp.partition] = SourceProgress(*self.committed_progress[tp.partition].as_list())
+            self.consumer.seek(TP(self.topic, tp.partition, offset))
+        self.uncommitted = False
+        self.producer.begin_transaction()
+
+    # ------------------------------------------------------------ bounded end
+
+    def ended_uncommitted(self) -> bool:
+        return self.uncommitted and any(
+            s.ended and not self.committed_progress.get(p, SourceProgress()).ended
+            for p, s in self.source_progress.items()
+        )
+
+    def all_done(self) -> bool:
+        """Every source partition's committed offset reached its end (by us or another member)."""
+        if self.uncommitted or time.monotonic() - self.last_done_check < 1.0:
+            return False
+        self.last_done_check = time.monotonic()
+        assert self.consumer is not None
+        consumer = self.consumer
+        committed = retrying(lambda: consumer.committed([TP(self.topic, p) for p in self.end], timeout=30))
+        return all(tp.offset >= self.end[tp.partition] for tp in committed)
+
+    def remaining(self) -> int | None:
+        if not self.end:
+            return None
+        return sum(max(0, end - (self.positions.get(p) or 0)) for p, end in self.end.items() if p in self.positions)
+
+
+def is_replayed(headers: list[tuple[str, bytes]] | None) -> bool:
+    """Carries the archive coordinates the replay loader appends as the last two headers."""
+    return bool(headers) and len(headers) >= 2 and (headers[-2][0], headers[-1][0]) == (  # type: ignore[arg-type]
+        SRC_PARTITION_HEADER, SRC_OFFSET_HEADER
+    )
+
+
+def retrying(call: Callable[[], Any], seconds: float = 120.0) -> Any:
+    """Retry what Kafka calls retriable (a broker restart, a coordinator moving) for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() > deadline:
+                raise
+            log.warning("Kafka: %s; retrying", exc.args[0].str())
+            time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- both stages
+
+
+class EitherStop(threading.Event):
+    """Set by itself or by the caller's stop event (signals), so each stage can be stopped alone."""
+
+    def __init__(self, outer: threading.Event) -> None:
+        super().__init__()
+        self.outer = outer
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.outer.is_set()
+
+
+def run_shuffled(
+    settings: Settings,
+    pipeline: Pipeline,
+    *,
+    stage: Stage,
+    shuffle_partitions: int | None,
+    progress: Progress,
+    stop: threading.Event,
+    **options: Any,
+) -> RunSummary:
+    """Stage 1 and stage 2 (``both``: stage 1 in a thread) or one of them (``--stage 1|2``)."""
+    check_state_key(pipeline)
+    topic, group = options["topic"], options["group"]
+    sources = kafka_helpers.partition_count(settings, topic)
+    if shuffle_partitions is not None and shuffle_partitions < 1:
+        raise KappaError("--shuffle-partitions must be >= 1")
+    repartition = repartition_topic(group, pipeline.state_key)
+    prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if options["bounded"] else None)
+    names = {"topic": topic, "group": group, "repartition": repartition}
+    switch = options.get("switch")
+    if switch is not None and claim_live_prefix(s3_client(settings), settings.s3_bucket, prefix, switch.origin):
+        # before prepare_internals: the cleared prefix has no shuffle marker, so the old stage-1
+        # offsets, repartition topic and stage-2 group go too (explicit start offsets win)
+        log.warning("explicit start offsets win: removed the older checkpoint under %s", prefix)
+    partitions_out = prepare_internals(settings, stage, prefix, names, shuffle_partitions or sources, stop)
+    instance = options.pop("instance", None) or os.environ.get(INSTANCE_ENV) or uuid.uuid4().hex[:12]
+    stop1, stop2 = EitherStop(stop), EitherStop(stop)
+    stage1 = Stage1(
+        settings, pipeline, **options, progress=progress if stage == "1" else NoProgress(), stop=stop1,
+        repartition=repartition, partitions_out=partitions_out, instance=instance,
+    )
+    if stage == "1":
+        return stage1.run()
+    stage2_options = {**options, "topic": repartition, "start_offsets": None, "end_offsets": None, "switch": None}
+    lag = stage1.remaining if stage == "both" else None
+    stage2 = Stage2(settings, pipeline, **stage2_options, progress=progress, stop=stop2, stage1_lag=lag)
+    if stage == "2":
+        return stage2.run()
+    return run_both(stage1, stage2, stop1, stop2)
+
+
+def run_both(stage1: Stage1, stage2: Stage2, stop1: threading.Event, stop2: threading.Event) -> RunSummary:
+    failure: list[BaseException] = []
+
+    def first_stage() -> None:
+        try:
+            stage1.run()
+        except BaseException as exc:  # handed to the main thread below
+            failure.append(exc)
+            stop2.set()
+
+    thread = threading.Thread(target=first_stage, name="kappa-stage1", daemon=True)
+    thread.start()
+    try:
+        summary = stage2.run()
+    finally:
+        stop1.set()
+        thread.join()
+    if failure:
+        raise failure[0]
+    summary.topic, summary.end_offsets = stage1.topic, stage1.summary.end_offsets
+    summary.records, summary.dlq_records = stage1.summary.records, stage1.summary.dlq_records
+    return summary
