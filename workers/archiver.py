@@ -356,6 +356,8 @@ class Archiver:
         self.ends: dict[int, int] = {}
         self.summary, self.metrics = ArchiverSummary(), ArchiverMetrics()
         self.assigned_once = self.closing = False
+        self.next_others_check = 0.0
+        self.waiting_for: list[int] = []
         self.membership = membership.Membership()
         self.consumer: Consumer | None = None
         self.last_activity = self.last_report = time.monotonic()
@@ -422,13 +424,35 @@ class Archiver:
         if self.options.idle_exit is not None and now - self.last_activity >= self.options.idle_exit:
             log.info("idle for %.0fs: stopping", self.options.idle_exit)
             return True
-        if self.options.until_end and self.assigned_once and self._all_at_end():
-            log.info("all assigned partitions reached the end offsets read at start: stopping")
+        if self.options.until_end and self.assigned_once and self._all_at_end() and self._others_at_end(now):
+            log.info("every partition reached the end offsets read at start: stopping")
             return True
         return False
 
     def _all_at_end(self) -> bool:
         return all(state.reached(self.ends.get(p, 0)) for p, state in self.parts.items())
+
+    def _others_at_end(self, now: float) -> bool:
+        """Partitions not assigned here count only once their S3 checkpoint reached the end: the member
+        holding them may be gone (a stopped static member keeps its partitions for a session timeout),
+        and --until-end must never report success with records left unarchived. Checked once a second."""
+        if now < self.next_others_check:
+            return False
+        self.next_others_check = now + 1.0
+        waiting = [p for p, end in self.ends.items() if end > 0 and p not in self.parts
+                   and self._checkpointed(p) < end]
+        if waiting and waiting != self.waiting_for:
+            log.info("assigned partitions done; waiting for partitions %s (another member holds them)", waiting)
+        self.waiting_for = waiting
+        return not waiting
+
+    def _checkpointed(self, partition: int) -> int:
+        key = keys.archiver_checkpoint(self.topic, partition)
+        try:
+            body = s3_helpers.get_bytes(self.store.client, self.store.bucket, key)
+        except S3_ERRORS:
+            return -1  # cannot tell now: keep waiting
+        return -1 if body is None else int(json.loads(body)["next_offset"])
 
     # -- one iteration
 
