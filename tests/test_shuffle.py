@@ -32,8 +32,8 @@ from workers import keys
 from workers.config import Settings
 from workers.generator import Faults, produce_events
 from workers.processor import read_live_results, run_processor
-from workers.processor_state import FencedError, list_states
-from workers.s3 import ensure_bucket, get_bytes, s3_client
+from workers.processor_state import list_states
+from workers.s3 import Fenced, ensure_bucket, get_bytes, s3_client
 
 START = "2026-01-01T21:00:00+00:00"  # 6 hours of events: two UTC days
 SEED = 21
@@ -135,7 +135,7 @@ def live(settings: Settings, days: list[str]) -> dict[str, pl.DataFrame]:
         try:
             results = {day: read_live_results(settings, "orders", 2, day, include_open=True) for day in days}
             return {day: frame for day, frame in results.items() if frame.height}
-        except FencedError:
+        except Fenced:
             if attempt == 9:
                 raise
             time.sleep(0.2)
