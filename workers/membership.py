@@ -142,3 +142,34 @@ def consumer_config(
         for key in CLASSIC_ONLY:
             config.pop(key, None)
     return config
+
+
+@dataclass
+class SelfFenceBudget:
+    """When the broker fences our own static member, rejoin with a new consumer, a few times at most.
+
+    librdkafka reports "Static consumer fenced by other consumer with same group.instance.id" as a
+    fatal error also when the "other consumer" is this very process: after a coordinator restart or
+    an expired session, its own re-join registered a new member id and the old one is fenced
+    (librdkafka#3437). The cure is a new consumer with the same id. A real duplicate id (two
+    processes given one ``--instance-id``) fences back and forth instead, so after ``limit`` rejoins
+    within ``window_s`` the error stays fatal and the worker exits with it.
+    """
+
+    limit: int = 3
+    window_s: float = 300.0
+    times: list[float] = field(default_factory=list)
+
+    def allows(self, error: object, now: float) -> bool:
+        from confluent_kafka import KafkaError
+
+        if not isinstance(error, KafkaError):
+            return False
+        fenced = error.code() == KafkaError.FENCED_INSTANCE_ID or (
+            error.code() == KafkaError._FATAL and "group.instance.id" in error.str()
+        )
+        self.times = [t for t in self.times if now - t < self.window_s]
+        if not fenced or len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True

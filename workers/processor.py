@@ -299,6 +299,7 @@ class Processor:
         self.crashed = False
         #: live, before the first assignment: was there no checkpoint at all (see :meth:`unknown_start`)
         self.fresh_group: bool | None = None
+        self.self_fenced = membership.SelfFenceBudget()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -338,6 +339,18 @@ class Processor:
         self.summary.seconds = round(time.monotonic() - started, 3)
         return self.summary
 
+    def rejoin(self, error: KafkaError) -> None:
+        """Our static member was fenced by our own re-join (see ``membership.SelfFenceBudget``): drop
+        the uncommitted state unwritten (as on_lost) and join again with a new consumer, same id."""
+        log.warning("group %s fenced this member (%s): uncommitted state dropped, rejoining", self.group, error.str())
+        self.states.clear()
+        self.refetch.clear()
+        assert self.consumer is not None
+        with contextlib.suppress(Exception):
+            self.consumer.close()
+        self.consumer = Consumer(self.consumer_config())
+        self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
+
     def consumer_config(self) -> dict[str, object]:
         # auto.offset.reset "earliest": a partition without any start position is a new partition
         # (``--start latest`` is applied explicitly, see unknown_start), never skipped
@@ -363,8 +376,14 @@ class Processor:
         while not self.stop.is_set():
             with gc_paused():  # consume + process allocate only acyclic per-record objects
                 messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.5)
-                if messages:
-                    self.process(messages)
+                try:
+                    if messages:
+                        self.process(messages)
+                except KafkaException as exc:
+                    if not self.self_fenced.allows(exc.args[0], time.monotonic()):
+                        raise
+                    self.rejoin(exc.args[0])
+                    continue
             if time.monotonic() < self.s3_retry_at:
                 continue  # S3 is failing: partitions are paused until the next try
             try:

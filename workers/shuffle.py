@@ -70,6 +70,7 @@ log = logging.getLogger("kappa.shuffle")
 
 Stage = Literal["both", "1", "2"]
 SHUFFLE_HEADER = "kappa.shuffle"
+STAGE1_JOIN_TIMEOUT_S = 180.0
 DATA, PROGRESS = b"data", b"progress"
 SRC_PARTITION, SRC_OFFSET = "src_partition", "src_offset"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -489,7 +490,7 @@ class Stage1(Processor):
         self.positions: dict[int, int | None] = {}
         self.source_progress: dict[int, SourceProgress] = {}
         self.committed_progress: dict[int, SourceProgress] = {}
-        self.uncommitted = False
+        self.uncommitted = self.rejoining = False
         self.last_done_check = 0.0
 
     # ------------------------------------------------------------ lifecycle
@@ -538,8 +539,14 @@ class Stage1(Processor):
         while not self.stop.is_set():
             with gc_paused():
                 messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.2)
-                if messages:
-                    self.process(messages)
+                try:
+                    if messages:
+                        self.process(messages)
+                except KafkaException as exc:
+                    if not self.self_fenced.allows(exc.args[0], time.monotonic()):
+                        raise
+                    self.rejoin(exc.args[0])
+                    continue
             due = time.monotonic() - self.last_checkpoint >= min(STAGE1_COMMIT_SECONDS, self.checkpoint_seconds)
             if due or (self.bounded and self.ended_uncommitted()):
                 self.commit()
@@ -570,6 +577,8 @@ class Stage1(Processor):
 
     def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Commit what we did (offsets + output, one transaction), then forget the revoked partitions."""
+        if self.rejoining:
+            return
         self.commit()
         self.forget({tp.partition for tp in partitions})
 
@@ -577,6 +586,24 @@ class Stage1(Processor):
         """Someone else owns them: our open transaction is void; the partitions we keep are rewound."""
         self.forget({tp.partition for tp in partitions})
         self.abort_and_rewind()
+
+    def rejoin(self, error: KafkaError) -> None:
+        """Fenced by our own re-join: abort the open transaction (its output is void), then join again."""
+        assert self.producer is not None
+        log.warning("group %s fenced stage 1 (%s): open transaction aborted, rejoining", self.group, error.str())
+        with contextlib.suppress(KafkaException):
+            self.producer.abort_transaction(60)
+        self.delivery_errors.clear()
+        self.forget(set(self.positions))
+        self.uncommitted, self.rejoining = False, True
+        try:
+            with contextlib.suppress(Exception):
+                self.consumer.close()  # type: ignore[union-attr]  # its on_revoke must not commit
+        finally:
+            self.rejoining = False
+        self.consumer = Consumer(self.consumer_config())
+        self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
+        self.producer.begin_transaction()
 
     def forget(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -853,7 +880,7 @@ def run_both(stage1: Stage1, stage2: Stage2, stop1: threading.Event, stop2: thre
         summary = stage2.run()
     finally:
         stop1.set()
-        thread.join()
+        thread.join(STAGE1_JOIN_TIMEOUT_S)  # a stage 1 stuck on an unreachable broker must not hang the exit
     if failure:
         raise failure[0]
     summary.topic, summary.end_offsets = stage1.topic, stage1.summary.end_offsets

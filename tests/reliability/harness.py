@@ -257,7 +257,7 @@ def end_total(settings: Settings, topic: str, timeout: float = 30) -> dict[int, 
 
 def durable_progress(ends: dict[int, int], durable: Callable[[], dict[int, int]]) -> ProgressFn:
     """Progress towards ``ends``: the durable next offset per partition, capped at its end."""
-    return lambda: (sum(min(durable().get(p, 0), end) for p, end in ends.items()), sum(ends.values()))
+    return lambda: (capped(durable(), ends), sum(ends.values()))
 
 
 def archiver_progress(settings: Settings, client: Any) -> ProgressFn:
@@ -267,9 +267,31 @@ def archiver_progress(settings: Settings, client: Any) -> ProgressFn:
 
 
 def processor_progress(settings: Settings, client: Any, prefix: str, topic: str) -> ProgressFn:
-    """A processor's committed S3 states (under ``prefix``) vs ``topic``'s end offsets now."""
+    """A processor's committed S3 states (under ``prefix``) vs ``topic``'s end offsets now.
+
+    A shuffled pipeline has two durable positions: stage 1's committed offsets on ``topic`` and
+    stage 2's S3 states on the repartition topic. Its progress adds both (each capped at its end), so
+    it is complete only once stage 2 is, and a fault lands mid-stream while either stage still works.
+    """
     ends = end_offsets(settings, topic)
-    return durable_progress(ends, lambda: processor_offsets(settings, client, prefix, topic))
+    total = sum(ends.values())
+
+    def progress() -> tuple[int, int]:
+        states = list_states(client, settings.s3_bucket, prefix)
+        shuffled = next((s for s in states.values() if "shuffle" in s), None)
+        if shuffled is None:
+            return capped({p: int(s["next_offset"] or 0) for p, s in states.items()}, ends), total
+        first = capped(group_committed(settings, shuffled["group"], topic, list(ends)), ends)
+        repartition = {p: o for p, o in end_offsets(settings, shuffled["topic"]).items() if o > 0}
+        second = capped({p: int(s["next_offset"] or 0) for p, s in states.items()}, repartition)
+        return first + second, total + sum(repartition.values())
+
+    return progress
+
+
+def capped(positions: dict[int, int], ends: dict[int, int]) -> int:
+    """Records done: each partition's position, capped at its end (never negative)."""
+    return sum(min(max(positions.get(p, 0), 0), end) for p, end in ends.items())
 
 
 def topic_progress(settings: Settings, topic: str, total: int) -> ProgressFn:
@@ -370,16 +392,6 @@ def group_committed(settings: Settings, group: str, topic: str, partitions: list
     finally:
         consumer.close()
     return {tp.partition: tp.offset for tp in committed}
-
-
-def processor_offsets(settings: Settings, client: Any, prefix: str, topic: str) -> dict[int, int]:
-    """A processor's durable position on ``topic``: its S3 states, or for a shuffled pipeline (whose
-    S3 states are per repartition partition) stage 1's transactionally committed offsets."""
-    states = list_states(client, settings.s3_bucket, prefix)
-    shuffled = next((s for s in states.values() if "shuffle" in s), None)
-    if shuffled is None:
-        return {p: int(s["next_offset"] or 0) for p, s in states.items()}
-    return group_committed(settings, shuffled["group"], topic, list(end_offsets(settings, topic)))
 
 
 def archived_offsets(client: Any, bucket: str, topic: str) -> dict[int, int]:
