@@ -136,9 +136,11 @@ def prepare_internals(settings: Settings, stage: Stage, prefix: str, names: Mapp
     while (data := get_bytes(client, bucket, marker)) is None:
         if stage != "2" and claim(client, bucket, lock):
             try:
-                reset_internals(settings, names, partitions)
-                body = json.dumps({**names, "partitions": partitions}).encode()
-                client.put_object(Bucket=bucket, Key=marker, Body=body, ContentType="application/json")
+                # re-read under the lock: another member may have set up and released it since our read
+                if (data := get_bytes(client, bucket, marker)) is None:
+                    reset_internals(settings, names, partitions)
+                    body = json.dumps({**names, "partitions": partitions}).encode()
+                    client.put_object(Bucket=bucket, Key=marker, Body=body, ContentType="application/json")
             finally:
                 client.delete_object(Bucket=bucket, Key=lock)
             break

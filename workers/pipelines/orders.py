@@ -158,7 +158,17 @@ class OrdersV1(Pipeline):
 
 class OrdersV2(OrdersV1):
     version: ClassVar[int] = 2
-    summary: ClassVar[str] = "like v1, but a repeated event_id in the same window counts once (any partition)"
+    summary: ClassVar[str] = "like v1, but a repeated event_id in the same window and partition counts once"
     dedup_by: ClassVar[tuple[str, ...]] = ("event_id",)
     reference_params: ClassVar[dict[str, bool | int | str]] = {"dedup_event_id": True}
+
+
+class OrdersV3(OrdersV2):
+    """v2 with the dedup scope of DESIGN §3: keyed state through a shuffle (``workers/shuffle.py``).
+
+    A version of its own while the shuffle's live handoff and broker-restart behaviour are finished;
+    v2 becomes this once they are (the SQL reference of both already dedups across partitions)."""
+
+    version: ClassVar[int] = 3
+    summary: ClassVar[str] = "like v2, but a repeated event_id in the same window counts once (any partition)"
     state_key: ClassVar[tuple[str, ...]] = ("event_id",)
