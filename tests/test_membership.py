@@ -18,7 +18,7 @@ from workers.errors import KappaError
 @pytest.fixture(autouse=True)
 def lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("KAPPA_INSTANCE_LOCK_DIR", str(tmp_path))
-    monkeypatch.delenv(membership.INSTANCE_ENV, raising=False)
+    monkeypatch.setenv(membership.INSTANCE_ENV, membership.AUTO)  # static membership is opt-in
     monkeypatch.delenv(membership.PROTOCOL_ENV, raising=False)
     return tmp_path
 

@@ -41,7 +41,7 @@ def test_a_killed_worker_restarted_owns_its_partitions_again_before_its_session_
     kafka_helpers.ensure_topic(settings, settings.events_topic, 3)
     group = unique("g")
     args = [*COMMANDS[role], "--group", group, "--session-timeout", str(SESSION_TIMEOUT)]
-    env = {**os.environ, "KAPPA_INSTANCE_LOCK_DIR": str(tmp_path / "locks")}
+    env = {**os.environ, "KAPPA_INSTANCE_LOCK_DIR": str(tmp_path / "locks"), "KAPPA_INSTANCE_ID": "auto"}
     seen: dict[str, Any] = {}
 
     def check(worker: Worker) -> None:

@@ -28,7 +28,7 @@ def test_repeated_kills_each_restart_takes_over_before_the_session_timeout(
     kafka_helpers.ensure_topic(settings, settings.events_topic, 6)
     group = unique("g")
     args = [*COMMANDS[role], "--group", group, "--session-timeout", str(SESSION_TIMEOUT)]
-    env = {**os.environ, "KAPPA_INSTANCE_LOCK_DIR": str(tmp_path / "locks")}
+    env = {**os.environ, "KAPPA_INSTANCE_LOCK_DIR": str(tmp_path / "locks"), "KAPPA_INSTANCE_ID": "auto"}
     times, kills = [], 0
     for round_ in range(ROUNDS):
         folder = tmp_path / f"round{round_}"

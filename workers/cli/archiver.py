@@ -28,8 +28,8 @@ def archiver(
     metrics_port: int = typer.Option(None, help="Serve Prometheus metrics on this port."),
     max_backoff: float = typer.Option(30.0, help="Longest wait between S3 retries, in seconds."),
     shutdown_timeout: float = typer.Option(60.0, help="Seconds to keep retrying S3 when stopping."),
-    instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; default "
-                                                "kappa-archiver-<host>-<ordinal>; 'none' = dynamic member)."),
+    instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; 'auto' = "
+                                                "kappa-archiver-<host>-<ordinal>; default 'none': dynamic member)."),
     group_protocol: str = typer.Option(None, help="Consumer group protocol: classic (default) or consumer "
                                                   "(KIP-848; env KAPPA_GROUP_PROTOCOL)."),
     accept_data_loss: bool = typer.Option(False, "--accept-data-loss", help="Skip offsets Kafka deleted before "

@@ -120,8 +120,8 @@ def processor(
     checkpoint_seconds: float = typer.Option(DEFAULT_CHECKPOINT_SECONDS, help="Seconds between S3 checkpoints."),
     dlq_topic: str = typer.Option(None, help="Dead-letter topic (default: KAPPA_DLQ_TOPIC)."),
     progress: ProgressKind = typer.Option(ProgressKind.auto, help="Progress display."),
-    instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; default "
-                                                "kappa-processor-<host>-<ordinal>; 'none' = dynamic member)."),
+    instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; 'auto' = "
+                                                "kappa-processor-<host>-<ordinal>; default 'none': dynamic member)."),
     group_protocol: str = typer.Option(None, help="Consumer group protocol: classic (default) or consumer "
                                                   "(KIP-848; env KAPPA_GROUP_PROTOCOL)."),
     session_timeout: float = typer.Option(DEFAULT_SESSION_TIMEOUT_S, help="Kafka group session timeout in seconds "
