@@ -25,7 +25,10 @@ def s3_client(settings: Settings, connect_timeout: float = 5, retries: int = 5) 
         aws_secret_access_key=settings.aws_secret_access_key,
         config=Config(
             connect_timeout=connect_timeout,
-            read_timeout=60,
+            # a stalled request (seen: S3Proxy not answering one PUT under load) is retried after
+            # 15 s instead of holding a worker for a minute; a conditional PUT retried after it
+            # landed is recognised by put_if
+            read_timeout=15,
             retries={"max_attempts": retries, "mode": "standard"},
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
         ),
