@@ -371,19 +371,26 @@ class Processor:
             },
         )
 
+    def consume_step(self, timeout: float) -> bool:
+        """Consume and process one batch; False when the member was self-fenced and rejoined instead."""
+        assert self.consumer is not None
+        with gc_paused():  # consume + process allocate only acyclic per-record objects
+            messages = self.consumer.consume(num_messages=self.batch_size, timeout=timeout)
+            try:
+                if messages:
+                    self.process(messages)
+            except KafkaException as exc:
+                if not self.self_fenced.allows(exc.args[0], time.monotonic()):
+                    raise
+                self.rejoin(exc.args[0])
+                return False
+        return True
+
     def loop(self) -> None:
         assert self.consumer is not None
         while not self.stop.is_set():
-            with gc_paused():  # consume + process allocate only acyclic per-record objects
-                messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.5)
-                try:
-                    if messages:
-                        self.process(messages)
-                except KafkaException as exc:
-                    if not self.self_fenced.allows(exc.args[0], time.monotonic()):
-                        raise
-                    self.rejoin(exc.args[0])
-                    continue
+            if not self.consume_step(timeout=0.5):
+                continue
             if time.monotonic() < self.s3_retry_at:
                 continue  # S3 is failing: partitions are paused until the next try
             try:

@@ -58,7 +58,6 @@ from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.handoff import claim_live_prefix
-from workers.perf import gc_paused
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
 from workers.processor import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, split_batch
 from workers.processor_progress import NoProgress, Progress
@@ -539,16 +538,8 @@ class Stage1(Processor):
     def loop(self) -> None:
         assert self.consumer is not None
         while not self.stop.is_set():
-            with gc_paused():
-                messages = self.consumer.consume(num_messages=self.batch_size, timeout=0.2)
-                try:
-                    if messages:
-                        self.process(messages)
-                except KafkaException as exc:
-                    if not self.self_fenced.allows(exc.args[0], time.monotonic()):
-                        raise
-                    self.rejoin(exc.args[0])
-                    continue
+            if not self.consume_step(timeout=0.2):
+                continue
             due = time.monotonic() - self.last_checkpoint >= min(STAGE1_COMMIT_SECONDS, self.checkpoint_seconds)
             if due or (self.bounded and self.ended_uncommitted()):
                 self.commit()
