@@ -409,7 +409,7 @@ def produce_events(
 
     ``start`` is epoch ms, an ISO string, or None (now minus ``days``). ``progress`` is called with
     the number of records sent since the last call. Raises :class:`KappaError` if any delivery failed.
-    ``keying`` none uses librdkafka's default partitioner (null keys spread at random), the others murmur2.
+    ``keying`` none uses librdkafka's default partitioner, random per record; the others murmur2.
     """
     _check_options(count, days, partitions, rate)
     valid_keying(keying)
@@ -418,7 +418,9 @@ def produce_events(
     kafka_helpers.ensure_topic(settings, topic, partitions)
     seed = random.randrange(2**32) if seed is None else seed
     summary = ProduceSummary(topic=topic, partitions=kafka_helpers.partition_count(settings, topic), seed=seed)
-    partitioner = {"partitioner": "consistent_random"} if keying == "none" else {}
+    # null keys: librdkafka's default partitioner, made random per record (its sticky batching would
+    # keep nearby copies of one event on one partition and hide cross-partition duplicates)
+    partitioner = {"partitioner": "consistent_random", "sticky.partitioning.linger.ms": 0} if keying == "none" else {}
     producer = Producer(settings.kafka_config(**{**PRODUCER_CONFIG, **partitioner}))
     on_delivery, pacer = _Delivery(summary), _Pacer(rate)
     started = time.monotonic()
