@@ -68,10 +68,10 @@ lint: install ## ruff + Dagster definitions validation
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
 demo: install ## Start the stack and run the whole story end to end (leaves workers + dashboard running)
-	$(BIN)/python -m workers.demo
+	$(BIN)/python -m workers.dev.demo
 
 demo-stop: install ## Stop the demo's workers and dashboard (the stack keeps running)
-	$(BIN)/python -m workers.demo stop
+	$(BIN)/python -m workers.dev.demo stop
 
 dashboard: install ## Live dashboard on http://127.0.0.1:8050 (read-only)
 	$(BIN)/kappa dashboard --host 127.0.0.1 --port 8050

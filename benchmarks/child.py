@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from workers.config import Settings, load_settings
-from workers.processor_progress import Progress
+from workers.processor.progress import Progress
 
 
 def _settings(options: dict[str, Any]) -> Settings:
@@ -32,8 +32,8 @@ def _settings(options: dict[str, Any]) -> Settings:
 
 
 def run_archiver(options: dict[str, Any]) -> dict[str, Any]:
-    from workers.archiver import ArchiverOptions
-    from workers.archiver import run_archiver as run
+    from workers.archive.archiver import ArchiverOptions
+    from workers.archive.archiver import run_archiver as run
 
     settings = _settings(options)
     opts = ArchiverOptions(group=options["group"], topic=options["topic"], until_end=True, log_interval=5.0)
@@ -45,7 +45,8 @@ def run_archiver(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_loader(options: dict[str, Any]) -> dict[str, Any]:
-    from workers import replay_loader
+    from workers.replay import loader as replay_loader
+    from workers.replay import manifest as replay_manifest
 
     settings = _settings(options)
     spec = replay_loader.ReplaySpec(
@@ -64,18 +65,18 @@ def run_loader(options: dict[str, Any]) -> dict[str, Any]:
     manifest = result.manifest
     return {"records": manifest["records"], "seconds": seconds, "replay_topic": spec.topic, "group": spec.group,
             "produce_seconds": phases.get("produce"), "replay_id": spec.replay_id,
-            "grace_ms": replay_loader.processor_grace_ms(manifest)}
+            "grace_ms": replay_manifest.processor_grace_ms(manifest)}
 
 
 def run_processor(options: dict[str, Any]) -> dict[str, Any]:
     """``kappa processor --pipeline P --version V --topic T --group G --from-beginning --until-end``.
 
-    ``grace_ms`` as the Dagster job passes it (``replay_loader.processor_grace_ms`` of the manifest;
+    ``grace_ms`` as the Dagster job passes it (``replay_manifest.processor_grace_ms`` of the manifest;
     None = infinite, for topics not known to be in event-time order). ``live: true`` runs the live
     path instead (unbounded, the live grace) and stops it once ``records`` records went through.
     ``kwargs``: extra ``run_processor`` keyword arguments of a scenario variant (data-driven).
     """
-    from workers import processor
+    from workers.processor import engine as processor
 
     settings = _settings(options)
     live = bool(options.get("live"))

@@ -21,7 +21,7 @@ from confluent_kafka.admin import NewTopic
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
-from workers.generator import PRODUCER_CONFIG, Faults, generate
+from workers.dev.generator import PRODUCER_CONFIG, Faults, generate
 
 #: Bench topics never expire (events are dated yesterday) and are deleted by the benchmark itself.
 TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "message.timestamp.type": "CreateTime"}

@@ -70,8 +70,8 @@ MEMORY_VERSION = 2  # the version the Dagster job replays
 def _condition(variant: ProcessorVariant, condition: str) -> bool:
     import inspect
 
-    from workers import processor
     from workers.pipelines import get_pipeline
+    from workers.processor import engine as processor
 
     kind, _, name = condition.partition(":")
     if kind == "attr":
@@ -275,7 +275,7 @@ class Bench:
     # ------------------------------------------------------------------ 1. replay load
 
     def scenario_load(self) -> None:
-        from workers.replay_loader import PRODUCER_TUNING
+        from workers.replay.producer import PRODUCER_TUNING
 
         assert self.main is not None
         data, bucket = self.main, self.ensure_archive()

@@ -7,7 +7,7 @@ from typing import Any
 import polars as pl
 
 from kappa_dagster.replay_target import ReplayTarget
-from workers import archive_format
+from workers.archive import format as archive_format
 from workers.config import Settings
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from workers import keys, replay_loader
+from workers import keys
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
 
 VERSION_TAG = "kappa/version"
 PIPELINE_TAG = "kappa/pipeline"
@@ -51,7 +53,8 @@ class ReplayTarget:
 
     def slot(self, settings: Settings) -> str:
         """The stable id of this (pipeline, version, day, archive): where its manifest and lease live."""
-        return replay_loader.replay_id(self.pipeline, self.version, self.day, settings.s3_bucket, settings.events_topic)
+        bucket, topic = settings.s3_bucket, settings.events_topic
+        return replay_manifest.replay_id(self.pipeline, self.version, self.day, bucket, topic)
 
     @property
     def label(self) -> str:

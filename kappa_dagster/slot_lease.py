@@ -1,4 +1,4 @@
-"""A run holds its replay slot's lease (``workers.replay_lease``) while it loads, consumes and checks.
+"""A run holds its replay slot's lease (``workers.replay.lease``) while it loads, consumes and checks.
 
 The owner is the Dagster run id, so a lease left by a run that failed or was cancelled is taken over
 at once (its run is finished) instead of waiting for the expiry. Steps of one run share it
@@ -13,8 +13,8 @@ from typing import Any
 
 import dagster as dg
 
-from workers import replay_lease
 from workers.errors import KappaError
+from workers.replay import lease as replay_lease
 
 OWNER_PREFIX = "dagster-run:"
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}

@@ -17,7 +17,7 @@ import pytest
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings, apply_stack_env, load_settings
-from workers.stack import Stack
+from workers.dev.stack import Stack
 
 #: Decided before any test module is imported: importing kappa_dagster (or calling load_settings)
 #: copies the local stack's env file into the environment, which must not look like an external cluster.

@@ -17,8 +17,9 @@ import polars as pl
 from confluent_kafka import Producer
 from dagster_env import ROOT, dagster_cli
 
-from workers import archive_format, keys
+from workers import keys
 from workers import s3 as s3_helpers
+from workers.archive import format as archive_format
 from workers.config import Settings
 
 
@@ -123,8 +124,9 @@ def pids_running(needle: str) -> list[int]:
 def publish_replay(settings: Settings, s3: Any, version: int, day: str, partitions: int | None = None) -> dict:
     """A day's corrected report the way the Dagster job makes it, without Dagster: load the archive into
     a replay topic, run the bounded processor over it, then the gate (reference check, publish)."""
-    from workers import replay_loader, report_gate
-    from workers.processor import run_processor
+    from workers.processor.engine import run_processor
+    from workers.replay import loader as replay_loader
+    from workers.reports import gate as report_gate
 
     spec = replay_loader.ReplaySpec("orders", version, day, settings.events_topic, settings.s3_bucket, partitions)
     manifest = replay_loader.load(settings, spec, client=s3).manifest

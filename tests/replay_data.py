@@ -15,7 +15,8 @@ from typing import Any
 
 import polars as pl
 
-from workers import archive_format, keys
+from workers import keys
+from workers.archive import format as archive_format
 
 TYPES = ["page_view", "add_to_cart", "purchase", "refund"]
 MALFORMED = [

@@ -1,6 +1,6 @@
 """The archiver against the real stack: complete, byte-exact, crash-safe, rebalance-safe, S3-outage-safe.
 
-Every check reads the archive INDEPENDENTLY of workers.archive_format: boto3 downloads and plain
+Every check reads the archive INDEPENDENTLY of workers.archive.format: boto3 downloads and plain
 ``pl.read_parquet``, compared with a plain consumer read of the topic.
 """
 
@@ -26,10 +26,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from reliability.invariants import ARCHIVE_SCHEMA  # the independent reader's view of DESIGN §2
 
 from workers import kafka as kafka_helpers
-from workers.archiver import Archiver, ArchiverOptions, PartitionState, parse_size, run_archiver, split_by_day
+from workers.archive.archiver import Archiver, ArchiverOptions, PartitionState, parse_size, run_archiver, split_by_day
 from workers.config import Settings
+from workers.dev.generator import Faults, produce_events
 from workers.errors import KappaError
-from workers.generator import Faults, produce_events
 
 FAULTS = Faults(duplicates=0.05, late=0.05, malformed=0.05)
 FAST_GROUP = ["--session-timeout", "6", "--log-interval", "1"]

@@ -13,10 +13,13 @@ from dagster_env import dagster_cli, dagster_home, fresh_resources  # noqa: F401
 from replay_data import day_records, write_day
 
 from kappa_dagster.replay_target import resolve
-from workers import archive_stats, keys, promote, replay_loader
 from workers import kafka as kafka_helpers
+from workers import keys, promote
+from workers.archive import stats as archive_stats
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
 
 DAY = "2026-11-20"
 
@@ -123,7 +126,7 @@ def test_progress_sensor_observes_lag_and_requests_the_report_at_the_end(
             assert not result.run_requests
             assert result.asset_events[0].metadata["percent_done"].value == 100.0
             manifest.update(status="consumed", report_etag='"abc"')
-            replay_loader.write_manifest(s3, settings.s3_bucket, manifest)
+            replay_manifest.write_manifest(s3, settings.s3_bucket, manifest)
             context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
             result = replay_progress_sensor(context)
             (request,) = result.run_requests
@@ -131,7 +134,7 @@ def test_progress_sensor_observes_lag_and_requests_the_report_at_the_end(
             assert request.run_key.startswith(f"report:{manifest['replay_id']}")
             # reported replays are left alone
             manifest["status"] = "reported"
-            replay_loader.write_manifest(s3, settings.s3_bucket, manifest)
+            replay_manifest.write_manifest(s3, settings.s3_bucket, manifest)
             context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
             assert not replay_progress_sensor(context).run_requests
     finally:
@@ -161,7 +164,7 @@ def published_manifest(s3: Any, bucket: str, topic: str, version: int, ends: dic
     report_key = keys.report_file("orders", version, DAY)
     etag = s3.put_object(Bucket=bucket, Key=report_key, Body=b"checked")["ETag"]
     manifest = {
-        "replay_id": replay_loader.replay_id("orders", version, DAY, bucket, topic),
+        "replay_id": replay_manifest.replay_id("orders", version, DAY, bucket, topic),
         "pipeline": "orders",
         "version": version,
         "day": DAY,
@@ -172,7 +175,7 @@ def published_manifest(s3: Any, bucket: str, topic: str, version: int, ends: dic
         "report_etag": etag,
         "checked_fingerprint": archive_stats.day_fingerprint(s3, bucket, topic, DAY),
     }
-    replay_loader.write_manifest(s3, bucket, manifest)
+    replay_manifest.write_manifest(s3, bucket, manifest)
     return manifest
 
 

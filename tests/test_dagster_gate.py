@@ -24,9 +24,11 @@ from polars.testing import assert_frame_equal
 from replay_data import day_records, orders_report, write_day
 
 from workers import kafka as kafka_helpers
-from workers import promote, replay_loader
+from workers import promote
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
 
 pytestmark = pytest.mark.slow
 DAY = "2026-11-20"
@@ -42,8 +44,8 @@ def buggy_pipeline(monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 def manifest_of(s3: Any, settings: Settings, version: int) -> dict[str, Any]:
-    slot = replay_loader.replay_id("orders", version, DAY, settings.s3_bucket, settings.events_topic)
-    manifest = replay_loader.read_manifest(s3, settings.s3_bucket, slot)
+    slot = replay_manifest.replay_id("orders", version, DAY, settings.s3_bucket, settings.events_topic)
+    manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, slot)
     assert manifest is not None
     return manifest
 
@@ -66,7 +68,7 @@ def test_a_logic_bug_fails_the_gate_and_cannot_be_promoted(
         assert check_results(instance, run.run_id) == {"report_matches_reference": False, "records_accounted": True}
     manifest = manifest_of(s3, settings, buggy_pipeline)
     assert manifest["status"] == "rejected" and manifest["failed_checks"] == ["report_matches_reference"]
-    assert not replay_loader.published(s3, settings.s3_bucket, manifest)
+    assert not replay_manifest.published(s3, settings.s3_bucket, manifest)
     written = report(s3, settings, buggy_pipeline, DAY)  # the file is there, for review, but unpublished
     assert "refund" not in written["type"].to_list()
 
@@ -141,8 +143,8 @@ def test_two_reprocess_runs_of_one_day_one_fails_cleanly_the_other_is_correct(
 
 
 def _loading(s3: Any, settings: Settings) -> bool:
-    slot = replay_loader.replay_id("orders", 2, DAY, settings.s3_bucket, settings.events_topic)
-    manifest = replay_loader.read_manifest(s3, settings.s3_bucket, slot)
+    slot = replay_manifest.replay_id("orders", 2, DAY, settings.s3_bucket, settings.events_topic)
+    manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, slot)
     return bool(manifest and manifest.get("status") == "loading")
 
 

@@ -32,9 +32,11 @@ from replay_data import day_records, orders_report, write_day, write_days
 
 from kappa_dagster import offsets
 from workers import kafka as kafka_helpers
-from workers import keys, replay_loader
+from workers import keys
 from workers.config import Settings
-from workers.processor import read_live_results
+from workers.processor.engine import read_live_results
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
 
 pytestmark = pytest.mark.slow
 DAYS = ["2026-11-20", "2026-11-21", "2026-11-22"]
@@ -144,7 +146,7 @@ def test_killing_the_replay_consumer_then_rerunning_gives_the_same_report(
     try:
         # each run loads under its own replay id: its group and checkpoints are named in the manifest
         wait_for(lambda: _consuming(s3, settings, spec) or job.poll() is not None, 180, "a checkpoint")
-        manifest = replay_loader.read_manifest(s3, settings.s3_bucket, spec.slot) or {}
+        manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot) or {}
         victims = pids_running(manifest["group"])
         assert victims, "the replay consumer finished before it could be killed"
         for pid in victims:
@@ -166,7 +168,7 @@ def test_killing_the_replay_consumer_then_rerunning_gives_the_same_report(
 
 
 def _consuming(s3: Any, settings: Settings, spec: replay_loader.ReplaySpec) -> bool:
-    manifest = replay_loader.read_manifest(s3, settings.s3_bucket, spec.slot)
+    manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
     prefix = f"{manifest['processor_prefix']}_state/part=" if manifest else None
     return bool(prefix and manifest.get("status") == "loaded" and object_keys(s3, settings, prefix))
 

@@ -32,11 +32,12 @@ from typing import Any
 import pytest
 from dagster_e2e import publish_replay
 
-from workers import replay_loader
 from workers import s3 as s3_helpers
 from workers.config import Settings, load_settings
 from workers.dashboard import launch
-from workers.generator import Faults, produce_events
+from workers.dev.generator import Faults, produce_events
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 KAPPA = str(Path(sys.executable).parent / "kappa")
@@ -166,7 +167,7 @@ def cleanup_kafka(settings: Settings) -> None:
     from workers import kafka as kafka_helpers
 
     client = s3_helpers.s3_client(settings)
-    topics = [m["replay_topic"] for m in replay_loader.iter_manifests(client, settings.s3_bucket)]
+    topics = [m["replay_topic"] for m in replay_manifest.iter_manifests(client, settings.s3_bucket)]
     kafka_helpers.delete_topics(settings, [settings.events_topic, settings.dlq_topic, *topics])
 
 

@@ -18,11 +18,12 @@ import polars as pl
 from dagster_e2e import publish_replay
 
 from workers import kafka as kafka_helpers
-from workers import keys, processor_state
+from workers import keys
 from workers.config import Settings
 from workers.dashboard.collector import Collector, View
-from workers.generator import Faults, produce_events
-from workers.processor import read_live_results, run_processor
+from workers.dev.generator import Faults, produce_events
+from workers.processor import state as processor_state
+from workers.processor.engine import read_live_results, run_processor
 
 DAY = "2026-11-24"
 

@@ -15,12 +15,13 @@ from typing import Any
 import polars as pl
 import pytest
 
-from workers import archive_format, keys
-from workers.archiver import ArchiveStore
+from workers import keys
+from workers.archive import format as archive_format
+from workers.archive.archiver import ArchiveStore
 from workers.config import Settings
 from workers.pipelines import get_pipeline
-from workers.processor import apply, split_batch
-from workers.processor_state import PartitionState, StateStore, list_states, results_for_day
+from workers.processor.engine import apply, split_batch
+from workers.processor.state import PartitionState, StateStore, list_states, results_for_day
 from workers.s3 import Fenced, get_stored, iter_keys, put_if, still_at
 
 BASE_MS = 1_795_000_000_000 - 1_795_000_000_000 % 86_400_000  # a UTC midnight

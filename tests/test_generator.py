@@ -14,8 +14,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from workers import kafka as kafka_helpers
 from workers.config import Settings
-from workers.errors import KappaError
-from workers.generator import (
+from workers.dev.generator import (
     EVENT_TYPES,
     MALFORMED_SORTS,
     Faults,
@@ -25,6 +24,7 @@ from workers.generator import (
     parse_start,
     produce_events,
 )
+from workers.errors import KappaError
 
 START_MS = 1_795_000_000_000  # 2026-11-18T...Z
 FAULTS = Faults(duplicates=0.1, late=0.1, malformed=0.1)

@@ -34,10 +34,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
 from polars.testing import assert_frame_equal
 
-from workers import handoff, keys, processor_state, promote
 from workers import kafka as kafka_helpers
+from workers import keys, promote
 from workers.config import Settings
-from workers.processor import run_processor
+from workers.processor import handoff
+from workers.processor import state as processor_state
+from workers.processor.engine import run_processor
 
 pytestmark = pytest.mark.slow
 DAYS = ["2026-11-20", "2026-11-21", "2026-11-22"]

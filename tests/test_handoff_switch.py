@@ -13,10 +13,13 @@ import pytest
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
 from replay_data import day_records, write_day
 
-from workers import archive_stats, handoff, keys, promote, replay_loader
+from workers import keys, promote
+from workers.archive import stats as archive_stats
 from workers.config import Settings
 from workers.errors import KappaError
-from workers.processor import run_processor
+from workers.processor import handoff
+from workers.processor.engine import run_processor
+from workers.replay import manifest as replay_manifest
 
 DAYS = ["2026-11-20", "2026-11-21"]
 
@@ -33,7 +36,7 @@ def reported(s3: Any, settings: Settings, day: str, ends: dict[str, int], partit
     report_key = keys.report_file("orders", 2, day)
     etag = s3.put_object(Bucket=bucket, Key=report_key, Body=buffer.getvalue())["ETag"]
     manifest = {
-        "replay_id": replay_loader.replay_id("orders", 2, day, bucket, topic),
+        "replay_id": replay_manifest.replay_id("orders", 2, day, bucket, topic),
         "pipeline": "orders",
         "version": 2,
         "day": day,
@@ -46,7 +49,7 @@ def reported(s3: Any, settings: Settings, day: str, ends: dict[str, int], partit
         "report_etag": etag,
         "checked_fingerprint": archive_stats.days_fingerprints(s3, bucket, topic).get(day),
     }
-    replay_loader.write_manifest(s3, bucket, manifest)
+    replay_manifest.write_manifest(s3, bucket, manifest)
 
 
 def test_switch_covers_every_partition_and_the_promote_job_shows_uncovered_days(

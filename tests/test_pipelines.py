@@ -8,13 +8,13 @@ import random
 import polars as pl
 import pytest
 
-from workers import archive_format
+from workers.archive import format as archive_format
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline, known
 from workers.pipelines.base import REJECT
 from workers.pipelines.orders import parse_orders
-from workers.processor import apply, split_batch
-from workers.processor_state import PartitionState
+from workers.processor.engine import apply, split_batch
+from workers.processor.state import PartitionState
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 GOOD = {"event_id": "e1", "user_id": "u1", "type": "purchase", "amount": 12.5}

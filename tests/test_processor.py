@@ -21,12 +21,13 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from test_pipelines import BASE_MS, MALFORMED, assert_reports_match, event, plain_report
 
-from workers import archive_format, keys
 from workers import kafka as kafka_helpers
+from workers import keys
+from workers.archive import format as archive_format
 from workers.config import Settings
 from workers.pipelines import get_pipeline
-from workers.processor import RunSummary, read_live_results, run_processor
-from workers.processor_state import list_states
+from workers.processor.engine import RunSummary, read_live_results, run_processor
+from workers.processor.state import list_states
 from workers.s3 import get_bytes
 
 DAY = "2026-01-01"
@@ -400,7 +401,7 @@ def test_a_crash_never_checkpoints_half_applied_state(
 ) -> None:
     """The DLQ send fails after a batch was applied: close() must not commit that batch (its DLQ
     records were never sent), so a restart redoes it and every malformed record reaches the DLQ."""
-    from workers import processor as processor_module
+    from workers.processor import engine as processor_module
 
     records = make_records(600, seed=9, malformed=0.2)
     topic = events_topic(records, 1)

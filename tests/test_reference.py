@@ -20,8 +20,10 @@ import pytest
 from replay_data import day_records, write_day
 from test_pipelines import archive as archive_rows
 
-from workers import archive_format, archive_stats, reference
+from workers.archive import format as archive_format
+from workers.archive import stats as archive_stats
 from workers.pipelines import get_pipeline
+from workers.reports import reference
 
 sys.path.insert(0, str(Path(__file__).parent / "reliability"))
 import fuzz  # hostile value strategies shared with the reliability suite

@@ -21,9 +21,11 @@ from dagster_env import ROOT
 from replay_data import day_records, write_day
 
 from workers import kafka as kafka_helpers
-from workers import replay_lease, replay_loader
 from workers import s3 as s3_helpers
 from workers.config import Settings
+from workers.replay import lease as replay_lease
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
 
 DAY = "2026-11-20"
 
@@ -48,16 +50,16 @@ def test_lease_is_exclusive_reentrant_and_taken_over_after_expiry(settings: Sett
 
 def test_manifest_writes_are_fenced_on_the_version_read(settings: Settings, s3: Any) -> None:
     manifest = {"slot": "orders-v2-20261120-abcdef", "replay_id": "orders-v2-20261120-abcdef-r1", "status": "loading"}
-    replay_loader.write_manifest(s3, settings.s3_bucket, manifest)  # create-only: no previous version
-    stale = replay_loader.read_manifest(s3, settings.s3_bucket, manifest["slot"])
+    replay_manifest.write_manifest(s3, settings.s3_bucket, manifest)  # create-only: no previous version
+    stale = replay_manifest.read_manifest(s3, settings.s3_bucket, manifest["slot"])
     assert stale is not None
     newer = {**stale, "replay_id": "orders-v2-20261120-abcdef-r2"}
-    replay_loader.write_manifest(s3, settings.s3_bucket, newer)
-    with pytest.raises(replay_loader.ManifestFenced, match="another run rewrote"):
-        replay_loader.write_manifest(s3, settings.s3_bucket, {**stale, "status": "loaded"})
-    with pytest.raises(replay_loader.ManifestFenced):  # a second "first" writer loses too
-        replay_loader.write_manifest(s3, settings.s3_bucket, {k: v for k, v in manifest.items() if k != "_etag"})
-    stored = replay_loader.read_manifest(s3, settings.s3_bucket, manifest["slot"])
+    replay_manifest.write_manifest(s3, settings.s3_bucket, newer)
+    with pytest.raises(replay_manifest.ManifestFenced, match="another run rewrote"):
+        replay_manifest.write_manifest(s3, settings.s3_bucket, {**stale, "status": "loaded"})
+    with pytest.raises(replay_manifest.ManifestFenced):  # a second "first" writer loses too
+        replay_manifest.write_manifest(s3, settings.s3_bucket, {k: v for k, v in manifest.items() if k != "_etag"})
+    stored = replay_manifest.read_manifest(s3, settings.s3_bucket, manifest["slot"])
     assert stored is not None and stored["replay_id"].endswith("-r2")
 
 
@@ -100,7 +102,7 @@ def test_a_paused_loader_cannot_overwrite_the_manifest_of_the_run_that_took_over
         winner = loader("--run", "winner", "--lease-seconds", "30")
         out, _ = winner.communicate(timeout=180)
         assert winner.returncode == 0, out[-3000:]
-        won = replay_loader.read_manifest(s3, settings.s3_bucket, spec.slot)
+        won = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
         assert won is not None and won["status"] == "loaded" and won["replay_id"].endswith("-winner")
         assert sum(int(o) for o in won["end_offsets"].values()) == won["records"] > 0
 
@@ -114,7 +116,7 @@ def test_a_paused_loader_cannot_overwrite_the_manifest_of_the_run_that_took_over
             zombie.kill()
     assert zombie.returncode != 0
     assert "another run" in out and "Traceback" not in out, out[-2000:]
-    after = replay_loader.read_manifest(s3, settings.s3_bucket, spec.slot)
+    after = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
     assert after is not None and after["_etag"] == won["_etag"]  # not a byte written over the winner's
     topics = kafka_helpers.admin_client(settings).list_topics(timeout=10).topics
     assert topic_a not in topics and won["replay_topic"] in topics  # the zombie left nothing behind

@@ -10,10 +10,15 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from replay_data import day_records, write_day
 
-from workers import archive_format, keys, replay_loader
 from workers import kafka as kafka_helpers
+from workers import keys
+from workers.archive import format as archive_format
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
+from workers.replay import producer as replay_producer
+from workers.replay import sort as replay_sort
 
 DAY = "2026-11-20"
 
@@ -50,10 +55,10 @@ def test_merge_runs_orders_and_dedups_with_tiny_chunks(tmp_path: Path) -> None:
     frame = day_records(DAY, 400, partitions=3)
     files = [frame.slice(0, 250), frame.slice(200, 200), frame.slice(390, 10)]  # overlapping pieces
     runs = [
-        replay_loader.SortedRun(replay_loader.spill_sorted(piece, tmp_path, f"r{i}", chunk_rows=7))
+        replay_sort.SortedRun(replay_sort.spill_sorted(piece, tmp_path, f"r{i}", chunk_rows=7))
         for i, piece in enumerate(files)
     ]
-    merged = pl.concat(list(replay_loader.merge_runs(runs)))
+    merged = pl.concat(list(replay_sort.merge_runs(runs)))
     expected = frame.sort(["timestamp", "partition", "offset"])
     assert merged.height == 400
     assert merged.select(archive_format.SCHEMA.names()).equals(expected)
@@ -70,8 +75,8 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
         assert not result.skipped
         assert manifest["records"] == 600 and manifest["duplicates_dropped"] > 0
         assert manifest["status"] == "loaded"
-        assert replay_loader.processor_grace_ms(manifest) == 0  # event-time ordered: replay_consume uses grace 0
-        stored = replay_loader.read_manifest(s3, settings.s3_bucket, spec.replay_id)
+        assert replay_manifest.processor_grace_ms(manifest) == 0  # event-time ordered: replay_consume uses grace 0
+        stored = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.replay_id)
         assert stored == manifest
         messages = _consume_all(settings, spec.topic, manifest["end_offsets"])
         by_source = {(r["partition"], r["offset"]): r for r in frame.iter_rows(named=True)}
@@ -86,7 +91,7 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
             assert headers[:-2] == [(h["key"], h["value"]) for h in row["headers"]]
             assert src not in seen
             seen.add(src)
-            assert message.partition() == replay_loader.target_partition(row["key"], row["partition"], partitions)
+            assert message.partition() == replay_producer.target_partition(row["key"], row["partition"], partitions)
         assert len(seen) == 600
         # deterministic order inside each replay partition: (timestamp, source partition, source offset)
         assert manifest["partitions"] == (partitions or 3)
@@ -120,8 +125,8 @@ def test_load_is_idempotent_and_recovers_from_a_partial_load(settings: Settings,
         assert kafka_helpers.end_offsets(settings, spec.topic) == expected
         # a crash mid-load leaves status "loading" and extra records in the topic: the re-run starts over
         partial = {**first.manifest, "status": "loading"}
-        replay_loader.write_manifest(s3, settings.s3_bucket, partial)
-        producer = replay_loader.ReplayProducer(settings, spec.topic, spec.partitions, None)
+        replay_manifest.write_manifest(s3, settings.s3_bucket, partial)
+        producer = replay_producer.ReplayProducer(settings, spec.topic, spec.partitions, None)
         producer.producer.produce(spec.topic, value=b"stray", partition=0)
         producer.close()
         redo = replay_loader.load(settings, spec, client=s3)
@@ -190,5 +195,5 @@ def test_cli_load_then_reuse(settings: Settings, s3: Any) -> None:
         bad = subprocess.run([*command[:-1], "9"], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "has no version 9" in bad.stderr
     finally:
-        manifest = replay_loader.read_manifest(s3, settings.s3_bucket, summary["replay_id"])
+        manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, summary["replay_id"])
         replay_loader.cleanup(settings, manifest or {})

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from workers.lag import GroupLag
-from workers.replay_status import RateTracker, format_eta, replay_row, replay_state
+from workers.replay.status import RateTracker, format_eta, replay_row, replay_state
 
 MANIFEST = {
     "replay_id": "orders-v2-20261120-abcdef",

@@ -30,9 +30,9 @@ from test_processor import consume_all
 from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
-from workers.generator import Faults, produce_events
-from workers.processor import read_live_results, run_processor
-from workers.processor_state import list_states
+from workers.dev.generator import Faults, produce_events
+from workers.processor.engine import read_live_results, run_processor
+from workers.processor.state import list_states
 from workers.s3 import Fenced, ensure_bucket, get_bytes, s3_client
 
 START = "2026-01-01T21:00:00+00:00"  # 6 hours of events: two UTC days

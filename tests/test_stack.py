@@ -14,8 +14,8 @@ from dagster_aws.s3 import S3Resource
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
+from workers.dev.stack import Stack
 from workers.errors import UnreachableError
-from workers.stack import Stack
 
 TS = 1_763_600_000_123
 

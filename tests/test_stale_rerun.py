@@ -23,8 +23,10 @@ from polars.testing import assert_frame_equal
 from replay_data import day_records, orders_report, write_day, write_days
 from test_dagster_graphql import dagster_services  # noqa: F401  (fixture)
 
-from workers import archive_stats, keys, replay_loader
+from workers import keys
+from workers.archive import stats as archive_stats
 from workers.config import Settings
+from workers.replay import manifest as replay_manifest
 
 DAY = "2026-11-20"
 STALE_STATUS = """
@@ -51,8 +53,8 @@ def runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.DagsterRun]:
 
 
 def reported_manifest(s3: Any, settings: Settings) -> dict[str, Any]:
-    rid = replay_loader.replay_id("orders", 2, DAY, settings.s3_bucket, settings.events_topic)
-    manifest = replay_loader.read_manifest(s3, settings.s3_bucket, rid)
+    rid = replay_manifest.replay_id("orders", 2, DAY, settings.s3_bucket, settings.events_topic)
+    manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, rid)
     assert manifest is not None
     return manifest
 
@@ -114,7 +116,7 @@ def test_sensor_reruns_a_stale_day_once_its_archive_settled_and_caps_runs_per_ti
     write_days(s3, bucket, topic, days, 30)
     for version, day in ((2, days[0]), (2, days[1]), (2, days[2]), (1, days[0])):
         manifest = {
-            "replay_id": replay_loader.replay_id("orders", version, day, bucket, topic),
+            "replay_id": replay_manifest.replay_id("orders", version, day, bucket, topic),
             "pipeline": "orders",
             "version": version,
             "day": day,
@@ -123,7 +125,7 @@ def test_sensor_reruns_a_stale_day_once_its_archive_settled_and_caps_runs_per_ti
             "started_at": "2026-12-01T00:00:00+00:00",
             "archive_fingerprint": archive_stats.day_fingerprint(s3, bucket, topic, day),
         }
-        replay_loader.write_manifest(s3, bucket, manifest)
+        replay_manifest.write_manifest(s3, bucket, manifest)
 
     def tick(cursor: str | None) -> dg.SensorResult:
         context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=cursor)

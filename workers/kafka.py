@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollectio
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from workers.config import Settings
-from workers.errors import UnreachableError
+from workers.errors import KappaError, UnreachableError
 
 #: Consumer settings of the bulk readers (archiver, processor). librdkafka's defaults fetch at most
 #: 1 MiB per partition and refill its prefetch queue from 100k messages, so a Python consumer that
@@ -142,3 +142,53 @@ def _high_watermark(consumer: Consumer, tp: TopicPartition, deadline: float) -> 
             # the client caches "unknown partition" until its next metadata refresh (minutes): force one
             with contextlib.suppress(KafkaException):
                 consumer.list_topics(tp.topic, timeout=5)
+
+
+def offsets_json(offsets: dict[int, int]) -> dict[str, int]:
+    return {str(p): int(o) for p, o in sorted(offsets.items())}
+
+
+def delete_group(settings: Settings, group: str, timeout: float = 60.0) -> None:
+    """Delete a consumer group; waits out a dead member's session (NON_EMPTY_GROUP) up to ``timeout``."""
+    admin = admin_client(settings)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin.delete_consumer_groups([group], request_timeout=30)[group].result()
+            return
+        except KafkaException as exc:
+            code = exc.args[0].code()
+            if code == KafkaError.GROUP_ID_NOT_FOUND:
+                return
+            if code != KafkaError.NON_EMPTY_GROUP or time.monotonic() > deadline:
+                raise KappaError(f"could not delete consumer group {group}: {exc.args[0].str()}") from None
+        time.sleep(2)
+
+
+def recreate_topic(
+    settings: Settings, topic: str, partitions: int, config: dict[str, str], timeout: float = 90.0
+) -> None:
+    """Delete ``topic`` if present, then create it empty (retrying while Kafka finishes the delete)."""
+    admin = admin_client(settings)
+    delete_topics(settings, [topic])
+    deadline = time.monotonic() + timeout
+    replication = settings.topic_replication
+    while True:
+        if topic not in admin.list_topics(timeout=30).topics:
+            new = NewTopic(topic, num_partitions=partitions, replication_factor=replication, config=config)
+            try:
+                admin.create_topics([new], operation_timeout=30, request_timeout=30)[topic].result()
+                return
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+        if time.monotonic() > deadline:
+            raise KappaError(f"topic {topic} is still being deleted after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def topic_end_offsets(settings: Settings, topic: str) -> dict[str, int] | None:
+    """End offsets as stored in the manifest, or None when the topic does not exist."""
+    if topic not in admin_client(settings).list_topics(timeout=30).topics:
+        return None
+    return offsets_json(end_offsets(settings, topic))

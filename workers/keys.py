@@ -136,7 +136,7 @@ def replay_lease(slot: str) -> str:
     return f"_state/replays/{valid_replay_id(slot)}/lease.json"
 
 
-# ---------------------------------------------------------------- processor (workers/processor.py)
+# ---------------------------------------------------------------- processor (workers/processor/engine.py)
 
 GROUP_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 

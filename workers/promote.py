@@ -5,7 +5,7 @@ new pointer, never a mix. It carries its own history (previous pointers, newest 
 is again a single PUT that restores the previous one (or deletes the pointer after the first promotion,
 returning readers to the live results).
 
-It also records the switch (``workers/handoff.py``): per promoted day and partition, the offset below
+It also records the switch (``workers/processor/handoff.py``): per promoted day and partition, the offset below
 which the corrected report counts that day's records, and ``live_start_offsets`` for **every**
 partition of the events topic. The live processor of the new version started with ``--handoff``
 begins there and skips what the corrected reports already count, so every record is in exactly one
@@ -21,9 +21,12 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from workers import archive_stats, handoff, keys, replay_loader
+from workers import keys
 from workers import s3 as s3_helpers
+from workers.archive import stats as archive_stats
 from workers.errors import KappaError
+from workers.processor import handoff
+from workers.replay import manifest as replay_manifest
 
 MAX_HISTORY = 50
 
@@ -48,7 +51,7 @@ def replayed(client: Any, bucket: str, pipeline: str, version: int, source_topic
     return sorted(
         (
             m
-            for m in replay_loader.iter_manifests(client, bucket)
+            for m in replay_manifest.iter_manifests(client, bucket)
             if m.get("pipeline") == pipeline
             and m.get("version") == version
             and m.get("source_topic") == source_topic
@@ -64,7 +67,7 @@ def refused_days(client: Any, bucket: str, pipeline: str, version: int, source_t
     current = archive_stats.days_fingerprints(client, bucket, source_topic)
     ours = (pipeline, version, source_topic)
     refused = {}
-    for manifest in replay_loader.iter_manifests(client, bucket):
+    for manifest in replay_manifest.iter_manifests(client, bucket):
         if (manifest.get("pipeline"), manifest.get("version"), manifest.get("source_topic")) != ours:
             continue
         day, status = manifest["day"], manifest.get("status")
@@ -74,7 +77,7 @@ def refused_days(client: Any, bucket: str, pipeline: str, version: int, source_t
             refused[day] = f"not checked yet (replay {status})"
         elif manifest.get("checked_fingerprint") != current.get(day):
             refused[day] = "the archive changed since its checks (stale): reprocess it"
-        elif not replay_loader.published(client, bucket, manifest):
+        elif not replay_manifest.published(client, bucket, manifest):
             refused[day] = "report.parquet changed since its checks: reprocess it"
     return dict(sorted(refused.items()))
 

@@ -181,3 +181,12 @@ def delete_if(client: BaseClient, bucket: str, key: str, etag: str) -> bool:
             raise
         return False
     return True
+
+
+def delete_prefix(client: BaseClient, bucket: str, prefix: str) -> int:
+    """Delete every object under ``prefix`` (1000 per request); returns how many."""
+    keys_ = [obj["Key"] for obj in iter_keys(client, bucket, prefix)]
+    for start in range(0, len(keys_), 1000):
+        batch = [{"Key": key} for key in keys_[start : start + 1000]]
+        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    return len(keys_)

@@ -67,7 +67,7 @@ class ReplayOptions(dg.ConfigurableResource):
 
     pipeline: str | None = None
     version: int | None = None
-    partitions: int | None = None  # None: mirror the source partitions (see workers.replay_loader)
+    partitions: int | None = None  # None: mirror the source partitions (see workers.replay.loader)
     throttle: float | None = None
     cleanup: bool = True
     force: bool = False

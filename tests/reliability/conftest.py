@@ -24,7 +24,7 @@ import pytest
 from workers import config as cfg
 from workers import s3 as s3_helpers
 from workers.config import Settings, load_settings
-from workers.stack import Layout, Ports, Stack
+from workers.dev.stack import Layout, Ports, Stack
 
 from .harness import Workers, seed_for
 from .invariants import FIGURES, Figures

@@ -24,15 +24,16 @@ from typing import Any, TypeVar
 from botocore.exceptions import FlexibleChecksumError
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from workers import keys, replay_loader
+from workers import keys
 from workers.config import Settings, load_settings
+from workers.dev.generator import Faults, ProduceSummary, produce_events
+from workers.dev.stack import Stack
 from workers.errors import KappaError
-from workers.generator import Faults, ProduceSummary, produce_events
 from workers.kafka import end_offsets
-from workers.processor_state import list_states
-from workers.replay_loader import ReplaySpec
+from workers.processor.state import list_states
+from workers.replay import manifest as replay_manifest
+from workers.replay.loader import ReplaySpec
 from workers.s3 import s3_client
-from workers.stack import Stack
 
 from .invariants import FIGURES
 
@@ -352,8 +353,8 @@ def load_args(spec: ReplaySpec) -> tuple[str, ...]:
 
 def bounded_args(spec: ReplaySpec, batch_size: int = 300) -> tuple[str, ...]:
     """The bounded replay consumer with the reprocess job's flags (incl. its grace, read from the manifest)."""
-    manifest = replay_loader.read_manifest(s3_client(load_settings()), spec.bucket, spec.replay_id) or {}
-    grace_ms = replay_loader.processor_grace_ms(manifest)
+    manifest = replay_manifest.read_manifest(s3_client(load_settings()), spec.bucket, spec.replay_id) or {}
+    grace_ms = replay_manifest.processor_grace_ms(manifest)
     grace = () if grace_ms is None else ("--grace-seconds", f"{grace_ms / 1000:g}")
     return ("processor", "-p", spec.pipeline, "-v", str(spec.version), "--topic", spec.topic, "--group", spec.group,
             "--from-beginning", "--until-end", "--dlq-topic", spec.dlq_topic, "--batch-size", str(batch_size),

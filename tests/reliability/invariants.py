@@ -476,7 +476,7 @@ def assert_reports_exact(settings: Settings, client: Any, version: int, days: It
 def assert_live_exact(settings: Settings, client: Any, version: int) -> None:
     """Live results (open windows included: the live tests use an unbounded grace) equal the reference per day."""
     from workers.pipelines import get_pipeline
-    from workers.processor import read_live_results
+    from workers.processor.engine import read_live_results
 
     pipeline = get_pipeline("orders", version)
     for day in archive_days(client, settings.s3_bucket, settings.events_topic):

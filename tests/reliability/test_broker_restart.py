@@ -13,7 +13,7 @@ from typing import Any
 
 from workers import keys
 from workers.config import Settings
-from workers.stack import Stack
+from workers.dev.stack import Stack
 
 from .harness import (
     ARCHIVER_KILL_ARGS,
@@ -93,7 +93,7 @@ def test_replay_survives_broker_restarts(
 
 def test_fresh_kraft_cluster_id_is_never_read_as_an_option() -> None:
     """Regression: ids starting with '-' made `kafka-storage format -t <id>` fail on 1 fresh start in 64."""
-    from workers.stack import cluster_id
+    from workers.dev.stack import cluster_id
 
     ids = [cluster_id() for _ in range(5000)]
     assert not [cid for cid in ids if cid.startswith("-")]

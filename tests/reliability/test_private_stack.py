@@ -5,7 +5,7 @@ from __future__ import annotations
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
-from workers.stack import Stack
+from workers.dev.stack import Stack
 
 
 def test_restart_kafka_only_keeps_s3_running(private_stack: Stack, private_settings: Settings) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from workers import keys
 from workers.config import Settings
-from workers.stack import Stack
+from workers.dev.stack import Stack
 
 from .harness import (
     ARCHIVER_ARGS,

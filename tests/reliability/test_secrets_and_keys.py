@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from workers import keys
 from workers.config import Settings
+from workers.dev.stack import Stack
 from workers.errors import KappaError
-from workers.stack import Stack
 
 from .harness import (
     ARCHIVER_ARGS,

@@ -14,8 +14,8 @@ from botocore.exceptions import ClientError
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings, load_settings
+from workers.dev.stack import Stack
 from workers.errors import UnreachableError
-from workers.stack import Stack
 
 
 def sasl_env(password: str) -> dict[str, str]:

@@ -15,8 +15,8 @@ from workers import kafka as kafka_helpers
 from workers import keys
 from workers import s3 as s3_helpers
 from workers.config import Settings
-from workers.generator import produce_events
-from workers.processor_state import list_states
+from workers.dev.generator import produce_events
+from workers.processor.state import list_states
 
 from .invariants import FIGURES, record_figure
 

@@ -33,7 +33,7 @@ import pytest
 
 from workers import keys
 from workers.config import Settings
-from workers.processor_state import list_states
+from workers.processor.state import list_states
 from workers.s3 import get_bytes
 
 from .harness import (

@@ -8,7 +8,7 @@ import threading
 
 import typer
 
-from workers.archiver import DEFAULT_GROUP, ArchiverOptions, parse_size, run_archiver
+from workers.archive.archiver import DEFAULT_GROUP, ArchiverOptions, parse_size, run_archiver
 from workers.config import load_settings
 
 

@@ -1,4 +1,4 @@
-"""`kappa processor`: run a pipeline version live, or bounded over a replay topic (see workers/processor.py)."""
+"""`kappa processor`: run a pipeline version live, or bounded over a replay topic (see workers/processor/engine.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rich.table import Table
 
 from workers.config import load_settings
 from workers.errors import KappaError
-from workers.processor import (
+from workers.processor.engine import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHECKPOINT_SECONDS,
     DEFAULT_SESSION_TIMEOUT_S,
@@ -24,7 +24,7 @@ from workers.processor import (
     RunSummary,
     run_processor,
 )
-from workers.processor_progress import make_progress
+from workers.processor.progress import make_progress
 
 console = Console(stderr=True)
 

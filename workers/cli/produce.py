@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workers.config import load_settings
-from workers.generator import Faults, ProduceSummary, parse_start, produce_events
+from workers.dev.generator import Faults, ProduceSummary, parse_start, produce_events
 
 console = Console(stderr=True)
 

@@ -7,9 +7,10 @@ import json
 import typer
 from rich.console import Console
 
-from workers import replay_lease, replay_loader
 from workers import s3 as s3_helpers
 from workers.config import load_settings
+from workers.replay import lease as replay_lease
+from workers.replay import loader as replay_loader
 
 app = typer.Typer(help="Replay history from the S3 archive through Kafka.", no_args_is_help=True)
 console = Console()

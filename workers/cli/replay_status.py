@@ -9,11 +9,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from workers import replay_status as status_lib
 from workers import s3 as s3_helpers
 from workers.config import load_settings
 from workers.errors import KappaError
 from workers.lag import LagReader
+from workers.replay import status as status_lib
 
 console = Console()
 if not console.is_terminal:

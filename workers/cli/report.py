@@ -13,9 +13,9 @@ from rich.table import Table
 
 from workers.config import load_settings
 from workers.errors import KappaError
-from workers.handoff import served_report
 from workers.keys import valid_day
-from workers.processor import read_live_results
+from workers.processor.engine import read_live_results
+from workers.processor.handoff import served_report
 from workers.s3 import s3_client
 
 console = Console()

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from workers.stack import SERVICES, Stack
+from workers.dev.stack import SERVICES, Stack
 
 app = typer.Typer(help="Start, stop and inspect the local Kafka broker and S3 server.", no_args_is_help=True)
 console = Console()

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from workers import keys, replay_status, report_diff
+from workers import keys
 from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.dashboard import sources
@@ -24,6 +24,8 @@ from workers.dashboard.dlq import DlqTail
 from workers.errors import KappaError
 from workers.lag import LagReader
 from workers.pipelines import Pipeline, get_pipeline, known
+from workers.replay import status as replay_status
+from workers.reports import diff as report_diff
 
 ARCHIVER_GROUP = "kappa.archiver"
 DIFF_ROWS = 15

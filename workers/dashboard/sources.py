@@ -13,9 +13,11 @@ from typing import Any
 
 import polars as pl
 
-from workers import keys, processor_state, promote, replay_loader
+from workers import keys, promote
 from workers import s3 as s3_helpers
 from workers.pipelines import Pipeline, known
+from workers.processor import state as processor_state
+from workers.replay import manifest as replay_manifest
 
 DEFAULT_VERSION = 1
 
@@ -82,8 +84,8 @@ def corrected_reports(client: Any, bucket: str, pipeline: str) -> list[tuple[int
     keys.valid_name(pipeline)
     return sorted(
         (int(m["version"]), str(m["day"]))
-        for m in replay_loader.iter_manifests(client, bucket)
-        if m.get("pipeline") == pipeline and replay_loader.published(client, bucket, m)
+        for m in replay_manifest.iter_manifests(client, bucket)
+        if m.get("pipeline") == pipeline and replay_manifest.published(client, bucket, m)
     )
 
 

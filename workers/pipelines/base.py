@@ -15,14 +15,14 @@ A pipeline is a class with a ``name`` and a ``version`` and five small, vectoris
    batch size, partition count and crashes.
 5. :meth:`Pipeline.finalize` turns merged partials into output rows, sorted by key.
 
-The streaming engine (``workers/processor.py``) owns watermarks, state, checkpoints and the DLQ.
+The streaming engine (``workers/processor/engine.py``) owns watermarks, state, checkpoints and the DLQ.
 :meth:`Pipeline.batch_report` is the independent whole-day reference: plain polars over the raw
 archive, no state, no windows closing, used by tests and Dagster asset checks.
 
 Keyed state: :attr:`Pipeline.state_key` names the columns the pipeline's state is keyed by (``orders``
 v2: ``event_id``). Copies of an event may arrive through any partition (null keys, another service's
 keying, a changed partition count), so a pipeline with a state key runs as two stages joined by a
-repartition topic keyed by it (``workers/shuffle.py``); dedup then spans every partition. The copy
+repartition topic keyed by it (``workers/processor/shuffle.py``); dedup then spans every partition. The copy
 that counts is the one with the smallest ``(timestamp, source partition, source offset)``: a rule
 that does not depend on arrival order, used by the engine and by :meth:`Pipeline.batch_report`.
 A pipeline without dedup (``orders`` v1) declares no state key and runs single-stage.
@@ -61,7 +61,7 @@ class Pipeline(ABC):
     window_ms: ClassVar[int] = 60_000
     group_by: ClassVar[tuple[str, ...]] = ()
     dedup_by: ClassVar[tuple[str, ...]] = ()
-    #: The pipeline's definition in SQL (a file next to its module, run by ``workers.reference`` on
+    #: The pipeline's definition in SQL (a file next to its module, run by ``workers.reports.reference`` on
     #: DuckDB): the independent reference its corrected reports must equal before they are published.
     reference_sql: ClassVar[str | None] = None
     #: DuckDB variables the SQL reads with ``getvariable(name)`` (e.g. a version's switches).

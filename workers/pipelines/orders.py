@@ -2,7 +2,7 @@
 
 * v1 counts every valid record, duplicates included (the original behaviour).
 * v2 (the "bug fix") counts an ``event_id`` once per window, whatever partition or key carried its
-  copies: its state is keyed by ``event_id`` (a shuffle, see ``base`` and ``workers/shuffle.py``).
+  copies: its state is keyed by ``event_id`` (a shuffle, see ``base`` and ``workers/processor/shuffle.py``).
 
 Parsing is strict (msgspec): ``event_id``/``user_id`` must be JSON strings, ``type`` one of
 :data:`EVENT_TYPES`, ``amount`` a JSON number (not a bool, not a string) with ``|amount| < 1e15``.
@@ -164,7 +164,7 @@ class OrdersV2(OrdersV1):
 
 
 class OrdersV3(OrdersV2):
-    """v2 with the dedup scope of DESIGN §3: keyed state through a shuffle (``workers/shuffle.py``).
+    """v2 with the dedup scope of DESIGN §3: keyed state through a shuffle (``workers/processor/shuffle.py``).
 
     A version of its own while the shuffle's live handoff and broker-restart behaviour are finished;
     v2 becomes this once they are (the SQL reference of both already dedups across partitions)."""

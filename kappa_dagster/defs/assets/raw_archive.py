@@ -1,7 +1,7 @@
 """The raw archive (DESIGN §2): written by the archiver, observed here, never materialized by Dagster.
 
 Each day's observation carries a **data version**: the fingerprint of the day's objects (keys, sizes,
-ETags; ``workers.archive_stats``). ``replay_load`` records the version it read as its input data
+ETags; ``workers.archive.stats``). ``replay_load`` records the version it read as its input data
 version, so when late records change a day's prefix, Dagster shows that day's replay and corrected
 report as stale (upstream data version changed) until the day is reprocessed.
 """
@@ -12,7 +12,7 @@ from typing import Any
 import dagster as dg
 
 from kappa_dagster.defs.partitions import daily_partitions
-from workers import archive_stats
+from workers.archive import stats as archive_stats
 
 #: the tag Dagster reads an observation's data version from (``dagster._core.definitions.data_version``)
 DATA_VERSION_TAG = "dagster/data_version"

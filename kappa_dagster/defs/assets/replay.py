@@ -18,8 +18,10 @@ from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
 from kappa_dagster.replay_target import ReplayTarget, target_of
 from kappa_dagster.slot_lease import held
-from workers import replay_loader, report_gate
 from workers.errors import KappaError
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
+from workers.reports import gate as report_gate
 
 
 def _fail(exc: KappaError) -> dg.Failure:
@@ -104,7 +106,7 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: lis
     Over a replay topic written in event-time order the grace is finite (``processor_grace_ms``):
     bounded state, same report. ``extra`` (``replay.processor_args``) comes last, so it can override.
     """
-    grace_ms = replay_loader.processor_grace_ms(manifest)
+    grace_ms = replay_manifest.processor_grace_ms(manifest)
     grace = [] if grace_ms is None else ["--grace-seconds", f"{grace_ms / 1000:g}"]
     return [
         sys.executable,
@@ -134,9 +136,9 @@ def loaded_manifest(
     client: Any, bucket: str, target: ReplayTarget, settings_topic: str, states: set[str] | None = None
 ) -> dict[str, Any]:
     """The day's manifest, if its replay got at least as far as ``states`` (default: loaded)."""
-    slot = replay_loader.replay_id(target.pipeline, target.version, target.day, bucket, settings_topic)
-    manifest = replay_loader.read_manifest(client, bucket, slot)
-    wanted = states or replay_loader.LOADED_STATES
+    slot = replay_manifest.replay_id(target.pipeline, target.version, target.day, bucket, settings_topic)
+    manifest = replay_manifest.read_manifest(client, bucket, slot)
+    wanted = states or replay_manifest.LOADED_STATES
     if manifest is None or manifest.get("status") not in wanted:
         status = manifest.get("status") if manifest else "absent"
         raise dg.Failure(
@@ -167,7 +169,7 @@ def replay_consume(
     client = s3.get_client()
     with held(context, client, settings.s3_bucket, target.slot(settings), target.label, replay, release=False):
         manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
-        if replay_loader.published(client, settings.s3_bucket, manifest) and not replay.force:
+        if replay_manifest.published(client, settings.s3_bucket, manifest) and not replay.force:
             context.log.info(f"report of replay {manifest['replay_id']} is published and current: nothing to consume")
             return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
         invocation = pipes_subprocess_client.run(

@@ -2,7 +2,7 @@
 
 This step is the gate (DESIGN §4): it checks the file the replay's processor wrote against the
 pipeline's SQL reference over the archive snapshot the replay was loaded from (blocking checks
-``report_matches_reference`` and ``records_accounted``, see ``workers.report_gate``), then marks the
+``report_matches_reference`` and ``records_accounted``, see ``workers.reports.gate``), then marks the
 replay ``reported`` (published: promotable, shown as corrected) or ``rejected``. It also publishes
 what a reviewer needs (rows, totals, a preview, the diff against the live results) and cleans up
 the replay's own Kafka topic and consumer group once published.
@@ -22,12 +22,16 @@ from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
 from kappa_dagster.replay_target import ReplayTarget, target_of
 from kappa_dagster.slot_lease import held
-from workers import promote, replay_loader, report_diff, report_gate
+from workers import promote
 from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline
-from workers.processor import read_live_results
+from workers.processor.engine import read_live_results
+from workers.replay import loader as replay_loader
+from workers.replay import manifest as replay_manifest
+from workers.reports import diff as report_diff
+from workers.reports import gate as report_gate
 
 
 def read_report(client: Any, bucket: str, target: ReplayTarget) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -172,7 +176,7 @@ def _clean_up(context: dg.AssetExecutionContext, settings: Settings, client: Any
     if replay.cleanup and not manifest.get("cleaned"):
         replay_loader.cleanup(settings, manifest, client)
         manifest["cleaned"] = True
-        replay_loader.write_manifest(client, settings.s3_bucket, manifest)
+        replay_manifest.write_manifest(client, settings.s3_bucket, manifest)
         context.log.info(
             f"deleted replay topic {manifest['replay_topic']} (+ DLQ, group {manifest['group']}, checkpoints)"
         )

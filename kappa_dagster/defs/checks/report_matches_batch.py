@@ -13,8 +13,8 @@ from kappa_dagster.defs.assets.reports import corrected_report, read_report
 from kappa_dagster.defs.partitions import daily_partitions
 from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
 from kappa_dagster.replay_target import target_of
-from workers import report_diff
 from workers.pipelines import get_pipeline
+from workers.reports import diff as report_diff
 
 
 @dg.asset_check(asset=corrected_report, partitions_def=daily_partitions, blocking=False)

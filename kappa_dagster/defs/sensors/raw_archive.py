@@ -27,7 +27,9 @@ from kappa_dagster.defs.partitions import daily_partitions
 from kappa_dagster.defs.resources import KafkaResource
 from kappa_dagster.defs.sensors.replay_progress import day_in_flight
 from kappa_dagster.replay_target import PIPELINE_TAG, VERSION_TAG
-from workers import archive_stats, promote, replay_loader
+from workers import promote
+from workers.archive import stats as archive_stats
+from workers.replay import manifest as replay_manifest
 
 STALE_TAG = "kappa/stale"
 
@@ -43,7 +45,7 @@ def runs_per_tick() -> int:
 def reported_versions(client: Any, bucket: str, topic: str) -> dict[tuple[str, str], dict[int, str]]:
     """(pipeline, day) -> {version: archive fingerprint its newest reported replay was computed from}."""
     found: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
-    manifests = sorted(replay_loader.iter_manifests(client, bucket), key=lambda m: str(m.get("started_at", "")))
+    manifests = sorted(replay_manifest.iter_manifests(client, bucket), key=lambda m: str(m.get("started_at", "")))
     for manifest in manifests:  # oldest first: a newer replay of the same day and version wins
         reported = manifest.get("status") == "reported" and manifest.get("source_topic") == topic
         if reported and manifest.get("archive_fingerprint"):

@@ -21,7 +21,7 @@ from kappa_dagster.defs.jobs import corrected_report_job
 from kappa_dagster.defs.partitions import daily_partitions
 from kappa_dagster.defs.resources import KafkaResource
 from kappa_dagster.replay_target import PIPELINE_TAG, VERSION_TAG
-from workers import replay_loader
+from workers.replay import manifest as replay_manifest
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -74,7 +74,7 @@ def replay_progress_sensor(
     known_days = set(daily_partitions.get_partition_keys())
     events: list[dg.AssetObservation] = []
     requests: list[dg.RunRequest] = []
-    for manifest in replay_loader.iter_manifests(s3.get_client(), settings.s3_bucket):
+    for manifest in replay_manifest.iter_manifests(s3.get_client(), settings.s3_bucket):
         if manifest.get("status") not in {"loaded", "consumed"} or manifest.get("day") not in known_days:
             continue
         if manifest.get("source_topic") != settings.events_topic:

@@ -19,7 +19,7 @@ two stages joined by an internal Kafka topic, in the same program for live and b
   transaction; the restart resumes at the committed offsets: exactly once.
 * **stage 2**, per repartition partition (group ``G-shuffle``, ``read_committed``, so aborted
   output is never seen): the usual per-partition state and S3 checkpoints of
-  ``workers/processor.py`` (same prefix, same reports and live layout), with
+  ``workers/processor/engine.py`` (same prefix, same reports and live layout), with
   :class:`ShuffleState`: the watermark is the minimum over the source partitions (idle and ended
   sources excluded, so an idle source does not stall it) minus the grace; a record is late when
   its window ended at or before the watermark. Bounded: a repartition partition is finished once
@@ -57,12 +57,12 @@ from workers import kafka as kafka_helpers
 from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
-from workers.handoff import claim_live_prefix
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
-from workers.processor import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, split_batch
-from workers.processor_progress import NoProgress, Progress
-from workers.processor_state import PartitionState, StateStore, day_of
-from workers.replay_loader import SRC_OFFSET_HEADER, SRC_PARTITION_HEADER
+from workers.processor.engine import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, split_batch
+from workers.processor.handoff import claim_live_prefix
+from workers.processor.progress import NoProgress, Progress
+from workers.processor.state import PartitionState, StateStore, day_of
+from workers.replay.producer import SRC_OFFSET_HEADER, SRC_PARTITION_HEADER
 from workers.s3 import ensure_bucket, get_bytes, s3_client
 
 log = logging.getLogger("kappa.shuffle")
@@ -102,10 +102,10 @@ def internal_topics(settings: Settings, group: str) -> list[str]:
     return sorted(t for t in listed if t.startswith(f"{group}-") and t.endswith("-repartition"))
 
 
-def delete_internal(settings: Settings, group: str, delete_group: Callable[[Settings, str], None]) -> None:
+def delete_internal(settings: Settings, group: str) -> None:
     """Remove what the shuffle of ``group`` created: its repartition topics and the stage-2 group."""
     kafka_helpers.delete_topics(settings, internal_topics(settings, group))
-    delete_group(settings, stage2_group(group))
+    kafka_helpers.delete_group(settings, stage2_group(group))
 
 
 def ensure_repartition_topic(settings: Settings, topic: str, partitions: int) -> int:
@@ -154,10 +154,9 @@ def prepare_internals(settings: Settings, stage: Stage, prefix: str, names: Mapp
 
 
 def reset_internals(settings: Settings, names: Mapping[str, str], partitions: int) -> None:
-    from workers.replay_loader import delete_group  # the one group deleter (waits out dead members)
 
-    delete_group(settings, names["group"])
-    delete_internal(settings, names["group"], delete_group)
+    kafka_helpers.delete_group(settings, names["group"])
+    delete_internal(settings, names["group"])
     ensure_repartition_topic(settings, names["repartition"], partitions)
 
 
@@ -650,7 +649,7 @@ class Stage1(Processor):
     def with_source(self, frame: pl.DataFrame, messages: list[Any]) -> pl.DataFrame:
         """Source coordinates: the archive's (``kappa.src.*`` headers of a replay topic) when present."""
         partitions, offsets = frame["partition"].to_list(), frame["offset"].to_list()
-        if self.bounded:  # the loader appends the two headers last (replay_loader.row_headers)
+        if self.bounded:  # the loader appends the two headers last (replay_producer.row_headers)
             for row, idx in enumerate(frame["idx"].to_list()):
                 headers = messages[idx].headers()
                 if is_replayed(headers):

@@ -1,7 +1,7 @@
 """The local stack: a real single-node KRaft Kafka broker and S3Proxy, started by the project itself.
 
 Jars come from Maven Central via ``mvn dependency:copy-dependencies`` on the poms shipped in
-``workers/stack_poms`` into a cache outside the clone. Processes are tracked by pid files, so
+``workers/dev/stack_poms`` into a cache outside the clone. Processes are tracked by pid files, so
 ``down`` stops only what ``up`` started. Data lives in the stack dir and survives ``down``/``up``.
 """
 

@@ -1,4 +1,4 @@
-"""Per-partition processor state and its S3 checkpoint (the commit point of ``workers/processor.py``).
+"""Per-partition processor state and its S3 checkpoint (the commit point of ``workers/processor/engine.py``).
 
 Layout under a processor prefix ``R`` (``live/<P>/v<V>/`` live, ``_state/processor/<P>/v<V>/<group>/``
 bounded; see :func:`workers.keys.processor_prefix`)::

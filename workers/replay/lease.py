@@ -11,7 +11,7 @@ and is taken over with a conditional write, so two takers never both win. Expiry
 keep hosts NTP-synced.
 
 The lease only keeps honest runs apart. A paused holder (a zombie) that wakes up after a takeover
-is stopped by the manifest's own conditional writes (``replay_loader.write_manifest``).
+is stopped by the manifest's own conditional writes (``replay_manifest.write_manifest``).
 """
 
 from __future__ import annotations

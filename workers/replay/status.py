@@ -14,10 +14,10 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from workers import replay_loader
 from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.lag import GroupLag, LagReader
+from workers.replay import manifest as replay_manifest
 
 #: Rates are averaged over this many seconds of observations.
 RATE_WINDOW_S = 30.0
@@ -67,7 +67,7 @@ class ReplayRow:
         return {**asdict(self), "percent": round(self.percent, 1)}
 
 
-#: What the manifest status says once the consumer is done (see ``workers.report_gate``).
+#: What the manifest status says once the consumer is done (see ``workers.reports.gate``).
 FINISHED_STATES = {"consumed": "checking", "rejected": "checks failed", "reported": "reported"}
 
 
@@ -125,7 +125,7 @@ def replay_rows(settings: Settings, reader: LagReader, rates: RateTracker, clien
     """Every replay of the bucket, newest day first."""
     client = client or s3_helpers.s3_client(settings)
     rows = []
-    for manifest in replay_loader.iter_manifests(client, settings.s3_bucket):
+    for manifest in replay_manifest.iter_manifests(client, settings.s3_bucket):
         lag = None
         if reader.partitions(manifest["replay_topic"]) is not None:  # cleaned-up replays have no topic
             lag = reader.group_lag(manifest["group"], manifest["replay_topic"], manifest_end(manifest))

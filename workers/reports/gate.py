@@ -6,11 +6,11 @@ A replay's manifest moves ``loading -> loaded -> consumed -> reported | rejected
   *this* load wrote (their ETags), once it finished and saw every record of the replay. A report
   left by an earlier load, or rewritten later by a stray processor, no longer matches that ETag.
 * :func:`evaluate` reads exactly those versions and compares them with
-  :mod:`workers.reference` (the pipeline's SQL over the archive snapshot the load was made from).
+  :mod:`workers.reports.reference` (the pipeline's SQL over the archive snapshot the load was made from).
 * :func:`publish` writes ``reported`` (or ``rejected`` with the failed checks) with the snapshot
   fingerprint, in one fenced manifest write. Promote and the dashboard accept ``reported`` only,
   and only while the archive's fingerprint and the report's ETag are still the checked ones
-  (``replay_loader.published``).
+  (``replay_manifest.published``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from workers import keys, reference, replay_loader
+from workers import keys
 from workers import s3 as s3_helpers
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline
+from workers.replay import manifest as replay_manifest
+from workers.reports import reference
 
 #: The blocking checks; a report is published only when all pass.
 REFERENCE_CHECK = "report_matches_reference"
@@ -91,7 +93,7 @@ def mark_consumed(client: Any, bucket: str, manifest: dict[str, Any], summary: d
         stats_key=stats_key,
         stats_etag=_head_etag(client, bucket, stats_key),
     )
-    replay_loader.write_manifest(client, bucket, manifest)
+    replay_manifest.write_manifest(client, bucket, manifest)
     return manifest
 
 
@@ -179,5 +181,5 @@ def publish(client: Any, bucket: str, manifest: dict[str, Any], verdict: Verdict
         checks={check.name: check.passed for check in verdict.checks},
         failed_checks=verdict.failed,
     )
-    replay_loader.write_manifest(client, bucket, manifest)
+    replay_manifest.write_manifest(client, bucket, manifest)
     return manifest

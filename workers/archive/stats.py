@@ -15,8 +15,9 @@ from typing import Any
 
 import polars as pl
 
-from workers import archive_format, keys
+from workers import keys
 from workers import s3 as s3_helpers
+from workers.archive import format as archive_format
 
 TAIL_BYTES = 64 * 1024
 

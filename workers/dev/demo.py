@@ -31,12 +31,12 @@ from workers import kafka as kafka_helpers
 from workers import keys
 from workers import s3 as s3_helpers
 from workers.config import Settings, apply_stack_env, load_settings
+from workers.dev.stack import Stack
 from workers.errors import KappaError
 from workers.lag import LagReader
-from workers.stack import Stack
 
 console = Console()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STATE = ROOT / ".demo"
 DASHBOARD_PORT = int(os.environ.get("KAPPA_DEMO_DASHBOARD_PORT", "8050"))
@@ -170,9 +170,9 @@ def totals(frame: pl.DataFrame) -> dict[str, float]:
 
 def reconcile(settings: Settings, day: str) -> None:
     """Corrected v2 vs the archive's v1 computation vs live v1: every difference accounted for."""
-    from workers.archive_format import read_day
+    from workers.archive.format import read_day
     from workers.pipelines import get_pipeline
-    from workers.processor import read_live_results
+    from workers.processor.engine import read_live_results
 
     client = s3_helpers.s3_client(settings)
     archive = read_day(client, settings.s3_bucket, settings.events_topic, day)

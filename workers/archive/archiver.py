@@ -43,9 +43,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from workers import archive_format, keys, membership
 from workers import kafka as kafka_helpers
+from workers import keys, membership
 from workers import s3 as s3_helpers
+from workers.archive import format as archive_format
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.s3 import Fenced

@@ -9,7 +9,7 @@ memory, and the definition is plain SQL a reviewer can read next to DESIGN.md.
 
 Shared with the engine: nothing. This module reads the archive objects itself (boto3, each with
 ``If-Match`` on the ETag of the listing, so the reference is computed from exactly one snapshot,
-identified by :func:`workers.archive_stats.files_fingerprint`), and the pipeline ships its
+identified by :func:`workers.archive.stats.files_fingerprint`), and the pipeline ships its
 definition as a ``.sql`` file next to its code (``Pipeline.reference_sql``).
 
 The SQL contract: given the view ``records`` (one row per distinct ``(topic, partition, offset)``
@@ -32,8 +32,9 @@ from typing import Any
 
 import duckdb
 
-from workers import archive_format, archive_stats
 from workers import s3 as s3_helpers
+from workers.archive import format as archive_format
+from workers.archive import stats as archive_stats
 from workers.errors import KappaError
 from workers.pipelines.base import Pipeline
 

@@ -33,10 +33,11 @@ from typing import Any
 
 import polars as pl
 
-from workers import keys, processor_state
+from workers import keys
 from workers import s3 as s3_helpers
 from workers.errors import KappaError
 from workers.pipelines import Pipeline, get_pipeline
+from workers.processor import state as processor_state
 
 ORIGIN_FILE = "_state/origin.json"
 

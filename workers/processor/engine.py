@@ -18,7 +18,7 @@ Same code path for both modes; only topic, consumer group and start/stop differ:
   ``reports/<P>/v<V>/dt=<D>/report.parquet`` and ``stats.json``. Grace defaults to infinite here,
   so nothing is late and the report covers every record (it equals ``Pipeline.batch_report``).
   Replay topics are written in event-time order per partition, so the Dagster job passes grace 0
-  (``replay_loader.processor_grace_ms``): still nothing late, same report, but windows close as the
+  (``replay_manifest.processor_grace_ms``): still nothing late, same report, but windows close as the
   stream moves on and the state stays about one window per partition instead of the whole day.
 
 Per micro-batch (``consume(num_messages=N)``): one Python pass pulls partition/offset/timestamp/value
@@ -29,7 +29,7 @@ the DLQ topic refuses, e.g. past 9999, becomes the broker's time plus ``kappa.dl
 ``kappa.dlq.reason``, ``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``,
 ``kappa.dlq.pipeline``.
 
-Exactly-once: state is checkpointed to S3 per partition (``workers/processor_state.py``): DLQ
+Exactly-once: state is checkpointed to S3 per partition (``workers/processor/state.py``): DLQ
 producer flushed first, then outputs, then one state JSON PUT (the commit point), then the Kafka
 offset commit. After a crash the partition resumes at the S3 offset with the S3 state, so nothing is
 lost or counted twice. A crash between the DLQ flush and the state PUT re-sends those DLQ records
@@ -62,7 +62,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
-from workers import handoff as handoff_lib
 from workers import kafka as kafka_helpers
 from workers import keys, membership
 from workers.config import Settings
@@ -77,8 +76,9 @@ from workers.pipelines.base import (
     Pipeline,
     reject_missing_timestamp,
 )
-from workers.processor_progress import NoProgress, Progress
-from workers.processor_state import (
+from workers.processor import handoff as handoff_lib
+from workers.processor.progress import NoProgress, Progress
+from workers.processor.state import (
     PartitionState,
     StateStore,
     day_of,
@@ -834,12 +834,12 @@ def run_processor(
 ) -> RunSummary:
     """Run the processor until ``stop`` (live) or until the whole topic is processed (``bounded``).
 
-    ``handoff`` starts the live processor of the promoted version at its switch (``workers/handoff.py``).
+    ``handoff`` starts the live processor of the promoted version at its switch (``workers/processor/handoff.py``).
 
     ``grace_ms=None`` means windows close only at the end of a bounded run (the default for replays
     in the CLI). ``instance_id``/``group_protocol``: see :mod:`workers.membership`.
     Raises :class:`KappaError` for user mistakes (unknown pipeline, bad group, ...).
-    A pipeline with a state key runs as two stages joined by a repartition topic (``workers/shuffle.py``;
+    A pipeline with a state key runs as two stages joined by a repartition topic (``workers/processor/shuffle.py``;
     ``stage`` runs one of them alone, ``shuffle_partitions`` sizes the topic, default: the input's).
     """
     impl = get_pipeline(pipeline, version)
@@ -874,7 +874,7 @@ def run_processor(
         session_timeout=session_timeout,
     )
     if impl.state_key:
-        from workers.shuffle import run_shuffled  # the shuffle builds on this module
+        from workers.processor.shuffle import run_shuffled  # the shuffle builds on this module
 
         with stop_on_signals(stop):
             return run_shuffled(

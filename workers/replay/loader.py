@@ -1,0 +1,387 @@
+"""Replay loader: one day of the raw archive -> a fresh replay topic, byte-exact and in event-time order.
+
+Why this shape:
+
+* **Bounded memory.** A day can be far larger than RAM, and archive files are ordered by offset per
+  partition, not by timestamp (late events). We therefore do an *external merge sort*: each S3
+  object is read alone, sorted by ``(timestamp, partition, offset)`` and spilled to local disk as
+  small chunk files (a "sorted run"); then a vectorised k-way merge keeps at most one chunk per
+  run in memory and emits, batch by batch, every buffered row whose key is strictly below the
+  smallest "last loaded key" of the runs that still have chunks on disk. Memory is
+  ``O(files x chunk_rows)`` (``chunk_rows`` shrinks as the file count grows) plus one S3 object.
+* **Dedup for free.** Duplicate ``(partition, offset)`` rows (overlapping files after a crash) are
+  the same record, so they carry the same sort key and end up adjacent in the merged stream;
+  ``unique`` on each emitted batch drops them (the strict bound guarantees both copies are in the
+  same batch).
+* **Deterministic.** Order is ``(timestamp, original partition, offset)``. By default the replay topic
+  mirrors the source partitions (record -> its original partition): per-partition semantics such as
+  the pipelines' dedup scope are then exactly those of live, and same key -> same partition holds as
+  it did at the source. With an explicit partition count, the replay partition is
+  ``crc32(key) % partitions`` (same key -> same partition, in order) and, for null keys,
+  ``original partition % partitions``. The same archive always yields the same topic.
+* **Idempotent.** A manifest in S3 (``keys.replay_manifest``) records the archive fingerprint and
+  the replay topic's end offsets. A re-run skips when the manifest is complete and the topic (or the
+  published report) still matches; otherwise the topic and the replay consumer group are deleted and
+  recreated, so a partial load can never leave duplicates behind.
+* **One owner.** A *slot* is (pipeline, version, day, archive): its manifest lives at
+  ``_state/replays/<slot>/manifest.json``. Each load started with a run token (Dagster passes its
+  run id) gets its own replay id ``<slot>-<token>``, hence its own topic and group, and a new load
+  deletes only the topic and group of the load its manifest replaced. Every manifest write is a
+  compare-and-swap on the ETag read (``write_manifest``), so a loader that was paused while another
+  run took the slot over can never overwrite the newer manifest; ``workers.replay.lease`` keeps two
+  live runs of one slot apart in the first place.
+* **Exact snapshot.** The fingerprint is the archive listing with ETags
+  (``archive_stats.files_fingerprint``) and every object is read with ``If-Match`` on its listed
+  ETag, so a load is of exactly the snapshot its manifest names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from workers import kafka as kafka_helpers
+from workers import keys
+from workers import s3 as s3_helpers
+from workers.archive import format as archive_format
+from workers.archive import stats as archive_stats
+from workers.config import Settings
+from workers.errors import KappaError
+from workers.perf import gc_paused
+from workers.pipelines import get_pipeline
+from workers.processor import shuffle
+from workers.replay.manifest import (
+    ETAG,
+    LOADED_STATES,
+    RUN_TOKEN_RE,
+    ManifestFenced,
+    published,
+    read_manifest,
+    replay_group,
+    replay_id,
+    replay_topic,
+    write_manifest,
+)
+from workers.replay.producer import ReplayProducer
+from workers.replay.sort import DEFAULT_MEMORY_ROWS, MIN_CHUNK_ROWS, SortedRun, merge_runs, spill_sorted
+
+#: The replay topic holds historical timestamps: time-based retention would delete it at once.
+REPLAY_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "message.timestamp.type": "CreateTime"}
+ProgressFn = Callable[["Progress"], None]
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """What to replay and how; everything else is derived."""
+
+    pipeline: str
+    version: int
+    day: str
+    source_topic: str
+    bucket: str
+    partitions: int | None = None  # None: mirror the source topic's partitions
+    throttle: float | None = None  # records/s, None = as fast as possible
+    #: Unique token of the run that loads (Dagster: its run id): the replay id, topic and group get it,
+    #: so two runs never share a topic. None keeps the slot's stable id (the CLI's historical names).
+    run: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.run is not None and not re.match(RUN_TOKEN_RE, self.run):
+            raise KappaError(f"run token {self.run!r} must match {RUN_TOKEN_RE}")
+        keys.valid_day(self.day)
+        keys.valid_name(self.pipeline)
+        keys.valid_version(self.version)
+        get_pipeline(self.pipeline, self.version)  # a replay for a version that does not exist is a mistake
+        if self.partitions is not None and not 1 <= self.partitions <= 1000:
+            raise KappaError(f"replay partitions must be 1..1000, got {self.partitions}")
+        if self.throttle is not None and self.throttle <= 0:
+            raise KappaError(f"throttle must be a positive number of records/s, got {self.throttle}")
+
+    @property
+    def slot(self) -> str:
+        return replay_id(self.pipeline, self.version, self.day, self.bucket, self.source_topic)
+
+    @property
+    def replay_id(self) -> str:
+        return self.slot if self.run is None else keys.valid_replay_id(f"{self.slot}-{self.run}")
+
+    @property
+    def topic(self) -> str:
+        return replay_topic(self.source_topic, self.replay_id)
+
+    @property
+    def group(self) -> str:
+        return replay_group(self.pipeline, self.version, self.replay_id)
+
+    @property
+    def dlq_topic(self) -> str:
+        """Rejects of the replay go here, not to the live DLQ (live already dead-lettered them)."""
+        return f"{self.topic}.dlq"
+
+    @property
+    def processor_prefix(self) -> str:
+        """Where the bounded processor of this replay keeps its checkpoints."""
+        return keys.processor_prefix(self.pipeline, self.version, self.group)
+
+
+@dataclass
+class Progress:
+    phase: str  # "sort" (reading S3) or "produce"
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+    def describe(self) -> str:
+        eta = f"{self.eta_s:.0f}s" if self.eta_s is not None else "?"
+        unit = "files" if self.phase == "sort" else "records"
+        return f"{self.phase}: {self.done}/{self.total} {unit}, {self.rate:,.0f}/s, eta {eta}"
+
+
+@dataclass
+class LoadResult:
+    manifest: dict[str, Any]
+    skipped: bool
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def reset_consumer_side(settings: Settings, client: Any, manifest: dict[str, Any]) -> None:
+    """Forget everything a consumer derived from a previous load: group, processor checkpoints, DLQ."""
+    kafka_helpers.delete_group(settings, manifest["group"])
+    delete_shuffle_internals(settings, manifest["group"])
+    s3_helpers.delete_prefix(client, settings.s3_bucket, manifest["processor_prefix"])
+    kafka_helpers.delete_topics(settings, [manifest["dlq_topic"]])
+
+
+def delete_shuffle_internals(settings: Settings, group: str) -> None:
+    """A pipeline with a state key also left a repartition topic and a stage-2 group (workers/processor/shuffle.py)."""
+    shuffle.delete_internal(settings, group)
+
+
+def cleanup(settings: Settings, manifest: dict[str, Any], client: Any | None = None) -> None:
+    """Delete the replay topic, its DLQ, consumer group and processor checkpoints (the report is in S3)."""
+    client = client or s3_helpers.s3_client(settings)
+    kafka_helpers.delete_topics(settings, [manifest["replay_topic"]])
+    reset_consumer_side(settings, client, manifest)
+
+
+def source_partitions(settings: Settings, source_topic: str, files: list[dict]) -> int:
+    """Partition count of the source: the live topic's if it exists, at least what the archive holds."""
+    archived = max(int(f["partition"]) for f in files) + 1
+    if source_topic in kafka_helpers.admin_client(settings).list_topics(timeout=30).topics:
+        return max(archived, kafka_helpers.partition_count(settings, source_topic))
+    return archived
+
+
+# ---------------------------------------------------------------- the load
+
+
+def archive_fingerprint(files: list[dict]) -> str:
+    """The raw archive's data version of these objects (``archive_stats.day_fingerprint``: keys, sizes, ETags)."""
+    return archive_stats.files_fingerprint(files)
+
+
+def is_up_to_date(settings: Settings, client: Any, manifest: dict[str, Any] | None, spec: ReplaySpec, fp: str) -> str:
+    """Why the previous load can be reused ('' when it cannot)."""
+    if not manifest or manifest.get("source_fingerprint") != fp:
+        return ""
+    if manifest.get("partitions_requested") != spec.partitions:
+        return ""
+    if published(client, spec.bucket, manifest):
+        return "the checked report of this exact archive is already published"
+    loaded = manifest.get("status") in LOADED_STATES
+    if loaded and kafka_helpers.topic_end_offsets(settings, manifest["replay_topic"]) == manifest["end_offsets"]:
+        return "the replay topic already holds this exact archive"
+    return ""
+
+
+def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any]:
+    return {
+        "slot": spec.slot,
+        "replay_id": spec.replay_id,
+        "pipeline": spec.pipeline,
+        "version": spec.version,
+        "day": spec.day,
+        "source_topic": spec.source_topic,
+        "replay_topic": spec.topic,
+        "group": spec.group,
+        "partitions_requested": spec.partitions,
+        "partitioning": "source" if spec.partitions is None else "key",
+        "dlq_topic": spec.dlq_topic,
+        "processor_prefix": spec.processor_prefix,
+        "report_key": keys.report_file(spec.pipeline, spec.version, spec.day),
+        "source_fingerprint": fp,
+        # provenance: the data version of raw_archive[day] this replay (and its report) was computed from
+        "archive_fingerprint": fp,
+        # every replay partition is in (timestamp, partition, offset) order: see processor_grace_ms
+        "event_time_ordered": True,
+        "source_files": len(files),
+        # the exact snapshot (what the fingerprint digests): the gate's reference reads these versions
+        "source_objects": [[f["key"], int(f["size"]), f["etag"]] for f in files],
+        "source_bytes": sum(int(f["size"]) for f in files),
+        "status": "loading",
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _supersede(settings: Settings, client: Any, previous: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+    """Delete the topic and group of the load this manifest replaced (never any other run's).
+
+    Called only after the new manifest won its conditional write, so the previous load has no owner
+    left: its run finished, failed, or lost the lease (and is fenced from writing).
+    """
+    if previous is None or previous.get("cleaned") or previous.get("replay_topic") == manifest["replay_topic"]:
+        return
+    try:
+        cleanup(settings, previous, client)
+    except KappaError as exc:  # e.g. a zombie member still in the old group: leave it, say so
+        manifest.setdefault("superseded_not_cleaned", []).append(f"{previous.get('replay_id')}: {exc}")
+
+
+def _abandon(settings: Settings, client: Any, manifest: dict[str, Any]) -> None:
+    """A load that lost its slot deletes its own topic (only that) so nothing is left behind."""
+    with contextlib.suppress(Exception):
+        kafka_helpers.delete_topics(settings, [manifest["replay_topic"]])
+
+
+def load(
+    settings: Settings,
+    spec: ReplaySpec,
+    *,
+    client: Any | None = None,
+    progress: ProgressFn | None = None,
+    progress_interval: float = 2.0,
+    force: bool = False,
+    memory_rows: int = DEFAULT_MEMORY_ROWS,
+    lost: threading.Event | None = None,
+) -> LoadResult:
+    """Load one day into its replay topic (or reuse an identical previous load) and return the manifest.
+
+    ``lost`` (the run's lease) set means another run took the slot over: stop, delete our topic.
+    """
+    client = client or s3_helpers.s3_client(settings)
+    files = archive_format.day_files(client, spec.bucket, spec.source_topic, spec.day)
+    if not files:
+        prefix = keys.raw_day_prefix(spec.source_topic, spec.day)
+        raise KappaError(f"no raw archive objects under s3://{spec.bucket}/{prefix}: nothing to replay for {spec.day}")
+    fp = archive_fingerprint(files)
+    previous = read_manifest(client, spec.bucket, spec.slot)
+    reason = "" if force else is_up_to_date(settings, client, previous, spec, fp)
+    if reason and previous is not None:
+        return LoadResult(previous, skipped=True, reason=reason)
+
+    manifest = base_manifest(spec, files, fp)
+    manifest[ETAG] = previous.get(ETAG) if previous else None
+    partitions = spec.partitions or source_partitions(settings, spec.source_topic, files)
+    manifest["partitions"] = partitions
+    write_manifest(client, spec.bucket, manifest)  # fenced: only one run can replace `previous`
+    _supersede(settings, client, previous, manifest)
+    reset_consumer_side(settings, client, manifest)
+    kafka_helpers.recreate_topic(settings, spec.topic, partitions, REPLAY_TOPIC_CONFIG)
+    reporter = _Reporter(progress, progress_interval, lost)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
+            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
+            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
+        end = kafka_helpers.topic_end_offsets(settings, spec.topic) or {}
+        if sum(end.values()) != produced:
+            raise KappaError(f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}")
+        manifest.update(
+            status="loaded",
+            records=produced,
+            rows_read=stats["rows_read"],
+            duplicates_dropped=stats["rows_read"] - produced,
+            end_offsets=end,
+            source_end_offsets=kafka_helpers.offsets_json(stats["source_end"]),
+            loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            load_seconds=round(reporter.elapsed(), 3),
+        )
+        write_manifest(client, spec.bucket, manifest)
+    except ManifestFenced:
+        _abandon(settings, client, manifest)
+        raise
+    return LoadResult(manifest, skipped=False, reason="loaded")
+
+
+class _Reporter:
+    """Rate-limited progress callbacks."""
+
+    def __init__(self, callback: ProgressFn | None, interval: float, lost: threading.Event | None = None) -> None:
+        self.callback = callback
+        self.interval = interval
+        self.lost = lost
+        self.started = time.monotonic()
+        self.phase_started = self.started
+        self.last = 0.0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def phase(self) -> None:
+        self.phase_started = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, phase: str, done: int, total: int, final: bool = False) -> None:
+        if self.lost is not None and self.lost.is_set():
+            raise ManifestFenced(f"the lease of this replay was taken over by another run during {phase}: stopping")
+        now = time.monotonic()
+        if self.callback and (final or now - self.last >= self.interval):
+            self.last = now
+            self.callback(Progress(phase, done, total, now - self.phase_started))
+
+
+def _sort_files(
+    client: Any, bucket: str, files: list[dict], directory: Path, memory_rows: int, reporter: _Reporter
+) -> tuple[list[SortedRun], dict[str, Any]]:
+    """Phase 1: each S3 object alone -> a sorted run on local disk."""
+    chunk_rows = max(MIN_CHUNK_ROWS, memory_rows // len(files))
+    runs, rows_read, source_end = [], 0, {}
+    for index, file in enumerate(files):
+        body = _read_listed(client, bucket, file)
+        frame = archive_format.from_parquet_bytes(body)
+        del body
+        rows_read += frame.height
+        for partition, last in frame.group_by("partition").agg(pl.col("offset").max()).iter_rows():
+            source_end[partition] = max(source_end.get(partition, 0), last + 1)
+        runs.append(SortedRun(spill_sorted(frame, directory, f"{index:06d}", chunk_rows)))
+        reporter("sort", index + 1, len(files), final=index + 1 == len(files))
+    return runs, {"rows_read": rows_read, "source_end": source_end}
+
+
+def _read_listed(client: Any, bucket: str, file: dict) -> bytes:
+    """The object at the version the listing (and so the fingerprint) saw, or a clear error."""
+    try:
+        return s3_helpers.get_if(client, bucket, file["key"], file["etag"])
+    except s3_helpers.Fenced:
+        raise KappaError(f"archive object {file['key']} changed during the load: run it again") from None
+
+
+def _produce_all(settings: Settings, spec: ReplaySpec, runs: list[SortedRun], total: int, reporter: _Reporter) -> int:
+    """Phase 2: merge the runs and produce; every record acknowledged or the load fails."""
+    producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
+    reporter.phase()
+    with gc_paused():
+        for batch in merge_runs(runs):
+            producer.produce_frame(batch)
+            reporter("produce", producer.produced, total)
+    producer.close()
+    reporter("produce", producer.produced, producer.produced, final=True)
+    return producer.produced
