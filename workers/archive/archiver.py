@@ -56,6 +56,9 @@ log = logging.getLogger("kappa.archiver")
 DEFAULT_GROUP = "kappa.archiver"
 S3_ERRORS = (BotoCoreError, ClientError, OSError)
 FIRST_BACKOFF_S = 0.5
+#: A log end below the S3 checkpoint is re-read this many times before the archiver refuses (one
+#: answer from a broker that just restarted or moved leadership can lag behind the log it serves).
+WATERMARK_CONFIRMATIONS = 3
 T = TypeVar("T")
 
 
@@ -718,10 +721,16 @@ class Archiver:
         """A checkpoint past the log end means the topic was recreated (or lost data): offsets would
         collide with archived ones and readers would drop new records as duplicates, so refuse.
         Returns the log start offset (None if the broker cannot tell now)."""
-        try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=10)
-        except KafkaException:
-            return None  # cannot tell now; librdkafka reports a real out-of-range later
+        low, high = -1, -1
+        for attempt in range(WATERMARK_CONFIRMATIONS):  # refuse only on an end that stays below the checkpoint
+            if attempt:
+                time.sleep(1.0)
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition), timeout=10)
+            except KafkaException:
+                return None  # cannot tell now; librdkafka reports a real out-of-range later
+            if start <= high:
+                break
         if start > high:
             raise ArchiverError(
                 f"the S3 checkpoint of {self.topic}[{tp.partition}] is at offset {start} but the partition ends at "
