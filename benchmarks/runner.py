@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,12 @@ def _show_child(line: str) -> bool:
     return any(marker in line for marker in markers)
 
 
+def alternate(run: int, steps: list[Callable[[], None]]) -> None:
+    """Run the steps in order on even runs and reversed on odd ones, so no side always goes first."""
+    for step in steps if run % 2 == 0 else reversed(steps):
+        step()
+
+
 class Bench:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -168,6 +175,26 @@ class Bench:
         if result["records"] != data.records:
             raise RuntimeError(f"{label}: archived {result['records']} of {data.records} records")
         return result
+
+    def load_day(self, label: str, topic: str, bucket: str) -> dict[str, Any]:
+        """The replay loader over the bench day of ``topic``'s archive, in its own process."""
+        return self.child("loader", label, topic=topic, day=self.day, bucket=bucket,
+                          partitions=self.config.replay_partitions)
+
+    def processor_child(self, label: str, topic: str, group: str, bucket: str, records: int,
+                        **options: Any) -> dict[str, Any]:
+        """A processor run in its own process that must have processed every record."""
+        r = self.child("processor", label, topic=topic, group=group, bucket=bucket, records=records, **options)
+        if r["records"] != records or not r["complete"]:
+            raise RuntimeError(f"{label}: processed {r['records']} of {records} records")
+        return r
+
+    def consumer_reference(self, scenario: str, topic: str, records: int, run: int) -> float:
+        """Kafka's ConsumerPerformance over ``topic`` with a new group: the reference rate of a run."""
+        r = kafka_tools.consumer_performance(self.settings.bootstrap_servers, topic, records,
+                                             f"bench.{self.id}.cp-{scenario}{run}", "ConsumerPerformance")
+        say(f"{scenario} run {run + 1}: ConsumerPerformance {r.records_per_s:,.0f} rec/s")
+        return r.records_per_s
 
     # ------------------------------------------------------------------ run all
 
@@ -220,38 +247,37 @@ class Bench:
                 "started_at": meta["started_at"], "runs": runs, "events": events, "quick": config.quick,
                 "label": config.label}
 
+    def main_dataset(self) -> dataset.Dataset:
+        """The dataset every scenario but memory measures (made once by :meth:`run`)."""
+        if self.main is None:
+            raise RuntimeError("no main dataset: only the memory scenario runs without one")
+        return self.main
+
     def ensure_archive(self) -> str:
         """The archive of the main dataset (made by the archiver scenario, or once here)."""
         if self.archive_bucket is None:
-            assert self.main is not None
             bucket = self.bucket("archive")
             say("setup: archiving the dataset once (the loader and e2e read it)")
-            self.archive(self.main, bucket, "archiver-setup")
+            self.archive(self.main_dataset(), bucket, "archiver-setup")
             self.archive_bucket = bucket
         return self.archive_bucket
 
     def ensure_replay(self) -> dict[str, Any]:
         """The main dataset's replay topic, as the loader wrote it (the Dagster job's processor input)."""
         if self.replay is None:
-            assert self.main is not None
             say("setup: loading the day into its replay topic once (the processor scenario reads it)")
-            self.replay = self.child("loader", "loader-setup", topic=self.main.topic, day=self.day,
-                                     bucket=self.ensure_archive(), partitions=self.config.replay_partitions)
+            self.replay = self.load_day("loader-setup", self.main_dataset().topic, self.ensure_archive())
         return self.replay
 
     # ------------------------------------------------------------------ 3. archiver
 
     def scenario_archiver(self) -> None:
-        assert self.main is not None
-        data, ours, ref, rss = self.main, [], [], []
+        data, ours, ref, rss = self.main_dataset(), [], [], []
         for run in range(self.config.runs):
             bucket = self.bucket("archive" if run == 0 else f"archive{run}")
 
             def reference(run: int = run) -> None:
-                r = kafka_tools.consumer_performance(self.settings.bootstrap_servers, data.topic, data.records,
-                                                     f"bench.{self.id}.cp-archiver{run}", "ConsumerPerformance")
-                ref.append(r.records_per_s)
-                say(f"archiver run {run + 1}: ConsumerPerformance {r.records_per_s:,.0f} rec/s")
+                ref.append(self.consumer_reference("archiver", data.topic, data.records, run))
 
             def mine(run: int = run, bucket: str = bucket) -> None:
                 r = self.archive(data, bucket, f"archiver{run}")
@@ -260,8 +286,7 @@ class Bench:
                 say(f"archiver run {run + 1}: archiver {r['rate']:,.0f} rec/s ({r['files']} files, "
                     f"{r['bytes_written'] / MIB:.0f} MiB Parquet), peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
 
-            for step in ((reference, mine) if run % 2 == 0 else (mine, reference)):
-                step()
+            alternate(run, [reference, mine])
             if run == 0:
                 self.archive_bucket = bucket
             else:
@@ -277,8 +302,7 @@ class Bench:
     def scenario_load(self) -> None:
         from workers.replay.producer import PRODUCER_TUNING
 
-        assert self.main is not None
-        data, bucket = self.main, self.ensure_archive()
+        data, bucket = self.main_dataset(), self.ensure_archive()
         payload = self.tmp / "payload.txt"
         samples = dataset.write_payload_file(self.settings, data.topic, payload)
         props = kafka_tools.java_producer_props(PRODUCER_TUNING)
@@ -297,8 +321,7 @@ class Bench:
                 dataset.delete_topics(self.settings, [pp_topic])
 
             def mine(run: int = run) -> None:
-                r = self.child("loader", f"loader{run}", topic=data.topic, day=self.day, bucket=bucket,
-                               partitions=self.config.replay_partitions)
+                r = self.load_day(f"loader{run}", data.topic, bucket)
                 if r["records"] != data.records:
                     raise RuntimeError(f"loader replayed {r['records']} of {data.records} records")
                 self.replay = r
@@ -311,8 +334,7 @@ class Bench:
                     f"({ours_produce[-1] if ours_produce else 0:,.0f} rec/s in its produce phase), "
                     f"peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
 
-            for step in ((reference, mine) if run % 2 == 0 else (mine, reference)):
-                step()
+            alternate(run, [reference, mine])
         self.results["scenarios"]["load"] = {
             "records": data.records, "mean_value_bytes": data.mean_value_bytes, "producer_props": props,
             "ours_rps": summary(ours), "reference_rps": summary(ref), "ratio": summary(ratios(ours, ref)),
@@ -331,8 +353,7 @@ class Bench:
         One input for all of them: the replay topic the loader wrote (as the Dagster job reads it),
         with the grace the job passes. In each run the steps go in one order, in the next reversed.
         """
-        assert self.main is not None
-        records, bucket = self.main.records, self.bucket("processor")
+        records, bucket = self.main_dataset().records, self.bucket("processor")
         replay = self.ensure_replay()
         topic, grace_ms = replay["replay_topic"], replay.get("grace_ms")
         variants, skipped = self.processor_variants()
@@ -348,18 +369,13 @@ class Bench:
         windows: dict[str, list[list]] = {}
 
         def reference(run: int) -> None:
-            r = kafka_tools.consumer_performance(self.settings.bootstrap_servers, topic, records,
-                                                 f"bench.{self.id}.cp-processor{run}", "ConsumerPerformance")
-            ref.append(r.records_per_s)
-            say(f"processor run {run + 1}: ConsumerPerformance {r.records_per_s:,.0f} rec/s")
+            ref.append(self.consumer_reference("processor", topic, records, run))
 
         def mine(run: int, variant: ProcessorVariant) -> None:
-            r = self.child("processor", f"processor-{variant.name}-{run}", topic=topic,
-                           group=f"bench.{self.id}.proc-{variant.name}-{run}", bucket=bucket, grace_ms=grace_ms,
-                           pipeline=variant.pipeline, version=variant.version, kwargs=variant.kwargs,
-                           dump_report=run == 0)
-            if r["records"] != records or not r["complete"]:
-                raise RuntimeError(f"processor {variant.name} processed {r['records']} of {records} records")
+            r = self.processor_child(f"processor-{variant.name}-{run}", topic,
+                                     f"bench.{self.id}.proc-{variant.name}-{run}", bucket, records,
+                                     grace_ms=grace_ms, pipeline=variant.pipeline, version=variant.version,
+                                     kwargs=variant.kwargs, dump_report=run == 0)
             ours[variant.name].append(r["rate"])
             rss[variant.name].append(r["peak_rss_bytes"])
             if run == 0:
@@ -378,11 +394,10 @@ class Bench:
                 f"peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB, internal topics {r['internal_topics'] or 'none'}")
 
         for run in range(self.config.runs):
-            steps = [lambda run=run: reference(run)]
+            steps: list[Callable[[], None]] = [lambda run=run: reference(run)]
             steps += [lambda run=run, v=v: mine(run, v) for v in variants]
             steps += [lambda run=run, m=m: peer(run, m) for m in quix_modes]
-            for step in steps if run % 2 == 0 else reversed(steps):
-                step()
+            alternate(run, steps)
         self.results["scenarios"]["processor"] = self.processor_result(
             records, topic, grace_ms, ref, ours, rss, quix, windows, variants, skipped)
 
@@ -455,8 +470,7 @@ class Bench:
     # ------------------------------------------------------------------ 4. end-to-end through Dagster
 
     def scenario_e2e(self) -> None:
-        assert self.main is not None
-        data, bucket = self.main, self.ensure_archive()
+        data, bucket = self.main_dataset(), self.ensure_archive()
         home = self.tmp / "dagster_home"
         home.mkdir(exist_ok=True)
         shutil.copy(procs.ROOT / "dagster.yaml", home / "dagster.yaml")
@@ -525,25 +539,17 @@ class Bench:
 
         keep("archiver", self.archive(data, bucket, f"archiver-mem{size}"))
         keep("processor live", self.processor_child(
-            f"processor-live-mem{size}", data.topic, f"bench.{self.id}.pl{size}", bucket, size, live=True))
-        loaded = self.child("loader", f"loader-mem{size}", topic=data.topic, day=self.day, bucket=bucket,
-                            partitions=self.config.replay_partitions)
+            f"processor-live-mem{size}", data.topic, f"bench.{self.id}.pl{size}", bucket, size,
+            version=MEMORY_VERSION, live=True))
+        loaded = self.load_day(f"loader-mem{size}", data.topic, bucket)
         keep("loader", loaded)
         keep("processor bounded", self.processor_child(
             f"processor-mem{size}", loaded["replay_topic"], f"bench.{self.id}.pm{size}", bucket, size,
-            grace_ms=loaded.get("grace_ms")))
+            version=MEMORY_VERSION, grace_ms=loaded.get("grace_ms")))
         if not self.config.keep:
             dataset.delete_topics(self.settings, [loaded["replay_topic"]])
             dataset.delete_bucket(self.settings, bucket)
         return out
-
-    def processor_child(self, label: str, topic: str, group: str, bucket: str, records: int,
-                        **options: Any) -> dict[str, Any]:
-        r = self.child("processor", label, topic=topic, group=group, bucket=bucket, records=records,
-                       version=MEMORY_VERSION, **options)
-        if r["records"] != records or not r["complete"]:
-            raise RuntimeError(f"{label}: processed {r['records']} of {records} records")
-        return r
 
     # ------------------------------------------------------------------ cleanup
 

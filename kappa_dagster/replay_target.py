@@ -1,14 +1,8 @@
-"""Which replay a run is about: pipeline, version and day, from tags and run config, validated up front.
+"""Which replay a run is about (pipeline, version, day), from tags and run config, validated up front.
 
-How to pick the version (first match wins):
-
-1. run tag ``kappa/version`` (CLI ``--tags``, UI launchpad, backfills, schedules, sensors);
-2. run config ``resources: {replay: {config: {version: N}}}``;
-3. the default, :data:`DEFAULT_VERSION` (the bug-fixed orders v2).
-
-Tag and config must agree when both are given. The pipeline is chosen the same way (``kappa/pipeline``
-tag, ``pipeline`` config, default ``orders``). Everything is validated before anything is written, so
-a bad day or version fails with one clear message and leaves no trace.
+Runs start from the UI, the CLI, backfills, schedules and sensors; one resolver (tag, then config,
+then the default; both must agree) means each path picks the same version, and a bad day or version
+fails with one line before anything is written.
 """
 
 from __future__ import annotations

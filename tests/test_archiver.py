@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from reliability.invariants import ARCHIVE_SCHEMA  # the independent reader's view of DESIGN §2
+from reliability.invariants import ARCHIVE_SCHEMA  # the independent reader's view of the archive contract
 
 from workers import kafka as kafka_helpers
 from workers.archive.archiver import Archiver, ArchiverOptions, PartitionState, parse_size, run_archiver, split_by_day

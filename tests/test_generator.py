@@ -31,7 +31,7 @@ FAULTS = Faults(duplicates=0.1, late=0.1, malformed=0.1)
 
 
 def valid_event(value: bytes | None) -> bool:
-    """The reference pipeline's rules (DESIGN §3), written independently of the generator."""
+    """The reference pipeline's rules (docs/ARCHITECTURE.md), written independently of the generator."""
     try:
         event = json.loads(value.decode("utf-8"))  # type: ignore[union-attr]
     except (AttributeError, UnicodeDecodeError, json.JSONDecodeError):

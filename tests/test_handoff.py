@@ -139,7 +139,7 @@ def consume_all(settings: Settings) -> pl.DataFrame:
 
 
 def fields(value: bytes | None) -> tuple[str, str, float] | None:
-    """The orders rules, written from DESIGN §3: a JSON object with typed event_id, user_id, type, amount."""
+    """The orders rules, written from its stated rules: a JSON object with typed event_id, user_id, type, amount."""
     try:
         doc = json.loads(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

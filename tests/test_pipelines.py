@@ -52,7 +52,7 @@ def event(i: int, rng: random.Random, **override: object) -> bytes:
 
 
 def archive(values: list[bytes | None], timestamps: list[int], partitions: list[int] | None = None) -> pl.DataFrame:
-    """Raw archive rows (DESIGN §2) for the batch reference."""
+    """Raw archive rows (the archive contract) for the batch reference."""
     n = len(values)
     partitions = partitions or [0] * n
     offsets, seen = [], {}

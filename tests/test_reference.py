@@ -4,7 +4,7 @@ Agreement here is evidence, not a tautology: the reference shares no code with `
 (its JSON rules, windows and dedup are SQL in ``workers/pipelines/orders.sql``), so every case where
 both sides agree was reached twice, independently. Where they must disagree (duplicates of one
 event_id on two partitions, which v2 still counts per partition until issue 12 lands), the
-reference is the one following DESIGN §3, and the test shows the gate would catch it.
+reference is the one following the `orders` rules, and the test shows the gate would catch it.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_reference_applies_the_json_rules_like_the_engine_on_hostile_values(tmp_
 
 
 def test_reference_counts_an_event_id_once_across_partitions(tmp_path: Path) -> None:
-    """DESIGN §3: copies on two partitions count once, and the copy with the smallest (timestamp,
+    """The `orders` dedup scope: copies on two partitions count once, and the copy with the smallest (timestamp,
     partition, offset) is the one that counts. v2 today dedups per partition (issue 12), so the
     gate must fail such a day: the reference catches the double count."""
     base = 1_790_000_000_000

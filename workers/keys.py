@@ -1,8 +1,7 @@
 """Every S3 key the project reads or writes, built only from validated parts.
 
-Centralising key construction keeps the layout contracts of DESIGN.md in one place and makes path
-traversal impossible: days must be real ``YYYY-MM-DD`` dates, names match a strict pattern,
-versions and partitions are integers.
+One module keeps the layout contracts (docs/ARCHITECTURE.md, "Contracts") in one place and makes
+path traversal impossible: days are real dates, names match strict patterns, numbers are integers.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ def valid_replay_id(replay_id: str) -> str:
     return replay_id
 
 
-# ---------------------------------------------------------------- raw archive (DESIGN §2)
+# ---------------------------------------------------------------- raw archive
 
 
 def raw_topic_prefix(topic: str) -> str:
@@ -110,7 +109,7 @@ def archiver_checkpoint(topic: str, partition: int) -> str:
     return f"_state/archiver/{valid_topic(topic)}/part={int(partition)}.json"
 
 
-# ---------------------------------------------------------------- reports (DESIGN §4)
+# ---------------------------------------------------------------- reports
 
 
 def report_file(pipeline: str, version: int, day: str) -> str:

@@ -1,22 +1,7 @@
 """Consumer-group membership of the workers: static identity, group protocol, one config builder.
 
-Why static membership: with dynamic membership a worker restarted after ``kill -9`` is a *new*
-member; its old partitions stay with the dead member until the session timeout expires, and with
-the classic protocol a member killed mid-rebalance holds every member up. With a
-``group.instance.id`` the restarted worker *is* the old member: the coordinator hands it the same
-partitions at once, no rebalance, no wait (numbers in docs/ARCHITECTURE.md, "Fast takeover").
-
-The identity is ``kappa-<role>-<host>-<ordinal>``. ``--instance-id`` / ``KAPPA_INSTANCE_ID`` set it
-explicitly (``none`` turns static membership off). By default the ordinal is the lowest free slot
-of an advisory lock file per (group, role) on this host: the first worker of a group on a host is
-0, a second one 1, and a worker restarted after a crash takes the slot the dead one released (the
-kernel drops a dead process's ``flock``). Two live members never share an id, which would fence
-one of them.
-
-The group protocol is ``classic`` (default, measured fastest after a kill) or ``consumer`` (KIP-848,
-``--group-protocol`` / ``KAPPA_GROUP_PROTOCOL``). Under ``consumer`` the session timeout, heartbeat
-interval and assignor are broker-side settings and librdkafka refuses them: :func:`consumer_config`
-is the one place that drops them.
+Static membership lets a worker restarted after ``kill -9`` take its partitions back in seconds
+instead of a session timeout; why and what it costs: docs/ARCHITECTURE.md, "Group membership".
 """
 
 from __future__ import annotations

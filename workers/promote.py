@@ -1,15 +1,7 @@
 """Promote / roll back a pipeline version: one atomic write of ``reports/<P>/CURRENT``.
 
-``CURRENT`` is a small JSON document; one S3 PUT replaces it whole, so readers see the old or the
-new pointer, never a mix. It carries its own history (previous pointers, newest last), so a rollback
-is again a single PUT that restores the previous one (or deletes the pointer after the first promotion,
-returning readers to the live results).
-
-It also records the switch (``workers/processor/handoff.py``): per promoted day and partition, the offset below
-which the corrected report counts that day's records, and ``live_start_offsets`` for **every**
-partition of the events topic. The live processor of the new version started with ``--handoff``
-begins there and skips what the corrected reports already count, so every record is in exactly one
-part (``uncovered_days`` lists archived days that were not replayed and hold lower offsets).
+One PUT means readers see the old or the new pointer, never a mix; the pointer keeps its history so
+a rollback is one PUT too, and it records the switch the live processor hands off at.
 """
 
 from __future__ import annotations
@@ -62,7 +54,7 @@ def replayed(client: Any, bucket: str, pipeline: str, version: int, source_topic
 
 
 def refused_days(client: Any, bucket: str, pipeline: str, version: int, source_topic: str) -> dict[str, str]:
-    """Replayed days of this version that may not be promoted, with why (DESIGN §4: a report is
+    """Replayed days of this version that may not be promoted, with why (a report is
     promotable only once its blocking checks passed, for the archive snapshot it was computed from)."""
     current = archive_stats.days_fingerprints(client, bucket, source_topic)
     ours = (pipeline, version, source_topic)

@@ -6,7 +6,7 @@
   crash are counted apart (readers drop them) and reported. Every object sits under the day of its
   records and is named by its real offset range.
 * :func:`assert_report_exact`: a report equals the pipeline's own ``batch_report`` over the archive
-  *and* an independent plain-Python/polars computation written here from DESIGN §3.
+  *and* an independent plain-Python/polars computation written here from the `orders` rules.
 * :data:`FIGURES` accumulates landed faults, records checked, missing/extra/repeated counts and
   measured samples; the session writes them to JSON (see ``conftest.py``), and docs/RELIABILITY.md
   is generated from the JSON of green runs (``render_doc.py``).
@@ -306,7 +306,7 @@ def _reject_constant(name: str) -> float:
 
 
 def parse_order(value: bytes | None) -> dict[str, Any] | None:
-    """DESIGN §3 validity, restated independently: a JSON object with string ids, known type, finite number."""
+    """The `orders` validity rules, restated independently: a JSON object with string ids, known type, finite number."""
     if value is None or nesting_depth(value) > MAX_DEPTH:
         return None
     try:
@@ -454,7 +454,7 @@ def assert_replay_topic_exact(settings: Settings, client: Any, source_topic: str
 
 
 def read_report(client: Any, bucket: str, version: int, day: str) -> tuple[pl.DataFrame, dict[str, int]]:
-    """A corrected report and its stats.json, by the DESIGN §4 path."""
+    """A corrected report and its stats.json, by the contract path."""
     prefix = f"reports/orders/v{version}/dt={day}/"
     report = pl.read_parquet(io.BytesIO(client.get_object(Bucket=bucket, Key=prefix + "report.parquet")["Body"].read()))
     stats = json.loads(client.get_object(Bucket=bucket, Key=prefix + "stats.json")["Body"].read())

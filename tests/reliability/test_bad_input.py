@@ -1,7 +1,7 @@
 """Bad input: property-based fuzzing of values, keys, headers and timestamps (hypothesis).
 
 1. Pipeline level (fast, many examples): ``parse`` never raises, gives one row per value, rejects
-   exactly what the independent DESIGN §3 rules reject, and the batch fast path agrees with the
+   exactly what the independent `orders` rules reject, and the batch fast path agrees with the
    value-by-value path.
 2. End to end (real broker + S3, seeded, 240 records by default, 2400 in the soak run): hostile
    records go through the real archiver, processor, replay loader and bounded processor; all exit 0,

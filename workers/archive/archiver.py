@@ -1,29 +1,8 @@
-"""The exactly-once S3 archiver (DESIGN §2): every Kafka record, byte-exact, in Parquet on S3.
+"""The archiver: every Kafka record, byte-exact, in Parquet on S3, exactly once after dedup.
 
-How it stays exactly-once after dedup:
-
-1. Records are buffered per partition and never parsed. A partition is flushed when its buffer
-   reaches a size, count or age threshold: one Parquet file per UTC day of the Kafka timestamps.
-2. Only after a partition's files are in S3 is its checkpoint (the next offset) written to S3, and
-   only after that are Kafka offsets committed. A crash anywhere leaves at worst an overlapping
-   file, which readers drop by ``(topic, partition, offset)``.
-3. On assignment the archiver seeks to the S3 checkpoint, never to the Kafka commit: a lost or
-   stale commit can neither skip nor duplicate data, and a new consumer group resumes correctly.
-
-Rebalances use cooperative-sticky assignment: revoked partitions are flushed and checkpointed in
-``on_revoke``; lost partitions (fenced member) are dropped unwritten, the new owner re-reads them.
-When S3 fails, the partition is paused and retried with exponential backoff, so memory stays
-bounded by the flush thresholds and no data is skipped.
-
-Fencing: a checkpoint PUT is conditional on the ETag of the checkpoint this member read at
-assignment (or last wrote), see :class:`ArchiveStore`. A zombie (paused past its session, or cut
-off from Kafka only) can never move a partition's resume point; a fenced flush logs one line, drops
-the buffer and, if the partition is still assigned here, re-reads the checkpoint and seeks to it.
-
-Never silently skipped either: offsets Kafka deleted before they were archived (checkpoint below the
-log start, or retention overtaking a running archiver) are refused unless ``--accept-data-loss``,
-and a checkpoint of a recreated topic (other topic id) is refused. Records whose timestamp has no
-``YYYY-MM-DD`` day go byte-exact to ``quarantine/<topic>/part=<p>/...`` (docs/ARCHITECTURE.md).
+The raw archive is the source of truth, so nothing may be lost or skipped silently: the resume point
+is a fenced checkpoint in S3 (never the Kafka commit), written only after the files. The steps,
+fencing and refusal rules are in docs/ARCHITECTURE.md ("The archiver", "Commits and fencing").
 """
 
 from __future__ import annotations
@@ -126,7 +105,7 @@ def parse_size(text: str) -> int:
         raise KappaError(f"size {text!r} is not understood; use e.g. 64MiB, 500kB or 1048576") from None
 
 
-# ---------------------------------------------------------------- pure layout (DESIGN §2)
+# ---------------------------------------------------------------- pure layout (the archive contract)
 
 
 def has_day() -> pl.Expr:

@@ -1,7 +1,7 @@
-"""The raw archive format (DESIGN §2): one Parquet row per Kafka record, byte-exact.
+"""The raw archive's Parquet schema, writer and readers: one row per Kafka record, byte-exact.
 
-Written by the archiver, read by the replay loader, the Dagster checks and users. Readers must
-drop duplicate ``(topic, partition, offset)`` rows: a crash may leave an overlapping file.
+One module owns the format so the archiver, the replay loader, the checks and users read it alike;
+readers drop duplicate ``(topic, partition, offset)`` rows (a crash may leave an overlapping file).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`kappa archiver`: archive the events topic to S3, exactly once after dedup (DESIGN §2)."""
+"""`kappa archiver`: archive the events topic to S3, exactly once after dedup."""
 
 from __future__ import annotations
 

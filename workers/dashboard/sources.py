@@ -1,8 +1,7 @@
 """What the dashboard reads from S3: live results, processor counters, corrected reports, CURRENT.
 
-Every reader here goes through the modules that own the layout (``processor_state`` for live
-results and counters, ``promote`` for the pointer, ``keys`` for report paths), so the dashboard
-never guesses a key and shows exactly what the report reader and Dagster see.
+Every read goes through the module that owns the layout (``workers.processor.state``,
+``workers.promote``, ``workers.keys``), so the dashboard shows exactly what the CLI and Dagster see.
 """
 
 from __future__ import annotations
@@ -72,14 +71,14 @@ def day_stats(states: dict[int, dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def report(client: Any, bucket: str, pipeline: str, version: int, day: str) -> pl.DataFrame | None:
-    """The corrected report of DESIGN §4, None if not written (yet)."""
+    """The corrected report (reports/<P>/v<V>/dt=<D>/), None if not written (yet)."""
     body = s3_helpers.get_bytes(client, bucket, keys.report_file(pipeline, version, day))
     return None if body is None else pl.read_parquet(io.BytesIO(body))
 
 
 def corrected_reports(client: Any, bucket: str, pipeline: str) -> list[tuple[int, str]]:
     """Every (version, day) whose corrected report of ``pipeline`` is published: its blocking checks
-    passed and the file is still the checked one (DESIGN §4). A report.parquet that is being
+    passed and the file is still the checked one. A report.parquet that is being
     recomputed, failed its checks or was never checked is not shown as corrected."""
     keys.valid_name(pipeline)
     return sorted(

@@ -1,0 +1,1 @@
+"""Local development tools (stack, demo, event generator), not part of the runtime."""

@@ -1,13 +1,7 @@
 """`make demo`: the whole story on the local stack, every step a command a user could type.
 
-1. start the stack; 2. run the archiver and a live ``orders`` v1 processor; 3. produce a day of
-events with duplicates, late and malformed records; 4. print the live report; 5. reprocess the day
-with v2 from S3 through Kafka via ``dagster job execute``; 6. reconcile: corrected v2 differs from
-the archive's v1 computation exactly by the duplicates; 7. promote v2 and switch the live processor
-at the promoted offsets; 8. leave the dashboard running and print where to look.
-
-The demo owns the default namespace of the *local* stack (bucket ``kappa``, topic ``events``) and
-resets it at the start so every run tells the same story; it refuses to reset anything else.
+It resets the local stack's default namespace (bucket ``kappa``, topic ``events``) so every run tells
+the same story, and refuses to reset anything else. The steps are listed in the README.
 """
 
 from __future__ import annotations

@@ -1,21 +1,8 @@
-"""The reference `orders` event generator (DESIGN §3) with controlled faults.
+"""The reference ``orders`` event generator, with the faults real producers make.
 
-Two layers, so tests can compute expectations without Kafka:
-
-* :func:`generate` is pure: a seed and a spec give the same records, byte for byte, in the same
-  order. Each record says what it is (``kind``) so tests and the demo know what to expect.
-* :func:`produce_events` sends those records to the events topic with a throughput-tuned producer
-  and returns a :class:`ProduceSummary` with counts per kind.
-
-Faults mirror what real producers do: re-sent events (``duplicate``: same event_id, body, key,
-headers and timestamp), events arriving minutes to hours behind the stream (``late``), and
-malformed values of several sorts (``malformed.<sort>``), plus null keys and headers. A share of
-the duplicates can come *through another path* (``Faults.rerouted``: a retry by a service that keys
-by session, so usually another partition), which only a shuffle by event_id dedups.
-
-:data:`KEYINGS` choose the record key without changing anything else: the same seed gives the same
-values, timestamps and headers whatever the keying (keys come from their own random stream), so
-one event stream can be produced several ways and must give the same v2 results.
+Generation is pure (seed + spec -> the same records, each labelled with its ``kind``) so tests know
+what to expect without Kafka; duplicates, late, malformed and rerouted records and the keyings are
+described in docs/ARCHITECTURE.md, "The generator".
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """Pipeline registry: ``get_pipeline("orders", 2)`` -> an ``OrdersV2`` instance.
 
-Built-in pipelines register here. Add your own without touching the engine either by decorating
-the class with :func:`register` in a module imported at start-up, or by declaring an entry point
-in your package (``[project.entry-points."kappa.pipelines"] mine = "my_pkg.pipelines"``): every
-module named there is imported once, and its ``@register`` decorators run. ``KAPPA_PIPELINE_MODULES``
-(comma-separated module names) does the same without packaging, e.g. for a pipeline under test; it
-is inherited by the processes Dagster starts.
+Users add pipelines without touching the engine: ``@register`` in an imported module, an entry
+point ``kappa.pipelines``, or ``KAPPA_PIPELINE_MODULES`` (see docs/ARCHITECTURE.md, "Writing a new pipeline").
 """
 
 from __future__ import annotations

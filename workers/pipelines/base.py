@@ -1,31 +1,8 @@
 """The pipeline interface: what a user writes to add a stream computation, nothing about Kafka or S3.
 
-A pipeline is a class with a ``name`` and a ``version`` and five small, vectorised steps:
-
-1. :meth:`Pipeline.parse` turns a batch of raw Kafka values into typed columns, one row per input
-   value, with a ``reject`` column holding why a value is malformed (null when it is fine).
-2. Windows are keyed by event time (the Kafka timestamp, in epoch ms): tumbling windows of
-   :attr:`Pipeline.window_ms`, plus :attr:`Pipeline.group_by` columns inside a window.
-   :attr:`Pipeline.dedup_by` (optional) names columns whose repeats inside one window are
-   duplicates: only one copy is counted.
-3. :meth:`Pipeline.aggregate` folds counted rows into *partials* keyed by ``window_start`` +
-   ``group_by``.
-4. :meth:`Pipeline.merge` combines partials with the same key (from several batches, partitions or
-   checkpoints). It must be associative and commutative: that is what makes results independent of
-   batch size, partition count and crashes.
-5. :meth:`Pipeline.finalize` turns merged partials into output rows, sorted by key.
-
-The streaming engine (``workers/processor/engine.py``) owns watermarks, state, checkpoints and the DLQ.
-:meth:`Pipeline.batch_report` is the independent whole-day reference: plain polars over the raw
-archive, no state, no windows closing, used by tests and Dagster asset checks.
-
-Keyed state: :attr:`Pipeline.state_key` names the columns the pipeline's state is keyed by (``orders``
-v2: ``event_id``). Copies of an event may arrive through any partition (null keys, another service's
-keying, a changed partition count), so a pipeline with a state key runs as two stages joined by a
-repartition topic keyed by it (``workers/processor/shuffle.py``); dedup then spans every partition. The copy
-that counts is the one with the smallest ``(timestamp, source partition, source offset)``: a rule
-that does not depend on arrival order, used by the engine and by :meth:`Pipeline.batch_report`.
-A pipeline without dedup (``orders`` v1) declares no state key and runs single-stage.
+The engine owns Kafka, watermarks, state, checkpoints and the DLQ; a pipeline owns vectorised steps
+whose ``merge`` is associative, which is what makes results independent of batching, partitions and
+crashes (docs/ARCHITECTURE.md, "Writing a new pipeline").
 """
 
 from __future__ import annotations
@@ -113,7 +90,7 @@ class Pipeline(ABC):
     # ------------------------------------------------------------------ independent batch reference
 
     def batch_report(self, archive: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
-        """The whole-day reference over raw archive rows (DESIGN §4): returns (report, stats).
+        """The whole-day reference over raw archive rows (the report contract): returns (report, stats).
 
         Dedup ``(topic, partition, offset)`` first, then this pipeline's rules over all rows at once.
         Nothing is late here: the report covers every record, as a bounded replay does.

@@ -1,17 +1,8 @@
-"""Reference pipeline ``orders`` (DESIGN §3): events and amount per (1-minute window, type).
+"""The reference pipeline ``orders``: events and amount per (1-minute window, type).
 
-* v1 counts every valid record, duplicates included (the original behaviour).
-* v2 (the "bug fix") counts an ``event_id`` once per window, whatever partition or key carried its
-  copies: its state is keyed by ``event_id`` (a shuffle, see ``base`` and ``workers/processor/shuffle.py``).
-
-Parsing is strict (msgspec): ``event_id``/``user_id`` must be JSON strings, ``type`` one of
-:data:`EVENT_TYPES`, ``amount`` a JSON number (not a bool, not a string) with ``|amount| < 1e15``.
-Extra fields are ignored. Amounts are summed exactly at micro-unit precision (``Decimal(38, 6)``
-partials) so the report never depends on the order floats were added in; the output is f64.
-
-Fast path (DESIGN §8): one ``decode_lines`` call over the newline-joined batch; only a batch that
-contains a bad value (or a value with a newline inside) is decoded value by value, with the same
-decoder, so both paths accept exactly the same values.
+v1 counts every valid record; v2 drops repeated ``event_id``s in a window; v3 does so across partitions.
+Parsing is strict and amounts are summed as exact decimals so the report never depends on arrival
+order (the rules: docs/ARCHITECTURE.md, "The orders pipeline").
 """
 
 from __future__ import annotations
@@ -164,7 +155,7 @@ class OrdersV2(OrdersV1):
 
 
 class OrdersV3(OrdersV2):
-    """v2 with the dedup scope of DESIGN §3: keyed state through a shuffle (``workers/processor/shuffle.py``).
+    """v2 with the orders dedup scope: keyed state through a shuffle (``workers/processor/shuffle.py``).
 
     A version of its own while the shuffle's live handoff and broker-restart behaviour are finished;
     v2 becomes this once they are (the SQL reference of both already dedups across partitions)."""

@@ -1,6 +1,6 @@
 -- The orders pipeline's definition in SQL (DuckDB): the independent reference of its reports.
 --
--- Written from the rules of DESIGN §3 and workers/pipelines/orders.py's docstring, never from its code.
+-- Written from the rules in docs/ARCHITECTURE.md ("The orders pipeline"), never from its code.
 -- Input: the view `records` (one row per distinct (topic, partition, offset) of the day's archive,
 -- contract columns). Variable `dedup_event_id` (v2: true) turns on the event_id dedup.
 -- Output: views `outcomes` (partition, offset, outcome in counted/dlq/duplicates) and `report`

@@ -1,0 +1,1 @@
+"""The stream processor: engine, per-partition state, shuffle, handoff and progress."""

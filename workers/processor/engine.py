@@ -1,46 +1,7 @@
-"""The one stream processor: ``kappa processor --pipeline P --version V`` (live or bounded replay).
+"""The one stream processor, live or bounded (replay): the same code path, only topic, group and stop differ.
 
-Same code path for both modes; only topic, consumer group and start/stop differ:
-
-* **live**: group ``kappa.<P>.v<V>.live`` on ``settings.events_topic``; starts at the S3 checkpoint,
-  else ``start_offsets``; else, in the first assignment of a group with no S3 checkpoint at all,
-  ``start``; else the committed Kafka offset, else the earliest offset (a partition added to the topic
-  later: nothing in it is skipped). Explicit start offsets (``--start-offsets``, or ``--handoff``: the
-  promoted switch) beat a checkpoint made from other ones: it is removed at start
-  (``handoff.claim_live_prefix``); a restart with the same offsets resumes. With ``--handoff`` the
-  records a promoted corrected report already counts are skipped.
-  Windows close when the per-partition watermark (max timestamp of the valid records seen - ``grace_ms``) passes
-  their end; records for an already-closed window are counted as ``late`` and never mixed in.
-  Results: ``live/<P>/v<V>/dt=<D>/part=<p>/...`` read by :func:`read_live_results`.
-* **bounded** (replay): consumes ``topic`` from offset 0 until the end offsets recorded at the first
-  start (``<prefix>_state/bounded.json``), then closes every window and, once *every* partition of
-  the topic is finished (by any member of the group), writes per day
-  ``reports/<P>/v<V>/dt=<D>/report.parquet`` and ``stats.json``. Grace defaults to infinite here,
-  so nothing is late and the report covers every record (it equals ``Pipeline.batch_report``).
-  Replay topics are written in event-time order per partition, so the Dagster job passes grace 0
-  (``replay_manifest.processor_grace_ms``): still nothing late, same report, but windows close as the
-  stream moves on and the state stays about one window per partition instead of the whole day.
-
-Per micro-batch (``consume(num_messages=N)``): one Python pass pulls partition/offset/timestamp/value
-out of the messages, the pipeline parses the whole batch at once, and everything else is polars:
-late and duplicate marking, aggregation into open-window partials, per-day outcome counters.
-Malformed records go to the DLQ topic with their original key/value/headers/timestamp (a timestamp
-the DLQ topic refuses, e.g. past 9999, becomes the broker's time plus ``kappa.dlq.timestamp``) plus
-``kappa.dlq.reason``, ``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``,
-``kappa.dlq.pipeline``.
-
-Exactly-once: state is checkpointed to S3 per partition (``workers/processor/state.py``): DLQ
-producer flushed first, then outputs, then one state JSON PUT (the commit point), then the Kafka
-offset commit. After a crash the partition resumes at the S3 offset with the S3 state, so nothing is
-lost or counted twice. A crash between the DLQ flush and the state PUT re-sends those DLQ records
-on restart: consumers dedupe on (``kappa.dlq.topic``, ``kappa.dlq.partition``, ``kappa.dlq.offset``).
-On revoke, partitions are checkpointed before they are handed over (eager rebalance protocol, or
-KIP-848's incremental one), except after a crash: state that may be half applied is never
-checkpointed, the last checkpoint stands. The state JSON PUT is conditional on the ETag we loaded
-(``workers.s3.put_if``): a zombie (paused past its session, or cut off from Kafka only) that lost its
-partitions cannot overwrite the new owner's commit. A fenced commit logs one line, drops the
-partition's in-memory state and, if the partition is still assigned here, reloads it from S3 and
-seeks to its offset; ``on_lost`` drops state unwritten.
+Because replay runs this very program, a corrected report means "what live would have said with the
+fixed code". Modes, start positions, the DLQ and the checkpoint order: docs/ARCHITECTURE.md, "The processor".
 """
 
 from __future__ import annotations

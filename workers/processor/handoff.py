@@ -1,26 +1,7 @@
-"""The switch at promote: which records a promoted version's corrected reports count, which its live
-processor counts, and the report users read (DESIGN §4, "Handoff at promote").
+"""The switch at promote: which records the corrected reports count, which the live processor counts.
 
-Definition (per partition ``p`` of the events topic and per UTC day ``D``):
-
-* ``covered[D][p]``: the corrected report of a promoted day ``D`` holds exactly ``D``'s records of
-  partition ``p`` with offsets below this bound (one past the highest offset its replay read; 0 when
-  the replayed archive had no record of ``D`` on ``p``). The archiver writes a partition in offset
-  order, so a day's snapshot is a prefix of that day's records per partition.
-* ``start[p]`` = min over promoted days of ``covered[D][p]``, for **every** partition (0 for one that
-  holds no record of a promoted day). Records below it are all covered, except records of days that
-  were not promoted: those are listed as ``uncovered_days`` and belong to no report of this version.
-* The live processor of the promoted version starts at ``start`` (an explicit start that beats any
-  older checkpoint of its group) and skips covered records: a record of a promoted day ``D`` with an
-  offset below ``covered[D][p]`` is the corrected report's. Everything else from ``start`` on is its:
-  counted, dead-lettered, a duplicate, or late (beyond grace, counted in ``late``, never mixed in).
-* The report users read for ``D`` = the corrected result (below the switch) merged with the live
-  result (from the switch on) by the pipeline's associative ``merge``. No record is in neither part
-  and none in both. Dedup (v2) is per part: copies of one event split across the switch would count
-  once in each part, which needs a day whose records arrived after its replay *and* duplicate it.
-
-A corrected report recomputed after the promote (a stale day re-run) holds more than its switch
-bound: the served report refuses it until the version is promoted again (a new switch).
+It exists so that what users read for a day is corrected + live with no record in neither part and
+none in both (docs/ARCHITECTURE.md, "The handoff at promote").
 """
 
 from __future__ import annotations

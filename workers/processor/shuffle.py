@@ -1,35 +1,8 @@
 """Keyed state across partitions: the two-stage topology of a pipeline with a state key.
 
-A pipeline whose state is keyed by something other than the input topic's key (``orders`` v2 dedups
-``event_id``; producers key by user, or not at all) cannot keep that state per input partition:
-copies of one event arrive through different partitions. As Kafka Streams (``selectKey`` +
-repartition topic), Quix Streams (``group_by``) and Flink (``keyBy``) do, the processor then runs
-two stages joined by an internal Kafka topic, in the same program for live and bounded replay:
-
-* **stage 1**, per input partition (consumer group ``G``): parse, malformed records to the DLQ,
-  then ship each micro-batch as ONE message per target partition of the repartition topic
-  ``<G>-<state key>-repartition`` (Arrow IPC; the source partition/offset and the event time are
-  columns, DESIGN §8: the per-record cost of a shuffle is paid per batch). Rows go to
-  ``crc32(state key) % R``; malformed rows (only counted there) to ``source partition % R``.
-  After the data, a *progress* message goes to every repartition partition: per source partition,
-  the max event time of its valid records, whether it is idle (live: at its end) and whether it
-  ended (bounded: reached its end offset). Everything, DLQ records included, is one Kafka
-  transaction with the input offsets (``send_offsets_to_transaction`` + the consumer's group
-  metadata, so a zombie of an old generation is fenced, KIP-447). A crash aborts the open
-  transaction; the restart resumes at the committed offsets: exactly once.
-* **stage 2**, per repartition partition (group ``G-shuffle``, ``read_committed``, so aborted
-  output is never seen): the usual per-partition state and S3 checkpoints of
-  ``workers/processor/engine.py`` (same prefix, same reports and live layout), with
-  :class:`ShuffleState`: the watermark is the minimum over the source partitions (idle and ended
-  sources excluded, so an idle source does not stall it) minus the grace; a record is late when
-  its window ended at or before the watermark. Bounded: a repartition partition is finished once
-  every source partition sent its end marker.
-
-Deterministic duplicates: while a window is open, stage 2 keeps per ``(window, dedup_by)`` the copy
-with the smallest ``(timestamp, source partition, source offset)`` and aggregates the winners when
-the window closes, so which copy counts never depends on arrival order. The source coordinates
-are the record's own partition/offset, or for a replay topic the archive's (``kappa.src.*``
-headers), so live, replay and :meth:`Pipeline.batch_report` pick the same copy.
+Copies of one event arrive through any partition, so state keyed by anything but the input's key
+goes through a repartition topic, one Kafka transaction per stage-1 batch (docs/ARCHITECTURE.md,
+"Keyed state across partitions").
 """
 
 from __future__ import annotations

@@ -1,37 +1,8 @@
-"""Per-partition processor state and its S3 checkpoint (the commit point of ``workers/processor/engine.py``).
+"""Per-partition processor state and its S3 checkpoint, the processor's commit point.
 
-Layout under a processor prefix ``R`` (``live/<P>/v<V>/`` live, ``_state/processor/<P>/v<V>/<group>/``
-bounded; see :func:`workers.keys.processor_prefix`)::
-
-    R/_state/part=<p>.json                               commit point, one PUT replaces it
-    R/_state/part=<p>/<seq:012d>-<writer>-open.parquet   open-window partials at checkpoint seq
-    R/_state/part=<p>/<seq:012d>-<writer>-seen.parquet   dedup keys of open windows (v2)
-    R/dt=<D>/part=<p>/<seq:012d>-<writer>.parquet        closed-window partials of day D, partition p
-
-A checkpoint writes the data objects first (new, never-reused names: seq + a per-process writer id),
-then the state JSON naming them, then commits the Kafka offset. A crash before the JSON PUT leaves
-orphans nobody reads; after it, the Kafka commit is only an optimisation (we always seek to the S3
-offset). Readers follow the JSON only, so they never see half a checkpoint. Superseded objects are
-deleted after the commit (best effort).
-
-Fencing: the JSON PUT is conditional on the ETag of the JSON this state was loaded from (or on its
-absence), see :func:`workers.s3.put_if`. A zombie (a member paused past its session, or cut off
-from Kafka only) that loaded seq N cannot replace the new owner's seq N+1: its PUT answers
-PreconditionFailed, it deletes the objects it wrote for the lost commit (only those no committed
-JSON names) and nothing else. Objects are deleted only after *our* conditional PUT succeeded, and
-only objects the previous JSON named and ours no longer names; no later commit can name them again,
-because every later commit descends from ours.
-
-State JSON (format 1)::
-
-    {"format": 1, "pipeline", "version", "topic", "group", "partition", "seq", "writer",
-     "next_offset", "max_timestamp_ms", "grace_ms", "finalized", "end_offset",
-     "outputs": {day: key}, "snapshot": {"open": key|null, "seen": key|null},
-     "stats": {day: {"records", "counted", "dlq", "duplicates", "late"}}, "updated_at"}
-
-Closed windows only ever move forward in event time per partition (a window closes when the
-watermark passes its end and later records for it are "late"), so each checkpoint rewrites at
-most the newest day's object plus newer days: one object per (day, partition) stays valid.
+Readers follow one state JSON per partition, written by a fenced PUT after the objects it names, so
+they never see half a checkpoint and a zombie can never replace the new owner's (layout:
+docs/ARCHITECTURE.md, "Processor state").
 """
 
 from __future__ import annotations

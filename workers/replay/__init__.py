@@ -1,0 +1,1 @@
+"""Replaying an archive day: manifest, external sort, producer, loader, lease and status."""

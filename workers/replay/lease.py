@@ -1,17 +1,8 @@
 """One replay per (pipeline, version, day) at a time: a lease object in S3, created with ``If-None-Match: *``.
 
-Why a lease and not only Dagster's run queue: replays start from schedules, backfills, the CLI
-(``dagster job execute``, ``kappa replay load``) and tests; only some of them go through the
-queued run coordinator. The lease lives next to the manifest (``_state/replays/<slot>/lease.json``)
-and names its owner (a Dagster run id, or host:pid for the CLI) and an expiry. The holder renews it
-(``If-Match`` on the ETag it wrote) while it works; a second request waits up to ``wait_s`` and
-then fails with one line naming the owner. A lease whose owner died expires after ``ttl_s`` (at
-once when the owner is known to be gone: a finished Dagster run, a dead ``host:pid`` on this host)
-and is taken over with a conditional write, so two takers never both win. Expiry uses wall clocks:
-keep hosts NTP-synced.
-
-The lease only keeps honest runs apart. A paused holder (a zombie) that wakes up after a takeover
-is stopped by the manifest's own conditional writes (``replay_manifest.write_manifest``).
+Replays start from Dagster, schedules, backfills, the CLI and tests, and only some go through the run
+queue, so the lease lives next to the manifest. It keeps honest runs apart; zombies are stopped by
+the manifest's own conditional writes.
 """
 
 from __future__ import annotations

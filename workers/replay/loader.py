@@ -1,38 +1,7 @@
 """Replay loader: one day of the raw archive -> a fresh replay topic, byte-exact and in event-time order.
 
-Why this shape:
-
-* **Bounded memory.** A day can be far larger than RAM, and archive files are ordered by offset per
-  partition, not by timestamp (late events). We therefore do an *external merge sort*: each S3
-  object is read alone, sorted by ``(timestamp, partition, offset)`` and spilled to local disk as
-  small chunk files (a "sorted run"); then a vectorised k-way merge keeps at most one chunk per
-  run in memory and emits, batch by batch, every buffered row whose key is strictly below the
-  smallest "last loaded key" of the runs that still have chunks on disk. Memory is
-  ``O(files x chunk_rows)`` (``chunk_rows`` shrinks as the file count grows) plus one S3 object.
-* **Dedup for free.** Duplicate ``(partition, offset)`` rows (overlapping files after a crash) are
-  the same record, so they carry the same sort key and end up adjacent in the merged stream;
-  ``unique`` on each emitted batch drops them (the strict bound guarantees both copies are in the
-  same batch).
-* **Deterministic.** Order is ``(timestamp, original partition, offset)``. By default the replay topic
-  mirrors the source partitions (record -> its original partition): per-partition semantics such as
-  the pipelines' dedup scope are then exactly those of live, and same key -> same partition holds as
-  it did at the source. With an explicit partition count, the replay partition is
-  ``crc32(key) % partitions`` (same key -> same partition, in order) and, for null keys,
-  ``original partition % partitions``. The same archive always yields the same topic.
-* **Idempotent.** A manifest in S3 (``keys.replay_manifest``) records the archive fingerprint and
-  the replay topic's end offsets. A re-run skips when the manifest is complete and the topic (or the
-  published report) still matches; otherwise the topic and the replay consumer group are deleted and
-  recreated, so a partial load can never leave duplicates behind.
-* **One owner.** A *slot* is (pipeline, version, day, archive): its manifest lives at
-  ``_state/replays/<slot>/manifest.json``. Each load started with a run token (Dagster passes its
-  run id) gets its own replay id ``<slot>-<token>``, hence its own topic and group, and a new load
-  deletes only the topic and group of the load its manifest replaced. Every manifest write is a
-  compare-and-swap on the ETag read (``write_manifest``), so a loader that was paused while another
-  run took the slot over can never overwrite the newer manifest; ``workers.replay.lease`` keeps two
-  live runs of one slot apart in the first place.
-* **Exact snapshot.** The fingerprint is the archive listing with ETags
-  (``archive_stats.files_fingerprint``) and every object is read with ``If-Match`` on its listed
-  ETag, so a load is of exactly the snapshot its manifest names.
+A day can be larger than memory and a run can die or be overtaken, so the load is an external merge
+sort, deterministic, idempotent and fenced by its manifest (docs/ARCHITECTURE.md, "The replay loader").
 """
 
 from __future__ import annotations

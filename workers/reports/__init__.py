@@ -1,0 +1,1 @@
+"""Corrected reports: the independent SQL reference, the gate that publishes, and diffs."""

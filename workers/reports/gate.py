@@ -1,16 +1,8 @@
 """The gate of a corrected report: checked against the SQL reference, then (only then) published.
 
-A replay's manifest moves ``loading -> loaded -> consumed -> reported | rejected``:
-
-* ``consumed`` (:func:`mark_consumed`) binds the report and stats files the bounded processor of
-  *this* load wrote (their ETags), once it finished and saw every record of the replay. A report
-  left by an earlier load, or rewritten later by a stray processor, no longer matches that ETag.
-* :func:`evaluate` reads exactly those versions and compares them with
-  :mod:`workers.reports.reference` (the pipeline's SQL over the archive snapshot the load was made from).
-* :func:`publish` writes ``reported`` (or ``rejected`` with the failed checks) with the snapshot
-  fingerprint, in one fenced manifest write. Promote and the dashboard accept ``reported`` only,
-  and only while the archive's fingerprint and the report's ETag are still the checked ones
-  (``replay_manifest.published``).
+A report file can be rewritten by a stray processor, so the gate binds and checks exact ETags and
+moves the manifest ``consumed -> reported | rejected`` in one fenced write (docs/ARCHITECTURE.md,
+"The reference and the gate").
 """
 
 from __future__ import annotations

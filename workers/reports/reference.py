@@ -1,20 +1,7 @@
-"""The independent reference of a corrected report: the pipeline's own SQL, run by DuckDB over the day's archive.
+"""The independent reference of a corrected report: the pipeline's own SQL, run by DuckDB over the archive.
 
-Why DuckDB (not polars SQL): the streaming engine is polars (parsing output, windows, group-by, the
-Decimal sums) plus msgspec (JSON). A reference on polars would share its group-by, casts and
-Parquet reader with what it checks, so one polars bug could make both sides wrong the same way.
-DuckDB has its own Parquet reader, JSON parser (``json_each``), window functions and exact
-decimals, reads the archive files it is handed (no httpfs), spills to disk for days larger than
-memory, and the definition is plain SQL a reviewer can read next to DESIGN.md.
-
-Shared with the engine: nothing. This module reads the archive objects itself (boto3, each with
-``If-Match`` on the ETag of the listing, so the reference is computed from exactly one snapshot,
-identified by :func:`workers.archive.stats.files_fingerprint`), and the pipeline ships its
-definition as a ``.sql`` file next to its code (``Pipeline.reference_sql``).
-
-The SQL contract: given the view ``records`` (one row per distinct ``(topic, partition, offset)``
-of the day, archive columns), create views ``report`` (the output columns) and ``outcomes``
-(``partition, offset, outcome`` with outcome ``counted``/``dlq``/``duplicates``).
+It shares no code with the engine (DuckDB, not polars; its own S3 reads of one ETag snapshot), so an
+engine or parsing bug cannot make both sides wrong alike. The SQL contract is in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

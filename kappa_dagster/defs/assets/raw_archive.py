@@ -1,9 +1,7 @@
-"""The raw archive (DESIGN §2): written by the archiver, observed here, never materialized by Dagster.
+"""The raw archive as an observable asset: the archiver writes it, Dagster only observes it.
 
-Each day's observation carries a **data version**: the fingerprint of the day's objects (keys, sizes,
-ETags; ``workers.archive.stats``). ``replay_load`` records the version it read as its input data
-version, so when late records change a day's prefix, Dagster shows that day's replay and corrected
-report as stale (upstream data version changed) until the day is reprocessed.
+Each day's data version is its fingerprint (keys, sizes, ETags), so late records arriving in a day
+mark that day's replay and corrected report stale in the UI (docs/ARCHITECTURE.md, "Stale days").
 """
 
 import warnings

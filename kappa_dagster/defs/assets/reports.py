@@ -1,11 +1,7 @@
-"""The corrected report per day and version (DESIGN §4), written by the replayed processor.
+"""The corrected report per day and version: the gate between a replay's output and what users read.
 
-This step is the gate (DESIGN §4): it checks the file the replay's processor wrote against the
-pipeline's SQL reference over the archive snapshot the replay was loaded from (blocking checks
-``report_matches_reference`` and ``records_accounted``, see ``workers.reports.gate``), then marks the
-replay ``reported`` (published: promotable, shown as corrected) or ``rejected``. It also publishes
-what a reviewer needs (rows, totals, a preview, the diff against the live results) and cleans up
-the replay's own Kafka topic and consumer group once published.
+The replay's report is published only after the blocking checks against the SQL reference pass
+(``workers.reports.gate``); a reviewer gets rows, totals, a preview and the diff against live here.
 """
 
 import io

@@ -1,16 +1,8 @@
 """Raw archive sensor: observes each day's prefix and re-runs days whose corrected report went stale.
 
-Each tick lists the archive once per purpose (keys, sizes, ETags; Parquet footers for row counts,
-never data). A day whose fingerprint changed is observed with the new fingerprint as its data
-version (the UI then shows its replay and report as stale). A day whose archive no longer matches
-the fingerprint its reported replay was computed from (``archive_fingerprint`` in the manifest)
-is reprocessed with the ``reprocess`` job, rate-limited:
-
-* only once its fingerprint was the same on two consecutive ticks (late records still trickling in
-  do not start a run per archiver flush);
-* one run per (day, fingerprint): the ``run_key`` is ``stale:<pipeline>:<day>:<fingerprint>``;
-* at most ``KAPPA_STALE_RUNS_PER_TICK`` (2) runs per tick, none for a day with a run in flight;
-* the version is the promoted one if it reported the day, else the newest version that did.
+Late records change a day after it was reported; re-running is rate-limited (stable fingerprint over
+two ticks, one run per fingerprint, a cap per tick) so a trickle of late data never floods the queue.
+The rules are in docs/ARCHITECTURE.md, "Stale days re-run themselves".
 """
 
 import json

@@ -1,12 +1,7 @@
 """Replay progress sensor: reads offsets only (never consumes), plots lag, requests the report run.
 
-Each tick, for every loaded replay (manifest status ``loaded`` or ``consumed``), it compares the
-replay group's committed offsets with the end offsets the load recorded and emits an
-``AssetObservation`` on ``replay_consume`` (lag, percent done) when they moved. It requests
-``corrected_report_job`` (the gate) only for a replay whose consume step *succeeded* (status
-``consumed``: the processor finished, saw every record and its report is bound to this load) and
-whose group is at the end, with a ``run_key`` per consumed report, unless a run for the day is in
-flight. A consumer that died or miscounted leaves the replay ``loaded``: nothing is requested.
+Joining the replay group would rebalance the real consumer, so progress is committed offsets vs the
+manifest's end offsets. The gate is requested only for a ``consumed`` replay whose group is at the end.
 """
 
 import json
