@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from kappa_dagster.defs.resources import KappaResource, build_resources
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
@@ -66,8 +67,6 @@ def test_s3_put_get_list_with_boto3(settings: Settings, s3) -> None:
 
 
 def test_s3_through_the_dagster_resource(settings: Settings) -> None:
-    from kappa_dagster.defs.resources import KappaResource, build_resources
-
     resource: KappaResource = build_resources()["kappa"]
     seen = {}
 
