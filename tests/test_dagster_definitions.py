@@ -12,6 +12,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from dagster_env import dagster_cli, dagster_home, fresh_resources  # noqa: F401  (fixture)
 from replay_data import day_records, write_day
 
+from kappa_dagster.defs.resources import KappaResource
 from kappa_dagster.replay.target import resolve
 from workers import kafka as kafka_helpers
 from workers import keys, promote
@@ -248,8 +249,6 @@ def test_resource_settings_come_from_fields_then_environment_then_stack_file(
 ) -> None:
     import os
 
-    from kappa_dagster.defs.resources import KappaResource
-
     _stack_env_file(tmp_path, monkeypatch)
     before = dict(os.environ)
     plain = KappaResource().settings()
@@ -259,6 +258,16 @@ def test_resource_settings_come_from_fields_then_environment_then_stack_file(
     assert KappaResource().settings().s3_bucket == "from-env"
     configured = KappaResource(s3_bucket="from-field", bootstrap_servers="field:9092")
     assert (configured.settings().s3_bucket, configured.settings().bootstrap_servers) == ("from-field", "field:9092")
+    monkeypatch.setenv("DEPLOYMENT_BUCKET", "from-envvar")  # a deployment may name its own variable
+    seen = {}
+
+    @dg.asset
+    def reads_settings(kappa: KappaResource) -> None:
+        seen["bucket"] = kappa.settings().s3_bucket
+
+    deployed = KappaResource(s3_bucket=dg.EnvVar("DEPLOYMENT_BUCKET"))
+    assert dg.materialize([reads_settings], resources={"kappa": deployed}).success and seen["bucket"] == "from-envvar"
+    monkeypatch.delenv("DEPLOYMENT_BUCKET")
     # the processor subprocess reads the same settings from the environment it is given
     assert load_settings(configured.environment()) == configured.settings()
     assert dict(os.environ) == {**before, "KAPPA_S3_BUCKET": "from-env"}
