@@ -19,8 +19,8 @@ from workers import s3 as s3_helpers
 from workers.config import Settings, apply_stack_env, load_settings
 from workers.dev.stack import Stack
 
-#: Decided before any test module is imported: importing kappa_dagster (or calling load_settings)
-#: copies the local stack's env file into the environment, which must not look like an external cluster.
+#: Decided before any test runs: calling load_settings() copies the local stack's env file into the
+#: environment, which must not look like an external cluster.
 EXTERNAL_CLUSTER = "KAPPA_BOOTSTRAP_SERVERS" in os.environ
 
 

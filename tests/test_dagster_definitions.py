@@ -12,11 +12,12 @@ from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from dagster_env import dagster_cli, dagster_home, fresh_resources  # noqa: F401  (fixture)
 from replay_data import day_records, write_day
 
-from kappa_dagster.replay_target import resolve
+from kappa_dagster.defs.resources import KappaResource
+from kappa_dagster.replay.target import resolve
 from workers import kafka as kafka_helpers
 from workers import keys, promote
 from workers.archive import stats as archive_stats
-from workers.config import Settings
+from workers.config import Settings, load_settings
 from workers.errors import KappaError
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
@@ -220,3 +221,53 @@ def test_promote_and_rollback_jobs(settings: Settings, s3: Any, dagster_home: An
         assert not failed.success and promote.current_version(s3, bucket, "orders") == 2
         rolled = defs.resolve_job_def("rollback").execute_in_process(instance=instance, resources=fresh_resources())
         assert rolled.success and promote.read_current(s3, bucket, "orders") is None
+
+
+def _stack_env_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stack env file of its own, and none of the variables it names in the environment."""
+    (tmp_path / "stack.env").write_text("KAPPA_BOOTSTRAP_SERVERS=from-file:9092\nKAPPA_S3_ENDPOINT_URL=http://from-file\n")
+    monkeypatch.setenv("KAPPA_STACK_DIR", str(tmp_path))
+    for name in ("KAPPA_BOOTSTRAP_SERVERS", "KAPPA_S3_ENDPOINT_URL", "KAPPA_S3_BUCKET", "KAPPA_NO_STACK_ENV"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_importing_the_code_location_changes_no_environment_variable(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    _stack_env_file(tmp_path, monkeypatch)
+    ours = "{k: v for k, v in os.environ.items() if k.startswith(('KAPPA_', 'AWS_'))}"
+    script = f"import os; before = {ours}; import kappa_dagster; print(before == {ours})"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "True"  # polars sets a malloc variable: not ours
+
+
+def test_resource_settings_come_from_fields_then_environment_then_stack_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    _stack_env_file(tmp_path, monkeypatch)
+    before = dict(os.environ)
+    plain = KappaResource().settings()
+    assert (plain.bootstrap_servers, plain.s3_endpoint_url) == ("from-file:9092", "http://from-file")
+    assert plain.s3_bucket == "kappa"  # workers.config's default
+    monkeypatch.setenv("KAPPA_S3_BUCKET", "from-env")
+    assert KappaResource().settings().s3_bucket == "from-env"
+    configured = KappaResource(s3_bucket="from-field", bootstrap_servers="field:9092")
+    assert (configured.settings().s3_bucket, configured.settings().bootstrap_servers) == ("from-field", "field:9092")
+    monkeypatch.setenv("DEPLOYMENT_BUCKET", "from-envvar")  # a deployment may name its own variable
+    seen = {}
+
+    @dg.asset
+    def reads_settings(kappa: KappaResource) -> None:
+        seen["bucket"] = kappa.settings().s3_bucket
+
+    deployed = KappaResource(s3_bucket=dg.EnvVar("DEPLOYMENT_BUCKET"))
+    assert dg.materialize([reads_settings], resources={"kappa": deployed}).success and seen["bucket"] == "from-envvar"
+    monkeypatch.delenv("DEPLOYMENT_BUCKET")
+    # the processor subprocess reads the same settings from the environment it is given
+    assert load_settings(configured.environment()) == configured.settings()
+    assert dict(os.environ) == {**before, "KAPPA_S3_BUCKET": "from-env"}

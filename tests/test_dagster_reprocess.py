@@ -30,10 +30,10 @@ from dagster_env import DAGSTER, ROOT, dagster_home, fresh_resources  # noqa: F4
 from polars.testing import assert_frame_equal
 from replay_data import day_records, orders_report, write_day, write_days
 
-from kappa_dagster import offsets
 from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
+from workers.lag import LagReader
 from workers.processor.engine import read_live_results
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
@@ -48,10 +48,14 @@ def run_live_v1(settings: Settings, frame: Any) -> None:
     kafka_helpers.ensure_topic(settings, settings.events_topic, 3)
     produce_records(settings, settings.events_topic, frame)
     live = start_processor("--pipeline", "orders", "--version", "1", "--start", "earliest")
-    end = kafka_helpers.end_offsets(settings, settings.events_topic)
-    manifest = {"group": "kappa.orders.v1.live", "replay_topic": settings.events_topic, "end_offsets": end}
+    end = {int(p): int(o) for p, o in kafka_helpers.end_offsets(settings, settings.events_topic).items()}
+    reader = LagReader(settings)
     try:
-        wait_for(lambda: offsets.progress(settings, manifest)["lag"] == 0, 120, "live v1 to catch up")
+        wait_for(
+            lambda: reader.group_lag("kappa.orders.v1.live", settings.events_topic, end).lag == 0,
+            120,
+            "live v1 to catch up",
+        )
     finally:
         stop(live)
 

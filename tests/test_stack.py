@@ -9,8 +9,8 @@ import time
 import dagster as dg
 import pytest
 from confluent_kafka import Consumer, Producer
-from dagster_aws.s3 import S3Resource
 
+from kappa_dagster.defs.resources import KappaResource, build_resources
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings
@@ -67,18 +67,16 @@ def test_s3_put_get_list_with_boto3(settings: Settings, s3) -> None:
 
 
 def test_s3_through_the_dagster_resource(settings: Settings) -> None:
-    from kappa_dagster.defs.resources import build_resources
-
-    resource: S3Resource = build_resources()["s3"]
+    resource: KappaResource = build_resources()["kappa"]
     seen = {}
 
     @dg.asset
-    def writes_and_reads(s3: S3Resource) -> None:
-        client = s3.get_client()
+    def writes_and_reads(kappa: KappaResource) -> None:
+        client = kappa.s3_client()
         client.put_object(Bucket=settings.s3_bucket, Key="dagster/hello.txt", Body=b"hi")
         seen["body"] = client.get_object(Bucket=settings.s3_bucket, Key="dagster/hello.txt")["Body"].read()
 
-    assert dg.materialize([writes_and_reads], resources={"s3": resource}).success
+    assert dg.materialize([writes_and_reads], resources={"kappa": resource}).success
     assert seen["body"] == b"hi"
 
 

@@ -56,6 +56,15 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment over the stack env file's values, changing nothing (for processes that must
+    not touch ``os.environ``, e.g. a Dagster code location). ``KAPPA_NO_STACK_ENV=1`` skips the file."""
+    env = os.environ if environ is None else environ
+    if env.get("KAPPA_NO_STACK_ENV") == "1":
+        return dict(env)
+    return {**read_env_file(stack_env_file()), **env}
+
+
 def apply_stack_env(environ: os._Environ[str] | dict[str, str] | None = None) -> None:
     """Fill unset variables from the stack env file, so Dagster's ``EnvVar`` sees them too.
 
@@ -63,9 +72,7 @@ def apply_stack_env(environ: os._Environ[str] | dict[str, str] | None = None) ->
     has a local stack).
     """
     env = os.environ if environ is None else environ
-    if env.get("KAPPA_NO_STACK_ENV") == "1":
-        return
-    for key, value in read_env_file(stack_env_file()).items():
+    for key, value in environment(env).items():
         env.setdefault(key, value)
 
 

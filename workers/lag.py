@@ -42,6 +42,11 @@ class GroupLag:
         return sum(max(end - (self.committed.get(p) or 0), 0) for p, end in self.end.items())
 
     @property
+    def percent_done(self) -> float:
+        """Share of the end offsets behind the committed position (an empty topic is done)."""
+        return 100.0 if not self.end_total else round(100.0 * self.consumed / self.end_total, 2)
+
+    @property
     def started(self) -> bool:
         return any(c is not None for c in self.committed.values())
 

@@ -6,14 +6,13 @@ Pick the version per run with the tag ``kappa/version`` (default 2), e.g.
 """
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.replay import replay_consume, replay_load
 from kappa_dagster.defs.assets.reports import corrected_report
-from kappa_dagster.defs.resources import KafkaResource
-from kappa_dagster.replay_target import REPLAY_TAG
+from kappa_dagster.defs.resources import KappaResource
+from kappa_dagster.replay.step import user_errors
+from kappa_dagster.replay.target import REPLAY_TAG
 from workers import promote
-from workers.errors import KappaError
 
 reprocess = dg.define_asset_job(
     "reprocess",
@@ -42,17 +41,13 @@ class RollbackConfig(dg.Config):
 
 
 @dg.op
-def promote_version(
-    context: dg.OpExecutionContext, config: PromoteConfig, s3: S3Resource, kafka: KafkaResource
-) -> None:
+def promote_version(context: dg.OpExecutionContext, config: PromoteConfig, kappa: KappaResource) -> None:
     """Point reports/<P>/CURRENT at the version and record the live start offsets."""
-    settings = kafka.settings()
-    try:
+    settings = kappa.settings()
+    with user_errors():
         pointer = promote.promote(
-            s3.get_client(), settings.s3_bucket, settings.events_topic, config.pipeline, config.version
+            kappa.s3_client(settings), settings.s3_bucket, settings.events_topic, config.pipeline, config.version
         )
-    except KappaError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
     context.log.info(
         f"{config.pipeline} CURRENT -> v{config.version}; live start offsets {pointer['live_start_offsets']}"
     )
@@ -68,15 +63,11 @@ def promote_version(
 
 
 @dg.op
-def rollback_version(
-    context: dg.OpExecutionContext, config: RollbackConfig, s3: S3Resource, kafka: KafkaResource
-) -> None:
+def rollback_version(context: dg.OpExecutionContext, config: RollbackConfig, kappa: KappaResource) -> None:
     """Restore the previous CURRENT pointer."""
-    settings = kafka.settings()
-    try:
-        restored = promote.rollback(s3.get_client(), settings.s3_bucket, config.pipeline)
-    except KappaError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    settings = kappa.settings()
+    with user_errors():
+        restored = promote.rollback(kappa.s3_client(settings), settings.s3_bucket, config.pipeline)
     where = f"v{restored['version']}" if restored else "live results (no CURRENT)"
     context.log.info(f"{config.pipeline} rolled back to {where}")
 

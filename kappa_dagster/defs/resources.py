@@ -6,63 +6,62 @@ passed as ``EnvVar`` so the Dagster UI never shows them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
-from workers.config import Settings, apply_stack_env, kafka_passthrough, load_settings
+from workers import s3 as s3_helpers
+from workers.config import Settings, environment, load_settings
+
+#: Resource field -> the variable ``workers.config`` reads it from (which owns the defaults).
+FIELD_VARIABLES = {
+    "bootstrap_servers": "KAPPA_BOOTSTRAP_SERVERS",
+    "s3_endpoint_url": "KAPPA_S3_ENDPOINT_URL",
+    "s3_bucket": "KAPPA_S3_BUCKET",
+    "events_topic": "KAPPA_EVENTS_TOPIC",
+}
 
 
-class KafkaResource(dg.ConfigurableResource):
-    """Kafka connection: bootstrap servers plus librdkafka pass-through settings from ``KAPPA_KAFKA_*``."""
+class KappaResource(dg.ConfigurableResource):
+    """Where Kafka and S3 are and which bucket and topics to use: one ``workers.config.Settings``.
 
-    bootstrap_servers: str
-    s3_bucket: str = "kappa"
+    A field left unset is decided as for every worker: the environment, else the local stack's env
+    file, else ``workers.config``'s default; a field set (literal or ``dg.EnvVar``) wins. Credentials
+    are no fields: they stay in the environment, so the UI never shows them.
+    """
+
+    bootstrap_servers: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    events_topic: str | None = None
+
+    def environment(self) -> dict[str, str]:
+        """The variables the settings are read from; also the environment of the subprocesses it starts."""
+        fields = {variable: getattr(self, name) for name, variable in FIELD_VARIABLES.items()}
+        return {**environment(), **{variable: value for variable, value in fields.items() if value}}
 
     def settings(self) -> Settings:
-        """Full runtime settings (S3 endpoint and credentials come from the environment)."""
-        import os
+        return load_settings(self.environment())
 
-        apply_stack_env()
-        env = {**os.environ, "KAPPA_BOOTSTRAP_SERVERS": self.bootstrap_servers, "KAPPA_S3_BUCKET": self.s3_bucket}
-        return load_settings(env)
-
-    def client_config(self, **overrides: object) -> dict[str, object]:
-        import os
-
-        return {"bootstrap.servers": self.bootstrap_servers, **kafka_passthrough(os.environ), **overrides}
+    def s3_client(self, settings: Settings | None = None) -> Any:
+        """The workers' S3 client (same endpoint, credentials, timeouts and retries)."""
+        return s3_helpers.s3_client(settings or self.settings())
 
 
-def _env_or_none(name: str) -> dg.EnvVar | None:
-    import os
-
-    return dg.EnvVar(name) if os.environ.get(name) else None
-
-
-def build_resources() -> dict[str, object]:
-    apply_stack_env()
-    import os
-
-    bootstrap = os.environ.get("KAPPA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
-    bucket = os.environ.get("KAPPA_S3_BUCKET", "kappa")
+def build_resources() -> dict[str, Any]:
+    """Every resource of the code location; nothing is read from the environment until a run uses them."""
     return {
-        "kafka": KafkaResource(bootstrap_servers=bootstrap, s3_bucket=bucket),
-        "s3": S3Resource(
-            endpoint_url=os.environ.get("KAPPA_S3_ENDPOINT_URL") or None,
-            region_name=os.environ.get("AWS_REGION", "us-east-1"),
-            aws_access_key_id=_env_or_none("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=_env_or_none("AWS_SECRET_ACCESS_KEY"),
-        ),
+        "kappa": KappaResource(),
+        "replay": ReplayOptions.configure_at_launch(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     }
-
-
-defs = dg.Definitions(resources=build_resources())
 
 
 class ReplayOptions(dg.ConfigurableResource):
     """Run-level replay options, settable per run with ``resources: {replay: {config: {...}}}``.
 
     ``version``/``pipeline`` left unset fall back to the ``kappa/version``/``kappa/pipeline`` run tags,
-    then to orders v2 (see ``kappa_dagster.replay_target``).
+    then to orders v2 (see ``kappa_dagster.replay.target``).
     """
 
     pipeline: str | None = None
@@ -80,9 +79,4 @@ class ReplayOptions(dg.ConfigurableResource):
     lease_ttl_seconds: float = 120.0
 
 
-defs = dg.Definitions.merge(
-    defs,
-    dg.Definitions(
-        resources={"replay": ReplayOptions.configure_at_launch(), "pipes_subprocess_client": dg.PipesSubprocessClient()}
-    ),
-)
+defs = dg.Definitions(resources=build_resources())

@@ -95,6 +95,15 @@ def manifest_end(manifest: dict[str, Any]) -> dict[int, int] | None:
     return {int(p): int(o) for p, o in end.items()}
 
 
+def progress(reader: LagReader, manifest: dict[str, Any]) -> GroupLag | None:
+    """The replay group's committed offsets against the end offsets its load recorded (the live
+    watermarks while it loads); None once its topic is cleaned up. The one progress computation:
+    ``kappa replay status``, the dashboard and the Dagster sensor all read it."""
+    if reader.partitions(manifest["replay_topic"]) is None:
+        return None
+    return reader.group_lag(manifest["group"], manifest["replay_topic"], manifest_end(manifest))
+
+
 def replay_row(
     manifest: dict[str, Any], lag: GroupLag | None, report_exists: bool, rates: RateTracker
 ) -> ReplayRow:
@@ -126,9 +135,7 @@ def replay_rows(settings: Settings, reader: LagReader, rates: RateTracker, clien
     client = client or s3_helpers.s3_client(settings)
     rows = []
     for manifest in replay_manifest.iter_manifests(client, settings.s3_bucket):
-        lag = None
-        if reader.partitions(manifest["replay_topic"]) is not None:  # cleaned-up replays have no topic
-            lag = reader.group_lag(manifest["group"], manifest["replay_topic"], manifest_end(manifest))
+        lag = progress(reader, manifest)
         report_key = manifest.get("report_key")
         report_exists = bool(report_key) and object_exists(client, settings.s3_bucket, report_key)
         rows.append(replay_row(manifest, lag, report_exists, rates))

@@ -18,10 +18,9 @@ DATA_VERSION_TAG = "dagster/data_version"
 
 def _observe(context: dg.OpExecutionContext) -> dg.DataVersionsByPartition:
     """Observe every day's prefix from one listing: the data version is the day's fingerprint."""
-    settings = context.resources.kafka.settings()
-    fingerprints = archive_stats.days_fingerprints(
-        context.resources.s3.get_client(), settings.s3_bucket, settings.events_topic
-    )
+    kappa = context.resources.kappa
+    settings = kappa.settings()
+    fingerprints = archive_stats.days_fingerprints(kappa.s3_client(settings), settings.s3_bucket, settings.events_topic)
     known = set(daily_partitions.get_partition_keys())
     return dg.DataVersionsByPartition({day: fp for day, fp in fingerprints.items() if day in known})
 
@@ -32,7 +31,7 @@ with warnings.catch_warnings():
         name="raw_archive",
         partitions_def=daily_partitions,
         group_name="archive",
-        required_resource_keys={"s3", "kafka"},
+        required_resource_keys={"kappa"},
         tags={"dagster/kind/s3": "", "dagster/kind/parquet": ""},
         description="s3://BUCKET/raw/<topic>/dt=<day>/: every Kafka record of the day, byte-exact (source of truth). "
         "Observed by the raw_archive_sensor and by each replay load (objects, bytes, rows); its data version per "

@@ -11,21 +11,18 @@ import sys
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.raw_archive import observation, raw_archive
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
-from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
-from kappa_dagster.replay_target import ReplayTarget, target_of
-from kappa_dagster.slot_lease import held
-from workers.errors import KappaError
+from kappa_dagster.defs.resources import KappaResource, ReplayOptions
+from kappa_dagster.replay.step import ReplayStep, user_errors
+from kappa_dagster.replay.target import ReplayTarget
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
 from workers.reports import gate as report_gate
 
-
-def _fail(exc: KappaError) -> dg.Failure:
-    return dg.Failure(description=str(exc), allow_retries=False)
+#: What both replay steps are: one daily partition each, in the replay group.
+REPLAY_STEP: dict[str, Any] = {"partitions_def": daily_partitions, "owners": OWNERS, "group_name": "replay"}
 
 
 def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -44,41 +41,27 @@ def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@dg.asset(
-    partitions_def=daily_partitions,
-    owners=OWNERS,
-    group_name="replay",
-    kinds={"kafka", "s3"},
-    deps=[raw_archive],
-)
-def replay_load(
-    context: dg.AssetExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
-) -> dg.MaterializeResult:
+@dg.asset(**REPLAY_STEP, kinds={"kafka", "s3"}, deps=[raw_archive])
+def replay_load(context: dg.AssetExecutionContext, kappa: KappaResource, replay: ReplayOptions) -> dg.MaterializeResult:
     """Publish the day's archive (deduplicated, event-time order, byte-exact) to ``<events>.replay.<id>``.
 
     Idempotent: an identical previous load (same archive fingerprint) is reused, a partial one redone.
     One run per (pipeline, version, day) at a time: the run holds the day's lease until its report is
     checked; a new load gets its own topic and group (replay id ``<slot>-<run id>``).
     """
-    target = target_of(context, replay)
-    settings = kafka.settings()
-    client = s3.get_client()
-    try:
-        spec = target.spec(settings, partitions=replay.partitions, throttle=replay.throttle, run=context.run_id[:8])
-    except KappaError as exc:
-        raise _fail(exc) from None
-    with held(context, client, settings.s3_bucket, spec.slot, target.label, replay, release=False) as lease:
-        try:
-            result = replay_loader.load(
-                settings,
-                spec,
-                client=client,
-                force=replay.force,
-                progress=lambda p: context.log.info(f"replay {spec.replay_id} {p.describe()}"),
-                lost=lease.lost,
-            )
-        except KappaError as exc:
-            raise _fail(exc) from None
+    step = ReplayStep.open(context, kappa, replay)
+    target, run = step.target, context.run_id[:8]
+    with user_errors():
+        spec = target.spec(step.settings, partitions=replay.partitions, throttle=replay.throttle, run=run)
+    with step.lease(release=False) as lease, user_errors():
+        result = replay_loader.load(
+            step.settings,
+            spec,
+            client=step.client,
+            force=replay.force,
+            progress=lambda p: context.log.info(f"replay {spec.replay_id} {p.describe()}"),
+            lost=lease.lost,
+        )
     manifest = result.manifest
     context.log.info(f"replay {manifest['replay_id']}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
     context.log_event(
@@ -132,56 +115,30 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: lis
     ]
 
 
-def loaded_manifest(
-    client: Any, bucket: str, target: ReplayTarget, settings_topic: str, states: set[str] | None = None
-) -> dict[str, Any]:
-    """The day's manifest, if its replay got at least as far as ``states`` (default: loaded)."""
-    slot = replay_manifest.replay_id(target.pipeline, target.version, target.day, bucket, settings_topic)
-    manifest = replay_manifest.read_manifest(client, bucket, slot)
-    wanted = states or replay_manifest.LOADED_STATES
-    if manifest is None or manifest.get("status") not in wanted:
-        status = manifest.get("status") if manifest else "absent"
-        raise dg.Failure(
-            description=f"replay {slot} is {status}, not {' or '.join(sorted(wanted))}: "
-            f"run the reprocess job for {target.day}",
-            allow_retries=False,
-        )
-    return manifest
-
-
-@dg.asset(
-    partitions_def=daily_partitions,
-    owners=OWNERS,
-    group_name="replay",
-    kinds={"kafka", "python"},
-    deps=[replay_load],
-)
+@dg.asset(**REPLAY_STEP, kinds={"kafka", "python"}, deps=[replay_load])
 def replay_consume(
     context: dg.AssetExecutionContext,
-    s3: S3Resource,
-    kafka: KafkaResource,
+    kappa: KappaResource,
     replay: ReplayOptions,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """Run the processor over the replay topic from offset 0 to the recorded end (new replay group)."""
-    target = target_of(context, replay)
-    settings = kafka.settings()
-    client = s3.get_client()
-    with held(context, client, settings.s3_bucket, target.slot(settings), target.label, replay, release=False):
-        manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
-        if replay_manifest.published(client, settings.s3_bucket, manifest) and not replay.force:
+    step = ReplayStep.open(context, kappa, replay)
+    target = step.target
+    with step.lease(release=False):
+        manifest = step.manifest()
+        if replay_manifest.published(step.client, step.bucket, manifest) and not replay.force:
             context.log.info(f"report of replay {manifest['replay_id']} is published and current: nothing to consume")
             return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
         invocation = pipes_subprocess_client.run(
             command=processor_command(target, manifest, shlex.split(replay.processor_args)),
             context=context,
+            env=kappa.environment(),  # the child decides its settings exactly as this step did
             extras={"replay_id": manifest["replay_id"], "end_offsets": manifest["end_offsets"], "day": target.day},
         )
         result = _last_custom_message(invocation)
-        try:  # binds the report this processor run wrote; the sensor only ever reports consumed replays
-            manifest = report_gate.mark_consumed(client, settings.s3_bucket, manifest, result)
-        except KappaError as exc:
-            raise dg.Failure(description=str(exc)) from None
+        with user_errors(allow_retries=True):  # binds the report this run wrote; the sensor reports consumed replays
+            manifest = report_gate.mark_consumed(step.client, step.bucket, manifest, result)
     return dg.MaterializeResult(
         metadata={
             **manifest_metadata(manifest),

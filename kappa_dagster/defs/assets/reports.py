@@ -10,18 +10,16 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
-from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.raw_archive import raw_archive
-from kappa_dagster.defs.assets.replay import loaded_manifest, replay_consume
+from kappa_dagster.defs.assets.replay import replay_consume
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
-from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
-from kappa_dagster.replay_target import ReplayTarget, target_of
-from kappa_dagster.slot_lease import held
+from kappa_dagster.defs.resources import KappaResource, ReplayOptions
+from kappa_dagster.replay.step import ReplayStep, user_errors
+from kappa_dagster.replay.target import ReplayTarget
 from workers import promote
 from workers import s3 as s3_helpers
 from workers.config import Settings
-from workers.errors import KappaError
 from workers.pipelines import get_pipeline
 from workers.processor.engine import read_live_results
 from workers.replay import loader as replay_loader
@@ -125,20 +123,16 @@ GATE_CHECKS = [
     check_specs=GATE_CHECKS,
 )
 def corrected_report(
-    context: dg.AssetExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
+    context: dg.AssetExecutionContext, kappa: KappaResource, replay: ReplayOptions
 ) -> dg.MaterializeResult:
     """``reports/<P>/v<V>/dt=<D>/report.parquet``: the day recomputed by pipeline version V, published
     (manifest ``reported``) only when its blocking checks pass."""
-    target = target_of(context, replay)
-    settings = kafka.settings()
-    client = s3.get_client()
-    with held(context, client, settings.s3_bucket, target.slot(settings), target.label, replay, release=True):
-        consumed = {"consumed", "reported", "rejected"}
-        manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic, consumed)
-        try:
+    step = ReplayStep.open(context, kappa, replay)
+    target, settings, client = step.target, step.settings, step.client
+    with step.lease(release=True):
+        manifest = step.manifest({"consumed", "reported", "rejected"})
+        with user_errors():
             verdict = report_gate.evaluate(client, settings.s3_bucket, manifest)
-        except KappaError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from None
         report = pl.read_parquet(io.BytesIO(verdict.report))
         expected = get_pipeline(target.pipeline, target.version).output_schema
         if report.schema != expected:

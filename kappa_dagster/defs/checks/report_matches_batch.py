@@ -6,28 +6,25 @@ Both sides run the pipeline's polars code (parse, windows, dedup), so this catch
 """
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
-from kappa_dagster.archive_reads import archive_day, mismatches
 from kappa_dagster.defs.assets.reports import corrected_report, read_report
 from kappa_dagster.defs.partitions import daily_partitions
-from kappa_dagster.defs.resources import KafkaResource, ReplayOptions
-from kappa_dagster.replay_target import target_of
+from kappa_dagster.defs.resources import KappaResource, ReplayOptions
+from kappa_dagster.replay.archive_reads import archive_day, mismatches
+from kappa_dagster.replay.step import ReplayStep
 from workers.pipelines import get_pipeline
 from workers.reports import diff as report_diff
 
 
 @dg.asset_check(asset=corrected_report, partitions_def=daily_partitions, blocking=False)
 def report_matches_batch(
-    context: dg.AssetCheckExecutionContext, s3: S3Resource, kafka: KafkaResource, replay: ReplayOptions
+    context: dg.AssetCheckExecutionContext, kappa: KappaResource, replay: ReplayOptions
 ) -> dg.AssetCheckResult:
     """Streaming (Kafka replay) and the engine's batch mode (polars over S3) agree row for row."""
-    target = target_of(context, replay)
-    settings = kafka.settings()
-    client = s3.get_client()
-    report, _stats = read_report(client, settings.s3_bucket, target)
-    pipeline = get_pipeline(target.pipeline, target.version)
-    expected, _batch_stats = pipeline.batch_report(archive_day(client, settings, target))
+    step = ReplayStep.open(context, kappa, replay)
+    report, _stats = read_report(step.client, step.bucket, step.target)
+    pipeline = get_pipeline(step.target.pipeline, step.target.version)
+    expected, _batch_stats = pipeline.batch_report(archive_day(step.client, step.settings, step.target))
     wrong = mismatches(report, expected, pipeline.key_columns)
     return dg.AssetCheckResult(
         passed=wrong.is_empty(),

@@ -9,12 +9,11 @@ import datetime as dt
 import os
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.jobs import reprocess
 from kappa_dagster.defs.partitions import daily_partitions
-from kappa_dagster.defs.resources import KafkaResource
-from kappa_dagster.replay_target import DEFAULT_PIPELINE, DEFAULT_VERSION, PIPELINE_TAG, VERSION_TAG
+from kappa_dagster.defs.resources import KappaResource
+from kappa_dagster.replay.target import DEFAULT_PIPELINE, DEFAULT_VERSION, PIPELINE_TAG, VERSION_TAG
 from workers import promote
 
 
@@ -35,12 +34,11 @@ def recent_days(tick: dt.datetime, count: int) -> list[str]:
     execution_timezone="UTC",
     description="Re-run the last KAPPA_NIGHTLY_DAYS days (default 3) with the promoted version.",
 )
-def nightly_reprocess(
-    context: dg.ScheduleEvaluationContext, s3: S3Resource, kafka: KafkaResource
-) -> list[dg.RunRequest]:
+def nightly_reprocess(context: dg.ScheduleEvaluationContext, kappa: KappaResource) -> list[dg.RunRequest]:
     tick = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
-    settings = kafka.settings()
-    version = promote.current_version(s3.get_client(), settings.s3_bucket, DEFAULT_PIPELINE) or DEFAULT_VERSION
+    settings = kappa.settings()
+    promoted = promote.current_version(kappa.s3_client(settings), settings.s3_bucket, DEFAULT_PIPELINE)
+    version = promoted or DEFAULT_VERSION
     return [
         dg.RunRequest(
             run_key=f"nightly:{tick:%Y-%m-%d}:{day}",

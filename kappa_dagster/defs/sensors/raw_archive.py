@@ -11,14 +11,13 @@ from collections import defaultdict
 from typing import Any
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from kappa_dagster.defs.assets.raw_archive import observation
 from kappa_dagster.defs.jobs import reprocess
 from kappa_dagster.defs.partitions import daily_partitions
-from kappa_dagster.defs.resources import KafkaResource
+from kappa_dagster.defs.resources import KappaResource
 from kappa_dagster.defs.sensors.replay_progress import day_in_flight
-from kappa_dagster.replay_target import PIPELINE_TAG, VERSION_TAG
+from kappa_dagster.replay.target import PIPELINE_TAG, VERSION_TAG
 from workers import promote
 from workers.archive import stats as archive_stats
 from workers.replay import manifest as replay_manifest
@@ -88,9 +87,9 @@ def stale_requests(
     description="Observes raw/<topic>/dt=<day>/ (objects, bytes, rows; data version = fingerprint) and re-runs "
     "days whose archive changed after their corrected report (rate-limited, one run per fingerprint).",
 )
-def raw_archive_sensor(context: dg.SensorEvaluationContext, s3: S3Resource, kafka: KafkaResource) -> dg.SensorResult:
-    settings = kafka.settings()
-    client = s3.get_client()
+def raw_archive_sensor(context: dg.SensorEvaluationContext, kappa: KappaResource) -> dg.SensorResult:
+    settings = kappa.settings()
+    client = kappa.s3_client(settings)
     bucket, topic = settings.s3_bucket, settings.events_topic
     previous: dict[str, str] = json.loads(context.cursor or "{}")
     known_days = set(daily_partitions.get_partition_keys())

@@ -6,7 +6,7 @@ from typing import Any
 
 import polars as pl
 
-from kappa_dagster.replay_target import ReplayTarget
+from kappa_dagster.replay.target import ReplayTarget
 from workers.archive import format as archive_format
 from workers.config import Settings
 
