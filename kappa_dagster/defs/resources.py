@@ -1,7 +1,8 @@
-"""Resources: Kafka settings and the stock dagster-aws S3 resource, both from one config module.
+"""Resources: one ``KappaResource`` that becomes the workers' ``Settings``, and the run's replay options.
 
-Values come from ``workers.config`` (environment, else the local stack's env file). Secrets are
-passed as ``EnvVar`` so the Dagster UI never shows them.
+Nothing is read at import; ``workers.config`` owns every default. The S3 client is the workers' own
+(dagster-aws's ``S3Resource`` cannot carry its timeouts and retry mode, and a step must behave as
+the worker it drives).
 """
 
 from __future__ import annotations
