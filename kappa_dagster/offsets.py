@@ -6,12 +6,13 @@ from typing import Any
 
 from workers.config import Settings
 from workers.lag import LagReader
+from workers.replay.manifest import ReplayManifest
 
 
-def progress(settings: Settings, manifest: dict[str, Any]) -> dict[str, Any]:
+def progress(settings: Settings, manifest: ReplayManifest) -> dict[str, Any]:
     """Lag and percent done of one replay (reads committed offsets through AdminClient; never consumes)."""
-    end = {int(p): int(o) for p, o in manifest["end_offsets"].items()}
-    group = LagReader(settings).group_lag(manifest["group"], manifest["replay_topic"], end=end)
+    end = {int(p): int(o) for p, o in (manifest.end_offsets or {}).items()}
+    group = LagReader(settings).group_lag(manifest.group, manifest.replay_topic, end=end)
     assert group is not None  # end offsets are given, so there is always an answer
     committed = {p: min(group.committed.get(p) or 0, o) for p, o in end.items()}
     total = sum(end.values())

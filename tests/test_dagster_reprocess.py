@@ -37,6 +37,7 @@ from workers.config import Settings
 from workers.processor.engine import read_live_results
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 
 pytestmark = pytest.mark.slow
 DAYS = ["2026-11-20", "2026-11-21", "2026-11-22"]
@@ -49,7 +50,11 @@ def run_live_v1(settings: Settings, frame: Any) -> None:
     produce_records(settings, settings.events_topic, frame)
     live = start_processor("--pipeline", "orders", "--version", "1", "--start", "earliest")
     end = kafka_helpers.end_offsets(settings, settings.events_topic)
-    manifest = {"group": "kappa.orders.v1.live", "replay_topic": settings.events_topic, "end_offsets": end}
+    # offsets.progress of the live group, as if the live topic were a replay ending at today's end offsets
+    manifest = ReplayManifest(
+        replay_id="live", pipeline="orders", version=1, day="", source_topic=settings.events_topic, status="loaded",
+        group="kappa.orders.v1.live", replay_topic=settings.events_topic, end_offsets=kafka_helpers.offsets_json(end),
+    )
     try:
         wait_for(lambda: offsets.progress(settings, manifest)["lag"] == 0, 120, "live v1 to catch up")
     finally:
@@ -146,8 +151,9 @@ def test_killing_the_replay_consumer_then_rerunning_gives_the_same_report(
     try:
         # each run loads under its own replay id: its group and checkpoints are named in the manifest
         wait_for(lambda: _consuming(s3, settings, spec) or job.poll() is not None, 180, "a checkpoint")
-        manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot) or {}
-        victims = pids_running(manifest["group"])
+        manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
+        assert manifest is not None
+        victims = pids_running(manifest.group)
         assert victims, "the replay consumer finished before it could be killed"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
@@ -169,8 +175,8 @@ def test_killing_the_replay_consumer_then_rerunning_gives_the_same_report(
 
 def _consuming(s3: Any, settings: Settings, spec: replay_loader.ReplaySpec) -> bool:
     manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
-    prefix = f"{manifest['processor_prefix']}_state/part=" if manifest else None
-    return bool(prefix and manifest.get("status") == "loaded" and object_keys(s3, settings, prefix))
+    prefix = f"{manifest.processor_prefix}_state/part=" if manifest else None
+    return bool(prefix and manifest.status == "loaded" and object_keys(s3, settings, prefix))
 
 
 @pytest.mark.parametrize(

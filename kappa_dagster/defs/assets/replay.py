@@ -21,6 +21,7 @@ from kappa_dagster.slot_lease import held
 from workers.errors import KappaError
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 from workers.reports import gate as report_gate
 
 
@@ -28,19 +29,19 @@ def _fail(exc: KappaError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=False)
 
 
-def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+def manifest_metadata(manifest: ReplayManifest) -> dict[str, Any]:
     """What the UI shows for a replay: where it lives and how big it is (never credentials)."""
     return {
-        "replay_id": manifest["replay_id"],
-        "topic": manifest["replay_topic"],
-        "group": manifest["group"],
-        "pipeline": manifest["pipeline"],
-        "version": dg.MetadataValue.int(manifest["version"]),
-        "records": dg.MetadataValue.int(manifest.get("records", 0)),
-        "duplicates_dropped": dg.MetadataValue.int(manifest.get("duplicates_dropped", 0)),
-        "end_offsets": dg.MetadataValue.json(manifest.get("end_offsets", {})),
-        "source_end_offsets": dg.MetadataValue.json(manifest.get("source_end_offsets", {})),
-        "manifest": f"_state/replays/{manifest.get('slot', manifest['replay_id'])}/manifest.json",
+        "replay_id": manifest.replay_id,
+        "topic": manifest.replay_topic,
+        "group": manifest.group,
+        "pipeline": manifest.pipeline,
+        "version": dg.MetadataValue.int(manifest.version),
+        "records": dg.MetadataValue.int(manifest.records or 0),
+        "duplicates_dropped": dg.MetadataValue.int(manifest.duplicates_dropped or 0),
+        "end_offsets": dg.MetadataValue.json(manifest.end_offsets or {}),
+        "source_end_offsets": dg.MetadataValue.json(manifest.source_end_offsets or {}),
+        "manifest": manifest.key,
     }
 
 
@@ -80,14 +81,14 @@ def replay_load(
         except KappaError as exc:
             raise _fail(exc) from None
     manifest = result.manifest
-    context.log.info(f"replay {manifest['replay_id']}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
+    context.log.info(f"replay {manifest.replay_id}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
     context.log_event(
         observation(
             target.day,
-            {"objects": manifest["source_files"], "bytes": manifest["source_bytes"], "rows": manifest.get("rows_read")},
-            manifest.get("archive_fingerprint"),
-            records=dg.MetadataValue.int(manifest["records"]) if "records" in manifest else None,
-            duplicate_rows=dg.MetadataValue.int(manifest["duplicates_dropped"]) if "records" in manifest else None,
+            {"objects": manifest.source_files, "bytes": manifest.source_bytes, "rows": manifest.rows_read},
+            manifest.archive_fingerprint,
+            records=dg.MetadataValue.int(manifest.records) if manifest.records is not None else None,
+            duplicate_rows=dg.MetadataValue.int(manifest.duplicates_dropped) if manifest.records is not None else None,
         )
     )
     return dg.MaterializeResult(
@@ -95,12 +96,12 @@ def replay_load(
             **manifest_metadata(manifest),
             "reused": result.skipped,
             "reason": result.reason,
-            "load_seconds": dg.MetadataValue.float(float(manifest.get("load_seconds", 0.0))),
+            "load_seconds": dg.MetadataValue.float(float(manifest.load_seconds or 0.0)),
         }
     )
 
 
-def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: list[str]) -> list[str]:
+def processor_command(target: ReplayTarget, manifest: ReplayManifest, extra: list[str]) -> list[str]:
     """The live worker's entry point, in bounded replay mode.
 
     Over a replay topic written in event-time order the grace is finite (``processor_grace_ms``):
@@ -118,11 +119,11 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: lis
         "--version",
         str(target.version),
         "--topic",
-        manifest["replay_topic"],
+        manifest.replay_topic,
         "--group",
-        manifest["group"],
+        manifest.group,
         "--dlq-topic",
-        manifest["dlq_topic"],
+        manifest.dlq_topic,
         "--from-beginning",
         "--until-end",
         "--progress",
@@ -134,13 +135,13 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: lis
 
 def loaded_manifest(
     client: Any, bucket: str, target: ReplayTarget, settings_topic: str, states: set[str] | None = None
-) -> dict[str, Any]:
+) -> ReplayManifest:
     """The day's manifest, if its replay got at least as far as ``states`` (default: loaded)."""
     slot = replay_manifest.replay_id(target.pipeline, target.version, target.day, bucket, settings_topic)
     manifest = replay_manifest.read_manifest(client, bucket, slot)
     wanted = states or replay_manifest.LOADED_STATES
-    if manifest is None or manifest.get("status") not in wanted:
-        status = manifest.get("status") if manifest else "absent"
+    if manifest is None or manifest.status not in wanted:
+        status = manifest.status if manifest else "absent"
         raise dg.Failure(
             description=f"replay {slot} is {status}, not {' or '.join(sorted(wanted))}: "
             f"run the reprocess job for {target.day}",
@@ -170,12 +171,12 @@ def replay_consume(
     with held(context, client, settings.s3_bucket, target.slot(settings), target.label, replay, release=False):
         manifest = loaded_manifest(client, settings.s3_bucket, target, settings.events_topic)
         if replay_manifest.published(client, settings.s3_bucket, manifest) and not replay.force:
-            context.log.info(f"report of replay {manifest['replay_id']} is published and current: nothing to consume")
+            context.log.info(f"report of replay {manifest.replay_id} is published and current: nothing to consume")
             return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
         invocation = pipes_subprocess_client.run(
             command=processor_command(target, manifest, shlex.split(replay.processor_args)),
             context=context,
-            extras={"replay_id": manifest["replay_id"], "end_offsets": manifest["end_offsets"], "day": target.day},
+            extras={"replay_id": manifest.replay_id, "end_offsets": manifest.end_offsets, "day": target.day},
         )
         result = _last_custom_message(invocation)
         try:  # binds the report this processor run wrote; the sensor only ever reports consumed replays
