@@ -16,7 +16,6 @@ A replay's manifest moves ``loading -> loaded -> consumed -> reported | rejected
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,8 @@ from workers.pipelines import get_pipeline
 from workers.replay import manifest as replay_manifest
 from workers.replay.manifest import ReplayManifest
 from workers.reports import reference
+from workers.reports import stats as report_stats
+from workers.reports.stats import ReportStats
 
 #: The blocking checks; a report is published only when all pass.
 REFERENCE_CHECK = "report_matches_reference"
@@ -49,7 +50,7 @@ class Verdict:
     checks: list[Check]
     fingerprint: str
     report: bytes
-    stats: dict[str, Any]
+    stats: ReportStats
 
     @property
     def passed(self) -> bool:
@@ -115,7 +116,7 @@ def evaluate(client: Any, bucket: str, manifest: ReplayManifest) -> Verdict:
     pipeline = get_pipeline(manifest.pipeline, manifest.version)
     day = manifest.day
     report = _read_bound(client, bucket, manifest.report_key, manifest.report_etag, day)
-    stats = json.loads(_read_bound(client, bucket, manifest.stats_key, manifest.stats_etag, day))
+    stats = report_stats.from_json(_read_bound(client, bucket, manifest.stats_key, manifest.stats_etag, day))
     try:  # the snapshot the replay was loaded from, even if late records were archived since
         with reference.snapshot(client, bucket, manifest.source_topic, day, manifest.source_objects) as snap:
             ref = reference.compute(pipeline, snap)
@@ -128,13 +129,14 @@ def evaluate(client: Any, bucket: str, manifest: ReplayManifest) -> Verdict:
 
 
 def _reference_check(
-    manifest: ReplayManifest, ref: reference.Reference, stats: dict, wrong: list
+    manifest: ReplayManifest, ref: reference.Reference, stats: ReportStats, wrong: list
 ) -> Check:
+    counts = stats.as_dict()
     fresh = ref.fingerprint == manifest.source_fingerprint
     outcome_diff = {
-        name: {"report": int(stats.get(name, 0)), "reference": ref.outcomes[name]}
+        name: {"report": counts[name], "reference": ref.outcomes[name]}
         for name in reference.OUTCOMES
-        if int(stats.get(name, 0)) != ref.outcomes[name]
+        if counts[name] != ref.outcomes[name]
     }
     if not fresh:
         why = "the archive objects read differ from the snapshot the replay was loaded from"
@@ -158,16 +160,16 @@ def _reference_check(
     )
 
 
-def _accounted_check(ref: reference.Reference, stats: dict, columns: list[str], rows: list[tuple]) -> Check:
-    outcomes = sum(int(stats.get(name, 0)) for name in STAT_OUTCOMES)
+def _accounted_check(ref: reference.Reference, stats: ReportStats, columns: list[str], rows: list[tuple]) -> Check:
+    counts = stats.as_dict()
+    outcomes = sum(counts[name] for name in STAT_OUTCOMES)
     events = sum(int(row[columns.index("events")]) for row in rows) if "events" in columns else None
-    counted = int(stats.get("counted", -1))
-    passed = outcomes == ref.records == int(stats.get("records", -1)) and events in (None, counted)
+    passed = outcomes == ref.records == stats.records and events in (None, stats.counted)
     return Check(
         ACCOUNTED_CHECK,
         passed,
         f"counted + dlq + duplicates + late = {outcomes}, distinct archive records = {ref.records}",
-        {"archive_records": ref.records, "accounted": outcomes, "report_events": events, "stats": stats},
+        {"archive_records": ref.records, "accounted": outcomes, "report_events": events, "stats": counts},
     )
 
 

@@ -165,7 +165,7 @@ def corrected_report(
             "source_fingerprint": manifest.source_fingerprint,
             # provenance: raw_archive's data version (keys, sizes, ETags) this report was computed from
             "archive_fingerprint": manifest.archive_fingerprint or "unknown (loaded before fingerprints)",
-            **report_metadata(report, verdict.stats),
+            **report_metadata(report, verdict.stats.as_dict()),
             **diff_metadata(live_version, live, report),
         },
         check_results=[check_result(check) for check in verdict.checks],
