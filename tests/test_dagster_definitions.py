@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from dagster_env import dagster_cli, dagster_home, fresh_resources  # noqa: F401  (fixture)
-from replay_data import day_records, write_day
+from replay_data import checked_manifest, day_records, write_day
 
 from kappa_dagster.replay_target import resolve
 from workers import kafka as kafka_helpers
@@ -164,13 +164,11 @@ def published_manifest(s3: Any, bucket: str, topic: str, version: int, ends: dic
         write_day(s3, bucket, topic, DAY, day_records(DAY, 20, partitions=2))
     report_key = keys.report_file("orders", version, DAY)
     etag = s3.put_object(Bucket=bucket, Key=report_key, Body=b"checked")["ETag"]
-    manifest = ReplayManifest(
-        replay_id=replay_manifest.replay_id("orders", version, DAY, bucket, topic),
-        pipeline="orders",
-        version=version,
-        day=DAY,
-        source_topic=topic,
-        status="reported",
+    manifest = checked_manifest(
+        bucket,
+        topic,
+        version,
+        DAY,
         source_end_offsets=ends,
         report_key=report_key,
         report_etag=etag,

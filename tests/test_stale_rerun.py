@@ -20,7 +20,7 @@ from dagster_e2e import archive, report, wait_for
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
 from dagster_graphql import DagsterGraphQLClient
 from polars.testing import assert_frame_equal
-from replay_data import day_records, orders_report, write_day, write_days
+from replay_data import checked_manifest, day_records, orders_report, write_day, write_days
 from test_dagster_graphql import dagster_services  # noqa: F401  (fixture)
 
 from workers import keys
@@ -115,13 +115,11 @@ def test_sensor_reruns_a_stale_day_once_its_archive_settled_and_caps_runs_per_ti
     days = ["2026-11-20", "2026-11-21", "2026-11-22"]
     write_days(s3, bucket, topic, days, 30)
     for version, day in ((2, days[0]), (2, days[1]), (2, days[2]), (1, days[0])):
-        manifest = replay_manifest.ReplayManifest(
-            replay_id=replay_manifest.replay_id("orders", version, day, bucket, topic),
-            pipeline="orders",
-            version=version,
-            day=day,
-            source_topic=topic,
-            status="reported",
+        manifest = checked_manifest(
+            bucket,
+            topic,
+            version,
+            day,
             started_at="2026-12-01T00:00:00+00:00",
             archive_fingerprint=archive_stats.day_fingerprint(s3, bucket, topic, day),
         )
