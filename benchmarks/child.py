@@ -63,7 +63,7 @@ def run_loader(options: dict[str, Any]) -> dict[str, Any]:
     result = replay_loader.load(settings, spec, force=True, progress=progress, progress_interval=5.0)
     seconds = time.perf_counter() - started
     manifest = result.manifest
-    return {"records": manifest["records"], "seconds": seconds, "replay_topic": spec.topic, "group": spec.group,
+    return {"records": manifest.records, "seconds": seconds, "replay_topic": spec.topic, "group": spec.group,
             "produce_seconds": phases.get("produce"), "replay_id": spec.replay_id,
             "grace_ms": replay_manifest.processor_grace_ms(manifest)}
 

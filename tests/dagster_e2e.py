@@ -21,6 +21,7 @@ from workers import keys
 from workers import s3 as s3_helpers
 from workers.archive import format as archive_format
 from workers.config import Settings
+from workers.replay.manifest import ReplayManifest
 
 
 def reprocess(day: str, tags: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -121,7 +122,9 @@ def pids_running(needle: str) -> list[int]:
     return pids
 
 
-def publish_replay(settings: Settings, s3: Any, version: int, day: str, partitions: int | None = None) -> dict:
+def publish_replay(
+    settings: Settings, s3: Any, version: int, day: str, partitions: int | None = None
+) -> ReplayManifest:
     """A day's corrected report the way the Dagster job makes it, without Dagster: load the archive into
     a replay topic, run the bounded processor over it, then the gate (reference check, publish)."""
     from workers.processor.engine import run_processor
@@ -131,11 +134,11 @@ def publish_replay(settings: Settings, s3: Any, version: int, day: str, partitio
     spec = replay_loader.ReplaySpec("orders", version, day, settings.events_topic, settings.s3_bucket, partitions)
     manifest = replay_loader.load(settings, spec, client=s3).manifest
     summary = run_processor(
-        settings, "orders", version, topic=manifest["replay_topic"], group=manifest["group"], bounded=True,
-        start="earliest", grace_ms=None, dlq_topic=manifest["dlq_topic"],
+        settings, "orders", version, topic=manifest.replay_topic, group=manifest.group, bounded=True,
+        start="earliest", grace_ms=None, dlq_topic=manifest.dlq_topic,
     )
     manifest = report_gate.mark_consumed(s3, settings.s3_bucket, manifest, summary.to_dict())
     verdict = report_gate.evaluate(s3, settings.s3_bucket, manifest)
     manifest = report_gate.publish(s3, settings.s3_bucket, manifest, verdict)
-    assert manifest["status"] == "reported", manifest.get("failed_checks")
+    assert manifest.status == "reported", manifest.failed_checks
     return manifest

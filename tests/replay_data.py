@@ -17,6 +17,8 @@ import polars as pl
 
 from workers import keys
 from workers.archive import format as archive_format
+from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 
 TYPES = ["page_view", "add_to_cart", "purchase", "refund"]
 MALFORMED = [
@@ -131,3 +133,9 @@ def orders_report(archive: pl.DataFrame, version: int) -> pl.DataFrame:
         .agg(pl.len().cast(pl.Int64).alias("events"), pl.col("amount").sum().cast(pl.Float64).alias("amount"))
         .sort(["window_start", "type"])
     )
+
+
+def checked_manifest(bucket: str, topic: str, version: int, day: str, **fields: Any) -> ReplayManifest:
+    """A manifest as the gate leaves a checked day of orders (the gate itself runs in test_dagster_gate)."""
+    rid = replay_manifest.replay_id("orders", version, day, bucket, topic)
+    return ReplayManifest(rid, "orders", version, day, topic, "reported", **fields)

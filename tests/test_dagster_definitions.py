@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from dagster_env import dagster_cli, dagster_home, fresh_resources  # noqa: F401  (fixture)
-from replay_data import day_records, write_day
+from replay_data import checked_manifest, day_records, write_day
 
 from kappa_dagster.defs.resources import KappaResource
 from kappa_dagster.replay.target import resolve
@@ -21,6 +21,7 @@ from workers.config import Settings, load_settings
 from workers.errors import KappaError
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 
 DAY = "2026-11-20"
 
@@ -86,19 +87,19 @@ def test_schedule_requests_one_run_per_recent_day(settings: Settings, monkeypatc
         assert dg.validate_run_config(job, request.run_config) is not None
 
 
-def _loaded_replay(settings: Settings, s3: Any) -> dict[str, Any]:
+def _loaded_replay(settings: Settings, s3: Any) -> ReplayManifest:
     write_day(s3, settings.s3_bucket, settings.events_topic, DAY, day_records(DAY, 120, partitions=2))
     spec = replay_loader.ReplaySpec("orders", 2, DAY, settings.events_topic, settings.s3_bucket, partitions=2)
     return replay_loader.load(settings, spec, client=s3).manifest
 
 
-def _commit(settings: Settings, manifest: dict[str, Any], fraction: float) -> None:
+def _commit(settings: Settings, manifest: ReplayManifest, fraction: float) -> None:
     offsets = [
-        TopicPartition(manifest["replay_topic"], int(p), int(o * fraction)) for p, o in manifest["end_offsets"].items()
+        TopicPartition(manifest.replay_topic, int(p), int(o * fraction)) for p, o in manifest.end_offsets.items()
     ]
     admin = kafka_helpers.admin_client(settings)
-    request = ConsumerGroupTopicPartitions(manifest["group"], offsets)
-    admin.alter_consumer_group_offsets([request])[manifest["group"]].result()
+    request = ConsumerGroupTopicPartitions(manifest.group, offsets)
+    admin.alter_consumer_group_offsets([request])[manifest.group].result()
 
 
 def test_progress_sensor_observes_lag_and_requests_the_report_at_the_end(
@@ -126,15 +127,15 @@ def test_progress_sensor_observes_lag_and_requests_the_report_at_the_end(
             # at the end, but its consume step never succeeded (status still loaded): no report run
             assert not result.run_requests
             assert result.asset_events[0].metadata["percent_done"].value == 100.0
-            manifest.update(status="consumed", report_etag='"abc"')
+            manifest.status, manifest.report_etag = "consumed", '"abc"'
             replay_manifest.write_manifest(s3, settings.s3_bucket, manifest)
             context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
             result = replay_progress_sensor(context)
             (request,) = result.run_requests
             assert request.partition_key == DAY and request.tags["kappa/version"] == "2"
-            assert request.run_key.startswith(f"report:{manifest['replay_id']}")
+            assert request.run_key.startswith(f"report:{manifest.replay_id}")
             # reported replays are left alone
-            manifest["status"] = "reported"
+            manifest.status = "reported"
             replay_manifest.write_manifest(s3, settings.s3_bucket, manifest)
             context = dg.build_sensor_context(instance=instance, resources=fresh_resources(), cursor=result.cursor)
             assert not replay_progress_sensor(context).run_requests
@@ -155,7 +156,7 @@ def test_raw_archive_sensor_observes_objects_bytes_rows(settings: Settings, s3: 
         assert not raw_archive_sensor(again).asset_events  # unchanged prefix: no new observation
 
 
-def published_manifest(s3: Any, bucket: str, topic: str, version: int, ends: dict[str, int]) -> dict[str, Any]:
+def published_manifest(s3: Any, bucket: str, topic: str, version: int, ends: dict[str, int]) -> ReplayManifest:
     """What the gate leaves behind for a checked day: status reported, snapshot fingerprint, report ETag.
 
     (The gate itself runs for real in tests/test_dagster_gate.py; here only the pointer mechanics count.)
@@ -164,18 +165,16 @@ def published_manifest(s3: Any, bucket: str, topic: str, version: int, ends: dic
         write_day(s3, bucket, topic, DAY, day_records(DAY, 20, partitions=2))
     report_key = keys.report_file("orders", version, DAY)
     etag = s3.put_object(Bucket=bucket, Key=report_key, Body=b"checked")["ETag"]
-    manifest = {
-        "replay_id": replay_manifest.replay_id("orders", version, DAY, bucket, topic),
-        "pipeline": "orders",
-        "version": version,
-        "day": DAY,
-        "source_topic": topic,
-        "status": "reported",
-        "source_end_offsets": ends,
-        "report_key": report_key,
-        "report_etag": etag,
-        "checked_fingerprint": archive_stats.day_fingerprint(s3, bucket, topic, DAY),
-    }
+    manifest = checked_manifest(
+        bucket,
+        topic,
+        version,
+        DAY,
+        source_end_offsets=ends,
+        report_key=report_key,
+        report_etag=etag,
+        checked_fingerprint=archive_stats.day_fingerprint(s3, bucket, topic, DAY),
+    )
     replay_manifest.write_manifest(s3, bucket, manifest)
     return manifest
 

@@ -43,7 +43,7 @@ def buggy_pipeline(monkeypatch: pytest.MonkeyPatch) -> int:
     return BUGGY_VERSION
 
 
-def manifest_of(s3: Any, settings: Settings, version: int) -> dict[str, Any]:
+def manifest_of(s3: Any, settings: Settings, version: int) -> replay_manifest.ReplayManifest:
     slot = replay_manifest.replay_id("orders", version, DAY, settings.s3_bucket, settings.events_topic)
     manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, slot)
     assert manifest is not None
@@ -67,7 +67,7 @@ def test_a_logic_bug_fails_the_gate_and_cannot_be_promoted(
         # the engine agrees with itself (same buggy code in batch mode): only the SQL reference sees it
         assert check_results(instance, run.run_id) == {"report_matches_reference": False, "records_accounted": True}
     manifest = manifest_of(s3, settings, buggy_pipeline)
-    assert manifest["status"] == "rejected" and manifest["failed_checks"] == ["report_matches_reference"]
+    assert manifest.status == "rejected" and manifest.failed_checks == ["report_matches_reference"]
     assert not replay_manifest.published(s3, settings.s3_bucket, manifest)
     written = report(s3, settings, buggy_pipeline, DAY)  # the file is there, for review, but unpublished
     assert "refund" not in written["type"].to_list()
@@ -92,7 +92,7 @@ def test_a_logic_bug_fails_the_gate_and_cannot_be_promoted(
     # the same day with the correct v2 passes the same gate and can be promoted
     result = reprocess(DAY, {"kappa/version": "2"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert manifest_of(s3, settings, 2)["status"] == "reported"
+    assert manifest_of(s3, settings, 2).status == "reported"
     refused = promote.refused_days(s3, settings.s3_bucket, "orders", 2, settings.events_topic)
     assert refused == {}
     replay_loader.cleanup(settings, manifest)  # the rejected replay keeps its topic for review: drop it here
@@ -121,16 +121,16 @@ def test_two_reprocess_runs_of_one_day_one_fails_cleanly_the_other_is_correct(
         output = second.stdout + second.stderr
         assert f"the replay of orders v2 for {DAY} is already running in dagster-run:" in output
         # the second run touched nothing of the first: same manifest version, its topic still there
-        assert manifest_of(s3, settings, 2)["replay_id"] == loading["replay_id"]
+        assert manifest_of(s3, settings, 2).replay_id == loading.replay_id
         topics = kafka_helpers.admin_client(settings).list_topics(timeout=10).topics
-        assert loading["replay_topic"] in topics
+        assert loading.replay_topic in topics
         output, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, output[-3000:]
     manifest = manifest_of(s3, settings, 2)
-    assert manifest["status"] == "reported" and manifest["replay_id"] == loading["replay_id"]
+    assert manifest.status == "reported" and manifest.replay_id == loading.replay_id
     expected = orders_report(archive(s3, settings, DAY), version=2)
     assert_frame_equal(report(s3, settings, 2, DAY), expected, check_exact=False, rel_tol=1e-12)
     with dg.DagsterInstance.get() as instance:
@@ -145,7 +145,7 @@ def test_two_reprocess_runs_of_one_day_one_fails_cleanly_the_other_is_correct(
 def _loading(s3: Any, settings: Settings) -> bool:
     slot = replay_manifest.replay_id("orders", 2, DAY, settings.s3_bucket, settings.events_topic)
     manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, slot)
-    return bool(manifest and manifest.get("status") == "loading")
+    return bool(manifest and manifest.status == "loading")
 
 
 def _keys(s3: Any, settings: Settings) -> list[str]:
@@ -169,7 +169,7 @@ def test_a_new_load_is_never_reported_with_the_previous_loads_report(
     write_day(s3, settings.s3_bucket, settings.events_topic, DAY, frame)
     assert reprocess(DAY).returncode == 0
     old = manifest_of(s3, settings, 2)
-    assert old["status"] == "reported"
+    assert old.status == "reported"
     # late records of DAY are archived: the day is stale, promote refuses it
     late = day_records(DAY, 200, partitions=2, seed=9, start_offset=5000)
     write_day(s3, settings.s3_bucket, settings.events_topic, DAY, late, overlap=False)
@@ -181,10 +181,10 @@ def test_a_new_load_is_never_reported_with_the_previous_loads_report(
     )
     assert load.returncode == 0, load.stderr[-3000:]
     new = manifest_of(s3, settings, 2)
-    assert new["status"] == "loaded" and new["replay_id"] != old["replay_id"]
-    offsets = [TopicPartition(new["replay_topic"], int(p), int(o)) for p, o in new["end_offsets"].items()]
+    assert new.status == "loaded" and new.replay_id != old.replay_id
+    offsets = [TopicPartition(new.replay_topic, int(p), int(o)) for p, o in new.end_offsets.items()]
     admin = kafka_helpers.admin_client(settings)
-    admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(new["group"], offsets)])[new["group"]].result()
+    admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(new.group, offsets)])[new.group].result()
 
     with dg.DagsterInstance.get() as instance:
         sensed = replay_progress_sensor(dg.build_sensor_context(instance=instance, resources=fresh_resources()))
@@ -194,12 +194,12 @@ def test_a_new_load_is_never_reported_with_the_previous_loads_report(
         json.dumps({"dagster/partition": DAY}), timeout=300,
     )
     assert gate.returncode != 0 and "is loaded, not consumed" in gate.stdout + gate.stderr
-    assert manifest_of(s3, settings, 2)["status"] == "loaded"  # never "reported" with the old file
+    assert manifest_of(s3, settings, 2).status == "loaded"  # never "reported" with the old file
 
     # the next reprocess does not skip the day: it consumes the new load and publishes the new data
     assert reprocess(DAY).returncode == 0
     final = manifest_of(s3, settings, 2)
-    assert final["status"] == "reported" and final["replay_id"] == new["replay_id"]
+    assert final.status == "reported" and final.replay_id == new.replay_id
     expected = orders_report(archive(s3, settings, DAY), version=2)
     assert expected["events"].sum() > orders_report(frame, version=2)["events"].sum()
     assert_frame_equal(report(s3, settings, 2, DAY), expected, check_exact=False, rel_tol=1e-12)

@@ -150,8 +150,9 @@ def test_killing_the_replay_consumer_then_rerunning_gives_the_same_report(
     try:
         # each run loads under its own replay id: its group and checkpoints are named in the manifest
         wait_for(lambda: _consuming(s3, settings, spec) or job.poll() is not None, 180, "a checkpoint")
-        manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot) or {}
-        victims = pids_running(manifest["group"])
+        manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
+        assert manifest is not None
+        victims = pids_running(manifest.group)
         assert victims, "the replay consumer finished before it could be killed"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
@@ -173,8 +174,8 @@ def test_killing_the_replay_consumer_then_rerunning_gives_the_same_report(
 
 def _consuming(s3: Any, settings: Settings, spec: replay_loader.ReplaySpec) -> bool:
     manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
-    prefix = f"{manifest['processor_prefix']}_state/part=" if manifest else None
-    return bool(prefix and manifest.get("status") == "loaded" and object_keys(s3, settings, prefix))
+    prefix = f"{manifest.processor_prefix}_state/part=" if manifest else None
+    return bool(prefix and manifest.status == "loaded" and object_keys(s3, settings, prefix))
 
 
 @pytest.mark.parametrize(

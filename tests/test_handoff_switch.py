@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 import pytest
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
-from replay_data import day_records, write_day
+from replay_data import checked_manifest, day_records, write_day
 
 from workers import keys, promote
 from workers.archive import stats as archive_stats
@@ -35,20 +35,18 @@ def reported(s3: Any, settings: Settings, day: str, ends: dict[str, int], partit
     report.write_parquet(buffer)
     report_key = keys.report_file("orders", 2, day)
     etag = s3.put_object(Bucket=bucket, Key=report_key, Body=buffer.getvalue())["ETag"]
-    manifest = {
-        "replay_id": replay_manifest.replay_id("orders", 2, day, bucket, topic),
-        "pipeline": "orders",
-        "version": 2,
-        "day": day,
-        "source_topic": topic,
-        "status": "reported",
-        "partitions": partitions,
-        "partitioning": "source",
-        "source_end_offsets": ends,
-        "report_key": report_key,
-        "report_etag": etag,
-        "checked_fingerprint": archive_stats.days_fingerprints(s3, bucket, topic).get(day),
-    }
+    manifest = checked_manifest(
+        bucket,
+        topic,
+        2,
+        day,
+        partitions=partitions,
+        partitioning="source",
+        source_end_offsets=ends,
+        report_key=report_key,
+        report_etag=etag,
+        checked_fingerprint=archive_stats.days_fingerprints(s3, bucket, topic).get(day),
+    )
     replay_manifest.write_manifest(s3, bucket, manifest)
 
 

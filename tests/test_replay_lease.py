@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -49,18 +50,26 @@ def test_lease_is_exclusive_reentrant_and_taken_over_after_expiry(settings: Sett
 
 
 def test_manifest_writes_are_fenced_on_the_version_read(settings: Settings, s3: Any) -> None:
-    manifest = {"slot": "orders-v2-20261120-abcdef", "replay_id": "orders-v2-20261120-abcdef-r1", "status": "loading"}
+    manifest = replay_manifest.ReplayManifest(
+        slot="orders-v2-20261120-abcdef",
+        replay_id="orders-v2-20261120-abcdef-r1",
+        pipeline="orders",
+        version=2,
+        day=DAY,
+        source_topic=settings.events_topic,
+        status="loading",
+    )
     replay_manifest.write_manifest(s3, settings.s3_bucket, manifest)  # create-only: no previous version
-    stale = replay_manifest.read_manifest(s3, settings.s3_bucket, manifest["slot"])
+    stale = replay_manifest.read_manifest(s3, settings.s3_bucket, manifest.slot)
     assert stale is not None
-    newer = {**stale, "replay_id": "orders-v2-20261120-abcdef-r2"}
+    newer = replace(stale, replay_id="orders-v2-20261120-abcdef-r2")
     replay_manifest.write_manifest(s3, settings.s3_bucket, newer)
     with pytest.raises(replay_manifest.ManifestFenced, match="another run rewrote"):
-        replay_manifest.write_manifest(s3, settings.s3_bucket, {**stale, "status": "loaded"})
+        replay_manifest.write_manifest(s3, settings.s3_bucket, replace(stale, status="loaded"))
     with pytest.raises(replay_manifest.ManifestFenced):  # a second "first" writer loses too
-        replay_manifest.write_manifest(s3, settings.s3_bucket, {k: v for k, v in manifest.items() if k != "_etag"})
-    stored = replay_manifest.read_manifest(s3, settings.s3_bucket, manifest["slot"])
-    assert stored is not None and stored["replay_id"].endswith("-r2")
+        replay_manifest.write_manifest(s3, settings.s3_bucket, replace(manifest, etag=None))
+    stored = replay_manifest.read_manifest(s3, settings.s3_bucket, manifest.slot)
+    assert stored is not None and stored.replay_id.endswith("-r2")
 
 
 def loader(*args: str) -> subprocess.Popen:
@@ -103,8 +112,8 @@ def test_a_paused_loader_cannot_overwrite_the_manifest_of_the_run_that_took_over
         out, _ = winner.communicate(timeout=180)
         assert winner.returncode == 0, out[-3000:]
         won = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
-        assert won is not None and won["status"] == "loaded" and won["replay_id"].endswith("-winner")
-        assert sum(int(o) for o in won["end_offsets"].values()) == won["records"] > 0
+        assert won is not None and won.status == "loaded" and won.replay_id.endswith("-winner")
+        assert sum(int(o) for o in won.end_offsets.values()) == won.records > 0
 
         zombie.send_signal(signal.SIGCONT)
         stopped = False
@@ -117,11 +126,11 @@ def test_a_paused_loader_cannot_overwrite_the_manifest_of_the_run_that_took_over
     assert zombie.returncode != 0
     assert "another run" in out and "Traceback" not in out, out[-2000:]
     after = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.slot)
-    assert after is not None and after["_etag"] == won["_etag"]  # not a byte written over the winner's
+    assert after is not None and after.etag == won.etag  # not a byte written over the winner's
     topics = kafka_helpers.admin_client(settings).list_topics(timeout=10).topics
-    assert topic_a not in topics and won["replay_topic"] in topics  # the zombie left nothing behind
-    assert sum(kafka_helpers.end_offsets(settings, won["replay_topic"]).values()) == won["records"]
-    print(json.dumps({"zombie_paused_at": paused_at, "winner_records": won["records"], "zombie_said": out[-300:]}))
+    assert topic_a not in topics and won.replay_topic in topics  # the zombie left nothing behind
+    assert sum(kafka_helpers.end_offsets(settings, won.replay_topic).values()) == won.records
+    print(json.dumps({"zombie_paused_at": paused_at, "winner_records": won.records, "zombie_said": out[-300:]}))
     replay_loader.cleanup(settings, won)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,12 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
     manifest = result.manifest
     try:
         assert not result.skipped
-        assert manifest["records"] == 600 and manifest["duplicates_dropped"] > 0
-        assert manifest["status"] == "loaded"
+        assert manifest.records == 600 and manifest.duplicates_dropped > 0
+        assert manifest.status == "loaded"
         assert replay_manifest.processor_grace_ms(manifest) == 0  # event-time ordered: replay_consume uses grace 0
         stored = replay_manifest.read_manifest(s3, settings.s3_bucket, spec.replay_id)
         assert stored == manifest
-        messages = _consume_all(settings, spec.topic, manifest["end_offsets"])
+        messages = _consume_all(settings, spec.topic, manifest.end_offsets)
         by_source = {(r["partition"], r["offset"]): r for r in frame.iter_rows(named=True)}
         seen = set()
         for message in messages:
@@ -94,8 +95,8 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
             assert message.partition() == replay_producer.target_partition(row["key"], row["partition"], partitions)
         assert len(seen) == 600
         # deterministic order inside each replay partition: (timestamp, source partition, source offset)
-        assert manifest["partitions"] == (partitions or 3)
-        for partition in range(manifest["partitions"]):
+        assert manifest.partitions == (partitions or 3)
+        for partition in range(manifest.partitions):
             keys_in_order = [
                 (m.timestamp()[1], int(m.headers()[-2][1]), int(m.headers()[-1][1]))
                 for m in messages
@@ -109,7 +110,7 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
                 assert partition_of.setdefault(message.key(), message.partition()) == message.partition()
         # live start offsets: where this day's archive ends per source partition
         expected_end = frame.group_by("partition").agg(pl.col("offset").max() + 1)
-        assert manifest["source_end_offsets"] == {str(p): o for p, o in expected_end.iter_rows()}
+        assert manifest.source_end_offsets == {str(p): o for p, o in expected_end.iter_rows()}
     finally:
         replay_loader.cleanup(settings, manifest)
 
@@ -121,23 +122,23 @@ def test_load_is_idempotent_and_recovers_from_a_partial_load(settings: Settings,
     try:
         again = replay_loader.load(settings, spec, client=s3)
         assert again.skipped and "already holds" in again.reason
-        expected = {int(p): o for p, o in first.manifest["end_offsets"].items()}
+        expected = {int(p): o for p, o in first.manifest.end_offsets.items()}
         assert kafka_helpers.end_offsets(settings, spec.topic) == expected
         # a crash mid-load leaves status "loading" and extra records in the topic: the re-run starts over
-        partial = {**first.manifest, "status": "loading"}
+        partial = replace(first.manifest, status="loading")
         replay_manifest.write_manifest(s3, settings.s3_bucket, partial)
         producer = replay_producer.ReplayProducer(settings, spec.topic, spec.partitions, None)
         producer.producer.produce(spec.topic, value=b"stray", partition=0)
         producer.close()
         redo = replay_loader.load(settings, spec, client=s3)
         assert not redo.skipped
-        assert redo.manifest["end_offsets"] == first.manifest["end_offsets"]
-        assert sum(redo.manifest["end_offsets"].values()) == 200
+        assert redo.manifest.end_offsets == first.manifest.end_offsets
+        assert sum(redo.manifest.end_offsets.values()) == 200
         # new data for the day (late archive file) changes the fingerprint -> reload
         extra = day_records(DAY, 10, partitions=2, seed=9, start_offset=10_000)
         write_day(s3, settings.s3_bucket, settings.events_topic, DAY, extra, overlap=False)
         grown = replay_loader.load(settings, spec, client=s3)
-        assert not grown.skipped and grown.manifest["records"] == 210
+        assert not grown.skipped and grown.manifest.records == 210
     finally:
         replay_loader.cleanup(settings, first.manifest)
 
@@ -148,7 +149,7 @@ def test_throttle_and_progress(settings: Settings, s3: Any) -> None:
     spec = _spec(settings, throttle=600.0)
     result = replay_loader.load(settings, spec, client=s3, progress=seen.append, progress_interval=0.1)
     try:
-        assert result.manifest["load_seconds"] >= 0.4  # 300 records at 600/s
+        assert result.manifest.load_seconds >= 0.4  # 300 records at 600/s
         produce = [p for p in seen if p.phase == "produce"]
         assert produce and produce[-1].done == 300 and produce[-1].rate <= 900
         assert "eta" in produce[0].describe()
@@ -196,4 +197,5 @@ def test_cli_load_then_reuse(settings: Settings, s3: Any) -> None:
         assert bad.returncode == 2 and "has no version 9" in bad.stderr
     finally:
         manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, summary["replay_id"])
-        replay_loader.cleanup(settings, manifest or {})
+        if manifest is not None:
+            replay_loader.cleanup(settings, manifest)

@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
 from workers.lag import GroupLag
+from workers.replay.manifest import ReplayManifest
 from workers.replay.status import RateTracker, format_eta, replay_row, replay_state
 
-MANIFEST = {
-    "replay_id": "orders-v2-20261120-abcdef",
-    "pipeline": "orders",
-    "version": 2,
-    "day": "2026-11-20",
-    "group": "kappa.orders.v2.replay.orders-v2-20261120-abcdef",
-    "replay_topic": "events.replay.orders-v2-20261120-abcdef",
-    "source_topic": "events",
-    "status": "loaded",
-    "records": 1000,
-    "end_offsets": {"0": 600, "1": 400},
-}
+MANIFEST = ReplayManifest(
+    replay_id="orders-v2-20261120-abcdef",
+    pipeline="orders",
+    version=2,
+    day="2026-11-20",
+    group="kappa.orders.v2.replay.orders-v2-20261120-abcdef",
+    replay_topic="events.replay.orders-v2-20261120-abcdef",
+    source_topic="events",
+    status="loaded",
+    records=1000,
+    end_offsets={"0": 600, "1": 400},
+)
 
 
 def lag(committed: dict[int, int | None]) -> GroupLag:
-    return GroupLag(MANIFEST["group"], MANIFEST["replay_topic"], {0: 600, 1: 400}, committed)
+    return GroupLag(MANIFEST.group, MANIFEST.replay_topic, {0: 600, 1: 400}, committed)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +46,7 @@ def lag(committed: dict[int, int | None]) -> GroupLag:
 )
 def test_replay_state(status: str, committed: dict | None, report: bool, expected: str) -> None:
     group = None if committed is None else lag(committed)
-    assert replay_state({**MANIFEST, "status": status}, group, report) == expected
+    assert replay_state(replace(MANIFEST, status=status), group, report) == expected
 
 
 def test_rate_and_eta_come_from_two_observations() -> None:
@@ -55,7 +57,7 @@ def test_rate_and_eta_come_from_two_observations() -> None:
 
 def test_replay_row_progress_and_eta() -> None:
     rates = RateTracker()
-    rates.observe(MANIFEST["replay_id"], 0, now=time.monotonic() - 10)  # nothing done 10 s ago
+    rates.observe(MANIFEST.replay_id, 0, now=time.monotonic() - 10)  # nothing done 10 s ago
     row = replay_row(MANIFEST, lag({0: 300, 1: 200}), False, rates)
     assert (row.total, row.consumed, row.lag, row.state) == (1000, 500, 500, "consuming")
     assert row.percent == 50.0 and row.rate == pytest.approx(50, rel=0.05)
@@ -63,7 +65,7 @@ def test_replay_row_progress_and_eta() -> None:
 
 
 def test_finished_replay_is_complete_even_without_its_topic() -> None:
-    row = replay_row({**MANIFEST, "status": "reported"}, None, True, RateTracker())
+    row = replay_row(replace(MANIFEST, status="reported"), None, True, RateTracker())
     assert (row.consumed, row.lag, row.percent, row.eta_s, row.state) == (1000, 0, 100.0, 0.0, "done")
 
 

@@ -20,7 +20,7 @@ from dagster_e2e import archive, report, wait_for
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
 from dagster_graphql import DagsterGraphQLClient
 from polars.testing import assert_frame_equal
-from replay_data import day_records, orders_report, write_day, write_days
+from replay_data import checked_manifest, day_records, orders_report, write_day, write_days
 from test_dagster_graphql import dagster_services  # noqa: F401  (fixture)
 
 from workers import keys
@@ -52,7 +52,7 @@ def runs(instance: dg.DagsterInstance, **tags: str) -> list[dg.DagsterRun]:
     return list(instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": DAY, **tags})))
 
 
-def reported_manifest(s3: Any, settings: Settings) -> dict[str, Any]:
+def reported_manifest(s3: Any, settings: Settings) -> replay_manifest.ReplayManifest:
     rid = replay_manifest.replay_id("orders", 2, DAY, settings.s3_bucket, settings.events_topic)
     manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, rid)
     assert manifest is not None
@@ -74,7 +74,7 @@ def test_late_data_turns_the_day_stale_and_the_daemon_reruns_it(
     wait_for(lambda: client.get_run_status(first) in DONE, 180, "the first reprocess run", interval=2)
     assert client.get_run_status(first) == dg.DagsterRunStatus.SUCCESS
     before = archive_stats.day_fingerprint(s3, settings.s3_bucket, settings.events_topic, DAY)
-    assert reported_manifest(s3, settings)["archive_fingerprint"] == before
+    assert reported_manifest(s3, settings).archive_fingerprint == before
     wait_for(lambda: stale_status(client) == "FRESH", 60, "the reported day to be fresh", interval=1)
 
     # late records of the day land in its prefix (a later archiver flush: new offsets, same dt=)
@@ -94,7 +94,7 @@ def test_late_data_turns_the_day_stale_and_the_daemon_reruns_it(
         # one fingerprint, one run: later ticks see the report computed from it and request nothing
         time.sleep(15)  # two more sensor ticks
         assert len(runs(instance, **{"kappa/stale": after})) == 1
-    assert reported_manifest(s3, settings)["archive_fingerprint"] == after
+    assert reported_manifest(s3, settings).archive_fingerprint == after
     changed = archive(s3, settings, DAY)
     assert changed.height > late.height
     assert_frame_equal(
@@ -115,16 +115,14 @@ def test_sensor_reruns_a_stale_day_once_its_archive_settled_and_caps_runs_per_ti
     days = ["2026-11-20", "2026-11-21", "2026-11-22"]
     write_days(s3, bucket, topic, days, 30)
     for version, day in ((2, days[0]), (2, days[1]), (2, days[2]), (1, days[0])):
-        manifest = {
-            "replay_id": replay_manifest.replay_id("orders", version, day, bucket, topic),
-            "pipeline": "orders",
-            "version": version,
-            "day": day,
-            "source_topic": topic,
-            "status": "reported",
-            "started_at": "2026-12-01T00:00:00+00:00",
-            "archive_fingerprint": archive_stats.day_fingerprint(s3, bucket, topic, day),
-        }
+        manifest = checked_manifest(
+            bucket,
+            topic,
+            version,
+            day,
+            started_at="2026-12-01T00:00:00+00:00",
+            archive_fingerprint=archive_stats.day_fingerprint(s3, bucket, topic, day),
+        )
         replay_manifest.write_manifest(s3, bucket, manifest)
 
     def tick(cursor: str | None) -> dg.SensorResult:

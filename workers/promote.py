@@ -19,6 +19,7 @@ from workers.archive import stats as archive_stats
 from workers.errors import KappaError
 from workers.processor import handoff
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 
 MAX_HISTORY = 50
 
@@ -38,18 +39,18 @@ def _write(client: Any, bucket: str, pipeline: str, pointer: dict[str, Any]) -> 
     client.put_object(Bucket=bucket, Key=keys.current_pointer(pipeline), Body=body, ContentType="application/json")
 
 
-def replayed(client: Any, bucket: str, pipeline: str, version: int, source_topic: str) -> list[dict[str, Any]]:
+def replayed(client: Any, bucket: str, pipeline: str, version: int, source_topic: str) -> list[ReplayManifest]:
     """Manifests of this version's replays whose report has been produced."""
     return sorted(
         (
             m
             for m in replay_manifest.iter_manifests(client, bucket)
-            if m.get("pipeline") == pipeline
-            and m.get("version") == version
-            and m.get("source_topic") == source_topic
-            and m.get("status") == "reported"
+            if m.pipeline == pipeline
+            and m.version == version
+            and m.source_topic == source_topic
+            and m.status == "reported"
         ),
-        key=lambda m: m["day"],
+        key=lambda m: m.day,
     )
 
 
@@ -60,24 +61,24 @@ def refused_days(client: Any, bucket: str, pipeline: str, version: int, source_t
     ours = (pipeline, version, source_topic)
     refused = {}
     for manifest in replay_manifest.iter_manifests(client, bucket):
-        if (manifest.get("pipeline"), manifest.get("version"), manifest.get("source_topic")) != ours:
+        if (manifest.pipeline, manifest.version, manifest.source_topic) != ours:
             continue
-        day, status = manifest["day"], manifest.get("status")
+        day, status = manifest.day, manifest.status
         if status == "rejected":
-            refused[day] = f"checks failed: {', '.join(manifest.get('failed_checks', [])) or 'see the run'}"
+            refused[day] = f"checks failed: {', '.join(manifest.failed_checks or []) or 'see the run'}"
         elif status != "reported":
             refused[day] = f"not checked yet (replay {status})"
-        elif manifest.get("checked_fingerprint") != current.get(day):
+        elif manifest.checked_fingerprint != current.get(day):
             refused[day] = "the archive changed since its checks (stale): reprocess it"
         elif not replay_manifest.published(client, bucket, manifest):
             refused[day] = "report.parquet changed since its checks: reprocess it"
     return dict(sorted(refused.items()))
 
 
-def source_partitions(manifests: list[dict[str, Any]]) -> int:
+def source_partitions(manifests: list[ReplayManifest]) -> int:
     """Partitions of the events topic as the replays saw them (a source-mode replay mirrors all of them)."""
-    mirrored = [int(m["partitions"]) for m in manifests if m.get("partitioning") == "source" and "partitions" in m]
-    archived = [int(p) + 1 for m in manifests for p in m.get("source_end_offsets", {})]
+    mirrored = [m.partitions for m in manifests if m.partitioning == "source" and m.partitions is not None]
+    archived = [int(p) + 1 for m in manifests for p in m.source_end_offsets or {}]
     return max([*mirrored, *archived], default=0)
 
 
@@ -121,7 +122,7 @@ def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version:
         )
     switch = handoff.Switch.plan(manifests, source_partitions(manifests))
     offsets = {str(p): o for p, o in sorted(switch.start.items())}
-    days = [m["day"] for m in manifests]
+    days = [m.day for m in manifests]
     previous = read_current(client, bucket, pipeline)
     history = []
     if previous is not None:

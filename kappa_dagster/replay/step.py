@@ -16,6 +16,7 @@ from workers.config import Settings
 from workers.errors import KappaError
 from workers.replay import lease as replay_lease
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 
 
 @contextmanager
@@ -61,12 +62,12 @@ class ReplayStep:
         """Hold the slot's lease while the step runs (see ``kappa_dagster.replay.lease``)."""
         return held(self.context, self.client, self.bucket, self.slot, self.target.label, self.replay, release)
 
-    def manifest(self, states: set[str] | None = None) -> dict[str, Any]:
+    def manifest(self, states: set[str] | None = None) -> ReplayManifest:
         """The slot's manifest, if its replay got at least as far as ``states`` (default: loaded)."""
         manifest = replay_manifest.read_manifest(self.client, self.bucket, self.slot)
         wanted = states or replay_manifest.LOADED_STATES
-        if manifest is None or manifest.get("status") not in wanted:
-            status = manifest.get("status") if manifest else "absent"
+        if manifest is None or manifest.status not in wanted:
+            status = manifest.status if manifest else "absent"
             raise dg.Failure(
                 description=f"replay {self.slot} is {status}, not {' or '.join(sorted(wanted))}: "
                 f"run the reprocess job for {self.target.day}",

@@ -353,8 +353,8 @@ def load_args(spec: ReplaySpec) -> tuple[str, ...]:
 
 def bounded_args(spec: ReplaySpec, batch_size: int = 300) -> tuple[str, ...]:
     """The bounded replay consumer with the reprocess job's flags (incl. its grace, read from the manifest)."""
-    manifest = replay_manifest.read_manifest(s3_client(load_settings()), spec.bucket, spec.replay_id) or {}
-    grace_ms = replay_manifest.processor_grace_ms(manifest)
+    manifest = replay_manifest.read_manifest(s3_client(load_settings()), spec.bucket, spec.replay_id)
+    grace_ms = replay_manifest.processor_grace_ms(manifest) if manifest else None
     grace = () if grace_ms is None else ("--grace-seconds", f"{grace_ms / 1000:g}")
     return ("processor", "-p", spec.pipeline, "-v", str(spec.version), "--topic", spec.topic, "--group", spec.group,
             "--from-beginning", "--until-end", "--dlq-topic", spec.dlq_topic, "--batch-size", str(batch_size),

@@ -67,9 +67,9 @@ def load(
     manifest = result.manifest
     verb = f"[yellow]skipped[/] ({result.reason})" if result.skipped else "[green]loaded[/]"
     console.print(
-        f"{verb}: {manifest.get('records')} records ({manifest.get('duplicates_dropped')} duplicates dropped), "
-        f"group {manifest['group']}"
+        f"{verb}: {manifest.records} records ({manifest.duplicates_dropped} duplicates dropped), "
+        f"group {manifest.group}"
     )
-    summary = {"replay_id": manifest["replay_id"], "topic": manifest["replay_topic"]}
-    summary["end_offsets"] = manifest["end_offsets"]
+    summary = {"replay_id": manifest.replay_id, "topic": manifest.replay_topic}
+    summary["end_offsets"] = manifest.end_offsets
     typer.echo(json.dumps(summary))  # one machine-readable line, never wrapped

@@ -82,9 +82,9 @@ def corrected_reports(client: Any, bucket: str, pipeline: str) -> list[tuple[int
     recomputed, failed its checks or was never checked is not shown as corrected."""
     keys.valid_name(pipeline)
     return sorted(
-        (int(m["version"]), str(m["day"]))
+        (m.version, m.day)
         for m in replay_manifest.iter_manifests(client, bucket)
-        if m.get("pipeline") == pipeline and replay_manifest.published(client, bucket, m)
+        if m.pipeline == pipeline and replay_manifest.published(client, bucket, m)
     )
 
 

@@ -28,6 +28,7 @@ from workers.config import Settings, apply_stack_env, load_settings
 from workers.dev.stack import Stack
 from workers.errors import KappaError
 from workers.lag import LagReader
+from workers.reports import stats as report_stats
 
 console = Console()
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,9 +174,9 @@ def reconcile(settings: Settings, day: str) -> None:
     batch_v1, stats_v1 = get_pipeline("orders", 1).batch_report(archive)
     corrected = pl.read_parquet(client.get_object(Bucket=settings.s3_bucket,
                                                   Key=keys.report_file("orders", 2, day))["Body"].read())
-    stats_v2 = json.loads(s3_helpers.get_bytes(client, settings.s3_bucket,
-                                               keys.report_file("orders", 2, day).replace("report.parquet",
-                                                                                          "stats.json")))
+    stats_v2 = report_stats.read_stats(client, settings.s3_bucket, keys.report_stats_file("orders", 2, day))
+    if stats_v2 is None:
+        raise KappaError(f"no stats.json next to the corrected report of {day}: run the replay step again")
     live = read_live_results(settings, "orders", 1, day, include_open=True)
     table = Table(title=f"orders, {day}: live vs corrected")
     for column in ("result", "windows", "events", "amount", "note"):
@@ -183,15 +184,15 @@ def reconcile(settings: Settings, day: str) -> None:
     rows = [
         ("live v1 (stream)", totals(live), "late records dropped by the live watermark"),
         ("v1 over the archive", totals(batch_v1), f"{stats_v1['dlq']} malformed -> DLQ, never counted"),
-        ("corrected v2 (replay)", totals(corrected), f"{stats_v2['duplicates']} duplicates dropped"),
+        ("corrected v2 (replay)", totals(corrected), f"{stats_v2.duplicates} duplicates dropped"),
     ]
     for name, values, note in rows:
         table.add_row(name, str(values["windows"]), f"{values['events']:,}", f"{values['amount']:,.2f}", note)
     console.print(table)
     difference = totals(batch_v1)["events"] - totals(corrected)["events"]
-    if difference != stats_v2["duplicates"]:
+    if difference != stats_v2.duplicates:
         raise KappaError(f"corrected v2 differs from v1 by {difference} events, not by the "
-                         f"{stats_v2['duplicates']} duplicates")
+                         f"{stats_v2.duplicates} duplicates")
     console.print(f"[green]corrected v2 = v1 over the archive - {difference} duplicates, exactly[/]; "
                   f"live v1 missed {totals(batch_v1)['events'] - totals(live)['events']} late events "
                   "that the replay put back in their windows")

@@ -48,6 +48,7 @@ from workers.processor.state import (
     results_for_day,
     to_parquet,
 )
+from workers.reports import stats as report_stats
 from workers.s3 import Fenced, ensure_bucket, get_bytes, put_if, s3_client
 
 log = logging.getLogger("kappa.processor")
@@ -718,7 +719,7 @@ class Processor:
             report_key = keys.report_file(self.pipeline.name, self.pipeline.version, day)
             stats_key = keys.report_stats_file(self.pipeline.name, self.pipeline.version, day)
             self.store.put(report_key, to_parquet(report))
-            self.store.put(stats_key, json.dumps(stats, indent=1).encode(), "application/json")
+            report_stats.write_stats(self.client, bucket, stats_key, report_stats.ReportStats.of(stats))
             self.summary.reports[day], self.summary.stats_files[day] = report_key, stats_key
 
     # ---------------------------------------------------------------- progress

@@ -19,6 +19,7 @@ from workers import s3 as s3_helpers
 from workers.errors import KappaError
 from workers.pipelines import Pipeline, get_pipeline
 from workers.processor import state as processor_state
+from workers.replay.manifest import ReplayManifest
 
 ORIGIN_FILE = "_state/origin.json"
 
@@ -31,10 +32,10 @@ class Switch:
     covered: dict[str, dict[int, int]]
 
     @classmethod
-    def plan(cls, manifests: list[dict[str, Any]], partitions: int) -> Switch:
+    def plan(cls, manifests: list[ReplayManifest], partitions: int) -> Switch:
         """From the reported replays of the promoted days (the newest per day wins) and the partition count."""
-        newest = sorted(manifests, key=lambda m: str(m.get("started_at", "")))
-        covered = {m["day"]: {int(p): int(o) for p, o in m.get("source_end_offsets", {}).items()} for m in newest}
+        newest = sorted(manifests, key=lambda m: m.started_at or "")
+        covered = {m.day: {int(p): int(o) for p, o in (m.source_end_offsets or {}).items()} for m in newest}
         start = {p: min((bounds.get(p, 0) for bounds in covered.values()), default=0) for p in range(partitions)}
         return cls(start, covered)
 

@@ -30,10 +30,10 @@ from workers.perf import gc_paused
 from workers.pipelines import get_pipeline
 from workers.processor import shuffle
 from workers.replay.manifest import (
-    ETAG,
     LOADED_STATES,
     RUN_TOKEN_RE,
     ManifestFenced,
+    ReplayManifest,
     published,
     read_manifest,
     replay_group,
@@ -126,18 +126,18 @@ class Progress:
 
 @dataclass
 class LoadResult:
-    manifest: dict[str, Any]
+    manifest: ReplayManifest
     skipped: bool
     reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def reset_consumer_side(settings: Settings, client: Any, manifest: dict[str, Any]) -> None:
+def reset_consumer_side(settings: Settings, client: Any, manifest: ReplayManifest) -> None:
     """Forget everything a consumer derived from a previous load: group, processor checkpoints, DLQ."""
-    kafka_helpers.delete_group(settings, manifest["group"])
-    delete_shuffle_internals(settings, manifest["group"])
-    s3_helpers.delete_prefix(client, settings.s3_bucket, manifest["processor_prefix"])
-    kafka_helpers.delete_topics(settings, [manifest["dlq_topic"]])
+    kafka_helpers.delete_group(settings, manifest.group)
+    delete_shuffle_internals(settings, manifest.group)
+    s3_helpers.delete_prefix(client, settings.s3_bucket, manifest.processor_prefix)
+    kafka_helpers.delete_topics(settings, [manifest.dlq_topic])
 
 
 def delete_shuffle_internals(settings: Settings, group: str) -> None:
@@ -145,10 +145,10 @@ def delete_shuffle_internals(settings: Settings, group: str) -> None:
     shuffle.delete_internal(settings, group)
 
 
-def cleanup(settings: Settings, manifest: dict[str, Any], client: Any | None = None) -> None:
+def cleanup(settings: Settings, manifest: ReplayManifest, client: Any | None = None) -> None:
     """Delete the replay topic, its DLQ, consumer group and processor checkpoints (the report is in S3)."""
     client = client or s3_helpers.s3_client(settings)
-    kafka_helpers.delete_topics(settings, [manifest["replay_topic"]])
+    kafka_helpers.delete_topics(settings, [manifest.replay_topic])
     reset_consumer_side(settings, client, manifest)
 
 
@@ -168,67 +168,66 @@ def archive_fingerprint(files: list[dict]) -> str:
     return archive_stats.files_fingerprint(files)
 
 
-def is_up_to_date(settings: Settings, client: Any, manifest: dict[str, Any] | None, spec: ReplaySpec, fp: str) -> str:
+def is_up_to_date(settings: Settings, client: Any, manifest: ReplayManifest | None, spec: ReplaySpec, fp: str) -> str:
     """Why the previous load can be reused ('' when it cannot)."""
-    if not manifest or manifest.get("source_fingerprint") != fp:
+    if not manifest or manifest.source_fingerprint != fp:
         return ""
-    if manifest.get("partitions_requested") != spec.partitions:
+    if manifest.partitions_requested != spec.partitions:
         return ""
     if published(client, spec.bucket, manifest):
         return "the checked report of this exact archive is already published"
-    loaded = manifest.get("status") in LOADED_STATES
-    if loaded and kafka_helpers.topic_end_offsets(settings, manifest["replay_topic"]) == manifest["end_offsets"]:
+    loaded = manifest.status in LOADED_STATES
+    if loaded and kafka_helpers.topic_end_offsets(settings, manifest.replay_topic) == manifest.end_offsets:
         return "the replay topic already holds this exact archive"
     return ""
 
 
-def base_manifest(spec: ReplaySpec, files: list[dict], fp: str) -> dict[str, Any]:
-    return {
-        "slot": spec.slot,
-        "replay_id": spec.replay_id,
-        "pipeline": spec.pipeline,
-        "version": spec.version,
-        "day": spec.day,
-        "source_topic": spec.source_topic,
-        "replay_topic": spec.topic,
-        "group": spec.group,
-        "partitions_requested": spec.partitions,
-        "partitioning": "source" if spec.partitions is None else "key",
-        "dlq_topic": spec.dlq_topic,
-        "processor_prefix": spec.processor_prefix,
-        "report_key": keys.report_file(spec.pipeline, spec.version, spec.day),
-        "source_fingerprint": fp,
-        # provenance: the data version of raw_archive[day] this replay (and its report) was computed from
-        "archive_fingerprint": fp,
-        # every replay partition is in (timestamp, partition, offset) order: see processor_grace_ms
-        "event_time_ordered": True,
-        "source_files": len(files),
-        # the exact snapshot (what the fingerprint digests): the gate's reference reads these versions
-        "source_objects": [[f["key"], int(f["size"]), f["etag"]] for f in files],
-        "source_bytes": sum(int(f["size"]) for f in files),
-        "status": "loading",
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+def base_manifest(spec: ReplaySpec, files: list[dict], fp: str, partitions: int) -> ReplayManifest:
+    """The manifest of a load that starts now, over exactly these archive objects."""
+    return ReplayManifest(
+        slot=spec.slot,
+        replay_id=spec.replay_id,
+        pipeline=spec.pipeline,
+        version=spec.version,
+        day=spec.day,
+        source_topic=spec.source_topic,
+        replay_topic=spec.topic,
+        group=spec.group,
+        partitions_requested=spec.partitions,
+        partitioning="source" if spec.partitions is None else "key",
+        partitions=partitions,
+        dlq_topic=spec.dlq_topic,
+        processor_prefix=spec.processor_prefix,
+        report_key=keys.report_file(spec.pipeline, spec.version, spec.day),
+        source_fingerprint=fp,
+        archive_fingerprint=fp,
+        event_time_ordered=True,
+        source_files=len(files),
+        source_objects=[[f["key"], int(f["size"]), f["etag"]] for f in files],
+        source_bytes=sum(int(f["size"]) for f in files),
+        status="loading",
+        started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
 
 
-def _supersede(settings: Settings, client: Any, previous: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+def _supersede(settings: Settings, client: Any, previous: ReplayManifest | None, manifest: ReplayManifest) -> None:
     """Delete the topic and group of the load this manifest replaced (never any other run's).
 
     Called only after the new manifest won its conditional write, so the previous load has no owner
     left: its run finished, failed, or lost the lease (and is fenced from writing).
     """
-    if previous is None or previous.get("cleaned") or previous.get("replay_topic") == manifest["replay_topic"]:
+    if previous is None or previous.cleaned or previous.replay_topic == manifest.replay_topic:
         return
     try:
         cleanup(settings, previous, client)
     except KappaError as exc:  # e.g. a zombie member still in the old group: leave it, say so
-        manifest.setdefault("superseded_not_cleaned", []).append(f"{previous.get('replay_id')}: {exc}")
+        manifest.superseded_not_cleaned.append(f"{previous.replay_id}: {exc}")
 
 
-def _abandon(settings: Settings, client: Any, manifest: dict[str, Any]) -> None:
+def _abandon(settings: Settings, client: Any, manifest: ReplayManifest) -> None:
     """A load that lost its slot deletes its own topic (only that) so nothing is left behind."""
     with contextlib.suppress(Exception):
-        kafka_helpers.delete_topics(settings, [manifest["replay_topic"]])
+        kafka_helpers.delete_topics(settings, [manifest.replay_topic])
 
 
 def load(
@@ -257,10 +256,9 @@ def load(
     if reason and previous is not None:
         return LoadResult(previous, skipped=True, reason=reason)
 
-    manifest = base_manifest(spec, files, fp)
-    manifest[ETAG] = previous.get(ETAG) if previous else None
     partitions = spec.partitions or source_partitions(settings, spec.source_topic, files)
-    manifest["partitions"] = partitions
+    manifest = base_manifest(spec, files, fp, partitions)
+    manifest.etag = previous.etag if previous else None
     write_manifest(client, spec.bucket, manifest)  # fenced: only one run can replace `previous`
     _supersede(settings, client, previous, manifest)
     reset_consumer_side(settings, client, manifest)
@@ -273,16 +271,14 @@ def load(
         end = kafka_helpers.topic_end_offsets(settings, spec.topic) or {}
         if sum(end.values()) != produced:
             raise KappaError(f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}")
-        manifest.update(
-            status="loaded",
-            records=produced,
-            rows_read=stats["rows_read"],
-            duplicates_dropped=stats["rows_read"] - produced,
-            end_offsets=end,
-            source_end_offsets=kafka_helpers.offsets_json(stats["source_end"]),
-            loaded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            load_seconds=round(reporter.elapsed(), 3),
-        )
+        manifest.status = "loaded"
+        manifest.records = produced
+        manifest.rows_read = stats["rows_read"]
+        manifest.duplicates_dropped = stats["rows_read"] - produced
+        manifest.end_offsets = end
+        manifest.source_end_offsets = kafka_helpers.offsets_json(stats["source_end"])
+        manifest.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        manifest.load_seconds = round(reporter.elapsed(), 3)
         write_manifest(client, spec.bucket, manifest)
     except ManifestFenced:
         _abandon(settings, client, manifest)

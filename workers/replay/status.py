@@ -18,6 +18,7 @@ from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.lag import GroupLag, LagReader
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 
 #: Rates are averaged over this many seconds of observations.
 RATE_WINDOW_S = 30.0
@@ -71,11 +72,11 @@ class ReplayRow:
 FINISHED_STATES = {"consumed": "checking", "rejected": "checks failed", "reported": "reported"}
 
 
-def replay_state(manifest: dict[str, Any], lag: GroupLag | None, report_exists: bool) -> str:
+def replay_state(manifest: ReplayManifest, lag: GroupLag | None, report_exists: bool) -> str:
     """loading -> waiting (no commit yet) -> consuming -> caught up -> checking -> reported (or checks
     failed); 'done' once a reported replay's topic is cleaned up. A report file alone proves nothing:
     it may be an earlier load's (``report_exists`` is kept for callers, the status decides)."""
-    status = manifest.get("status")
+    status = manifest.status
     if status == "loading":
         return "loading"
     if status in FINISHED_STATES:
@@ -87,40 +88,40 @@ def replay_state(manifest: dict[str, Any], lag: GroupLag | None, report_exists: 
     return "caught up" if lag.lag == 0 else "consuming"
 
 
-def manifest_end(manifest: dict[str, Any]) -> dict[int, int] | None:
+def manifest_end(manifest: ReplayManifest) -> dict[int, int] | None:
     """The end offsets the load recorded (None while it is still loading: use the live watermarks)."""
-    end = manifest.get("end_offsets")
-    if manifest.get("status") == "loading" or not end:
+    end = manifest.end_offsets
+    if manifest.status == "loading" or not end:
         return None
     return {int(p): int(o) for p, o in end.items()}
 
 
-def progress(reader: LagReader, manifest: dict[str, Any]) -> GroupLag | None:
+def progress(reader: LagReader, manifest: ReplayManifest) -> GroupLag | None:
     """The replay group's committed offsets against the end offsets its load recorded (the live
     watermarks while it loads); None once its topic is cleaned up. The one progress computation:
     ``kappa replay status``, the dashboard and the Dagster sensor all read it."""
-    if reader.partitions(manifest["replay_topic"]) is None:
+    if reader.partitions(manifest.replay_topic) is None:
         return None
-    return reader.group_lag(manifest["group"], manifest["replay_topic"], manifest_end(manifest))
+    return reader.group_lag(manifest.group, manifest.replay_topic, manifest_end(manifest))
 
 
 def replay_row(
-    manifest: dict[str, Any], lag: GroupLag | None, report_exists: bool, rates: RateTracker
+    manifest: ReplayManifest, lag: GroupLag | None, report_exists: bool, rates: RateTracker
 ) -> ReplayRow:
-    total = lag.end_total if lag is not None else int(manifest.get("records") or 0)
-    finished = manifest.get("status") in FINISHED_STATES
+    total = lag.end_total if lag is not None else int(manifest.records or 0)
+    finished = manifest.status in FINISHED_STATES
     consumed = total if finished else (lag.consumed if lag is not None else 0)
     remaining = max(total - consumed, 0)
-    rate = rates.observe(manifest["replay_id"], consumed)
+    rate = rates.observe(manifest.replay_id, consumed)
     eta = remaining / rate if rate and rate > 0 and remaining else (0.0 if not remaining else None)
     return ReplayRow(
-        replay_id=manifest["replay_id"],
-        pipeline=manifest.get("pipeline", "?"),
-        version=int(manifest.get("version", 0)),
-        day=manifest.get("day", "?"),
-        group=manifest.get("group", "?"),
-        topic=manifest.get("replay_topic", "?"),
-        source_topic=manifest.get("source_topic"),
+        replay_id=manifest.replay_id,
+        pipeline=manifest.pipeline,
+        version=manifest.version,
+        day=manifest.day,
+        group=manifest.group or "?",
+        topic=manifest.replay_topic or "?",
+        source_topic=manifest.source_topic,
         total=total,
         consumed=consumed,
         lag=remaining,
@@ -136,7 +137,7 @@ def replay_rows(settings: Settings, reader: LagReader, rates: RateTracker, clien
     rows = []
     for manifest in replay_manifest.iter_manifests(client, settings.s3_bucket):
         lag = progress(reader, manifest)
-        report_key = manifest.get("report_key")
+        report_key = manifest.report_key
         report_exists = bool(report_key) and object_exists(client, settings.s3_bucket, report_key)
         rows.append(replay_row(manifest, lag, report_exists, rates))
     return sorted(rows, key=lambda row: (row.day, row.replay_id), reverse=True)

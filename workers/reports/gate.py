@@ -8,7 +8,6 @@ moves the manifest ``consumed -> reported | rejected`` in one fenced write (docs
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,10 @@ from workers import s3 as s3_helpers
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 from workers.reports import reference
+from workers.reports import stats as report_stats
+from workers.reports.stats import ReportStats
 
 #: The blocking checks; a report is published only when all pass.
 REFERENCE_CHECK = "report_matches_reference"
@@ -40,7 +42,7 @@ class Verdict:
     checks: list[Check]
     fingerprint: str
     report: bytes
-    stats: dict[str, Any]
+    stats: ReportStats
 
     @property
     def passed(self) -> bool:
@@ -62,29 +64,29 @@ def _head_etag(client: Any, bucket: str, key: str) -> str | None:
         return None
 
 
-def mark_consumed(client: Any, bucket: str, manifest: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+def mark_consumed(
+    client: Any, bucket: str, manifest: ReplayManifest, summary: dict[str, Any]
+) -> ReplayManifest:
     """After a bounded processor run over this load: bind the report it wrote, or explain why not.
 
     ``summary`` is the processor's run summary (``RunSummary.to_dict``): it must be complete, have
     written the day's report, and have seen exactly the replay's records.
     """
-    day, records = manifest["day"], manifest.get("records")
+    day, records = manifest.day, manifest.records
     stats = (summary.get("stats") or {}).get(day, {})
     if not summary.get("complete") or day not in (summary.get("reports") or {}):
         raise KappaError(f"the replay consumer of {day} did not finish and write its report: run it again")
-    if summary.get("group") != manifest["group"] or stats.get("records") != records:
+    if summary.get("group") != manifest.group or stats.get("records") != records:
         raise KappaError(
             f"processor saw {stats.get('records')} records for {day} in group {summary.get('group')}, "
-            f"the replay {manifest['replay_id']} holds {records} in group {manifest['group']}"
+            f"the replay {manifest.replay_id} holds {records} in group {manifest.group}"
         )
-    stats_key = keys.report_stats_file(manifest["pipeline"], int(manifest["version"]), day)
-    manifest.update(
-        status="consumed",
-        consumed_at=_now(),
-        report_etag=_head_etag(client, bucket, manifest["report_key"]),
-        stats_key=stats_key,
-        stats_etag=_head_etag(client, bucket, stats_key),
-    )
+    stats_key = keys.report_stats_file(manifest.pipeline, manifest.version, day)
+    manifest.status = "consumed"
+    manifest.consumed_at = _now()
+    manifest.report_etag = _head_etag(client, bucket, manifest.report_key)
+    manifest.stats_key = stats_key
+    manifest.stats_etag = _head_etag(client, bucket, stats_key)
     replay_manifest.write_manifest(client, bucket, manifest)
     return manifest
 
@@ -101,14 +103,14 @@ def _read_bound(client: Any, bucket: str, key: str, etag: str | None, day: str) 
         ) from None
 
 
-def evaluate(client: Any, bucket: str, manifest: dict[str, Any]) -> Verdict:
+def evaluate(client: Any, bucket: str, manifest: ReplayManifest) -> Verdict:
     """Both blocking checks of the consumed report, against the load's exact archive snapshot."""
-    pipeline = get_pipeline(manifest["pipeline"], int(manifest["version"]))
-    day = manifest["day"]
-    report = _read_bound(client, bucket, manifest["report_key"], manifest.get("report_etag"), day)
-    stats = json.loads(_read_bound(client, bucket, manifest["stats_key"], manifest.get("stats_etag"), day))
+    pipeline = get_pipeline(manifest.pipeline, manifest.version)
+    day = manifest.day
+    report = _read_bound(client, bucket, manifest.report_key, manifest.report_etag, day)
+    stats = report_stats.from_json(_read_bound(client, bucket, manifest.stats_key, manifest.stats_etag, day))
     try:  # the snapshot the replay was loaded from, even if late records were archived since
-        with reference.snapshot(client, bucket, manifest["source_topic"], day, manifest.get("source_objects")) as snap:
+        with reference.snapshot(client, bucket, manifest.source_topic, day, manifest.source_objects) as snap:
             ref = reference.compute(pipeline, snap)
     except reference.SnapshotChanged as exc:
         raise KappaError(f"the archive of {day} was rewritten since its replay was loaded ({exc}): reprocess") from None
@@ -118,12 +120,15 @@ def evaluate(client: Any, bucket: str, manifest: dict[str, Any]) -> Verdict:
                    ref.fingerprint, report, stats)
 
 
-def _reference_check(manifest: dict[str, Any], ref: reference.Reference, stats: dict, wrong: list) -> Check:
-    fresh = ref.fingerprint == manifest["source_fingerprint"]
+def _reference_check(
+    manifest: ReplayManifest, ref: reference.Reference, stats: ReportStats, wrong: list
+) -> Check:
+    counts = stats.as_dict()
+    fresh = ref.fingerprint == manifest.source_fingerprint
     outcome_diff = {
-        name: {"report": int(stats.get(name, 0)), "reference": ref.outcomes[name]}
+        name: {"report": counts[name], "reference": ref.outcomes[name]}
         for name in reference.OUTCOMES
-        if int(stats.get(name, 0)) != ref.outcomes[name]
+        if counts[name] != ref.outcomes[name]
     }
     if not fresh:
         why = "the archive objects read differ from the snapshot the replay was loaded from"
@@ -142,21 +147,21 @@ def _reference_check(manifest: dict[str, Any], ref: reference.Reference, stats: 
             "outcome_differences": outcome_diff,
             "reference_outcomes": ref.outcomes,
             "archive_fingerprint": ref.fingerprint,
-            "loaded_fingerprint": manifest["source_fingerprint"],
+            "loaded_fingerprint": manifest.source_fingerprint,
         },
     )
 
 
-def _accounted_check(ref: reference.Reference, stats: dict, columns: list[str], rows: list[tuple]) -> Check:
-    outcomes = sum(int(stats.get(name, 0)) for name in STAT_OUTCOMES)
+def _accounted_check(ref: reference.Reference, stats: ReportStats, columns: list[str], rows: list[tuple]) -> Check:
+    counts = stats.as_dict()
+    outcomes = sum(counts[name] for name in STAT_OUTCOMES)
     events = sum(int(row[columns.index("events")]) for row in rows) if "events" in columns else None
-    counted = int(stats.get("counted", -1))
-    passed = outcomes == ref.records == int(stats.get("records", -1)) and events in (None, counted)
+    passed = outcomes == ref.records == stats.records and events in (None, stats.counted)
     return Check(
         ACCOUNTED_CHECK,
         passed,
         f"counted + dlq + duplicates + late = {outcomes}, distinct archive records = {ref.records}",
-        {"archive_records": ref.records, "accounted": outcomes, "report_events": events, "stats": stats},
+        {"archive_records": ref.records, "accounted": outcomes, "report_events": events, "stats": counts},
     )
 
 
@@ -164,14 +169,14 @@ def _printable(row: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in row.items()}
 
 
-def publish(client: Any, bucket: str, manifest: dict[str, Any], verdict: Verdict) -> dict[str, Any]:
+def publish(
+    client: Any, bucket: str, manifest: ReplayManifest, verdict: Verdict
+) -> ReplayManifest:
     """One fenced manifest write: ``reported`` when every blocking check passed, else ``rejected``."""
-    manifest.update(
-        status="reported" if verdict.passed else "rejected",
-        checked_at=_now(),
-        checked_fingerprint=verdict.fingerprint,
-        checks={check.name: check.passed for check in verdict.checks},
-        failed_checks=verdict.failed,
-    )
+    manifest.status = "reported" if verdict.passed else "rejected"
+    manifest.checked_at = _now()
+    manifest.checked_fingerprint = verdict.fingerprint
+    manifest.checks = {check.name: check.passed for check in verdict.checks}
+    manifest.failed_checks = verdict.failed
     replay_manifest.write_manifest(client, bucket, manifest)
     return manifest

@@ -19,25 +19,26 @@ from kappa_dagster.replay.step import ReplayStep, user_errors
 from kappa_dagster.replay.target import ReplayTarget
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 from workers.reports import gate as report_gate
 
 #: What both replay steps are: one daily partition each, in the replay group.
 REPLAY_STEP: dict[str, Any] = {"partitions_def": daily_partitions, "owners": OWNERS, "group_name": "replay"}
 
 
-def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+def manifest_metadata(manifest: ReplayManifest) -> dict[str, Any]:
     """What the UI shows for a replay: where it lives and how big it is (never credentials)."""
     return {
-        "replay_id": manifest["replay_id"],
-        "topic": manifest["replay_topic"],
-        "group": manifest["group"],
-        "pipeline": manifest["pipeline"],
-        "version": dg.MetadataValue.int(manifest["version"]),
-        "records": dg.MetadataValue.int(manifest.get("records", 0)),
-        "duplicates_dropped": dg.MetadataValue.int(manifest.get("duplicates_dropped", 0)),
-        "end_offsets": dg.MetadataValue.json(manifest.get("end_offsets", {})),
-        "source_end_offsets": dg.MetadataValue.json(manifest.get("source_end_offsets", {})),
-        "manifest": f"_state/replays/{manifest.get('slot', manifest['replay_id'])}/manifest.json",
+        "replay_id": manifest.replay_id,
+        "topic": manifest.replay_topic,
+        "group": manifest.group,
+        "pipeline": manifest.pipeline,
+        "version": dg.MetadataValue.int(manifest.version),
+        "records": dg.MetadataValue.int(manifest.records or 0),
+        "duplicates_dropped": dg.MetadataValue.int(manifest.duplicates_dropped or 0),
+        "end_offsets": dg.MetadataValue.json(manifest.end_offsets or {}),
+        "source_end_offsets": dg.MetadataValue.json(manifest.source_end_offsets or {}),
+        "manifest": manifest.key,
     }
 
 
@@ -63,14 +64,14 @@ def replay_load(context: dg.AssetExecutionContext, kappa: KappaResource, replay:
             lost=lease.lost,
         )
     manifest = result.manifest
-    context.log.info(f"replay {manifest['replay_id']}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
+    context.log.info(f"replay {manifest.replay_id}: {'reused, ' + result.reason if result.skipped else 'loaded'}")
     context.log_event(
         observation(
             target.day,
-            {"objects": manifest["source_files"], "bytes": manifest["source_bytes"], "rows": manifest.get("rows_read")},
-            manifest.get("archive_fingerprint"),
-            records=dg.MetadataValue.int(manifest["records"]) if "records" in manifest else None,
-            duplicate_rows=dg.MetadataValue.int(manifest["duplicates_dropped"]) if "records" in manifest else None,
+            {"objects": manifest.source_files, "bytes": manifest.source_bytes, "rows": manifest.rows_read},
+            manifest.archive_fingerprint,
+            records=dg.MetadataValue.int(manifest.records) if manifest.records is not None else None,
+            duplicate_rows=dg.MetadataValue.int(manifest.duplicates_dropped) if manifest.records is not None else None,
         )
     )
     return dg.MaterializeResult(
@@ -78,12 +79,12 @@ def replay_load(context: dg.AssetExecutionContext, kappa: KappaResource, replay:
             **manifest_metadata(manifest),
             "reused": result.skipped,
             "reason": result.reason,
-            "load_seconds": dg.MetadataValue.float(float(manifest.get("load_seconds", 0.0))),
+            "load_seconds": dg.MetadataValue.float(float(manifest.load_seconds or 0.0)),
         }
     )
 
 
-def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: list[str]) -> list[str]:
+def processor_command(target: ReplayTarget, manifest: ReplayManifest, extra: list[str]) -> list[str]:
     """The live worker's entry point, in bounded replay mode.
 
     Over a replay topic written in event-time order the grace is finite (``processor_grace_ms``):
@@ -101,11 +102,11 @@ def processor_command(target: ReplayTarget, manifest: dict[str, Any], extra: lis
         "--version",
         str(target.version),
         "--topic",
-        manifest["replay_topic"],
+        manifest.replay_topic,
         "--group",
-        manifest["group"],
+        manifest.group,
         "--dlq-topic",
-        manifest["dlq_topic"],
+        manifest.dlq_topic,
         "--from-beginning",
         "--until-end",
         "--progress",
@@ -134,7 +135,7 @@ def replay_consume(
             command=processor_command(target, manifest, shlex.split(replay.processor_args)),
             context=context,
             env=kappa.environment(),  # the child decides its settings exactly as this step did
-            extras={"replay_id": manifest["replay_id"], "end_offsets": manifest["end_offsets"], "day": target.day},
+            extras={"replay_id": manifest.replay_id, "end_offsets": manifest.end_offsets, "day": target.day},
         )
         result = _last_custom_message(invocation)
         with user_errors(allow_retries=True):  # binds the report this run wrote; the sensor reports consumed replays

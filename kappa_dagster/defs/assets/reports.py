@@ -24,6 +24,7 @@ from workers.pipelines import get_pipeline
 from workers.processor.engine import read_live_results
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
+from workers.replay.manifest import ReplayManifest
 from workers.reports import diff as report_diff
 from workers.reports import gate as report_gate
 
@@ -137,10 +138,10 @@ def corrected_report(
         expected = get_pipeline(target.pipeline, target.version).output_schema
         if report.schema != expected:
             raise dg.Failure(description=f"report schema {dict(report.schema)} is not {dict(expected)}")
-        manifest["report_rows"] = report.height
+        manifest.report_rows = report.height
         manifest = report_gate.publish(client, settings.s3_bucket, manifest, verdict)
         outcome = ", ".join(verdict.failed) or "all checks passed"
-        context.log.info(f"replay {manifest['replay_id']}: {manifest['status']} ({outcome})")
+        context.log.info(f"replay {manifest.replay_id}: {manifest.status} ({outcome})")
         if verdict.passed:
             _clean_up(context, settings, client, manifest, replay)
     live_version, live = live_results(settings, client, target, replay.live_version)
@@ -149,24 +150,26 @@ def corrected_report(
             "path": f"s3://{settings.s3_bucket}/{target.report_key}",
             "pipeline": target.pipeline,
             "version": dg.MetadataValue.int(target.version),
-            "replay_id": manifest["replay_id"],
-            "status": manifest["status"],
-            "source_fingerprint": manifest["source_fingerprint"],
+            "replay_id": manifest.replay_id,
+            "status": manifest.status,
+            "source_fingerprint": manifest.source_fingerprint,
             # provenance: raw_archive's data version (keys, sizes, ETags) this report was computed from
-            "archive_fingerprint": manifest.get("archive_fingerprint", "unknown (loaded before fingerprints)"),
-            **report_metadata(report, verdict.stats),
+            "archive_fingerprint": manifest.archive_fingerprint or "unknown (loaded before fingerprints)",
+            **report_metadata(report, verdict.stats.as_dict()),
             **diff_metadata(live_version, live, report),
         },
         check_results=[check_result(check) for check in verdict.checks],
     )
 
 
-def _clean_up(context: dg.AssetExecutionContext, settings: Settings, client: Any, manifest: dict, replay: Any) -> None:
+def _clean_up(
+    context: dg.AssetExecutionContext, settings: Settings, client: Any, manifest: ReplayManifest, replay: Any
+) -> None:
     """Delete this replay's own topic, DLQ, group and checkpoints once its report is published."""
-    if replay.cleanup and not manifest.get("cleaned"):
+    if replay.cleanup and not manifest.cleaned:
         replay_loader.cleanup(settings, manifest, client)
-        manifest["cleaned"] = True
+        manifest.cleaned = True
         replay_manifest.write_manifest(client, settings.s3_bucket, manifest)
         context.log.info(
-            f"deleted replay topic {manifest['replay_topic']} (+ DLQ, group {manifest['group']}, checkpoints)"
+            f"deleted replay topic {manifest.replay_topic} (+ DLQ, group {manifest.group}, checkpoints)"
         )

@@ -36,12 +36,12 @@ def runs_per_tick() -> int:
 def reported_versions(client: Any, bucket: str, topic: str) -> dict[tuple[str, str], dict[int, str]]:
     """(pipeline, day) -> {version: archive fingerprint its newest reported replay was computed from}."""
     found: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
-    manifests = sorted(replay_manifest.iter_manifests(client, bucket), key=lambda m: str(m.get("started_at", "")))
+    manifests = sorted(replay_manifest.iter_manifests(client, bucket), key=lambda m: m.started_at or "")
     for manifest in manifests:  # oldest first: a newer replay of the same day and version wins
-        reported = manifest.get("status") == "reported" and manifest.get("source_topic") == topic
-        if reported and manifest.get("archive_fingerprint"):
-            versions = found[(manifest["pipeline"], manifest["day"])]
-            versions[int(manifest["version"])] = manifest["archive_fingerprint"]
+        reported = manifest.status == "reported" and manifest.source_topic == topic
+        if reported and manifest.archive_fingerprint:
+            versions = found[(manifest.pipeline, manifest.day)]
+            versions[manifest.version] = manifest.archive_fingerprint
     return found
 
 

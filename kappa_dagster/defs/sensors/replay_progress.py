@@ -5,7 +5,6 @@ manifest's end offsets. The gate is requested only for a ``consumed`` replay who
 """
 
 import json
-from typing import Any
 
 import dagster as dg
 
@@ -17,6 +16,7 @@ from kappa_dagster.replay.target import PIPELINE_TAG, VERSION_TAG
 from workers.lag import GroupLag, LagReader
 from workers.replay import manifest as replay_manifest
 from workers.replay import status as replay_status
+from workers.replay.manifest import ReplayManifest
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -31,13 +31,13 @@ def day_in_flight(instance: dg.DagsterInstance, day: str) -> bool:
     return bool(runs)
 
 
-def observe(manifest: dict[str, Any], state: GroupLag) -> dg.AssetObservation:
+def observe(manifest: ReplayManifest, state: GroupLag) -> dg.AssetObservation:
     return dg.AssetObservation(
         asset_key=replay_consume.key,
-        partition=manifest["day"],
+        partition=manifest.day,
         metadata={
-            "replay_id": manifest["replay_id"],
-            "version": dg.MetadataValue.int(manifest["version"]),
+            "replay_id": manifest.replay_id,
+            "version": dg.MetadataValue.int(manifest.version),
             "lag": dg.MetadataValue.int(state.lag),
             "percent_done": dg.MetadataValue.float(state.percent_done),
             "records_done": dg.MetadataValue.int(state.consumed),
@@ -49,11 +49,11 @@ def observe(manifest: dict[str, Any], state: GroupLag) -> dg.AssetObservation:
     )
 
 
-def request_report(manifest: dict[str, Any]) -> dg.RunRequest:
+def request_report(manifest: ReplayManifest) -> dg.RunRequest:
     return dg.RunRequest(
-        run_key=f"report:{manifest['replay_id']}:{str(manifest.get('report_etag')).strip(chr(34))[:16]}",
-        partition_key=manifest["day"],
-        tags={VERSION_TAG: str(manifest["version"]), PIPELINE_TAG: manifest["pipeline"]},
+        run_key=f"report:{manifest.replay_id}:{str(manifest.report_etag).strip(chr(34))[:16]}",
+        partition_key=manifest.day,
+        tags={VERSION_TAG: str(manifest.version), PIPELINE_TAG: manifest.pipeline},
     )
 
 
@@ -71,17 +71,17 @@ def replay_progress_sensor(context: dg.SensorEvaluationContext, kappa: KappaReso
     events: list[dg.AssetObservation] = []
     requests: list[dg.RunRequest] = []
     for manifest in replay_manifest.iter_manifests(kappa.s3_client(settings), settings.s3_bucket):
-        if manifest.get("status") not in {"loaded", "consumed"} or manifest.get("day") not in known_days:
+        if manifest.status not in {"loaded", "consumed"} or manifest.day not in known_days:
             continue
-        if manifest.get("source_topic") != settings.events_topic:
+        if manifest.source_topic != settings.events_topic:
             continue
         state = replay_status.progress(reader, manifest)
         if state is None:  # its topic is gone: nothing to observe, nothing to report
             continue
-        if cursor.get(manifest["replay_id"]) != state.lag:
+        if cursor.get(manifest.replay_id) != state.lag:
             events.append(observe(manifest, state))
-            cursor[manifest["replay_id"]] = state.lag
-        consumed = manifest["status"] == "consumed"
-        if consumed and state.lag == 0 and not day_in_flight(context.instance, manifest["day"]):
+            cursor[manifest.replay_id] = state.lag
+        consumed = manifest.status == "consumed"
+        if consumed and state.lag == 0 and not day_in_flight(context.instance, manifest.day):
             requests.append(request_report(manifest))
     return dg.SensorResult(run_requests=requests, asset_events=events, cursor=json.dumps(cursor, sort_keys=True))
