@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -110,6 +111,9 @@ def checkpoints(s3, bucket: str, topic: str) -> dict[int, int]:
     found = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"_state/archiver/{topic}/"):
         for obj in page.get("Contents", []):
+            # only checkpoint names: S3Proxy's filesystem backend lists a write in flight as `<key>-<uuid>`
+            if not re.search(r"/part=\d+\.json$", obj["Key"]):
+                continue
             body = json.loads(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
             found[body["partition"]] = body["next_offset"]
     return found

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -273,16 +274,16 @@ def stage_command(topic: str, group: str, stage: str, bounded: bool) -> list[str
     return [
         *(sys.executable, "-m", "workers.cli", "processor", "--pipeline", "orders", "--version", "3"),
         *("--topic", topic, "--group", group, "--stage", stage, "--from-beginning", "--progress", "none"),
-        *("--batch-size", "10" if stage == "1" else "4", "--checkpoint-seconds", "0.2"),
+        *("--batch-size", "20" if stage == "1" else "10", "--checkpoint-seconds", "0.2"),
         *("--grace-seconds", str(LIVE_GRACE_MS // 1000)),
         *(["--until-end"] if bounded else []),
     ]
 
 
 @pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "live"])
-def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, bounded: bool) -> None:
+def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, bounded: bool, tmp_path: Path) -> None:
     topic = settings.events_topic
-    produce_events(settings, 20_000, topic=topic, start=START, days=0.25, partitions=4, seed=SEED + 1,
+    produce_events(settings, 16_000, topic=topic, start=START, days=0.25, partitions=4, seed=SEED + 1,
                    faults=dataclasses.replace(FAULTS, rerouted=0.3), keying="user")
     messages = read_topic(settings, topic)
     expected = oracle(messages)
@@ -307,8 +308,13 @@ def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, b
 
     def start(stage: str) -> subprocess.Popen:
         env = {**os.environ, "KAPPA_INSTANCE_ID": f"kill-{stage}"}
-        return subprocess.Popen(stage_command(topic, group, stage, bounded), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a file, not a pipe: a live stage logs for minutes and would block on a pipe nobody drains
+        with open(tmp_path / f"stage{stage}.log", "ab") as log:
+            return subprocess.Popen(stage_command(topic, group, stage, bounded), env=env,
+                                    stdout=subprocess.DEVNULL, stderr=log)
+
+    def log_tail(stage: str) -> str:
+        return (tmp_path / f"stage{stage}.log").read_text(errors="replace")[-2000:]
 
     rng = random.Random(SEED)
     procs = {"1": start("1"), "2": start("2")}
@@ -327,9 +333,12 @@ def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, b
                 procs[victim] = start(victim)
         if bounded:
             for stage, proc in procs.items():
-                assert proc.wait(timeout=180) == 0, (stage, proc.stderr.read().decode()[-2000:])  # type: ignore[union-attr]
+                assert proc.wait(timeout=180) == 0, (stage, log_tail(stage))
         else:
-            wait_for(lambda: total(live(settings, days)) >= total(expected), timeout=180)
+            try:
+                wait_for(lambda: total(live(settings, days)) >= total(expected), timeout=180)
+            except AssertionError:
+                raise AssertionError(f"live stages never caught up:\n1: {log_tail('1')}\n2: {log_tail('2')}") from None
     finally:
         for proc in procs.values():
             if proc.poll() is None:
