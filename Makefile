@@ -46,7 +46,7 @@ test: install browser ## Run the full test suite against the real stack
 # exits 0; docs/RELIABILITY.md is then regenerated from the figures JSON (tests/reliability/render_doc.py).
 define green_figures
 	@figures=$$(mktemp --suffix=.json); \
-	if KAPPA_RELIABILITY_FIGURES=$$figures $(BIN)/pytest -m "$(1)" tests/reliability $(PYTEST_ARGS); then \
+	if KAPPA_RELIABILITY_FIGURES=$$figures $(BIN)/pytest -m "$(1)" $(3) $(PYTEST_ARGS); then \
 		mv $$figures $(2) && echo "figures of this green run: $(2)"; \
 	else \
 		echo "reliability run not green: $(2) left as it was (this run's figures: $$figures)"; exit 1; \
@@ -55,10 +55,10 @@ define green_figures
 endef
 
 soak: install ## Long reliability variants (20 kills per worker, 30 s S3 outage, 2400 fuzzed records); green -> docs/reliability-figures-soak.json + RELIABILITY.md
-	$(call green_figures,soak,docs/reliability-figures-soak.json)
+	$(call green_figures,soak,docs/reliability-figures-soak.json,tests)
 
 reliability-figures: install ## Default reliability run; only a green run updates docs/reliability-figures.json and regenerates docs/RELIABILITY.md
-	$(call green_figures,not soak,docs/reliability-figures.json)
+	$(call green_figures,not soak,docs/reliability-figures.json,tests/reliability)
 
 test-fast: install ## Run the tests that need no stack
 	$(BIN)/pytest tests/test_config.py $(PYTEST_ARGS)

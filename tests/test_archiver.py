@@ -217,6 +217,9 @@ def test_a_checkpoint_beyond_the_log_end_is_refused(settings: Settings, s3, arch
     assert not list_raw(s3, settings)
 
 
+# the default run's archiver kill points are the reliability suite's (tests/reliability/test_process_faults.py,
+# with figures); this 100k-event variant runs with the soak
+@pytest.mark.soak
 def test_sigkill_at_random_moments_then_restart_gives_the_exact_archive(settings: Settings, s3, archivers,
                                                                         unique) -> None:
     produce_events(settings, 100_000, seed=7, faults=FAULTS)

@@ -206,6 +206,9 @@ def test_event_time_ordered_topic_with_grace_0_gives_the_batch_report(
 # -------------------------------------------------------------------- crash safety and rebalance
 
 
+# the default run's live-processor kill points are the reliability suite's
+# (tests/reliability/test_process_faults.py, with figures); this variant runs with the soak
+@pytest.mark.soak
 def test_sigkill_at_random_moments_then_restart_gives_identical_results(
     settings: Settings, s3: Any, events_topic
 ) -> None:

@@ -48,7 +48,7 @@ def kills(default: int) -> list:
     return [pytest.param(default, id=f"{default}-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.soak)]
 
 
-@pytest.mark.parametrize("kills", kills(4))
+@pytest.mark.parametrize("kills", kills(3))
 def test_archiver_sigkill_loses_and_duplicates_nothing(
     settings: Settings, s3, workers: Workers, seed: int, kills: int
 ) -> None:
