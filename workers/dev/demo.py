@@ -172,17 +172,16 @@ def reconcile(settings: Settings, day: str) -> None:
     """Corrected v2 vs the archive's v1 computation vs live v1: every difference accounted for."""
     from workers.archive.format import read_day
     from workers.pipelines import get_pipeline
-    from workers.processor.engine import read_live_results
+    from workers.processor import results
 
     client = s3_helpers.s3_client(settings)
     archive = read_day(client, settings.s3_bucket, settings.events_topic, day)
     batch_v1, stats_v1 = get_pipeline("orders", 1).batch_report(archive)
-    corrected = pl.read_parquet(client.get_object(Bucket=settings.s3_bucket,
-                                                  Key=keys.report_file("orders", 2, day))["Body"].read())
-    stats_v2 = json.loads(s3_helpers.get_bytes(client, settings.s3_bucket,
-                                               keys.report_file("orders", 2, day).replace("report.parquet",
-                                                                                          "stats.json")))
-    live = read_live_results(settings, "orders", 1, day, include_open=True)
+    report = results.corrected_report(client, settings.s3_bucket, "orders", 2, day)
+    if report is None:
+        raise KappaError(f"the reprocess run wrote no corrected report of orders v2 for {day}")
+    corrected, stats_v2 = report.frame, report.stats
+    live = results.live_results(client, settings.s3_bucket, "orders", 1, day, include_open=True)
     table = Table(title=f"orders, {day}: live vs corrected")
     for column in ("result", "windows", "events", "amount", "note"):
         table.add_column(column, justify="right" if column not in ("result", "note") else "left")
@@ -239,7 +238,7 @@ def where_to_look(stack: Stack, url: str, day: str) -> None:
         f"S3 endpoint     : {stack.s3_endpoint}   bucket {settings.s3_bucket}: raw/, live/, reports/",
         "Dagster UI      : make dagster-dev  ->  http://127.0.0.1:3000  (Assets > corrected_report, "
         f"partition {day})",
-        f"Live report     : .venv/bin/kappa report --pipeline orders --version 2 --day {day}",
+        f"Reports         : .venv/bin/kappa report --pipeline orders --version 2 --day {day} [--live | --served]",
         "Replays         : .venv/bin/kappa replay status",
         "Stop the demo   : make demo-stop   (workers + dashboard; `make stack-down` stops Kafka and S3)",
     ]
@@ -266,11 +265,11 @@ def story() -> None:
 
     step(f"3. a day of events ({day}) with duplicates, late and malformed records")
     run(f"kappa produce -n {EVENTS} --start {day} --days 1 --seed 42 {' '.join(FAULTS)}")
-    wait_caught_up(settings, ["kappa.archiver", "kappa.orders.v1.live"])
+    wait_caught_up(settings, [keys.ARCHIVER_GROUP, keys.live_group("orders", 1)])
     wait_archived(settings, day)
 
     step(f"4. live report of {day} (orders v1, first rows)")
-    run(f"kappa report --pipeline orders --version 1 --day {day} --format csv -o .demo/live-v1-{day}.csv",
+    run(f"kappa report --pipeline orders --version 1 --day {day} --live --format csv -o .demo/live-v1-{day}.csv",
         quiet=True)
     console.print(pl.read_csv(STATE / f"live-v1-{day}.csv").head(8))
 

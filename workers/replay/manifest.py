@@ -36,14 +36,6 @@ def replay_id(pipeline: str, version: int, day: str, bucket: str, source_topic: 
     return keys.valid_replay_id(f"{pipeline.replace('_', '-')}-v{version}-{day.replace('-', '')}-{source}")
 
 
-def replay_topic(source_topic: str, rid: str) -> str:
-    return keys.valid_topic(f"{source_topic}.replay.{keys.valid_replay_id(rid)}")
-
-
-def replay_group(pipeline: str, version: int, rid: str) -> str:
-    return f"kappa.{keys.valid_name(pipeline)}.v{keys.valid_version(version)}.replay.{keys.valid_replay_id(rid)}"
-
-
 #: Where a manifest dict remembers the S3 version it was read at (never stored in S3).
 ETAG = "_etag"
 
