@@ -55,7 +55,7 @@ def run_loader(options: dict[str, Any]) -> dict[str, Any]:
     )
     phases: dict[str, float] = {}
 
-    def progress(p: replay_loader.Progress) -> None:
+    def progress(p: replay_loader.LoadProgress) -> None:
         phases[p.phase] = p.elapsed_s
         print(f"loader {p.describe()}", file=sys.stderr, flush=True)
 

@@ -17,10 +17,10 @@ import polars as pl
 from confluent_kafka import Producer
 from dagster_env import ROOT, dagster_cli
 
-from workers import keys
 from workers import s3 as s3_helpers
 from workers.archive import format as archive_format
 from workers.config import Settings
+from workers.processor.results import corrected_report
 from workers.replay.manifest import ReplayManifest
 
 
@@ -33,10 +33,9 @@ def reprocess(day: str, tags: dict[str, str] | None = None, timeout: float = 240
 
 
 def report(s3: Any, settings: Settings, version: int, day: str) -> pl.DataFrame:
-    import io
-
-    body = s3.get_object(Bucket=settings.s3_bucket, Key=keys.report_file("orders", version, day))["Body"].read()
-    return pl.read_parquet(io.BytesIO(body))
+    found = corrected_report(s3, settings.s3_bucket, "orders", version, day)
+    assert found is not None, f"no corrected report of orders v{version} for {day}"
+    return found.frame
 
 
 def archive(s3: Any, settings: Settings, day: str) -> pl.DataFrame:

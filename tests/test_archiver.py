@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from reliability.invariants import ARCHIVE_SCHEMA  # the independent reader's view of the archive contract
 
 from workers import kafka as kafka_helpers
-from workers.archive.archiver import Archiver, ArchiverOptions, PartitionState, parse_size, run_archiver, split_by_day
+from workers.archive.archiver import Archiver, ArchiverOptions, PartitionBuffer, parse_size, run_archiver, split_by_day
 from workers.config import Settings
 from workers.dev.generator import Faults, produce_events
 from workers.errors import KappaError
@@ -337,7 +337,7 @@ def test_total_buffer_cap_flushes_the_biggest_buffers_first() -> None:
     options = ArchiverOptions(flush_records=10**9, flush_bytes=2**40, max_buffer_bytes=1500)
     archiver = Archiver(Settings(bootstrap_servers="127.0.0.1:1", events_topic="t"), options)
     for partition, rows in {0: 10, 1: 100, 2: 50}.items():
-        archiver.parts[partition] = PartitionState()
+        archiver.parts[partition] = PartitionBuffer()
         frame = pl.DataFrame({"offset": range(rows), "value": [b"x" * 8] * rows})
         archiver.parts[partition].add(frame, now=0.0)
     assert archiver._due(now=1.0) == [1]  # 100 rows ~ 1.7 kB over the cap; the rest fits under it

@@ -34,7 +34,7 @@ from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
 from workers.lag import LagReader
-from workers.processor.engine import read_live_results
+from workers.processor.results import live_results
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
 
@@ -76,7 +76,7 @@ def test_three_days_reprocessed_with_v2_equal_plain_polars(
 ) -> None:
     frame = write_days(s3, settings.s3_bucket, settings.events_topic, DAYS, 1500)
     run_live_v1(settings, frame)
-    assert not read_live_results(settings, "orders", 1, DAYS[0]).is_empty()
+    assert not live_results(s3, settings.s3_bucket, "orders", 1, DAYS[0]).is_empty()
 
     # entry point 1: the CLI, version by tag for one day and by default for the next
     for day, tags in ((DAYS[0], {"kappa/version": "2"}), (DAYS[1], {})):

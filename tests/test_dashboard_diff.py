@@ -23,7 +23,8 @@ from workers.config import Settings
 from workers.dashboard.collector import Collector, View
 from workers.dev.generator import Faults, produce_events
 from workers.processor import state as processor_state
-from workers.processor.engine import read_live_results, run_processor
+from workers.processor.engine import run_processor
+from workers.processor.results import corrected_report, live_results
 
 DAY = "2026-11-24"
 
@@ -66,9 +67,10 @@ def test_diff_uses_the_live_version_that_processed_the_day(settings: Settings, s
     finally:
         collector.close()
 
-    report_key = keys.report_file("orders", 2, DAY)
-    corrected = pl.read_parquet(s3.get_object(Bucket=settings.s3_bucket, Key=report_key)["Body"].read())
-    live_v1 = read_live_results(settings, "orders", 1, DAY, include_open=True)
+    report = corrected_report(s3, settings.s3_bucket, "orders", 2, DAY)
+    assert report is not None
+    corrected = report.frame
+    live_v1 = live_results(s3, settings.s3_bucket, "orders", 1, DAY, include_open=True)
     duplicates = int(live_v1["events"].sum()) - int(corrected["events"].sum())
     assert duplicates > 0  # the fault landed: v1 counted copies that v2 dropped
     assert diff["available"], diff

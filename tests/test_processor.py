@@ -26,9 +26,9 @@ from workers import keys
 from workers.archive import format as archive_format
 from workers.config import Settings
 from workers.pipelines import get_pipeline
-from workers.processor.engine import RunSummary, read_live_results, run_processor
+from workers.processor.engine import RunSummary, run_processor
+from workers.processor.results import corrected_report, live_results
 from workers.processor.state import list_states
-from workers.s3 import get_bytes
 
 DAY = "2026-01-01"
 Record = tuple[bytes | None, bytes | None, int, list[tuple[str, bytes]]]  # key, value, timestamp, headers
@@ -79,10 +79,9 @@ def archive_of(settings: Settings, topic: str) -> pl.DataFrame:
 
 
 def read_report(s3: Any, settings: Settings, version: int) -> tuple[pl.DataFrame, dict[str, int]]:
-    report = get_bytes(s3, settings.s3_bucket, keys.report_file("orders", version, DAY))
-    stats = get_bytes(s3, settings.s3_bucket, keys.report_stats_file("orders", version, DAY))
-    assert report is not None and stats is not None
-    return pl.read_parquet(io.BytesIO(report)), json.loads(stats)
+    report = corrected_report(s3, settings.s3_bucket, "orders", version, DAY)
+    assert report is not None
+    return report.frame, report.stats
 
 
 def bounded(
@@ -144,6 +143,13 @@ def test_every_malformed_record_reaches_the_dlq_with_a_reason(settings: Settings
         ]
     report, stats = read_report(s3, settings, 1)
     assert stats["dlq"] == bad.height and report["events"].sum() == raw.height - bad.height == stats["counted"]
+    cli = subprocess.run(  # `kappa report` prints the corrected report by default
+        [sys.executable, "-m", "workers.cli", "report", "-p", "orders", "-v", "1", "-d", DAY, "--format", "csv"],
+        capture_output=True,
+        check=True,
+    )
+    printed = pl.read_csv(io.BytesIO(cli.stdout))
+    assert printed.height == report.height and printed["events"].to_list() == report["events"].to_list()
 
 
 # -------------------------------------------------------------------- v1 vs v2, bounded = batch
@@ -289,7 +295,8 @@ def test_live_results_survive_a_restart_and_late_records_are_counted(settings: S
     produce(settings, settings.events_topic, records[:1000])
 
     def live_events(include_open: bool = True) -> int:
-        return int(read_live_results(settings, "orders", 2, DAY, include_open=include_open)["events"].sum() or 0)
+        frame = live_results(s3, settings.s3_bucket, "orders", 2, DAY, include_open=include_open)
+        return int(frame["events"].sum() or 0)
 
     stop, result = threading.Event(), []
     thread = run_live(settings, 2, stop, result, grace_ms=120_000)
@@ -308,17 +315,19 @@ def test_live_results_survive_a_restart_and_late_records_are_counted(settings: S
     stop.set()
     thread.join(60)
 
-    assert read_live_results(settings, "orders", 2, DAY, include_open=True).equals(expected)
-    closed = read_live_results(settings, "orders", 2, DAY)
+    assert live_results(s3, settings.s3_bucket, "orders", 2, DAY, include_open=True).equals(expected)
+    closed = live_results(s3, settings.s3_bucket, "orders", 2, DAY)
     assert 0 < closed.height < expected.height and expected.head(closed.height).equals(closed)
     assert result[0].late_records == 1
 
-    cli = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "report", "-p", "orders", "-v", "2", "-d", DAY, "--format", "csv"],
-        capture_output=True,
-        check=True,
-    )
+    report = [sys.executable, "-m", "workers.cli", "report", "-p", "orders", "-v", "2", "-d", DAY, "--format", "csv"]
+    cli = subprocess.run([*report, "--live"], capture_output=True, check=True)
     assert pl.read_csv(io.BytesIO(cli.stdout)).height == closed.height
+    # the default is the corrected report, which no replay has written here: one line naming the job
+    missing = subprocess.run(report, capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert missing.returncode == 2 and not missing.stdout
+    assert missing.stderr.count("\n") == 1 and "no corrected report of orders v2" in missing.stderr
+    assert "-j reprocess" in missing.stderr and "--live" in missing.stderr, missing.stderr
 
 
 def live_states(s3: Any, settings: Settings) -> dict[int, dict]:

@@ -145,7 +145,7 @@ def test_load_is_idempotent_and_recovers_from_a_partial_load(settings: Settings,
 
 def test_throttle_and_progress(settings: Settings, s3: Any) -> None:
     write_day(s3, settings.s3_bucket, settings.events_topic, DAY, day_records(DAY, 300, partitions=2))
-    seen: list[replay_loader.Progress] = []
+    seen: list[replay_loader.LoadProgress] = []
     spec = _spec(settings, throttle=600.0)
     result = replay_loader.load(settings, spec, client=s3, progress=seen.append, progress_interval=0.1)
     try:

@@ -32,7 +32,8 @@ from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
 from workers.dev.generator import Faults, produce_events
-from workers.processor.engine import read_live_results, run_processor
+from workers.processor.engine import run_processor
+from workers.processor.results import corrected_report, live_results
 from workers.processor.state import list_states
 from workers.s3 import Fenced, ensure_bucket, get_bytes, s3_client
 
@@ -124,9 +125,9 @@ def bucket_settings(settings: Settings, name: str) -> Settings:
 def reports(settings: Settings, days: list[str]) -> dict[str, pl.DataFrame]:
     client, found = s3_client(settings), {}
     for day in days:
-        data = get_bytes(client, settings.s3_bucket, keys.report_file("orders", 3, day))
-        assert data is not None, f"no report for {day}"
-        found[day] = pl.read_parquet(data)
+        report = corrected_report(client, settings.s3_bucket, "orders", 3, day)
+        assert report is not None, f"no report for {day}"
+        found[day] = report.frame
     return found
 
 
@@ -134,7 +135,9 @@ def live(settings: Settings, days: list[str]) -> dict[str, pl.DataFrame]:
     """Closed + open windows; a checkpoint racing the read (snapshot replaced) is read again."""
     for attempt in range(10):
         try:
-            results = {day: read_live_results(settings, "orders", 3, day, include_open=True) for day in days}
+            client = s3_client(settings)
+            results = {day: live_results(client, settings.s3_bucket, "orders", 3, day, include_open=True)
+                       for day in days}
             return {day: frame for day, frame in results.items() if frame.height}
         except Fenced:
             if attempt == 9:

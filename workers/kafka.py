@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
+from workers import keys
 from workers.config import Settings
 from workers.errors import KappaError, UnreachableError
 
@@ -110,7 +111,7 @@ def topic_id(settings: Settings, topic: str, timeout: float = 30.0) -> str:
 
 def end_offsets(settings: Settings, topic: str, timeout: float = 30.0) -> dict[int, int]:
     """High watermark per partition: the offset the next record will get."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": "kappa.offsets-probe", "enable.auto.commit": False}))
+    consumer = Consumer(settings.kafka_config(**{"group.id": keys.OFFSETS_PROBE_GROUP, "enable.auto.commit": False}))
     deadline = time.monotonic() + timeout
     try:
         result = {}

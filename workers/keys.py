@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 
 from workers.errors import KappaError
 
@@ -144,6 +145,49 @@ def valid_group(group: str) -> str:
     if not isinstance(group, str) or not GROUP_RE.match(group) or group in {".", ".."}:
         raise KappaError(f"consumer group {group!r} must match {GROUP_RE.pattern}")
     return group
+
+
+# ---------------------------------------------------------------- Kafka topics and consumer groups
+
+#: the archiver's group (``kappa archiver --group`` overrides it)
+ARCHIVER_GROUP = "kappa.archiver"
+#: a group that never joins: only used to read committed offsets and watermarks
+OFFSETS_PROBE_GROUP = "kappa.offsets-probe"
+
+
+def live_group(pipeline: str, version: int) -> str:
+    """The live processor of one pipeline version: ``kappa.<P>.v<V>.live``."""
+    return f"kappa.{valid_name(pipeline)}.v{valid_version(version)}.live"
+
+
+def replay_group(pipeline: str, version: int, replay_id: str) -> str:
+    """The bounded processor of one replay: ``kappa.<P>.v<V>.replay.<id>``."""
+    return f"kappa.{valid_name(pipeline)}.v{valid_version(version)}.replay.{valid_replay_id(replay_id)}"
+
+
+def replay_topic(source_topic: str, replay_id: str) -> str:
+    """The replay's own copy of the archived day: ``<source>.replay.<id>``."""
+    return valid_topic(f"{source_topic}.replay.{valid_replay_id(replay_id)}")
+
+
+def dlq_topic(topic: str) -> str:
+    """Where the rejects of ``topic`` go: ``<topic>.dlq`` (a replay's own DLQ)."""
+    return valid_topic(f"{topic}.dlq")
+
+
+def repartition_topic(group: str, state_key: Sequence[str]) -> str:
+    """``<group>-<state key>-repartition``, as Kafka Streams names ``<application.id>-<name>-repartition``."""
+    return valid_topic(f"{valid_group(group)}-{'-'.join(state_key)}-repartition")
+
+
+def is_repartition_topic(topic: str, group: str) -> bool:
+    """Whether ``topic`` is one of the repartition topics :func:`repartition_topic` names for ``group``."""
+    return topic.startswith(f"{group}-") and topic.endswith("-repartition")
+
+
+def shuffle_group(group: str) -> str:
+    """Stage 2 of a shuffled processor group ``G``: ``G-shuffle``."""
+    return valid_group(f"{valid_group(group)}-shuffle")
 
 
 def report_stats_file(pipeline: str, version: int, day: str) -> str:

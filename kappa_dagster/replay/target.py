@@ -59,10 +59,6 @@ class ReplayTarget:
         return keys.report_file(self.pipeline, self.version, self.day)
 
     @property
-    def stats_key(self) -> str:
-        return self.report_key.rsplit("/", 1)[0] + "/stats.json"
-
-    @property
     def tags(self) -> dict[str, str]:
         return {VERSION_TAG: str(self.version), PIPELINE_TAG: self.pipeline}
 

@@ -476,11 +476,11 @@ def assert_reports_exact(settings: Settings, client: Any, version: int, days: It
 def assert_live_exact(settings: Settings, client: Any, version: int) -> None:
     """Live results (open windows included: the live tests use an unbounded grace) equal the reference per day."""
     from workers.pipelines import get_pipeline
-    from workers.processor.engine import read_live_results
+    from workers.processor.results import live_results
 
     pipeline = get_pipeline("orders", version)
     for day in archive_days(client, settings.s3_bucket, settings.events_topic):
-        live = read_live_results(settings, "orders", version, day, include_open=True)
+        live = live_results(client, settings.s3_bucket, "orders", version, day, include_open=True)
         assert_report_exact(live, archive_frame(client, settings.s3_bucket, settings.events_topic, day), pipeline)
 
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import polars as pl
-from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from workers import kafka as kafka_helpers
-from workers import keys, membership
+from workers import keys, membership, retry
 from workers import s3 as s3_helpers
 from workers.archive import format as archive_format
 from workers.config import Settings
@@ -32,9 +31,6 @@ from workers.s3 import Fenced
 
 log = logging.getLogger("kappa.archiver")
 
-DEFAULT_GROUP = "kappa.archiver"
-S3_ERRORS = (BotoCoreError, ClientError, OSError)
-FIRST_BACKOFF_S = 0.5
 #: A log end below the S3 checkpoint is re-read this many times before the archiver refuses (one
 #: answer from a broker that just restarted or moved leadership can lag behind the log it serves).
 WATERMARK_CONFIRMATIONS = 3
@@ -49,7 +45,7 @@ class ArchiverError(KappaError):
 class ArchiverOptions:
     """Tuning knobs; defaults give ~tens of MB Parquet files per partition and day."""
 
-    group: str = DEFAULT_GROUP
+    group: str = keys.ARCHIVER_GROUP
     topic: str | None = None
     flush_bytes: int = 32 * 1024 * 1024
     flush_records: int = 1_000_000
@@ -62,7 +58,7 @@ class ArchiverOptions:
     session_timeout: float = 45.0
     log_interval: float = 10.0
     metrics_port: int | None = None
-    max_backoff: float = 30.0
+    max_backoff: float = retry.MAX_BACKOFF_S
     revoke_timeout: float = 30.0
     shutdown_timeout: float = 60.0
     #: static membership (``None``: ``KAPPA_INSTANCE_ID`` or the per-host default) and group protocol
@@ -215,7 +211,7 @@ class ArchiveStore:
 
 
 @dataclass
-class PartitionState:
+class PartitionBuffer:
     """What one assigned partition holds in memory and how far it is durable."""
 
     durable: int | None = None  # next offset not yet in S3 (the checkpoint)
@@ -227,8 +223,7 @@ class PartitionState:
     oldest: float | None = None  # monotonic time the oldest buffered record arrived
     paused: bool = False
     refused: bool = False  # Kafka deleted offsets we never archived: not consumed until an operator decides
-    backoff: float = 0.0
-    retry_at: float = 0.0
+    backoff: retry.Backoff = field(default_factory=retry.Backoff)
 
     def add(self, frame: pl.DataFrame, now: float) -> None:
         self.frames.append(frame)
@@ -244,7 +239,7 @@ class PartitionState:
         return self.frames[0]
 
     def due(self, options: ArchiverOptions, now: float, end: int | None) -> bool:
-        if not self.records or now < self.retry_at:
+        if not self.records or self.backoff.waiting(now):
             return False
         at_end = end is not None and self.position is not None and self.position >= end
         return (
@@ -256,7 +251,8 @@ class PartitionState:
 
     def flushed(self, next_offset: int) -> None:
         self.frames, self.records, self.bytes, self.oldest = [], 0, 0, None
-        self.durable, self.backoff, self.retry_at = next_offset, 0.0, 0.0
+        self.durable = next_offset
+        self.backoff.reset()
 
     def reached(self, end: int) -> bool:
         """Nothing buffered and everything before ``end`` durable (or the partition is empty)."""
@@ -333,7 +329,7 @@ class Archiver:
         self.topic = keys.valid_topic(options.topic or settings.events_topic)
         self.stop = stop or threading.Event()
         self.store = ArchiveStore(s3_helpers.s3_client(settings, retries=2), settings.s3_bucket, self.topic)
-        self.parts: dict[int, PartitionState] = {}
+        self.parts: dict[int, PartitionBuffer] = {}
         #: partitions whose flush was fenced: re-read and re-seeked by the loop (never inside a callback)
         self.refetch: set[int] = set()
         self.ends: dict[int, int] = {}
@@ -380,9 +376,11 @@ class Archiver:
         self.store.topic_id = kafka_helpers.topic_id(self.settings, self.topic)
         try:
             s3_helpers.ensure_bucket(self.store.client, self.store.bucket)
-        except S3_ERRORS as exc:
+        except retry.S3_ERRORS as exc:
             where = self.settings.s3_endpoint_url or "AWS S3"
-            raise ArchiverError(f"bucket {self.store.bucket!r} at {where} is not usable ({_describe(exc)})") from None
+            raise ArchiverError(
+                f"bucket {self.store.bucket!r} at {where} is not usable ({retry.describe(exc)})"
+            ) from None
         if self.options.until_end:
             self.ends = kafka_helpers.end_offsets(self.settings, self.topic)
             log.info("until-end: end offsets %s", self.ends)
@@ -433,7 +431,7 @@ class Archiver:
         key = keys.archiver_checkpoint(self.topic, partition)
         try:
             body = s3_helpers.get_bytes(self.store.client, self.store.bucket, key)
-        except S3_ERRORS:
+        except retry.S3_ERRORS:
             return -1  # cannot tell now: keep waiting
         return -1 if body is None else int(json.loads(body)["next_offset"])
 
@@ -455,7 +453,7 @@ class Archiver:
         for partition, state in sorted(self.parts.items(), key=lambda item: -item[1].bytes):
             if total <= self.options.max_buffer_bytes:
                 break
-            if partition not in due and state.records and now >= state.retry_at:
+            if partition not in due and state.records and not state.backoff.waiting(now):
                 due.append(partition)
                 total -= state.bytes
         return due
@@ -511,7 +509,7 @@ class Archiver:
                 continue
             try:
                 done.append(TopicPartition(self.topic, partition, self._persist(partition, state)))
-            except S3_ERRORS as exc:
+            except retry.S3_ERRORS as exc:
                 self._s3_failed(partition, state, exc)
                 failed.append(partition)
             except Fenced as exc:
@@ -519,7 +517,7 @@ class Archiver:
         self._commit(done)
         return failed
 
-    def _fenced(self, partition: int, state: PartitionState, exc: Fenced) -> None:
+    def _fenced(self, partition: int, state: PartitionBuffer, exc: Fenced) -> None:
         """Another member checkpointed this partition: drop our buffer, never write it from here."""
         self.summary.fences += 1
         self.metrics.fences.inc()
@@ -534,7 +532,7 @@ class Archiver:
                     "%s) dropped unwritten by %s:%d, re-reading the checkpoint if still assigned", partition, winner,
                     state.records, state.durable, socket.gethostname(), os.getpid())
 
-    def _persist(self, partition: int, state: PartitionState) -> int:
+    def _persist(self, partition: int, state: PartitionBuffer) -> int:
         frame = state.frame()
         next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
         files, size = self.store.write_files(partition, frame)
@@ -557,18 +555,16 @@ class Archiver:
         self.metrics.bytes.inc(bytes_written)
         self.metrics.files.inc(files)
 
-    def _s3_failed(self, partition: int, state: PartitionState, exc: Exception) -> None:
+    def _s3_failed(self, partition: int, state: PartitionBuffer, exc: Exception) -> None:
         """Keep the buffer, stop fetching this partition, retry later with exponential backoff."""
-        state.backoff = min(self.options.max_backoff, state.backoff * 2 or FIRST_BACKOFF_S)
-        state.retry_at = time.monotonic() + state.backoff
-        self.summary.s3_errors += 1
-        self.metrics.s3_errors.inc()
+        delay = state.backoff.failed(self.options.max_backoff)
+        self._count_s3_error(exc)
         log.warning("S3 write for partition %d failed (%s); %d records kept, retry in %.1fs",
-                    partition, _describe(exc), state.records, state.backoff)
+                    partition, retry.describe(exc), state.records, delay)
         if not state.paused:
             self._set_paused(partition, state, True)
 
-    def _set_paused(self, partition: int, state: PartitionState, paused: bool) -> None:
+    def _set_paused(self, partition: int, state: PartitionBuffer, paused: bool) -> None:
         if self.consumer is not None and not self.closing:
             tps = [TopicPartition(self.topic, partition)]
             self.consumer.pause(tps) if paused else self.consumer.resume(tps)
@@ -591,7 +587,7 @@ class Archiver:
             pending = self._flush(pending)
             if not pending:
                 return
-            wait = min(state.retry_at for p, state in self.parts.items() if p in pending) - time.monotonic()
+            wait = min(state.backoff.retry_at for p, state in self.parts.items() if p in pending) - time.monotonic()
             if time.monotonic() + max(wait, 0) > deadline:
                 records = sum(self.parts[p].records for p in pending)
                 raise ArchiverError(
@@ -620,7 +616,7 @@ class Archiver:
             except KafkaException as exc:
                 log.warning("partition %d not re-read after the fence (%s)", partition, exc)
                 continue
-            self.parts[partition] = PartitionState(durable=start, position=start)
+            self.parts[partition] = PartitionBuffer(durable=start, position=start)
 
     # -- rebalance callbacks (run inside consume())
 
@@ -629,7 +625,7 @@ class Archiver:
         for tp in partitions:
             doc = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint_doc(p), "read checkpoint")
             start = None if doc is None else int(doc["next_offset"])
-            state = self.parts[tp.partition] = PartitionState(durable=start, position=start)
+            state = self.parts[tp.partition] = PartitionBuffer(durable=start, position=start)
             if start is not None:
                 self._check_same_topic(tp.partition, doc)  # type: ignore[arg-type]
                 low = self._check_not_beyond_end(consumer, tp, start)
@@ -657,7 +653,7 @@ class Archiver:
                 f"move raw/{self.topic}/ and _state/archiver/{self.topic}/ aside"
             )
 
-    def _skip_or_refuse(self, partition: int, state: PartitionState, start: int, low: int) -> int:
+    def _skip_or_refuse(self, partition: int, state: PartitionBuffer, start: int, low: int) -> int:
         """Offsets start..low-1 were deleted by Kafka before we archived them: refuse, or skip if accepted."""
         if not self.options.accept_data_loss:
             state.refused = True
@@ -745,19 +741,13 @@ class Archiver:
         log.warning("partitions lost (not written, re-read by their new owner): %s", dropped)
 
     def _retry_s3(self, call: Callable[[], T], what: str) -> T:
-        """Retry an S3 call with exponential backoff until it works or the archiver is stopped."""
-        backoff = FIRST_BACKOFF_S
-        while True:
-            try:
-                return call()
-            except S3_ERRORS as exc:
-                self.summary.s3_errors += 1
-                self.metrics.s3_errors.inc()
-                if self.stop.is_set():
-                    raise ArchiverError(f"stopped while S3 was failing ({what}: {_describe(exc)})") from None
-                log.warning("S3 %s failed (%s); retry in %.1fs", what, _describe(exc), backoff)
-                self.stop.wait(backoff)
-                backoff = min(self.options.max_backoff, backoff * 2)
+        """Retry an S3 call until it works or the archiver is stopped (no deadline: nothing is buffered)."""
+        return retry.call_s3(call, what, give_up_s=None, stop=self.stop, cap=self.options.max_backoff,
+                             on_error=self._count_s3_error, logger=log)
+
+    def _count_s3_error(self, _exc: Exception) -> None:
+        self.summary.s3_errors += 1
+        self.metrics.s3_errors.inc()
 
     # -- observability
 
@@ -791,12 +781,6 @@ class Archiver:
                 lag[partition] = max(0, high - (state.durable or 0))
                 self.metrics.lag.labels(partition=str(partition)).set(lag[partition])
         return lag
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        return f"{exc.response.get('Error', {}).get('Code', 'error')}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def run_archiver(settings: Settings, options: ArchiverOptions = ArchiverOptions(),

@@ -8,12 +8,15 @@ import threading
 
 import typer
 
-from workers.archive.archiver import DEFAULT_GROUP, ArchiverOptions, parse_size, run_archiver
+from workers import keys, retry
+from workers.archive.archiver import ArchiverOptions, parse_size, run_archiver
 from workers.config import load_settings
 
 
 def archiver(
-    group: str = typer.Option(DEFAULT_GROUP, help="Consumer group; run several archivers with one group to scale."),
+    group: str = typer.Option(
+        keys.ARCHIVER_GROUP, help="Consumer group; run several archivers with one group to scale."
+    ),
     topic: str = typer.Option(None, help="Topic to archive (default: KAPPA_EVENTS_TOPIC)."),
     flush_bytes: str = typer.Option("32MiB", help="Flush a partition when its buffer reaches this size."),
     flush_records: int = typer.Option(1_000_000, help="Flush a partition when it buffers this many records."),
@@ -26,7 +29,7 @@ def archiver(
     session_timeout: float = typer.Option(45.0, help="Kafka group session timeout in seconds (6-300)."),
     log_interval: float = typer.Option(10.0, help="Seconds between counter log lines."),
     metrics_port: int = typer.Option(None, help="Serve Prometheus metrics on this port."),
-    max_backoff: float = typer.Option(30.0, help="Longest wait between S3 retries, in seconds."),
+    max_backoff: float = typer.Option(retry.MAX_BACKOFF_S, help="Longest wait between S3 retries, in seconds."),
     shutdown_timeout: float = typer.Option(60.0, help="Seconds to keep retrying S3 when stopping."),
     instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; 'auto' = "
                                                 "kappa-archiver-<host>-<ordinal>; default 'none': dynamic member)."),

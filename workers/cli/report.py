@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import typer
@@ -14,7 +15,8 @@ from rich.table import Table
 from workers.config import load_settings
 from workers.errors import KappaError
 from workers.keys import valid_day
-from workers.processor.engine import read_live_results
+from workers.pipelines import get_pipeline
+from workers.processor import results
 from workers.processor.handoff import served_report
 from workers.s3 import s3_client
 
@@ -52,27 +54,46 @@ def write(frame: pl.DataFrame, fmt: Format, output: Path | None) -> None:
             output.write_text(text)
 
 
+def corrected_frame(client: Any, bucket: str, pipeline: str, version: int, day: str) -> pl.DataFrame:
+    get_pipeline(pipeline, version)  # an unknown pipeline or version is a mistake, not a missing report
+    found = results.corrected_report(client, bucket, pipeline, version, day)
+    if found is None:
+        raise KappaError(
+            f"no corrected report of {pipeline} v{version} for {day} yet; make it with: dagster job execute -m "
+            f"kappa_dagster -j reprocess --tags '{{\"dagster/partition\": \"{day}\", \"kappa/version\": "
+            f"\"{version}\", \"kappa/pipeline\": \"{pipeline}\"}}' (or add --live for the live results)"
+        )
+    return found.frame
+
+
 def report(
     pipeline: str = typer.Option(..., "--pipeline", "-p", help="Pipeline name, e.g. orders."),
-    version: int = typer.Option(None, "--version", "-v", help="Pipeline version (live results)."),
+    version: int = typer.Option(None, "--version", "-v", help="Pipeline version (not with --served)."),
     day: str = typer.Option(..., "--day", "-d", help="UTC day, YYYY-MM-DD."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="table, parquet, csv or json."),
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
-    include_open: bool = typer.Option(False, "--include-open", help="Add windows that are still open."),
+    live: bool = typer.Option(False, "--live", help="The live results instead of the corrected report."),
+    include_open: bool = typer.Option(False, "--include-open", help="With --live: add windows that are still open."),
     served: bool = typer.Option(
         False, "--served", help="What users read: the promoted corrected report + its live part (handoff)."
     ),
 ) -> None:
-    """Live results of one day (closed windows unless --include-open), or with --served what users read."""
+    """The corrected report of one version and day; --live: its live results; --served: what users read."""
     settings = load_settings()
+    client, bucket, day = s3_client(settings), settings.s3_bucket, valid_day(day)
     if served:
-        version, frame = served_report(s3_client(settings), settings.s3_bucket, pipeline, valid_day(day))
+        version, frame = served_report(client, bucket, pipeline, day)
         title = f"{pipeline} v{version} served (corrected + live from the switch), {day}"
     elif version is None:
-        raise KappaError("--version is required for live results (or use --served)")
-    else:
-        frame = read_live_results(settings, pipeline, version, valid_day(day), include_open=include_open)
+        raise KappaError("--version is required (or use --served)")
+    elif include_open and not live:
+        raise KappaError("--include-open is for the live results: add --live")
+    elif live:
+        frame = results.live_results(client, bucket, pipeline, version, day, include_open=include_open)
         title = f"{pipeline} v{version} live, {day}"
+    else:
+        frame = corrected_frame(client, bucket, pipeline, version, day)
+        title = f"{pipeline} v{version} corrected, {day}"
     if fmt is Format.table and output is None:
         console.print(render_table(frame, f"{title} ({frame.height} rows)"))
     else:

@@ -24,10 +24,10 @@ from workers.dashboard.dlq import DlqTail
 from workers.errors import KappaError
 from workers.lag import LagReader
 from workers.pipelines import Pipeline, get_pipeline, known
+from workers.processor import results
 from workers.replay import status as replay_status
 from workers.reports import diff as report_diff
 
-ARCHIVER_GROUP = "kappa.archiver"
 DIFF_ROWS = 15
 
 
@@ -58,11 +58,7 @@ class View:
 def live_group(pipeline: Pipeline, states: dict[int, dict[str, Any]]) -> str:
     """The live processor's group as its checkpoints name it (``--group``), else the default name."""
     named = next((s["group"] for s in states.values() if s.get("group")), None)
-    return named or default_live_group(pipeline.name, pipeline.version)
-
-
-def default_live_group(name: str, version: int) -> str:
-    return f"kappa.{name}.v{version}.live"
+    return named or keys.live_group(pipeline.name, pipeline.version)
 
 
 def _section(build: Callable[[], Any]) -> Any:
@@ -153,7 +149,9 @@ class Collector:
         }
 
     def _results(self, pipeline: Pipeline, day: str) -> dict[str, Any]:
-        frame = sources.live_results(self.client, self.settings.s3_bucket, pipeline, day)
+        # open windows too: a person watching wants the current minute (the corrected report is the authority)
+        frame = results.live_results(self.client, self.settings.s3_bucket, pipeline.name, pipeline.version, day,
+                                     include_open=True)
         types = sorted(frame["type"].unique().to_list()) if "type" in frame.columns else []
         return {"totals": sources.totals(frame), "types": types, "series": sources.series(frame, types)}
 
@@ -174,9 +172,9 @@ class Collector:
     def _lags(self, selected: str) -> list[dict[str, Any]]:
         """Archiver and live groups on the events topic (the selected one always, others once started)."""
         events = self.settings.events_topic
-        live = dict.fromkeys([selected, *(default_live_group(n, v) for n, v in known())])
+        live = dict.fromkeys([selected, *(keys.live_group(n, v) for n, v in known())])
         rows = []
-        for kind, group in [("archiver", ARCHIVER_GROUP), *(("live", g) for g in live)]:
+        for kind, group in [("archiver", keys.ARCHIVER_GROUP), *(("live", g) for g in live)]:
             lag = self.lag.group_lag(group, events)
             if lag is not None and (lag.started or group == selected):
                 rate = self.rates.observe(f"group:{group}", lag.consumed)
@@ -193,13 +191,15 @@ class Collector:
         versions = sources.report_versions(*bucket, pipeline.name, day)
         corrected_version = current if current in versions else (versions[0] if versions else None)
         base = {"day": day, "live_version": pipeline.version, "promoted_version": current}
-        if corrected_version is None:
+        report = None if corrected_version is None else results.corrected_report(
+            *bucket, pipeline.name, corrected_version, day)
+        if report is None:
             return {**base, "available": False, "message": f"no corrected report for {day} yet"}
         live_version = sources.live_version_of_day(*bucket, pipeline.name, day, prefer=pipeline.version)
         if live_version is None:
             return {**base, "available": False, "message": f"no live processor of {pipeline.name} saw {day}"}
-        corrected = sources.report(*bucket, pipeline.name, corrected_version, day)
-        live = sources.live_results(*bucket, get_pipeline(pipeline.name, live_version), day)
+        corrected = report.frame
+        live = results.live_results(*bucket, pipeline.name, live_version, day, include_open=True)
         summary = report_diff.summary(corrected, live)
         return {
             **base,

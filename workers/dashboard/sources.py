@@ -7,13 +7,11 @@ Every read goes through the module that owns the layout (``workers.processor.sta
 from __future__ import annotations
 
 import datetime as dt
-import io
 from typing import Any
 
 import polars as pl
 
 from workers import keys, promote
-from workers import s3 as s3_helpers
 from workers.pipelines import Pipeline, known
 from workers.processor import state as processor_state
 from workers.replay import manifest as replay_manifest
@@ -34,16 +32,6 @@ def live_states(client: Any, bucket: str, pipeline: Pipeline) -> dict[int, dict[
     """Committed checkpoint of every partition of the live processor of this pipeline version."""
     prefix = keys.processor_prefix(pipeline.name, pipeline.version, None)
     return processor_state.list_states(client, bucket, prefix)
-
-
-def live_results(client: Any, bucket: str, pipeline: Pipeline, day: str) -> pl.DataFrame:
-    """Output rows of ``day`` as the live processor last checkpointed them, open windows included.
-
-    Open windows are what a person watching the current minute wants to see; they become final when
-    the watermark passes them, and the corrected report is the authority anyway.
-    """
-    prefix = keys.processor_prefix(pipeline.name, pipeline.version, None)
-    return processor_state.results_for_day(client, bucket, prefix, pipeline, day, include_open=True)
 
 
 def live_version_of_day(client: Any, bucket: str, pipeline: str, day: str, prefer: int | None) -> int | None:
@@ -68,12 +56,6 @@ def live_version_of_day(client: Any, bucket: str, pipeline: str, day: str, prefe
 def day_stats(states: dict[int, dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Per-day outcome counters (records, counted, dlq, duplicates, late) over all partitions."""
     return processor_state.day_stats(states)
-
-
-def report(client: Any, bucket: str, pipeline: str, version: int, day: str) -> pl.DataFrame | None:
-    """The corrected report (reports/<P>/v<V>/dt=<D>/), None if not written (yet)."""
-    body = s3_helpers.get_bytes(client, bucket, keys.report_file(pipeline, version, day))
-    return None if body is None else pl.read_parquet(io.BytesIO(body))
 
 
 def corrected_reports(client: Any, bucket: str, pipeline: str) -> list[tuple[int, str]]:

@@ -28,7 +28,6 @@ from workers.config import Settings, apply_stack_env, load_settings
 from workers.dev.stack import Stack
 from workers.errors import KappaError
 from workers.lag import LagReader
-from workers.reports import stats as report_stats
 
 console = Console()
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,32 +166,31 @@ def reconcile(settings: Settings, day: str) -> None:
     """Corrected v2 vs the archive's v1 computation vs live v1: every difference accounted for."""
     from workers.archive.format import read_day
     from workers.pipelines import get_pipeline
-    from workers.processor.engine import read_live_results
+    from workers.processor import results
 
     client = s3_helpers.s3_client(settings)
     archive = read_day(client, settings.s3_bucket, settings.events_topic, day)
     batch_v1, stats_v1 = get_pipeline("orders", 1).batch_report(archive)
-    corrected = pl.read_parquet(client.get_object(Bucket=settings.s3_bucket,
-                                                  Key=keys.report_file("orders", 2, day))["Body"].read())
-    stats_v2 = report_stats.read_stats(client, settings.s3_bucket, keys.report_stats_file("orders", 2, day))
-    if stats_v2 is None:
-        raise KappaError(f"no stats.json next to the corrected report of {day}: run the replay step again")
-    live = read_live_results(settings, "orders", 1, day, include_open=True)
+    report = results.corrected_report(client, settings.s3_bucket, "orders", 2, day)
+    if report is None:
+        raise KappaError(f"the reprocess run wrote no corrected report of orders v2 for {day}")
+    corrected, stats_v2 = report.frame, report.stats
+    live = results.live_results(client, settings.s3_bucket, "orders", 1, day, include_open=True)
     table = Table(title=f"orders, {day}: live vs corrected")
     for column in ("result", "windows", "events", "amount", "note"):
         table.add_column(column, justify="right" if column not in ("result", "note") else "left")
     rows = [
         ("live v1 (stream)", totals(live), "late records dropped by the live watermark"),
         ("v1 over the archive", totals(batch_v1), f"{stats_v1['dlq']} malformed -> DLQ, never counted"),
-        ("corrected v2 (replay)", totals(corrected), f"{stats_v2.duplicates} duplicates dropped"),
+        ("corrected v2 (replay)", totals(corrected), f"{stats_v2['duplicates']} duplicates dropped"),
     ]
     for name, values, note in rows:
         table.add_row(name, str(values["windows"]), f"{values['events']:,}", f"{values['amount']:,.2f}", note)
     console.print(table)
     difference = totals(batch_v1)["events"] - totals(corrected)["events"]
-    if difference != stats_v2.duplicates:
+    if difference != stats_v2['duplicates']:
         raise KappaError(f"corrected v2 differs from v1 by {difference} events, not by the "
-                         f"{stats_v2.duplicates} duplicates")
+                         f"{stats_v2['duplicates']} duplicates")
     console.print(f"[green]corrected v2 = v1 over the archive - {difference} duplicates, exactly[/]; "
                   f"live v1 missed {totals(batch_v1)['events'] - totals(live)['events']} late events "
                   "that the replay put back in their windows")
@@ -234,7 +232,7 @@ def where_to_look(stack: Stack, url: str, day: str) -> None:
         f"S3 endpoint     : {stack.s3_endpoint}   bucket {settings.s3_bucket}: raw/, live/, reports/",
         "Dagster UI      : make dagster-dev  ->  http://127.0.0.1:3000  (Assets > corrected_report, "
         f"partition {day})",
-        f"Live report     : .venv/bin/kappa report --pipeline orders --version 2 --day {day}",
+        f"Reports         : .venv/bin/kappa report --pipeline orders --version 2 --day {day} [--live | --served]",
         "Replays         : .venv/bin/kappa replay status",
         "Stop the demo   : make demo-stop   (workers + dashboard; `make stack-down` stops Kafka and S3)",
     ]
@@ -261,11 +259,11 @@ def story() -> None:
 
     step(f"3. a day of events ({day}) with duplicates, late and malformed records")
     run(f"kappa produce -n {EVENTS} --start {day} --days 1 --seed 42 {' '.join(FAULTS)}")
-    wait_caught_up(settings, ["kappa.archiver", "kappa.orders.v1.live"])
+    wait_caught_up(settings, [keys.ARCHIVER_GROUP, keys.live_group("orders", 1)])
     wait_archived(settings, day)
 
     step(f"4. live report of {day} (orders v1, first rows)")
-    run(f"kappa report --pipeline orders --version 1 --day {day} --format csv -o .demo/live-v1-{day}.csv",
+    run(f"kappa report --pipeline orders --version 1 --day {day} --live --format csv -o .demo/live-v1-{day}.csv",
         quiet=True)
     console.print(pl.read_csv(STATE / f"live-v1-{day}.csv").head(8))
 

@@ -7,7 +7,6 @@ fixed code". Modes, start positions, the DLQ and the checkpoint order: docs/ARCH
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import signal
@@ -19,12 +18,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import polars as pl
-from botocore.exceptions import BotoCoreError, ClientError
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
 from workers import kafka as kafka_helpers
-from workers import keys, membership
+from workers import keys, membership, retry
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.perf import gc_paused
@@ -54,11 +52,6 @@ from workers.s3 import Fenced, ensure_bucket, get_bytes, put_if, s3_client
 log = logging.getLogger("kappa.processor")
 
 LIVE_GRACE_MS = 60_000
-#: S3 failures the processor waits out (consumption paused, exponential backoff) instead of crashing
-S3_ERRORS = (BotoCoreError, ClientError, OSError)
-FIRST_S3_BACKOFF_S, MAX_S3_BACKOFF_S = 0.5, 30.0
-#: how long shutdown and report writing keep retrying S3 before giving up (the last checkpoint stands)
-S3_GIVE_UP_S = 120.0
 #: the DLQ producer accepts what the input topic accepted (librdkafka's 1 MB default would reject big
 #: bad records); a copy the DLQ broker still refuses is re-sent without its value (see ``delivered``)
 DLQ_PRODUCER_CONFIG = {"enable.idempotence": True, "linger.ms": 20, "message.max.bytes": 64 * 1024 * 1024}
@@ -73,10 +66,6 @@ DEFAULT_SESSION_TIMEOUT_S = 10.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
-
-
-def live_group(pipeline: str, version: int) -> str:
-    return f"kappa.{keys.valid_name(pipeline)}.v{keys.valid_version(version)}.live"
 
 
 @dataclass
@@ -251,7 +240,8 @@ class Processor:
         self.summary = RunSummary(pipeline.name, pipeline.version, topic, group, bounded)
         self.delivery_errors: list[str] = []
         self.last_checkpoint = self.last_global_check = self.last_lag = 0.0
-        self.s3_backoff, self.s3_retry_at = 0.0, 0.0  # backoff 0 = S3 healthy
+        #: S3 failures are waited out with consumption paused (``workers.retry``) instead of crashing
+        self.s3_backoff = retry.Backoff()
         self.lag: int | None = None
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
@@ -353,11 +343,11 @@ class Processor:
         while not self.stop.is_set():
             if not self.consume_step(timeout=0.5):
                 continue
-            if time.monotonic() < self.s3_retry_at:
+            if self.s3_backoff.waiting(time.monotonic()):
                 continue  # S3 is failing: partitions are paused until the next try
             try:
                 finished = self.durable_step()
-            except S3_ERRORS as exc:
+            except retry.S3_ERRORS as exc:
                 self.s3_failed(exc)
                 continue
             self.s3_recovered()
@@ -371,7 +361,7 @@ class Processor:
         # up to checkpoint_seconds before finished() can see it
         self.reload_fenced()
         done = self.bounded and bool(self.states) and all(s.finalized for s in self.states.values())
-        if done or self.s3_backoff or time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
+        if done or self.s3_backoff.failing or time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds:
             self.checkpoint()
         self.report_progress()
         return self.bounded and self.finished()
@@ -381,35 +371,24 @@ class Processor:
     def s3_failed(self, exc: Exception) -> None:
         """Stop fetching (memory stays bounded) and retry later; the last durable checkpoint still stands."""
         assert self.consumer is not None
-        self.s3_backoff = min(MAX_S3_BACKOFF_S, self.s3_backoff * 2 or FIRST_S3_BACKOFF_S)
-        self.s3_retry_at = time.monotonic() + self.s3_backoff
+        delay = self.s3_backoff.failed()
         with contextlib.suppress(KafkaException):
             self.consumer.pause(self.consumer.assignment())
-        log.warning("S3 failed (%s); consumption paused, retry in %.1fs", type(exc).__name__, self.s3_backoff)
+        log.warning("S3 failed (%s); consumption paused, retry in %.1fs", retry.describe(exc), delay)
 
     def s3_recovered(self) -> None:
-        if not self.s3_backoff:
+        if not self.s3_backoff.failing:
             return
         assert self.consumer is not None
-        self.s3_backoff = self.s3_retry_at = 0.0
+        self.s3_backoff.reset()
         resume = [TP(self.topic, p) for p, s in self.states.items() if not s.finalized]
         with contextlib.suppress(KafkaException):
             self.consumer.resume(resume)
         log.warning("S3 answers again; consumption resumed")
 
     def retry_s3(self, call: Any, what: str) -> None:
-        """Retry ``call`` through an S3 outage for up to S3_GIVE_UP_S, then fail with one clear line."""
-        backoff, deadline = FIRST_S3_BACKOFF_S, time.monotonic() + S3_GIVE_UP_S
-        while True:
-            try:
-                return call()
-            except S3_ERRORS as exc:
-                if time.monotonic() + backoff > deadline:
-                    raise KappaError(f"S3 kept failing for {S3_GIVE_UP_S:.0f}s during the {what} "
-                                     f"({type(exc).__name__}); a restart resumes from the last checkpoint") from None
-                log.warning("S3 failed during the %s (%s); retry in %.1fs", what, type(exc).__name__, backoff)
-                time.sleep(backoff)
-                backoff = min(MAX_S3_BACKOFF_S, backoff * 2)
+        """Retry ``call`` through an S3 outage for up to ``retry.GIVE_UP_S``, then fail with one clear line."""
+        retry.call_s3(call, what, logger=log)
 
     # ---------------------------------------------------------------- rebalance
 
@@ -449,7 +428,7 @@ class Processor:
         try:
             if not self.crashed:
                 self.checkpoint(revoked)
-        except S3_ERRORS as exc:  # the new owner resumes from the last durable checkpoint: nothing lost
+        except retry.S3_ERRORS as exc:  # the new owner resumes from the last durable checkpoint: nothing lost
             log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
         for partition in revoked:
             self.states.pop(partition, None)
@@ -821,7 +800,7 @@ def run_processor(
         start_offsets = switch.start
     options: dict[str, Any] = dict(
         topic=keys.valid_topic(topic or settings.events_topic),
-        group=keys.valid_group(group or live_group(pipeline, version)),
+        group=keys.valid_group(group or keys.live_group(pipeline, version)),
         bounded=bounded,
         start=start,
         start_offsets=start_offsets,
@@ -847,13 +826,3 @@ def run_processor(
     with stop_on_signals(stop):
         return processor.run()
 
-
-def read_live_results(
-    settings: Settings, pipeline: str, version: int, day: str | dt.date, include_open: bool = False
-) -> pl.DataFrame:
-    """Live output rows of one day (closed windows; ``include_open`` adds provisional open windows)."""
-    impl = get_pipeline(pipeline, version)
-    day = day.isoformat() if isinstance(day, dt.date) else keys.valid_day(day)
-    client = s3_client(settings)
-    prefix = keys.processor_prefix(pipeline, version, None)
-    return results_for_day(client, settings.s3_bucket, prefix, impl, day, include_open)

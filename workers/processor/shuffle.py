@@ -60,25 +60,16 @@ RESET_LOCK_SECONDS = 180.0
 # ---------------------------------------------------------------- names and internal topics
 
 
-def repartition_topic(group: str, state_key: Sequence[str]) -> str:
-    """``<group>-<state key>-repartition``, as Kafka Streams names ``<application.id>-<name>-repartition``."""
-    return keys.valid_topic(f"{keys.valid_group(group)}-{'-'.join(state_key)}-repartition")
-
-
-def stage2_group(group: str) -> str:
-    return keys.valid_group(f"{keys.valid_group(group)}-shuffle")
-
-
 def internal_topics(settings: Settings, group: str) -> list[str]:
     """Every repartition topic of ``group`` that exists on the cluster."""
     listed = kafka_helpers.admin_client(settings).list_topics(timeout=30).topics
-    return sorted(t for t in listed if t.startswith(f"{group}-") and t.endswith("-repartition"))
+    return sorted(t for t in listed if keys.is_repartition_topic(t, group))
 
 
 def delete_internal(settings: Settings, group: str) -> None:
     """Remove what the shuffle of ``group`` created: its repartition topics and the stage-2 group."""
     kafka_helpers.delete_topics(settings, internal_topics(settings, group))
-    kafka_helpers.delete_group(settings, stage2_group(group))
+    kafka_helpers.delete_group(settings, keys.shuffle_group(group))
 
 
 def ensure_repartition_topic(settings: Settings, topic: str, partitions: int) -> int:
@@ -361,7 +352,7 @@ class Stage2(Processor):
 
     def consumer_config(self) -> dict[str, object]:
         config = super().consumer_config()
-        return {**config, "group.id": stage2_group(self.group), "auto.offset.reset": "earliest"}
+        return {**config, "group.id": keys.shuffle_group(self.group), "auto.offset.reset": "earliest"}
 
     def bounded_end_offsets(self, partitions: int) -> dict[int, int]:
         """Bounded by stage 1's end markers, not offsets: end 0 lets ``finished`` see only ``finalized``."""
@@ -804,7 +795,7 @@ def run_shuffled(
     sources = kafka_helpers.partition_count(settings, topic)
     if shuffle_partitions is not None and shuffle_partitions < 1:
         raise KappaError("--shuffle-partitions must be >= 1")
-    repartition = repartition_topic(group, pipeline.state_key)
+    repartition = keys.repartition_topic(group, pipeline.state_key)
     prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if options["bounded"] else None)
     names = {"topic": topic, "group": group, "repartition": repartition}
     switch = options.get("switch")

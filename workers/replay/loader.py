@@ -36,9 +36,7 @@ from workers.replay.manifest import (
     ReplayManifest,
     published,
     read_manifest,
-    replay_group,
     replay_id,
-    replay_topic,
     write_manifest,
 )
 from workers.replay.producer import ReplayProducer
@@ -46,7 +44,7 @@ from workers.replay.sort import DEFAULT_MEMORY_ROWS, MIN_CHUNK_ROWS, SortedRun, 
 
 #: The replay topic holds historical timestamps: time-based retention would delete it at once.
 REPLAY_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "message.timestamp.type": "CreateTime"}
-ProgressFn = Callable[["Progress"], None]
+ProgressFn = Callable[["LoadProgress"], None]
 
 
 @dataclass(frozen=True)
@@ -86,16 +84,16 @@ class ReplaySpec:
 
     @property
     def topic(self) -> str:
-        return replay_topic(self.source_topic, self.replay_id)
+        return keys.replay_topic(self.source_topic, self.replay_id)
 
     @property
     def group(self) -> str:
-        return replay_group(self.pipeline, self.version, self.replay_id)
+        return keys.replay_group(self.pipeline, self.version, self.replay_id)
 
     @property
     def dlq_topic(self) -> str:
         """Rejects of the replay go here, not to the live DLQ (live already dead-lettered them)."""
-        return f"{self.topic}.dlq"
+        return keys.dlq_topic(self.topic)
 
     @property
     def processor_prefix(self) -> str:
@@ -104,7 +102,7 @@ class ReplaySpec:
 
 
 @dataclass
-class Progress:
+class LoadProgress:
     phase: str  # "sort" (reading S3) or "produce"
     done: int
     total: int
@@ -310,7 +308,7 @@ class _Reporter:
         now = time.monotonic()
         if self.callback and (final or now - self.last >= self.interval):
             self.last = now
-            self.callback(Progress(phase, done, total, now - self.phase_started))
+            self.callback(LoadProgress(phase, done, total, now - self.phase_started))
 
 
 def _sort_files(

@@ -37,14 +37,6 @@ def replay_id(pipeline: str, version: int, day: str, bucket: str, source_topic: 
     return keys.valid_replay_id(f"{pipeline.replace('_', '-')}-v{version}-{day.replace('-', '')}-{source}")
 
 
-def replay_topic(source_topic: str, rid: str) -> str:
-    return keys.valid_topic(f"{source_topic}.replay.{keys.valid_replay_id(rid)}")
-
-
-def replay_group(pipeline: str, version: int, rid: str) -> str:
-    return f"kappa.{keys.valid_name(pipeline)}.v{keys.valid_version(version)}.replay.{keys.valid_replay_id(rid)}"
-
-
 #: The states of a replay, in order: ``loading -> loaded -> consumed -> reported | rejected``.
 Status = Literal["loading", "loaded", "consumed", "reported", "rejected"]
 STATUSES: tuple[Status, ...] = get_args(Status)

@@ -131,6 +131,7 @@ def compute(pipeline: Pipeline, snap: Snapshot) -> Reference:
     return Reference(columns, rows, outcomes, int(records), snap.fingerprint)
 
 
+# its own reader, not workers.processor.results: an oracle shares no code with what it checks
 def read_report(report: bytes, key_columns: list[str]) -> tuple[list[str], list[tuple]]:
     """The written report.parquet as plain rows, read by DuckDB (not by the engine's polars)."""
     with tempfile.TemporaryDirectory(prefix="reference-report-") as tmp:

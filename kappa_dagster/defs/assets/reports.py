@@ -5,7 +5,6 @@ The replay's report is published only after the blocking checks against the SQL 
 """
 
 import io
-import json
 from typing import Any
 
 import dagster as dg
@@ -18,10 +17,9 @@ from kappa_dagster.defs.resources import KappaResource, ReplayOptions
 from kappa_dagster.replay.step import ReplayStep, user_errors
 from kappa_dagster.replay.target import ReplayTarget
 from workers import promote
-from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.pipelines import get_pipeline
-from workers.processor.engine import read_live_results
+from workers.processor import results
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
 from workers.replay.manifest import ReplayManifest
@@ -31,22 +29,21 @@ from workers.reports import gate as report_gate
 
 def read_report(client: Any, bucket: str, target: ReplayTarget) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The report and its stats, or a Failure saying how to produce them."""
-    body = s3_helpers.get_bytes(client, bucket, target.report_key)
-    stats = s3_helpers.get_bytes(client, bucket, target.stats_key)
-    if body is None or stats is None:
+    report = results.corrected_report(client, bucket, target.pipeline, target.version, target.day)
+    if report is None:
         raise dg.Failure(
             description=f"no report at s3://{bucket}/{target.report_key} (or its stats.json): "
             f"run the reprocess job for {target.day} first",
             allow_retries=False,
         )
-    return pl.read_parquet(io.BytesIO(body)), json.loads(stats)
+    return report.frame, report.stats
 
 
 def live_results(settings: Settings, client: Any, target: ReplayTarget, live_version: int | None) -> Any:
     """Live results of the version users currently read (CURRENT pointer, else v1), if a reader exists."""
     version = live_version or promote.current_version(client, settings.s3_bucket, target.pipeline) or 1
     try:
-        return version, read_live_results(settings, target.pipeline, version, target.day)
+        return version, results.live_results(client, settings.s3_bucket, target.pipeline, version, target.day)
     except Exception as exc:  # no live results for that day is normal; say so instead of failing
         return version, f"{type(exc).__name__}: {exc}"
 
