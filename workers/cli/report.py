@@ -1,4 +1,4 @@
-"""`kappa report`: print or export the live results of one day, or what users read (``--served``)."""
+"""`kappa report`: one day's corrected report, its live results (`--live`), or what users read (`--served`)."""
 
 from __future__ import annotations
 

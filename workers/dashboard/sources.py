@@ -1,6 +1,6 @@
 """What the dashboard reads from S3: live results, processor counters, corrected reports, CURRENT.
 
-Every read goes through the module that owns the layout (``workers.processor.state``,
+Every read goes through the module that owns the layout (``workers.processor.results``,
 ``workers.promote``, ``workers.keys``), so the dashboard shows exactly what the CLI and Dagster see.
 """
 
