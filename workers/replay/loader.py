@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import re
 import tempfile
 import threading
@@ -42,8 +43,13 @@ from workers.replay.manifest import (
 from workers.replay.producer import ReplayProducer
 from workers.replay.sort import DEFAULT_MEMORY_ROWS, MIN_CHUNK_ROWS, SortedRun, merge_runs, spill_sorted
 
+log = logging.getLogger("kappa.replay")
+
 #: The replay topic holds historical timestamps: time-based retention would delete it at once.
 REPLAY_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "message.timestamp.type": "CreateTime"}
+#: Loads of one topic before the loader gives up on a topic that never holds exactly what it produced.
+LOAD_ATTEMPTS = 3
+
 ProgressFn = Callable[["LoadProgress"], None]
 
 
@@ -260,15 +266,9 @@ def load(
     write_manifest(client, spec.bucket, manifest)  # fenced: only one run can replace `previous`
     _supersede(settings, client, previous, manifest)
     reset_consumer_side(settings, client, manifest)
-    kafka_helpers.recreate_topic(settings, spec.topic, partitions, REPLAY_TOPIC_CONFIG)
     reporter = _Reporter(progress, progress_interval, lost)
     try:
-        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
-            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
-            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
-        end = kafka_helpers.topic_end_offsets(settings, spec.topic) or {}
-        if sum(end.values()) != produced:
-            raise KappaError(f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}")
+        produced, stats, end = _load_exact(settings, client, spec, files, partitions, memory_rows, reporter)
         manifest.status = "loaded"
         manifest.records = produced
         manifest.rows_read = stats["rows_read"]
@@ -282,6 +282,32 @@ def load(
         _abandon(settings, client, manifest)
         raise
     return LoadResult(manifest, skipped=False, reason="loaded")
+
+
+def _load_exact(
+    settings: Settings, client: Any, spec: ReplaySpec, files: list[dict], partitions: int, memory_rows: int,
+    reporter: _Reporter,
+) -> tuple[int, dict[str, Any], dict[str, int]]:
+    """Sort and produce into a fresh topic until the topic holds exactly what was produced.
+
+    An idempotent producer re-sends records a restarted broker had already written when the broker
+    lost its producer state (the producer id is reset), and an unclean broker stop can lose acked
+    ones: the topic is disposable, so it is recreated and loaded again rather than left inexact.
+    """
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        kafka_helpers.recreate_topic(settings, spec.topic, partitions, REPLAY_TOPIC_CONFIG)
+        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
+            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
+            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
+        end = kafka_helpers.topic_end_offsets(settings, spec.topic) or {}
+        if sum(end.values()) == produced:
+            return produced, stats, end
+        problem = f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}"
+        if attempt == LOAD_ATTEMPTS:
+            raise KappaError(f"{problem} after {LOAD_ATTEMPTS} loads: check the broker's health")
+        log.warning("%s (a broker restart re-sent or lost records): loading it again (%d/%d)",
+                    problem, attempt + 1, LOAD_ATTEMPTS)
+    raise AssertionError("unreachable")
 
 
 class _Reporter:
