@@ -12,6 +12,7 @@ with the default limit refuses it.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from dagster_e2e import publish_replay
 from workers import kafka as kafka_helpers
 from workers import keys, promote
 from workers.config import Settings
+from workers.dashboard import launch
 from workers.dev.generator import Faults, produce_events
 from workers.errors import KappaError
 from workers.pipelines import register
@@ -204,3 +206,36 @@ def test_a_logic_change_is_unexplained_and_refused(
     assert promote.read_current(s3, settings.s3_bucket, "orders") is None
     pointer = promote.promote(s3, settings.s3_bucket, settings.events_topic, "orders", 8, max_unexplained=10**6)
     assert pointer["version"] == 8
+
+
+@pytest.mark.skipif(not launch.CHROMIUM.exists(), reason="needs Debian's chromium (make browser)")
+def test_dashboard_panel_shows_the_diff_by_cause(
+    settings: Settings, s3: Any, live_and_archived: pl.DataFrame, tmp_path: Path
+) -> None:
+    publish_replay(settings, s3, 2, DAY)
+    diff = version_diff.compute(s3, settings.s3_bucket, settings.events_topic, "orders", 2, DAY)
+    version_diff.write(s3, settings.s3_bucket, diff)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dashboard, url = launch.spawn(port, interval=1, log=tmp_path / "dashboard.log")
+    try:
+        launch.wait_ready(url, dashboard)
+        with launch.browser_page() as page:
+            page.goto(f"{url}/?pipeline=orders&version=2&diff_day={DAY}")
+            launch.wait_rendered(page)
+            page.wait_for_selector("#causes-table tbody tr td.num", timeout=30_000)
+            rows = page.locator("#causes-table tbody tr").all_inner_texts()
+            shown = {row.split("\t")[0]: row for row in rows}
+            assert set(shown) == {"duplicates", "late"}, rows
+            late = number(shown["late"].split("\t")[2])
+            assert late == diff.totals["late"]["events"] > 0
+            assert "every difference is explained" in page.inner_text("#causes-summary")
+            assert page.inner_text("#errors") == ""
+    finally:
+        dashboard.terminate()
+        dashboard.wait(10)
+
+
+def number(text: str) -> int:
+    return int(text.replace(",", "").replace("+", "").replace("\u2212", "-"))

@@ -196,18 +196,18 @@ def compute(
 ) -> VersionDiff:
     """The diff of the candidate's corrected report of ``day`` against what users read for it."""
     impl = get_pipeline(pipeline, version)
-    corrected = results.corrected_report(client, bucket, pipeline, version, day)
-    if corrected is None:
-        raise KappaError(f"no corrected report of {impl.label} for {day}: run the reprocess job first")
     archive = read_archive(client, bucket, topic, day)
     names, key = measures(impl), impl.key_columns
     floats = float_measures(impl)
     baseline = baseline_of(client, bucket, pipeline, day, archive, grace_ms)
-    if baseline is None:
+    if baseline is None:  # users read nothing for the day yet: nothing to explain
         empty = pl.DataFrame(
             schema={**{k: impl.output_schema[k] for k in key}, CAUSE: pl.String, **dict.fromkeys(names, pl.Int64)}
         )
         return VersionDiff(pipeline, version, day, "nothing (no live results)", empty, totals(empty, names, floats))
+    corrected = results.corrected_report(client, bucket, pipeline, version, day)
+    if corrected is None:
+        raise KappaError(f"no corrected report of {impl.label} for {day}: run the reprocess job first")
     frame = attribute(key, names, baseline, corrected.frame, archive.rules(impl, None))
     return VersionDiff(pipeline, version, day, baseline.label, frame, totals(frame, names, floats))
 
