@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import dagster as dg
 import polars as pl
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from dagster_e2e import publish_replay
+from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
 
 from workers import kafka as kafka_helpers
 from workers import keys, promote
@@ -155,8 +157,13 @@ def live_and_archived(settings: Settings, s3: Any) -> pl.DataFrame:
 
 
 def test_diff_of_live_v1_and_corrected_v2_is_fully_explained(
-    settings: Settings, s3: Any, live_and_archived: pl.DataFrame
+    settings: Settings,
+    s3: Any,
+    live_and_archived: pl.DataFrame,
+    dagster_home: Path,  # noqa: F811
 ) -> None:
+    from kappa_dagster.defs.assets.version_diff import version_diff_asset
+
     publish_replay(settings, s3, 2, DAY)
     diff = version_diff.compute(s3, settings.s3_bucket, settings.events_topic, "orders", 2, DAY)
 
@@ -177,10 +184,15 @@ def test_diff_of_live_v1_and_corrected_v2_is_fully_explained(
     assert int(diff.frame["events"].sum()) == int(corrected["events"].sum()) - int(live["events"].sum())
     assert int(diff.frame["amount"].sum()) == int(corrected["amount"].sum()) - int(live["amount"].sum())
 
-    key = version_diff.write(s3, settings.s3_bucket, diff)
-    assert key == f"reports/orders/v2/dt={DAY}/diff.parquet"
+    with dg.instance_for_test() as instance:  # the Dagster asset writes diff.parquet and shows the numbers
+        result = dg.materialize([version_diff_asset], partition_key=DAY, instance=instance, resources=fresh_resources())
+    metadata = result.asset_materializations_for_node("version_diff")[0].metadata
+    assert metadata["path"].value == f"s3://{settings.s3_bucket}/reports/orders/v2/dt={DAY}/diff.parquet"
+    assert metadata["logic_change_groups"].value == 0 and metadata["late_events"].value == expected["late"]
+    assert "| late |" in metadata["by_cause"].value
     stored = version_diff.read(s3, settings.s3_bucket, "orders", 2, DAY)
     assert stored is not None and set(stored["cause"]) == {"late", "duplicates"}
+    assert stored["events"].sum() == diff.frame["events"].sum()
 
     pointer = promote.promote(s3, settings.s3_bucket, settings.events_topic, "orders", 2)
     assert pointer["diffs"][DAY].startswith(f"{DAY}: v2 vs live v1: duplicates")
@@ -190,8 +202,13 @@ def test_diff_of_live_v1_and_corrected_v2_is_fully_explained(
 
 
 def test_a_logic_change_is_unexplained_and_refused(
-    settings: Settings, s3: Any, live_and_archived: pl.DataFrame
+    settings: Settings,
+    s3: Any,
+    live_and_archived: pl.DataFrame,
+    dagster_home: Path,  # noqa: F811
 ) -> None:
+    from kappa_dagster import defs
+
     publish_replay(settings, s3, 8, DAY)
     diff = version_diff.compute(s3, settings.s3_bucket, settings.events_topic, "orders", 8, DAY)
 
@@ -203,6 +220,14 @@ def test_a_logic_change_is_unexplained_and_refused(
 
     with pytest.raises(KappaError, match=r"not promoted: \d+ \(window, group\) rows differ for no known cause"):
         promote.promote(s3, settings.s3_bucket, settings.events_topic, "orders", 8)
+    assert promote.read_current(s3, settings.s3_bucket, "orders") is None
+    with dg.instance_for_test() as instance:  # the Dagster promote job refuses it the same way
+        config = {"ops": {"promote_version": {"config": {"pipeline": "orders", "version": 8}}}}
+        job = defs.resolve_job_def("promote").execute_in_process(
+            run_config=config, instance=instance, resources=fresh_resources(), raise_on_error=False
+        )
+        failure = next(e for e in job.all_events if e.is_step_failure)
+    assert not job.success and "differ for no known cause" in str(failure.step_failure_data.error.message)
     assert promote.read_current(s3, settings.s3_bucket, "orders") is None
     pointer = promote.promote(s3, settings.s3_bucket, settings.events_topic, "orders", 8, max_unexplained=10**6)
     assert pointer["version"] == 8
