@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from dagster_e2e import publish_replay
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
+from replay_data import day_records
 
 from workers import kafka as kafka_helpers
 from workers import keys, promote
@@ -34,7 +36,8 @@ from workers.config import Settings
 from workers.dashboard import launch
 from workers.dev.generator import Faults, produce_events
 from workers.errors import KappaError
-from workers.pipelines import register
+from workers.pipelines import get_pipeline, register
+from workers.pipelines.base import REJECT
 from workers.pipelines.orders import OrdersV2
 from workers.processor import results
 from workers.processor import state as processor_state
@@ -264,3 +267,39 @@ def test_dashboard_panel_shows_the_diff_by_cause(
 
 def number(text: str) -> int:
     return int(text.replace(",", "").replace("+", "").replace("\u2212", "-"))
+
+
+@register
+class OrdersStrictAmounts(OrdersV2):
+    version: ClassVar[int] = 9
+    summary: ClassVar[str] = "TEST ONLY: like v2, but amounts above 90 are malformed"
+
+    def parse(self, values: Sequence[bytes | None]) -> pl.DataFrame:
+        rows = super().parse(values)
+        too_big = pl.col(REJECT).is_null() & (pl.col("amount") > 90)
+        reason = pl.when(too_big).then(pl.lit("amount above 90")).otherwise(pl.col(REJECT))
+        return rows.with_columns(reason.alias(REJECT))
+
+
+def test_records_malformed_under_one_version_only_are_their_own_cause() -> None:
+    archive = day_records(DAY, 3_000, partitions=3, seed=4)
+    v2, v9 = get_pipeline("orders", 2), get_pipeline("orders", 9)
+    baseline = version_diff.Baseline("replay v2", v2.batch_report(archive)[0], v2.diff_rules(archive, None))
+    frame = version_diff.attribute(v2.key_columns, ["events", "amount"], baseline, v9.batch_report(archive)[0],
+                                   v9.diff_rules(archive, None))
+    totals = version_diff.totals(frame, ["events", "amount"], {"amount"})
+
+    # independently: the distinct valid records with an amount above 90, first copy per (partition, minute, event_id)
+    records = archive.unique(["partition", "offset"]).sort("partition", "offset")
+    fields = [_fields(v) for v in records["value"].to_list()]
+    big = records.select(
+        "partition",
+        (pl.col("timestamp").dt.epoch("ms") // 60_000).alias("w"),
+        pl.Series("event_id", [f[0] if f else None for f in fields], dtype=pl.String),
+        pl.Series("amount", [f[2] if f else None for f in fields], dtype=pl.Float64),
+    ).filter(pl.col("event_id").is_not_null())
+    big = big.unique(["partition", "w", "event_id"], keep="first", maintain_order=True).filter(pl.col("amount") > 90)
+    assert big.height > 0  # the stricter rule bites
+    assert totals["malformed"]["events"] == -big.height
+    assert totals["logic change"] == {"groups": 0, "events": 0, "amount": 0.0}
+    assert set(frame["cause"]) == {"malformed"}
