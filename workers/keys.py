@@ -118,6 +118,11 @@ def report_file(pipeline: str, version: int, day: str) -> str:
     return f"reports/{valid_name(pipeline)}/v{valid_version(version)}/dt={valid_day(day)}/report.parquet"
 
 
+def diff_file(pipeline: str, version: int, day: str) -> str:
+    """The version diff against what users read: ``reports/<P>/v<V>/dt=<D>/diff.parquet``."""
+    return report_file(pipeline, version, day).removesuffix("report.parquet") + "diff.parquet"
+
+
 def current_pointer(pipeline: str) -> str:
     """``reports/<P>/CURRENT``: which version users and the dashboard read."""
     return f"reports/{valid_name(pipeline)}/CURRENT"

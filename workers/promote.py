@@ -105,8 +105,33 @@ def uncovered_days(client: Any, bucket: str, source_topic: str, days: set[str], 
     return sorted(gaps)
 
 
-def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version: int) -> dict[str, Any]:
-    """Point ``CURRENT`` at ``version`` (which must have corrected reports) and return the new pointer."""
+def version_diffs(
+    client: Any, bucket: str, source_topic: str, pipeline: str, version: int, days: list[str], max_unexplained: int
+) -> dict[str, str]:
+    """One summary line per day of the diff against what users read; refuses when more (window, group)
+    rows than ``max_unexplained`` differ for no known cause (a logic change)."""
+    from workers.reports import version_diff  # imported here: the diff reads the dashboard's sources, which read us
+
+    if max_unexplained < 0:
+        raise KappaError(f"--max-unexplained must be >= 0, got {max_unexplained}")
+    diffs = {day: version_diff.compute(client, bucket, source_topic, pipeline, version, day) for day in days}
+    unexplained = {day: diff.unexplained for day, diff in diffs.items() if diff.unexplained}
+    if sum(unexplained.values()) > max_unexplained:
+        listing = ", ".join(f"{day}: {count}" for day, count in unexplained.items())
+        raise KappaError(
+            f"{pipeline} v{version} not promoted: {sum(unexplained.values())} (window, group) rows differ for no "
+            f"known cause (logic change; {listing}), more than --max-unexplained {max_unexplained}"
+        )
+    return {day: diff.line() for day, diff in diffs.items()}
+
+
+def promote(
+    client: Any, bucket: str, source_topic: str, pipeline: str, version: int, max_unexplained: int | None = 0
+) -> dict[str, Any]:
+    """Point ``CURRENT`` at ``version`` (which must have corrected reports) and return the new pointer.
+
+    With ``max_unexplained`` set (default 0) the version diff of every day must explain all but that
+    many differing rows; None skips the diff."""
     keys.valid_name(pipeline)
     keys.valid_version(version)
     refused = refused_days(client, bucket, pipeline, version, source_topic)
@@ -123,6 +148,9 @@ def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version:
     switch = handoff.Switch.plan(manifests, source_partitions(manifests))
     offsets = {str(p): o for p, o in sorted(switch.start.items())}
     days = [m.day for m in manifests]
+    diffs = {}
+    if max_unexplained is not None:
+        diffs = version_diffs(client, bucket, source_topic, pipeline, version, sorted(set(days)), max_unexplained)
     previous = read_current(client, bucket, pipeline)
     history = []
     if previous is not None:
@@ -138,6 +166,7 @@ def promote(client: Any, bucket: str, source_topic: str, pipeline: str, version:
         "switch": switch.to_json(),
         "report_etags": report_etags(client, bucket, pipeline, version, days),
         "uncovered_days": uncovered_days(client, bucket, source_topic, set(days), offsets),
+        "diffs": diffs,
         "history": history,
     }
     _write(client, bucket, pipeline, pointer)

@@ -34,6 +34,8 @@ corrected_report_job = dg.define_asset_job(
 class PromoteConfig(dg.Config):
     pipeline: str = "orders"
     version: int = 2
+    #: refuse when more (window, group) rows differ from what users read for no known cause (None: no diff)
+    max_unexplained: int | None = 0
 
 
 class RollbackConfig(dg.Config):
@@ -46,8 +48,15 @@ def promote_version(context: dg.OpExecutionContext, config: PromoteConfig, kappa
     settings = kappa.settings()
     with user_errors():
         pointer = promote.promote(
-            kappa.s3_client(settings), settings.s3_bucket, settings.events_topic, config.pipeline, config.version
+            kappa.s3_client(settings),
+            settings.s3_bucket,
+            settings.events_topic,
+            config.pipeline,
+            config.version,
+            max_unexplained=config.max_unexplained,
         )
+    for line in pointer["diffs"].values():
+        context.log.info(f"diff {line}")
     context.log.info(
         f"{config.pipeline} CURRENT -> v{config.version}; live start offsets {pointer['live_start_offsets']}"
     )

@@ -15,15 +15,22 @@ console = Console()
 def promote(
     pipeline: str = typer.Option("orders", help="Pipeline to promote."),
     version: int = typer.Option(..., help="Version whose corrected reports become CURRENT."),
+    max_unexplained: int = typer.Option(
+        0, help="Refuse when more (window, group) rows than this differ from what users read for no known cause."
+    ),
 ) -> None:
     """Point reports/<P>/CURRENT at VERSION and print how to start its live processor without gap/overlap."""
     settings = load_settings()
     client = s3_helpers.s3_client(settings)
-    pointer = promote_lib.promote(client, settings.s3_bucket, settings.events_topic, pipeline, version)
+    pointer = promote_lib.promote(
+        client, settings.s3_bucket, settings.events_topic, pipeline, version, max_unexplained=max_unexplained
+    )
     console.print(
         f"[green]promoted[/] {pipeline} v{version}: reports/{pipeline}/CURRENT -> {pointer['reports_prefix']}"
     )
     console.print(f"days with corrected reports: {', '.join(pointer['days'])}")
+    for line in pointer["diffs"].values():
+        console.print(f"  diff {line}", highlight=False)
     if pointer["uncovered_days"]:
         console.print(f"[yellow]not replayed, below the start offsets:[/] {', '.join(pointer['uncovered_days'])}")
     console.print(f"live start offsets (every partition): {promote_lib.start_offsets_arg(pointer)}")

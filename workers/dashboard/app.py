@@ -28,7 +28,7 @@ from workers.dashboard.collector import Collector, View
 from workers.errors import KappaError
 
 STATIC = resources.files("workers.dashboard") / "static"
-SECTIONS = ("results", "processor", "dlq", "lag", "replays", "diff")
+SECTIONS = ("results", "processor", "dlq", "lag", "replays", "diff", "causes")
 
 
 def dumps(data: Any) -> str:

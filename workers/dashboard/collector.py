@@ -27,6 +27,7 @@ from workers.pipelines import Pipeline, get_pipeline, known
 from workers.processor import results
 from workers.replay import status as replay_status
 from workers.reports import diff as report_diff
+from workers.reports import version_diff
 
 DIFF_ROWS = 15
 
@@ -125,6 +126,7 @@ class Collector:
             "lag": _section(lambda: self._lags(group)),
             "replays": _section(self._replays),
             "diff": _section(lambda: self._diff(pipeline, current, view.diff_day or day)),
+            "causes": _section(lambda: self._causes(pipeline, view.diff_day or day)),
         }
 
     # ---------------------------------------------------------------- sections
@@ -185,6 +187,17 @@ class Collector:
         rows = replay_status.replay_rows(self.settings, self.lag, self.rates, self.client)
         rows = [row for row in rows if row.source_topic in (None, self.settings.events_topic)]
         return [row.as_dict() for row in rows]
+
+    def _causes(self, pipeline: Pipeline, day: str) -> dict[str, Any]:
+        """The stored version diff (``diff.parquet``, from Dagster's ``version_diff``) of the shown version
+        and diff day, summed per cause; the dashboard never computes it (it reads the whole archive)."""
+        stored = version_diff.read(self.client, self.settings.s3_bucket, pipeline.name, pipeline.version, day)
+        base = {"day": day, "version": pipeline.version}
+        if stored is None:
+            return {**base, "available": False, "message": f"no version diff of {pipeline.label} for {day}"}
+        rows = version_diff.by_cause(stored).to_dicts()
+        causes = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()} for row in rows]
+        return {**base, "available": True, "causes": causes}
 
     def _diff(self, pipeline: Pipeline, current: int | None, day: str) -> dict[str, Any]:
         bucket = self.client, self.settings.s3_bucket

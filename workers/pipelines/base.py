@@ -27,6 +27,8 @@ MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS = 0, MAX_DAY_MS
 DAY_MS = 86_400_000
 #: Outcome counters of every record; ``records == counted + dlq + duplicates + late``.
 STAT_NAMES = ("records", "counted", "dlq", "duplicates", "late")
+#: Column of :meth:`Pipeline.diff_rules` output: the record's outcome, one of the non-``records`` stats.
+OUTCOME = "outcome"
 
 
 class Pipeline(ABC):
@@ -111,6 +113,38 @@ class Pipeline(ABC):
             "late": 0,
         }
         return report, stats
+
+    def diff_rules(self, archive: pl.DataFrame, grace_ms: int | None) -> pl.DataFrame:
+        """Per distinct archived record: ``partition``, ``offset``, :data:`OUTCOME` under this version
+        (counted/dlq/duplicates/late), the key columns and what it adds to each output measure.
+
+        A version diff (``workers/reports/version_diff.py``) attributes differences to causes from
+        these rows; ``grace_ms`` is the live watermark's grace, None for a bounded replay (nothing late).
+        """
+        raise KappaError(f"{self.label} supplies no diff rules: implement Pipeline.diff_rules to diff its versions")
+
+    def classify_archive(self, archive: pl.DataFrame, grace_ms: int | None) -> pl.DataFrame:
+        """The engine's per-record outcomes restated over a day's archive (offset order per partition):
+        dlq when rejected, late when its window closed before it arrived, then duplicates per :meth:`batch_dedup`."""
+        frame = archive.unique(subset=["topic", "partition", "offset"], keep="first").sort("partition", "offset")
+        parsed = self.parse(frame["value"].to_list())
+        rows = pl.concat([frame.select("partition", "offset"), parsed], how="horizontal")
+        rows = rows.with_columns(frame["timestamp"].dt.epoch("ms").alias("timestamp_ms"))
+        rows = self.with_window(rows.with_columns(reject_missing_timestamp()))
+        late = pl.lit(False)
+        if grace_ms is not None:
+            valid_ts = pl.when(pl.col(REJECT).is_null()).then(pl.col("timestamp_ms"))
+            before = valid_ts.cum_max().forward_fill().shift(1).over("partition")
+            late = (pl.col(WINDOW_MS) + self.window_ms <= before - grace_ms).fill_null(False)
+        outcome = pl.when(pl.col(REJECT).is_not_null()).then(pl.lit("dlq")).when(late).then(pl.lit("late"))
+        rows = rows.with_columns(outcome.otherwise(pl.lit("counted")).alias(OUTCOME))
+        candidates = rows.filter(pl.col(OUTCOME) == "counted")
+        kept = self.batch_dedup(candidates).select("partition", "offset").with_columns(pl.lit(True).alias("_kept"))
+        rows = rows.join(kept, on=["partition", "offset"], how="left", maintain_order="left")
+        dropped = (pl.col(OUTCOME) == "counted") & pl.col("_kept").is_null()
+        return rows.with_columns(
+            pl.when(dropped).then(pl.lit("duplicates")).otherwise(pl.col(OUTCOME)).alias(OUTCOME)
+        ).drop("_kept")
 
     def batch_dedup(self, valid: pl.DataFrame) -> pl.DataFrame:
         """Keep one copy per (window, dedup_by): across partitions the smallest (timestamp, partition,

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import msgspec
 import polars as pl
 
-from workers.pipelines.base import REJECT, Pipeline
+from workers.pipelines.base import OUTCOME, REJECT, Pipeline
 
 EVENT_TYPES = ("page_view", "add_to_cart", "purchase", "refund")
 MAX_ABS_AMOUNT = 1e15
@@ -140,6 +140,18 @@ class OrdersV1(Pipeline):
             .agg(pl.col("events").sum(), pl.col("amount").sum())
             .select(self.partial_schema.names())
             .cast(self.partial_schema)  # type: ignore[arg-type]
+        )
+
+    def diff_rules(self, archive: pl.DataFrame, grace_ms: int | None) -> pl.DataFrame:
+        """A record adds one event and its amount (as the exact decimal the report sums) to its window and type."""
+        rows = self.classify_archive(archive, grace_ms)
+        return rows.select(
+            "partition",
+            "offset",
+            OUTCOME,
+            *self.key_columns,
+            pl.lit(1, dtype=pl.Int64).alias("events"),
+            pl.col("amount").cast(AMOUNT_DECIMAL),
         )
 
     def finalize(self, partials: pl.DataFrame) -> pl.DataFrame:

@@ -221,6 +221,26 @@ function renderDiff(diff) {
   fillTable("diff-table", rows, 6, "live and corrected agree");
 }
 
+function renderCauses(causes) {
+  if (causes.error) return;
+  setText("causes-title", `(${causes.day}, v${causes.version} vs what users read)`);
+  if (!causes.available) {
+    setText("causes-summary", `${causes.message}: materialize version_diff for that day in Dagster.`);
+    fillTable("causes-table", [], 4, "no diff stored");
+    return;
+  }
+  const logic = causes.causes.find((c) => c.cause === "logic change");
+  setText("causes-summary", logic ? `${fmt.format(logic.groups)} rows differ for no known cause (logic change).`
+    : "every difference is explained by a known cause.");
+  const rows = causes.causes.map((c) => [
+    el("td", {}, c.cause),
+    el("td", { class: "num" }, fmt.format(c.groups)),
+    el("td", { class: "num" }, signed(c.events, fmt.format)),
+    el("td", { class: "num" }, signed(c.amount, money.format)),
+  ]);
+  fillTable("causes-table", rows, 4, "no difference");
+}
+
 function render(snapshot) {
   const view = snapshot.view;
   updates += 1;
@@ -234,7 +254,8 @@ function render(snapshot) {
   renderLag(snapshot.lag, view);
   renderReplays(snapshot.replays);
   renderDiff(snapshot.diff);
-  const errors = ["results", "processor", "dlq", "lag", "replays", "diff"]
+  renderCauses(snapshot.causes);
+  const errors = ["results", "processor", "dlq", "lag", "replays", "diff", "causes"]
     .map((name) => sectionError(name, snapshot[name]))
     .filter(Boolean);
   setText("errors", errors.join("\n"));
