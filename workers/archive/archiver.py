@@ -7,7 +7,6 @@ fencing and refusal rules are in docs/ARCHITECTURE.md ("The archiver", "Commits 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -24,7 +23,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from workers import kafka as kafka_helpers
 from workers import keys, membership, retry
 from workers import s3 as s3_helpers
+from workers.archive import checkpoint as archiver_checkpoint
 from workers.archive import format as archive_format
+from workers.archive.checkpoint import ArchiverCheckpoint
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.s3 import Fenced
@@ -156,14 +157,14 @@ class ArchiveStore:
 
     def read_checkpoint(self, partition: int) -> int | None:
         """The next offset to archive, or None if this partition was never archived here."""
-        doc = self.read_checkpoint_doc(partition)
-        return None if doc is None else int(doc["next_offset"])
+        checkpoint = self.read_checkpoint_doc(partition)
+        return None if checkpoint is None else checkpoint.next_offset
 
-    def read_checkpoint_doc(self, partition: int) -> dict[str, Any] | None:
-        """The checkpoint document; also makes it the one the next :meth:`write_checkpoint` must replace."""
+    def read_checkpoint_doc(self, partition: int) -> ArchiverCheckpoint | None:
+        """The checkpoint; also makes it the one the next :meth:`write_checkpoint` must replace."""
         stored = s3_helpers.get_stored(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition))
         self.etags[partition] = None if stored is None else stored.etag
-        return None if stored is None else json.loads(stored.body)
+        return None if stored is None else archiver_checkpoint.from_json(stored.body)
 
     def forget(self, partition: int) -> None:
         """This member no longer owns ``partition``: a write needs a fresh :meth:`read_checkpoint`."""
@@ -191,19 +192,10 @@ class ArchiveStore:
         return written, size
 
     def write_checkpoint(self, partition: int, next_offset: int, group: str, files: list[str]) -> None:
-        body = {
-            "topic": self.topic,
-            "partition": partition,
-            "topic_id": self.topic_id,
-            "next_offset": next_offset,
-            "group": group,
-            "writer": f"{socket.gethostname()}:{os.getpid()}",
-            "written_at_ms": int(time.time() * 1000),
-            "files": files,
-        }
+        checkpoint = ArchiverCheckpoint(self.topic, partition, next_offset, self.topic_id, group, files=files)
         key = keys.archiver_checkpoint(self.topic, partition)
         self.etags[partition] = s3_helpers.put_if(
-            self.client, self.bucket, key, json.dumps(body).encode(), self._expected(partition)
+            self.client, self.bucket, key, archiver_checkpoint.to_json(checkpoint), self._expected(partition)
         )
 
 
@@ -433,7 +425,7 @@ class Archiver:
             body = s3_helpers.get_bytes(self.store.client, self.store.bucket, key)
         except retry.S3_ERRORS:
             return -1  # cannot tell now: keep waiting
-        return -1 if body is None else int(json.loads(body)["next_offset"])
+        return -1 if body is None else archiver_checkpoint.from_json(body).next_offset
 
     # -- one iteration
 
@@ -526,8 +518,8 @@ class Archiver:
         self.refetch.add(partition)
         winner = "?"
         if exc.current is not None:
-            doc = json.loads(exc.current)
-            winner = f"{doc.get('writer')} at offset {doc.get('next_offset')}"
+            current = archiver_checkpoint.from_json(exc.current)
+            winner = f"{current.writer} at offset {current.next_offset}"
         log.warning("fenced: partition %d checkpointed by %s since we read it; %d buffered records (from offset "
                     "%s) dropped unwritten by %s:%d, re-reading the checkpoint if still assigned", partition, winner,
                     state.records, state.durable, socket.gethostname(), os.getpid())
@@ -623,11 +615,11 @@ class Archiver:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Seek every new partition to its S3 checkpoint (the durable resume point)."""
         for tp in partitions:
-            doc = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint_doc(p), "read checkpoint")
-            start = None if doc is None else int(doc["next_offset"])
+            checkpoint = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint_doc(p), "read checkpoint")
+            start = None if checkpoint is None else checkpoint.next_offset
             state = self.parts[tp.partition] = PartitionBuffer(durable=start, position=start)
-            if start is not None:
-                self._check_same_topic(tp.partition, doc)  # type: ignore[arg-type]
+            if checkpoint is not None and start is not None:
+                self._check_same_topic(tp.partition, checkpoint)
                 low = self._check_not_beyond_end(consumer, tp, start)
                 if low is not None and start < low:
                     start = self._skip_or_refuse(tp.partition, state, start, low)
@@ -642,10 +634,10 @@ class Archiver:
         self.assigned_once = True
         log.info("assigned %s", {tp.partition: self.parts[tp.partition].durable for tp in partitions} or "nothing")
 
-    def _check_same_topic(self, partition: int, checkpoint: dict[str, Any]) -> None:
+    def _check_same_topic(self, partition: int, checkpoint: ArchiverCheckpoint) -> None:
         """A checkpoint of another topic id means the topic was deleted and recreated: its offsets restart
         at 0, so archiving from the checkpoint would skip them and collide with archived offsets."""
-        recorded = checkpoint.get("topic_id")
+        recorded = checkpoint.topic_id
         if recorded and self.store.topic_id and recorded != self.store.topic_id:
             raise ArchiverError(
                 f"the S3 checkpoint of {self.topic}[{partition}] belongs to topic id {recorded}, but {self.topic} is "
