@@ -15,16 +15,19 @@ import sys
 import time
 from typing import Any
 
+import dagster as dg
 import pytest
-from test_pipelines import BASE_MS, event
+from dagster_env import fresh_resources
+from test_pipelines import event
 from test_processor import Record, bounded, consume_all, produce, wait_for
 
-from workers import keys
+from workers import keys, late
 from workers.config import Settings
 from workers.processor.state import list_states
 
 GRACE_MS = 60_000
 WINDOW = 60_000
+DAY, DAY_MS = "2026-11-20", 1_795_132_800_000  # inside the Dagster partitions
 
 
 def late_records(n: int, seed: int) -> list[Record]:
@@ -33,7 +36,7 @@ def late_records(n: int, seed: int) -> list[Record]:
     rng = random.Random(seed)
     records: list[Record] = []
     for i in range(n):
-        ts = BASE_MS + i * 100
+        ts = DAY_MS + i * 100
         if i > 5_000 and rng.random() < 0.03:
             ts -= 300_000
         headers = [("source", b"web")] if rng.random() < 0.2 else []
@@ -134,8 +137,10 @@ def check_live_and_bounded(settings: Settings, s3: Any, topic_factory, n: int, k
     live_late = keys.late_topic(topic)
     landed = run_live_with_kills(settings, s3, topic, live_late, len(records), kills)
     assert landed == kills
-    resent = assert_late_topic(settings, topic, live_late, live_late_counter(s3, settings))
+    late_counter = live_late_counter(s3, settings)
+    resent = assert_late_topic(settings, topic, live_late, late_counter)
     print(f"live: {kills} SIGKILLs landed mid-stream, {resent} late records re-sent and deduplicated")
+    assert_dagster_flags_the_day(late_counter, len(records))
 
     # bounded, same grace: the replay's own late topic, the same records, counted in the report stats
     bounded_late = keys.late_topic(f"{topic}.replay.r1")
@@ -143,6 +148,30 @@ def check_live_and_bounded(settings: Settings, s3: Any, topic_factory, n: int, k
     stats_late = sum(day["late"] for day in summary.stats.values())
     assert stats_late == summary.late_records
     assert assert_late_topic(settings, topic, bounded_late, stats_late) == 0
+
+
+def late_share_check(monkeypatch: pytest.MonkeyPatch, share: str | None) -> dg.AssetCheckEvaluation:
+    """Run the ``late_share_check`` job (in process, the test's bucket) with that threshold."""
+    from kappa_dagster.definitions import defs
+
+    if share is None:
+        monkeypatch.delenv(late.RERUN_SHARE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(late.RERUN_SHARE_ENV, share)
+    result = defs.resolve_job_def("late_share_check").execute_in_process(resources=fresh_resources())
+    [evaluation] = result.get_asset_check_evaluations()
+    return evaluation
+
+
+def assert_dagster_flags_the_day(late_counter: int, records: int) -> None:
+    """The live share (~3 % late) exceeds the default 1 %: a WARN naming the day; 50 % lets it pass."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        flagged = late_share_check(monkeypatch, None)
+        assert not flagged.passed and flagged.severity == dg.AssetCheckSeverity.WARN
+        assert flagged.metadata["candidate_days"].value == DAY and DAY in (flagged.description or "")
+        assert flagged.metadata["max_late_share"].value == pytest.approx(late_counter / records)
+        assert f"| {DAY} | orders v1 | {records:,} | {late_counter:,} |" in flagged.metadata["candidates"].value
+        assert late_share_check(monkeypatch, "0.5").passed
 
 
 def test_late_records_reach_the_late_topic_once_after_dedup_across_a_sigkill(
@@ -156,7 +185,7 @@ def test_late_topic_across_several_sigkills(settings: Settings, s3: Any, topic_f
     check_live_and_bounded(settings, s3, topic_factory, n=80_000, kills=4)
 
 
-def test_the_late_topic_follows_the_events_topic_and_can_be_overridden() -> None:
+def test_the_late_topic_and_the_rerun_share_are_configured_with_one_line_errors() -> None:
     from workers.config import load_settings
 
     env = {"KAPPA_BOOTSTRAP_SERVERS": "h:1", "KAPPA_EVENTS_TOPIC": "orders"}
@@ -165,3 +194,10 @@ def test_the_late_topic_follows_the_events_topic_and_can_be_overridden() -> None
     with pytest.raises(Exception, match="KAPPA_LATE_TOPIC"):
         load_settings({**env, "KAPPA_LATE_TOPIC": "bad topic"})
     assert keys.late_topic("events.replay.r1") == "events.replay.r1.late"
+    assert late.rerun_share({}) == 0.01 and late.rerun_share({late.RERUN_SHARE_ENV: "0.2"}) == 0.2
+    for bad in ("0", "2", "lots"):
+        with pytest.raises(Exception, match=r"KAPPA_LATE_RERUN_SHARE.*must be a number in"):
+            late.rerun_share({late.RERUN_SHARE_ENV: bad})
+    stats = {"2026-11-19": {"records": 1000, "late": 10}, "2026-11-20": {"records": 100, "late": 2}}
+    rows = late.late_by_day(stats, 0.01)
+    assert [(r.day, r.share, r.candidate) for r in rows] == [("2026-11-20", 0.02, True), ("2026-11-19", 0.01, False)]
