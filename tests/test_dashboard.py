@@ -168,7 +168,7 @@ def cleanup_kafka(settings: Settings) -> None:
 
     client = s3_helpers.s3_client(settings)
     topics = [m.replay_topic for m in replay_manifest.iter_manifests(client, settings.s3_bucket)]
-    kafka_helpers.delete_topics(settings, [settings.events_topic, settings.dlq_topic, *topics])
+    kafka_helpers.delete_topics(settings, [settings.events_topic, settings.dlq_topic, settings.late_topic, *topics])
 
 
 # ---------------------------------------------------------------- JSON API

@@ -37,7 +37,7 @@ def late_records(n: int, seed: int) -> list[Record]:
     records: list[Record] = []
     for i in range(n):
         ts = DAY_MS + i * 100
-        if i > 5_000 and rng.random() < 0.03:
+        if i > 3_000 and rng.random() < 0.03:
             ts -= 300_000
         headers = [("source", b"web")] if rng.random() < 0.2 else []
         records.append((f"u{rng.randrange(20)}".encode(), event(i, rng), ts, headers))
@@ -106,8 +106,9 @@ def run_live_with_kills(settings: Settings, s3: Any, topic: str, late_topic: str
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             if round_ < kills:
-                before = positions(s3, settings)
-                wait_for(lambda before=before: positions(s3, settings) > before, timeout=60)
+                # past the first late records, and later in each round
+                mark = total * (round_ + 1) // (kills + 2)
+                wait_for(lambda mark=mark: positions(s3, settings) > mark, timeout=60)
                 time.sleep(rng.uniform(0.05, 0.4))  # between checkpoints: sent but uncommitted records
                 process.send_signal(signal.SIGKILL)
                 process.wait(30)
