@@ -130,7 +130,7 @@ def replay_consume(
     with step.lease(release=False):
         manifest = step.manifest()
         if replay_manifest.published(step.client, step.bucket, manifest) and not replay.force:
-            context.log.info(f"report of replay {manifest['replay_id']} is published and current: nothing to consume")
+            context.log.info(f"report of replay {manifest.replay_id} is published and current: nothing to consume")
             return dg.MaterializeResult(metadata={**manifest_metadata(manifest), "reused": True})
         invocation = pipes_subprocess_client.run(
             command=processor_command(target, manifest, shlex.split(replay.processor_args)),
