@@ -30,14 +30,14 @@ def test_definitions_load_with_every_job_sensor_and_schedule() -> None:
     from kappa_dagster import defs
 
     dg.Definitions.validate_loadable(defs)
-    for job in ("reprocess", "corrected_report_job", "promote", "rollback"):
+    for job in ("reprocess", "corrected_report_job", "promote", "rollback", "late_share_check"):
         assert defs.resolve_job_def(job) is not None
     assert defs.resolve_sensor_def("replay_progress_sensor") and defs.resolve_sensor_def("raw_archive_sensor")
     assert defs.resolve_schedule_def("nightly_reprocess")
     keys_ = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
     assert {"raw_archive", "replay_load", "replay_consume", "corrected_report"} <= keys_
     checks = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
-    assert checks == {"report_matches_reference", "records_accounted", "report_matches_batch"}
+    assert checks == {"report_matches_reference", "records_accounted", "report_matches_batch", "live_late_share"}
     blocking = {spec.name for spec in defs.resolve_assets_def("corrected_report").check_specs if spec.blocking}
     assert blocking == {"report_matches_reference", "records_accounted"}
     reprocess = defs.resolve_job_def("reprocess")

@@ -168,7 +168,7 @@ def cleanup_kafka(settings: Settings) -> None:
 
     client = s3_helpers.s3_client(settings)
     topics = [m.replay_topic for m in replay_manifest.iter_manifests(client, settings.s3_bucket)]
-    kafka_helpers.delete_topics(settings, [settings.events_topic, settings.dlq_topic, *topics])
+    kafka_helpers.delete_topics(settings, [settings.events_topic, settings.dlq_topic, settings.late_topic, *topics])
 
 
 # ---------------------------------------------------------------- JSON API
@@ -180,6 +180,12 @@ def test_api_serves_every_section_and_numbers_grow(flow: Flow) -> None:
     assert snap["view"] | {"day": flow.today, "version": 1, "live_group": flow.live_group} == snap["view"]
     assert {"purchase", "page_view"} <= set(snap["results"]["types"])
     assert snap["processor"]["partitions"] == 3
+    late_rows = {row["day"]: row for row in snap["processor"]["late_by_day"]}
+    today = late_rows[flow.today]
+    assert today["records"] == snap["processor"]["day"]["records"] and today["late"] == snap["processor"]["day"]["late"]
+    for row in late_rows.values():
+        assert row["share"] == pytest.approx(row["late"] / row["records"], abs=1e-6)
+        assert row["candidate"] == (row["late"] / row["records"] > snap["processor"]["late_rerun_share"])
     assert snap["dlq"]["records"] > 0 and snap["dlq"]["reasons"]
 
     lag = {row["group"]: row for row in snap["lag"]}
@@ -261,6 +267,7 @@ def test_browser_shows_live_numbers_that_change(flow: Flow, tmp_path: Path) -> N
         assert page.locator("#replay-table tbody tr").count() == 2
         assert "reported" in page.inner_text("#replay-table")
         assert page.locator("#diff-table tbody tr td.num").count() > 0
+        assert flow.today in page.inner_text("#late-table") and "%" in page.inner_text("#late-table tbody")
         assert page.inner_text("#errors") == ""
         page.wait_for_timeout(1500)  # let the charts settle for the picture
         page.screenshot(path=str(shot), full_page=True)

@@ -87,6 +87,8 @@ class Settings:
     aws_secret_access_key: str | None = field(default=None, repr=False)
     events_topic: str = "events"
     dlq_topic: str = "events.dlq"
+    #: records later than grace, byte-exact with their source coordinates (``KAPPA_LATE_TOPIC``)
+    late_topic: str = "events.late"
     #: replication factor for topics the project creates; -1 = the broker's default
     topic_replication: int = -1
 
@@ -111,6 +113,7 @@ class Settings:
             "aws_access_key_id": "***" if self.aws_access_key_id else "(default chain)",
             "events_topic": self.events_topic,
             "dlq_topic": self.dlq_topic,
+            "late_topic": self.late_topic,
             "topic_replication": str(self.topic_replication),
         }
 
@@ -140,7 +143,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"KAPPA_S3_BUCKET={bucket!r} is not a valid S3 bucket name (3-63 chars, a-z 0-9 . -)")
     events_topic = env.get("KAPPA_EVENTS_TOPIC", "events")
     dlq_topic = env.get("KAPPA_DLQ_TOPIC", f"{events_topic}.dlq")
-    for name, topic in (("KAPPA_EVENTS_TOPIC", events_topic), ("KAPPA_DLQ_TOPIC", dlq_topic)):
+    late_topic = env.get("KAPPA_LATE_TOPIC", f"{events_topic}.late")
+    topics = (("KAPPA_EVENTS_TOPIC", events_topic), ("KAPPA_DLQ_TOPIC", dlq_topic), ("KAPPA_LATE_TOPIC", late_topic))
+    for name, topic in topics:
         if not TOPIC_RE.match(topic):
             raise ConfigError(f"{name}={topic!r} is not a valid Kafka topic name")
     replication = env.get("KAPPA_TOPIC_REPLICATION_FACTOR", "-1").strip()
@@ -156,5 +161,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
         events_topic=events_topic,
         dlq_topic=dlq_topic,
+        late_topic=late_topic,
         topic_replication=int(replication),
     )

@@ -180,6 +180,11 @@ def dlq_topic(topic: str) -> str:
     return valid_topic(f"{topic}.dlq")
 
 
+def late_topic(topic: str) -> str:
+    """Where the records of ``topic`` later than grace go: ``<topic>.late`` (a replay's own late topic)."""
+    return valid_topic(f"{topic}.late")
+
+
 def repartition_topic(group: str, state_key: Sequence[str]) -> str:
     """``<group>-<state key>-repartition``, as Kafka Streams names ``<application.id>-<name>-repartition``."""
     return valid_topic(f"{valid_group(group)}-{'-'.join(state_key)}-repartition")

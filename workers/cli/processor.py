@@ -119,6 +119,7 @@ def processor(
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="Records per consume() micro-batch."),
     checkpoint_seconds: float = typer.Option(DEFAULT_CHECKPOINT_SECONDS, help="Seconds between S3 checkpoints."),
     dlq_topic: str = typer.Option(None, help="Dead-letter topic (default: KAPPA_DLQ_TOPIC)."),
+    late_topic: str = typer.Option(None, help="Topic for records later than grace (default: KAPPA_LATE_TOPIC)."),
     progress: ProgressKind = typer.Option(ProgressKind.auto, help="Progress display."),
     instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; 'auto' = "
                                                 "kappa-processor-<host>-<ordinal>; default 'none': dynamic member)."),
@@ -154,6 +155,7 @@ def processor(
             batch_size=batch_size,
             checkpoint_seconds=checkpoint_seconds,
             dlq_topic=dlq_topic,
+            late_topic=late_topic,
             progress=bar,
             handoff=handoff,
             instance_id=instance_id,

@@ -23,6 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from workers import late
 from workers.config import Settings
 from workers.dashboard.collector import Collector, View
 from workers.errors import KappaError
@@ -115,6 +116,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8050, interva
         raise KappaError(f"--port must be 1..65535, got {port}")
     if interval <= 0:
         raise KappaError(f"--interval must be > 0 seconds, got {interval}")
+    late.rerun_share()  # a bad KAPPA_LATE_RERUN_SHARE: one line before the server starts
     check_port_free(host, port)
     config = uvicorn.Config(
         create_app(settings, interval), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from workers import keys
+from workers import keys, late
 from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.dashboard import sources
@@ -90,6 +90,7 @@ class Collector:
         self.lag = LagReader(settings)
         self.rates = replay_status.RateTracker()
         self.dlq = DlqTail(settings, settings.dlq_topic)
+        self.late_share = late.rerun_share()
         self.lock = threading.Lock()
         self.cache: dict[View, tuple[float, dict[str, Any]]] = {}
 
@@ -165,7 +166,13 @@ class Collector:
             "day": stats.get(day, {}),
             "late_all_days": sum(s.get("late", 0) for s in stats.values()),
             "days": sorted(stats, reverse=True),
+            **self._late_rates(stats),
         }
+
+    def _late_rates(self, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
+        """Late share per day (late / records); above KAPPA_LATE_RERUN_SHARE a day is a re-run candidate."""
+        rows = late.late_by_day(stats, self.late_share)
+        return {"late_rerun_share": self.late_share, "late_by_day": [row.as_dict() for row in rows]}
 
     def _dlq(self) -> dict[str, Any]:
         tail = self.dlq.refresh()

@@ -58,6 +58,12 @@ DLQ_PRODUCER_CONFIG = {"enable.idempotence": True, "linger.ms": 20, "message.max
 TRUNCATED_HEADER = "kappa.dlq.truncated"
 #: the record's own timestamp when the DLQ copy had to take the broker's time instead
 ORIGINAL_TIMESTAMP_HEADER = "kappa.dlq.timestamp"
+#: the late topic's headers (besides the record's own): where it came from, the window it missed
+#: and the watermark it was compared against; (partition, offset) lets a reader drop re-sends
+LATE_HEADERS = ("kappa.late.topic", "kappa.late.partition", "kappa.late.offset", "kappa.late.window_start",
+                "kappa.late.window_end", "kappa.late.watermark", "kappa.late.pipeline")
+#: per record of a classified frame: the watermark (earlier valid records' max timestamp - grace) it met
+WATERMARK_MS = "_watermark_ms"
 DEFAULT_BATCH_SIZE = 20_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
@@ -142,11 +148,9 @@ def classify(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
     # the next hour of good records late
     valid_ts = pl.when(pl.col(REJECT).is_null()).then(pl.col("timestamp_ms")).otherwise(pl.lit(floor))
     previous_max = pl.max_horizontal(valid_ts.cum_max().shift(1, fill_value=floor), pl.lit(floor))
-    late = (
-        pl.lit(False)
-        if state.grace_ms is None
-        else pl.col(WINDOW_MS) + pipeline.window_ms <= previous_max - state.grace_ms
-    )
+    watermark = pl.lit(None, pl.Int64) if state.grace_ms is None else previous_max - state.grace_ms
+    frame = frame.with_columns(watermark.alias(WATERMARK_MS))
+    late = pl.col(WINDOW_MS) + pipeline.window_ms <= pl.col(WATERMARK_MS)
     outcome = pl.when(pl.col(REJECT).is_not_null()).then(pl.lit("dlq")).when(late).then(pl.lit("late"))
     frame = frame.with_columns(outcome.otherwise(pl.lit("counted")).alias("outcome"))
     return mark_duplicates(frame, state) if pipeline.dedup_by else frame
@@ -213,6 +217,7 @@ class Processor:
         batch_size: int,
         checkpoint_seconds: float,
         dlq_topic: str,
+        late_topic: str,
         progress: Progress,
         stop: threading.Event,
         switch: handoff_lib.Switch | None = None,
@@ -228,7 +233,7 @@ class Processor:
         self.switch = switch
         self.requested_end = dict(end_offsets) if end_offsets is not None else None
         self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
-        self.dlq_topic, self.progress, self.stop = dlq_topic, progress, stop
+        self.dlq_topic, self.late_topic, self.progress, self.stop = dlq_topic, late_topic, progress, stop
         self.instance_id, self.group_protocol, self.session_timeout = instance_id, group_protocol, session_timeout
         self.client = s3_client(settings)
         self.prefix = keys.processor_prefix(pipeline.name, pipeline.version, group if bounded else None)
@@ -260,6 +265,7 @@ class Processor:
         ensure_bucket(self.client, self.settings.s3_bucket)
         partitions = kafka_helpers.partition_count(self.settings, self.topic)
         kafka_helpers.ensure_topic(self.settings, self.dlq_topic, partitions)
+        kafka_helpers.ensure_topic(self.settings, self.late_topic, partitions)
         if self.bounded:
             self.end = self.bounded_end_offsets(partitions)
             self.summary.end_offsets = dict(self.end)
@@ -519,6 +525,8 @@ class Processor:
         self.summary.records += frame.height
         self.summary.late_records += counts.get("late", 0)
         self.send_to_dlq(frame.filter(pl.col("outcome") == "dlq"), messages)
+        if counts.get("late"):
+            self.send_late(frame.filter(pl.col("outcome") == "late"), messages)
 
     def on_eof(self, partition: int, offset: int) -> None:
         """At the end of a partition our position is ``offset`` (covers transaction markers too)."""
@@ -565,15 +573,26 @@ class Processor:
             if timestamp > MAX_TIMESTAMP_MS:  # the DLQ topic may refuse what the input topic accepted
                 headers.append(original_timestamp_header(timestamp))
             usable = 0 < timestamp <= MAX_TIMESTAMP_MS
-            self.produce_dlq(message.key(), message.value(), headers, timestamp if usable else 0)
+            self.produce_side(self.dlq_topic, message.key(), message.value(), headers, timestamp if usable else 0)
         self.summary.dlq_records += rejects.height
 
-    def produce_dlq(self, key: bytes | None, value: bytes | None, headers: list, timestamp: int) -> None:
+    def send_late(self, late: pl.DataFrame, messages: list[Any]) -> None:
+        """Records later than grace, byte-exact, to the late topic: same producer and flush as the DLQ."""
+        label, width = self.pipeline.label.encode(), self.pipeline.window_ms
+        for idx, offset, window, watermark in late.select("idx", "offset", WINDOW_MS, WATERMARK_MS).iter_rows():
+            message = messages[idx]
+            values = (self.topic, message.partition(), offset, window, window + width, watermark)
+            stamped = zip(LATE_HEADERS, [*(str(v).encode() for v in values), label], strict=True)
+            headers = [*(message.headers() or []), *stamped]
+            self.produce_side(self.late_topic, message.key(), message.value(), headers, message.timestamp()[1])
+
+    def produce_side(self, topic: str, key: bytes | None, value: bytes | None, headers: list, timestamp: int) -> None:
+        """Produce to the DLQ or the late topic; too big for the broker: the value is dropped (see ``delivered``)."""
         assert self.producer is not None
         while True:
             try:
                 self.producer.produce(
-                    self.dlq_topic,
+                    topic,
                     value=value,
                     key=key,
                     headers=headers,
@@ -595,7 +614,7 @@ class Processor:
         if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.value() is not None:
             # too big for the DLQ topic: keep key, headers and reason, drop the value (the raw archive has it)
             headers = [*(message.headers() or []), truncated_header(len(message.value()))]
-            self.produce_dlq(message.key(), None, headers, message.timestamp()[1])
+            self.produce_side(message.topic(), message.key(), None, headers, message.timestamp()[1])
             return
         headers = message.headers() or []
         if error.code() in (KafkaError.INVALID_TIMESTAMP, KafkaError.INVALID_RECORD) and not any(
@@ -603,17 +622,18 @@ class Processor:
         ):
             # e.g. stamped further ahead than the DLQ topic allows: broker time, original in a header
             original = original_timestamp_header(message.timestamp()[1])
-            self.produce_dlq(message.key(), message.value(), [*headers, original], 0)
+            self.produce_side(message.topic(), message.key(), message.value(), [*headers, original], 0)
             return
         self.delivery_errors.append(str(error))
 
     def flush_dlq(self) -> None:
-        """Every DLQ record of the checkpoint must be durable before the checkpoint commits."""
+        """Every DLQ and late record of the checkpoint must be durable before the checkpoint commits."""
         assert self.producer is not None
         remaining = self.producer.flush(60)
         if remaining or self.delivery_errors:
             errors = "; ".join(self.delivery_errors[:3]) or f"{remaining} not delivered within 60s"
-            raise KappaError(f"could not write to the dead-letter topic {self.dlq_topic}: {errors}")
+            raise KappaError(f"could not write to the dead-letter topic {self.dlq_topic} "
+                             f"or the late topic {self.late_topic}: {errors}")
 
     # ---------------------------------------------------------------- checkpoint
 
@@ -764,6 +784,7 @@ def run_processor(
     batch_size: int = DEFAULT_BATCH_SIZE,
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
     dlq_topic: str | None = None,
+    late_topic: str | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     handoff: bool = False,
@@ -809,6 +830,7 @@ def run_processor(
         batch_size=batch_size,
         checkpoint_seconds=checkpoint_seconds,
         dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
+        late_topic=keys.valid_topic(late_topic or settings.late_topic),
         switch=switch,
         instance_id=instance_id,
         group_protocol=group_protocol,

@@ -102,6 +102,11 @@ class ReplaySpec:
         return keys.dlq_topic(self.topic)
 
     @property
+    def late_topic(self) -> str:
+        """Records later than grace in the replay go here, not to the live late topic."""
+        return keys.late_topic(self.topic)
+
+    @property
     def processor_prefix(self) -> str:
         """Where the bounded processor of this replay keeps its checkpoints."""
         return keys.processor_prefix(self.pipeline, self.version, self.group)
@@ -141,7 +146,7 @@ def reset_consumer_side(settings: Settings, client: Any, manifest: ReplayManifes
     kafka_helpers.delete_group(settings, manifest.group)
     delete_shuffle_internals(settings, manifest.group)
     s3_helpers.delete_prefix(client, settings.s3_bucket, manifest.processor_prefix)
-    kafka_helpers.delete_topics(settings, [manifest.dlq_topic])
+    kafka_helpers.delete_topics(settings, [t for t in (manifest.dlq_topic, manifest.late_topic) if t])
 
 
 def delete_shuffle_internals(settings: Settings, group: str) -> None:
@@ -201,6 +206,7 @@ def base_manifest(spec: ReplaySpec, files: list[dict], fp: str, partitions: int)
         partitioning="source" if spec.partitions is None else "key",
         partitions=partitions,
         dlq_topic=spec.dlq_topic,
+        late_topic=spec.late_topic,
         processor_prefix=spec.processor_prefix,
         report_key=keys.report_file(spec.pipeline, spec.version, spec.day),
         source_fingerprint=fp,

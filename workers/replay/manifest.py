@@ -66,6 +66,8 @@ class ReplayManifest:
     partitioning: str | None = None  # "source" or "key"
     partitions: int | None = None
     dlq_topic: str | None = None
+    #: the replay's own late topic (``<replay topic>.late``), like its DLQ; None in older manifests
+    late_topic: str | None = None
     processor_prefix: str | None = None
     report_key: str | None = None
     source_fingerprint: str | None = None

@@ -107,6 +107,7 @@ def processor_command(target: ReplayTarget, manifest: ReplayManifest, extra: lis
         manifest.group,
         "--dlq-topic",
         manifest.dlq_topic,
+        *(("--late-topic", manifest.late_topic) if manifest.late_topic else ()),
         "--from-beginning",
         "--until-end",
         "--progress",

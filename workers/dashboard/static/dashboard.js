@@ -141,6 +141,21 @@ function renderProcessor(processor) {
   setText("late-all", `${fmt.format(processor.late_all_days)} on all days · ${processor.partitions} partitions`);
 }
 
+const percent = new Intl.NumberFormat("en-US", { style: "percent", maximumFractionDigits: 2 });
+
+function renderLateRates(processor) {
+  if (processor.error || !processor.late_by_day) return;
+  setText("late-threshold", `(re-run candidate above ${percent.format(processor.late_rerun_share)} late)`);
+  const rows = processor.late_by_day.map((d) => [
+    el("td", {}, d.day),
+    el("td", { class: "num" }, fmt.format(d.records)),
+    el("td", { class: "num" }, fmt.format(d.late)),
+    el("td", { class: "num" }, percent.format(d.share)),
+    el("td", { class: d.candidate ? "neg" : "muted" }, d.candidate ? "re-run candidate" : ""),
+  ]);
+  fillTable("late-table", rows, 5, "the live processor has not counted any day yet");
+}
+
 function renderDlq(dlq) {
   if (dlq.error) return;
   setText("dlq-records", fmt.format(dlq.records));
@@ -250,6 +265,7 @@ function render(snapshot) {
   setText("context", `${view.pipeline} v${view.version} · day ${view.day} (UTC) · bucket ${view.bucket} · topic ${view.events_topic}`);
   renderResults(snapshot.results);
   renderProcessor(snapshot.processor);
+  renderLateRates(snapshot.processor);
   renderDlq(snapshot.dlq);
   renderLag(snapshot.lag, view);
   renderReplays(snapshot.replays);
