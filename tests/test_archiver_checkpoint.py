@@ -21,9 +21,12 @@ def test_a_checkpoint_without_topic_id_from_an_older_archiver_loads() -> None:
     old = json.dumps({"topic": "events", "partition": 0, "next_offset": 7, "group": "g", "files": []})
     loaded = archiver_checkpoint.from_json(old)
     assert loaded.next_offset == 7 and loaded.topic_id is None
+    # topic and partition come from the key when the body lacks them
+    bare = archiver_checkpoint.from_json('{"next_offset": 3}', "events", 4)
+    assert (bare.topic, bare.partition, bare.next_offset) == ("events", 4, 3)
 
 
-@pytest.mark.parametrize("body", ['{"topic": "events", "partition": 0}', "[]", '{"next_offset": 3}'])
+@pytest.mark.parametrize("body", ['{"topic": "events", "partition": 0}', "[]", '{"next_offset": "3"}'])
 def test_a_checkpoint_without_its_position_is_refused_with_one_line(body: str) -> None:
     with pytest.raises(KappaError, match="next_offset"):
         archiver_checkpoint.from_json(body)

@@ -164,7 +164,7 @@ class ArchiveStore:
         """The checkpoint; also makes it the one the next :meth:`write_checkpoint` must replace."""
         stored = s3_helpers.get_stored(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition))
         self.etags[partition] = None if stored is None else stored.etag
-        return None if stored is None else archiver_checkpoint.from_json(stored.body)
+        return None if stored is None else archiver_checkpoint.from_json(stored.body, self.topic, partition)
 
     def forget(self, partition: int) -> None:
         """This member no longer owns ``partition``: a write needs a fresh :meth:`read_checkpoint`."""
@@ -425,7 +425,7 @@ class Archiver:
             body = s3_helpers.get_bytes(self.store.client, self.store.bucket, key)
         except retry.S3_ERRORS:
             return -1  # cannot tell now: keep waiting
-        return -1 if body is None else archiver_checkpoint.from_json(body).next_offset
+        return -1 if body is None else archiver_checkpoint.from_json(body, self.topic, partition).next_offset
 
     # -- one iteration
 
@@ -518,7 +518,7 @@ class Archiver:
         self.refetch.add(partition)
         winner = "?"
         if exc.current is not None:
-            current = archiver_checkpoint.from_json(exc.current)
+            current = archiver_checkpoint.from_json(exc.current, self.topic, partition)
             winner = f"{current.writer} at offset {current.next_offset}"
         log.warning("fenced: partition %d checkpointed by %s since we read it; %d buffered records (from offset "
                     "%s) dropped unwritten by %s:%d, re-reading the checkpoint if still assigned", partition, winner,

@@ -35,14 +35,17 @@ def to_json(checkpoint: ArchiverCheckpoint) -> bytes:
     return json.dumps(asdict(checkpoint)).encode()
 
 
-def from_json(body: bytes | str) -> ArchiverCheckpoint:
-    """Parse a stored checkpoint; unknown keys are ignored, a missing position is an error."""
+def from_json(body: bytes | str, topic: str = "", partition: int = -1) -> ArchiverCheckpoint:
+    """Parse a stored checkpoint; ``topic``/``partition`` (known from its key) fill in what it lacks.
+
+    Unknown keys are ignored; a missing or non-numeric ``next_offset`` is an error.
+    """
     doc: Any = json.loads(body)
-    if not isinstance(doc, dict) or not {"topic", "partition", "next_offset"} <= doc.keys():
-        raise KappaError("an archiver checkpoint needs topic, partition and next_offset: move it aside and restart")
+    if not isinstance(doc, dict) or not isinstance(doc.get("next_offset"), int):
+        raise KappaError("an archiver checkpoint needs an integer next_offset: move it aside and restart")
     return ArchiverCheckpoint(
-        topic=str(doc["topic"]),
-        partition=int(doc["partition"]),
+        topic=str(doc.get("topic", topic)),
+        partition=int(doc.get("partition", partition)),
         next_offset=int(doc["next_offset"]),
         topic_id=doc.get("topic_id"),
         group=doc.get("group"),
