@@ -207,7 +207,7 @@ def test_api_serves_every_section_and_numbers_grow(flow: Flow) -> None:
 @pytest.mark.parametrize(
     ("query", "message"),
     [("day=2026-13-45", "not a real calendar date"), ("version=abc", "positive integer"),
-     ("pipeline=Bad-Name", "must match"), ("pipeline=orders&version=9", "has no version 9")],
+     ("pipeline=Bad-Name", "must match"), ("pipeline=orders&version=99", "has no version 99")],
 )
 def test_api_rejects_bad_parameters_with_one_line(flow: Flow, query: str, message: str) -> None:
     status, body = get(f"{flow.url}/api/snapshot?{query}")

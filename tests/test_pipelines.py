@@ -111,7 +111,7 @@ def test_registry_knows_orders_versions() -> None:
 
 @pytest.mark.parametrize(
     ("name", "version", "message"),
-    [("nope", 1, "unknown pipeline 'nope'"), ("orders", 9, "pipeline 'orders' has no version 9")],
+    [("nope", 1, "unknown pipeline 'nope'"), ("orders", 99, "pipeline 'orders' has no version 99")],
 )
 def test_registry_errors_list_known_pipelines(name: str, version: int, message: str) -> None:
     with pytest.raises(KappaError, match=message) as info:

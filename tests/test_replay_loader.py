@@ -172,8 +172,8 @@ def test_bad_days_fail_clearly_and_write_nothing(settings: Settings, s3: Any, da
 def test_bad_version_and_partitions_fail_clearly(settings: Settings) -> None:
     with pytest.raises(KappaError, match="version"):
         _spec(settings, version=0)
-    with pytest.raises(KappaError, match="has no version 9"):
-        _spec(settings, version=9)
+    with pytest.raises(KappaError, match="has no version 99"):
+        _spec(settings, version=99)
     with pytest.raises(KappaError, match="partitions"):
         _spec(settings, partitions=0)
     assert keys.valid_replay_id(_spec(settings).replay_id)
@@ -193,8 +193,8 @@ def test_cli_load_then_reuse(settings: Settings, s3: Any) -> None:
         assert sum(summary["end_offsets"].values()) == 80
         again = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0 and "skipped" in again.stdout
-        bad = subprocess.run([*command[:-1], "9"], capture_output=True, text=True, timeout=60)
-        assert bad.returncode == 2 and "has no version 9" in bad.stderr
+        bad = subprocess.run([*command[:-1], "99"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "has no version 99" in bad.stderr
     finally:
         manifest = replay_manifest.read_manifest(s3, settings.s3_bucket, summary["replay_id"])
         if manifest is not None:

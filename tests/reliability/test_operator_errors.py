@@ -56,9 +56,9 @@ MISTAKES = {
     "unreachable-kafka": Mistake(("processor", "-p", "orders", "-v", "1"), "Kafka",
                                  {"KAPPA_BOOTSTRAP_SERVERS": UNREACHABLE}),
     "unknown-pipeline": Mistake(("processor", "-p", "nosuch", "-v", "1"), "unknown pipeline 'nosuch'"),
-    "unknown-version": Mistake(("processor", "-p", "orders", "-v", "9"), "no version 9"),
+    "unknown-version": Mistake(("processor", "-p", "orders", "-v", "99"), "no version 99"),
     "unknown-pipeline-replay": Mistake(("replay", "load", "--day", DAY, "--pipeline", "nosuch"), "unknown pipeline"),
-    "unknown-version-report": Mistake(("report", "-p", "orders", "-v", "9", "--day", DAY), "no version 9"),
+    "unknown-version-report": Mistake(("report", "-p", "orders", "-v", "99", "--day", DAY), "no version 99"),
     "traversal-day": Mistake(("replay", "load", "--day", "../"), "not a date"),
     "impossible-day": Mistake(("replay", "load", "--day", "2026-13-45"), "not a real calendar date"),
     "traversal-day-report": Mistake(("report", "-p", "orders", "-v", "1", "--day", "../../etc"), "not a date"),
@@ -117,7 +117,7 @@ def test_operator_mistake_fails_with_one_clear_line_and_writes_nothing(case: str
 DAGSTER_MISTAKES = {
     "impossible-partition": ({"dagster/partition": "2026-13-45"}, "2026-13-45"),
     "traversal-partition": ({"dagster/partition": "../x"}, "../x"),
-    "bad-version": ({"dagster/partition": DAY, "kappa/version": "9"}, "no version 9"),
+    "bad-version": ({"dagster/partition": DAY, "kappa/version": "99"}, "no version 99"),
     "missing-day": ({"dagster/partition": "2020-01-02"}, "nothing to replay"),
 }
 
