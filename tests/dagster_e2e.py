@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,13 @@ import polars as pl
 from confluent_kafka import Producer
 from dagster_env import ROOT, dagster_cli
 
+from workers import kafka as kafka_helpers
+from workers import keys
 from workers import s3 as s3_helpers
 from workers.archive import format as archive_format
 from workers.config import Settings
+from workers.processor import state as processor_state
+from workers.processor.engine import LIVE_GRACE_MS, run_processor
 from workers.processor.results import corrected_report
 from workers.replay.manifest import ReplayManifest
 
@@ -126,7 +131,6 @@ def publish_replay(
 ) -> ReplayManifest:
     """A day's corrected report the way the Dagster job makes it, without Dagster: load the archive into
     a replay topic, run the bounded processor over it, then the gate (reference check, publish)."""
-    from workers.processor.engine import run_processor
     from workers.replay import loader as replay_loader
     from workers.reports import gate as report_gate
 
@@ -141,3 +145,26 @@ def publish_replay(
     manifest = report_gate.publish(s3, settings.s3_bucket, manifest, verdict)
     assert manifest.status == "reported", manifest.failed_checks
     return manifest
+
+
+def run_live_v1_until_caught_up(settings: Settings, s3: Any, grace_ms: int = LIVE_GRACE_MS) -> None:
+    """Live orders v1 in a thread over the events topic, stopped once its checkpoints reach today's end."""
+    end = kafka_helpers.end_offsets(settings, settings.events_topic)
+    prefix = keys.live_prefix("orders", 1)
+
+    def caught_up() -> bool:
+        states = processor_state.list_states(s3, settings.s3_bucket, prefix)
+        return all(states.get(p, {}).get("next_offset") == o for p, o in end.items() if o)
+
+    stop = threading.Event()
+    kwargs = {"start": "earliest", "checkpoint_seconds": 0.5, "stop": stop, "grace_ms": grace_ms}
+    live = threading.Thread(target=run_processor, args=(settings, "orders", 1), kwargs=kwargs)
+    live.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not caught_up():
+            assert time.monotonic() < deadline, "live v1 did not catch up"
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        live.join(60)

@@ -10,49 +10,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from typing import Any
 
 import polars as pl
-from dagster_e2e import publish_replay
+from dagster_e2e import publish_replay, run_live_v1_until_caught_up
 
-from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
 from workers.dashboard.collector import Collector, View
 from workers.dev.generator import Faults, produce_events
-from workers.processor import state as processor_state
-from workers.processor.engine import run_processor
 from workers.processor.results import corrected_report, live_results
 
 DAY = "2026-11-24"
 
 
-def _caught_up(settings: Settings, s3: Any, end: dict[int, int]) -> bool:
-    states = processor_state.list_states(s3, settings.s3_bucket, keys.live_prefix("orders", 1))
-    return all(states.get(p, {}).get("next_offset") == o for p, o in end.items() if o)
-
-
 def test_diff_uses_the_live_version_that_processed_the_day(settings: Settings, s3: Any) -> None:
     faults = Faults(duplicates=0.2, late=0.0, malformed=0.0)
     produce_events(settings, 800, start=f"{DAY}T10:00:00+00:00", days=20 / 1440, partitions=2, seed=5, faults=faults)
-    end = kafka_helpers.end_offsets(settings, settings.events_topic)
-    stop = threading.Event()
-    live = threading.Thread(
-        target=run_processor,
-        args=(settings, "orders", 1),
-        kwargs={"start": "earliest", "checkpoint_seconds": 0.5, "stop": stop},
-    )
-    live.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not _caught_up(settings, s3, end):
-            assert time.monotonic() < deadline, "live v1 did not catch up"
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        live.join(60)
+    run_live_v1_until_caught_up(settings, s3)
     # the corrected v2 report of the day, archived, replayed and through the gate (only a published
     # report is shown as corrected)
     archiver = [sys.executable, "-m", "workers.cli", "archiver", "--until-end", "--group", "kappa.archiver.diff"]

@@ -16,8 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,12 +24,12 @@ import dagster as dg
 import polars as pl
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from dagster_e2e import publish_replay
+from dagster_e2e import publish_replay, run_live_v1_until_caught_up
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
 from replay_data import day_records
 
 from workers import kafka as kafka_helpers
-from workers import keys, promote
+from workers import promote
 from workers.config import Settings
 from workers.dashboard import launch
 from workers.dev.generator import Faults, produce_events
@@ -40,8 +38,6 @@ from workers.pipelines import get_pipeline, register
 from workers.pipelines.base import REJECT
 from workers.pipelines.orders import OrdersV2
 from workers.processor import results
-from workers.processor import state as processor_state
-from workers.processor.engine import run_processor
 from workers.reports import version_diff
 
 DAY = "2026-11-25"
@@ -72,25 +68,6 @@ class OrdersRefundsNegated(OrdersV2):
         return super().aggregate(rows.with_columns(negated.alias("amount")))
 
 
-def _caught_up(settings: Settings, s3: Any, end: dict[int, int]) -> bool:
-    states = processor_state.list_states(s3, settings.s3_bucket, keys.live_prefix("orders", 1))
-    return all(states.get(p, {}).get("next_offset") == o for p, o in end.items() if o)
-
-
-def run_live_v1(settings: Settings, s3: Any) -> None:
-    end = kafka_helpers.end_offsets(settings, settings.events_topic)
-    stop = threading.Event()
-    kwargs = {"start": "earliest", "checkpoint_seconds": 0.5, "stop": stop, "grace_ms": GRACE_MS}
-    live = threading.Thread(target=run_processor, args=(settings, "orders", 1), kwargs=kwargs)
-    live.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not _caught_up(settings, s3, end):
-            assert time.monotonic() < deadline, "live v1 did not catch up"
-            time.sleep(0.5)
-    finally:
-        stop.set()
-        live.join(60)
 
 
 def consumed(settings: Settings) -> pl.DataFrame:
@@ -153,7 +130,7 @@ def day_of(records: pl.DataFrame) -> pl.DataFrame:
 def live_and_archived(settings: Settings, s3: Any) -> pl.DataFrame:
     faults = Faults(duplicates=0.08, late=0.06, malformed=0.05)
     produce_events(settings, 1500, start=f"{DAY}T10:00:00+00:00", days=30 / 1440, partitions=2, seed=9, faults=faults)
-    run_live_v1(settings, s3)
+    run_live_v1_until_caught_up(settings, s3, GRACE_MS)
     archiver = [sys.executable, "-m", "workers.cli", "archiver", "--until-end", "--group", "kappa.archiver.vdiff"]
     subprocess.run(archiver, check=True, capture_output=True, timeout=120)
     return consumed(settings)
