@@ -7,6 +7,7 @@ fencing and refusal rules are in docs/ARCHITECTURE.md ("The archiver", "Commits 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import polars as pl
+from boto3.s3.transfer import TransferConfig
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -26,6 +28,7 @@ from workers import s3 as s3_helpers
 from workers.archive import checkpoint as archiver_checkpoint
 from workers.archive import format as archive_format
 from workers.archive.checkpoint import ArchiverCheckpoint
+from workers.archive.flusher import BackgroundFlushes, Flushed, FlushJob
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.s3 import Fenced
@@ -35,7 +38,17 @@ log = logging.getLogger("kappa.archiver")
 #: A log end below the S3 checkpoint is re-read this many times before the archiver refuses (one
 #: answer from a broker that just restarted or moved leadership can lag behind the log it serves).
 WATERMARK_CONFIRMATIONS = 3
+#: archive files of this size or more are uploaded in parts (S3's smallest part is 5 MiB)
+MULTIPART_BYTES = 64 * 1024 * 1024
+MULTIPART_PART_BYTES = 16 * 1024 * 1024
 T = TypeVar("T")
+
+
+class Unread:
+    """Marker for "the ETag this store read last" (``None`` already means "no checkpoint yet")."""
+
+
+UNREAD = Unread()
 
 
 class ArchiverError(KappaError):
@@ -51,7 +64,9 @@ class ArchiverOptions:
     flush_bytes: int = 32 * 1024 * 1024
     flush_records: int = 1_000_000
     flush_seconds: float = 60.0
-    max_buffer_bytes: int = 128 * 1024 * 1024
+    max_buffer_bytes: int = 128 * 1024 * 1024  # buffered plus in flight to S3
+    flush_threads: int = 4
+    multipart_bytes: int = MULTIPART_BYTES
     batch_size: int = 10_000
     poll_timeout: float = 0.5
     until_end: bool = False
@@ -74,11 +89,14 @@ class ArchiverOptions:
             "--flush-seconds": self.flush_seconds, "--batch-size": self.batch_size,
             "--max-buffer-bytes": self.max_buffer_bytes,
             "--poll-timeout": self.poll_timeout, "--log-interval": self.log_interval,
-            "--max-backoff": self.max_backoff,
+            "--max-backoff": self.max_backoff, "--flush-threads": self.flush_threads,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise KappaError(f"{name} must be > 0, got {value}")
+        if self.multipart_bytes < 5 * 1024 * 1024:
+            raise KappaError(f"--multipart-bytes must be at least 5MiB (S3's smallest part), "
+                             f"got {self.multipart_bytes}")
         if self.idle_exit is not None and self.idle_exit <= 0:
             raise KappaError(f"--idle-exit must be > 0 seconds, got {self.idle_exit}")
         if not 6 <= self.session_timeout <= 300:
@@ -170,33 +188,56 @@ class ArchiveStore:
         """This member no longer owns ``partition``: a write needs a fresh :meth:`read_checkpoint`."""
         self.etags.pop(partition, None)
 
-    def _expected(self, partition: int) -> str | None:
+    def expected(self, partition: int) -> str | None:
+        """The checkpoint ETag this member's next write must replace (:class:`Fenced` if not assigned here)."""
         if partition not in self.etags:
             raise Fenced(keys.archiver_checkpoint(self.topic, partition), None,
                          f"partition {partition}: no checkpoint read by this member (not assigned here)")
         return self.etags[partition]
 
-    def write_files(self, partition: int, frame: pl.DataFrame) -> tuple[list[str], int]:
+    def write_files(self, partition: int, frame: pl.DataFrame, *, expected: str | Unread | None = UNREAD,
+                    multipart_bytes: int = MULTIPART_BYTES) -> tuple[list[str], int]:
         """Write the buffer as one Parquet object per day; returns (keys, bytes written).
 
         Raises :class:`Fenced` first, without writing, if another member checkpointed meanwhile.
+        A file of ``multipart_bytes`` or more goes up as a multipart upload (parts in parallel).
         """
-        key = keys.archiver_checkpoint(self.topic, partition)
-        s3_helpers.still_at(self.client, self.bucket, key, self._expected(partition))
+        etag = self.expected(partition) if isinstance(expected, Unread) else expected
+        s3_helpers.still_at(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition), etag)
         written, size = [], 0
         for key, rows in archive_objects(self.topic, partition, frame):
             body = archive_format.to_parquet_bytes(rows)
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            if len(body) >= multipart_bytes:
+                config = TransferConfig(multipart_threshold=multipart_bytes, multipart_chunksize=MULTIPART_PART_BYTES)
+                self.client.upload_fileobj(io.BytesIO(body), self.bucket, key, Config=config)
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
             written.append(key)
             size += len(body)
         return written, size
 
-    def write_checkpoint(self, partition: int, next_offset: int, group: str, files: list[str]) -> None:
+    def write_checkpoint(self, partition: int, next_offset: int, group: str, files: list[str], *,
+                         expected: str | Unread | None = UNREAD) -> str:
+        """Compare-and-swap the checkpoint; returns (and, when ``expected`` is not given, remembers) its ETag."""
         checkpoint = ArchiverCheckpoint(self.topic, partition, next_offset, self.topic_id, group, files=files)
-        key = keys.archiver_checkpoint(self.topic, partition)
-        self.etags[partition] = s3_helpers.put_if(
-            self.client, self.bucket, key, archiver_checkpoint.to_json(checkpoint), self._expected(partition)
-        )
+        remember = isinstance(expected, Unread)
+        etag = self.expected(partition) if remember else expected
+        new = s3_helpers.put_if(self.client, self.bucket, keys.archiver_checkpoint(self.topic, partition),
+                                archiver_checkpoint.to_json(checkpoint), etag)  # type: ignore[arg-type]
+        if remember:
+            self.etags[partition] = new
+        return new
+
+    def write(self, partition: int, frames: list[pl.DataFrame], group: str, expected: str | None,
+              multipart_bytes: int = MULTIPART_BYTES) -> Flushed:
+        """Files, then the checkpoint, against the ETag read when the flush was handed out. Safe on a
+        flush thread: it touches no shared state, so a flush that outlives its assignment (lost,
+        revoked, fenced) can only fail its compare-and-swap, never move a newer owner's checkpoint."""
+        frame = pl.concat(frames, rechunk=True) if len(frames) > 1 else frames[0]
+        next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
+        files, size = self.write_files(partition, frame, expected=expected, multipart_bytes=multipart_bytes)
+        etag = self.write_checkpoint(partition, next_offset, group, files, expected=expected)
+        return Flushed(next_offset, len(files), size, etag)
 
 
 # ---------------------------------------------------------------- per-partition buffer
@@ -212,6 +253,7 @@ class PartitionBuffer:
     frames: list[pl.DataFrame] = field(default_factory=list)
     records: int = 0
     bytes: int = 0
+    in_flight: int = 0  # records handed to a flush thread, not yet durable
     oldest: float | None = None  # monotonic time the oldest buffered record arrived
     paused: bool = False
     refused: bool = False  # Kafka deleted offsets we never archived: not consumed until an operator decides
@@ -224,14 +266,23 @@ class PartitionBuffer:
         self.position = int(frame["offset"][-1]) + 1
         self.oldest = self.oldest if self.oldest is not None else now
 
-    def frame(self) -> pl.DataFrame:
-        """The buffer as one frame (kept concatenated, so a retry does not redo the work)."""
-        if len(self.frames) > 1:
-            self.frames = [pl.concat(self.frames, rechunk=True)]
-        return self.frames[0]
+    def detach(self) -> tuple[list[pl.DataFrame], int, int]:
+        """Hand the buffer to a flush; consuming goes on into a fresh one."""
+        taken = self.frames, self.records, self.bytes
+        self.frames, self.records, self.bytes, self.oldest = [], 0, 0, None
+        self.in_flight = taken[1]
+        return taken
 
-    def due(self, options: ArchiverOptions, now: float, end: int | None) -> bool:
-        if not self.records or self.backoff.waiting(now):
+    def restore(self, frames: list[pl.DataFrame], records: int, size: int) -> None:
+        """A failed flush's records go back in front of what was consumed meanwhile (offset order)."""
+        self.frames = frames + self.frames
+        self.records += records
+        self.bytes += size
+        self.in_flight = 0
+        self.oldest = 0.0  # due again as soon as the backoff allows
+
+    def due(self, options: ArchiverOptions, now: float, end: int | None, in_flight_ok: bool = False) -> bool:
+        if not self.records or (self.in_flight and not in_flight_ok) or self.backoff.waiting(now):
             return False
         at_end = end is not None and self.position is not None and self.position >= end
         return (
@@ -241,14 +292,14 @@ class PartitionBuffer:
             or at_end
         )
 
-    def flushed(self, next_offset: int) -> None:
-        self.frames, self.records, self.bytes, self.oldest = [], 0, 0, None
+    def landed(self, next_offset: int) -> None:
+        self.in_flight = 0
         self.durable = next_offset
         self.backoff.reset()
 
     def reached(self, end: int) -> bool:
         """Nothing buffered and everything before ``end`` durable (or the partition is empty)."""
-        return self.records == 0 and (end == 0 or max(self.durable or 0, self.eof or 0) >= end)
+        return self.records == 0 and not self.in_flight and (end == 0 or max(self.durable or 0, self.eof or 0) >= end)
 
 
 # ---------------------------------------------------------------- counters
@@ -322,6 +373,7 @@ class Archiver:
         self.stop = stop or threading.Event()
         self.store = ArchiveStore(s3_helpers.s3_client(settings, retries=2), settings.s3_bucket, self.topic)
         self.parts: dict[int, PartitionBuffer] = {}
+        self.flushes: BackgroundFlushes[PartitionBuffer] = BackgroundFlushes(self.options.flush_threads)
         #: partitions whose flush was fenced: re-read and re-seeked by the loop (never inside a callback)
         self.refetch: set[int] = set()
         self.ends: dict[int, int] = {}
@@ -355,6 +407,7 @@ class Archiver:
             self._drain(time.monotonic() + self.options.shutdown_timeout)
         finally:
             self.closing = True
+            self.flushes.close()
             consumer.close()
             self.membership.release()
             self.metrics.close()
@@ -431,21 +484,22 @@ class Archiver:
 
     def _step(self, messages: list[Message]) -> None:
         now = time.monotonic()
+        self._apply(self.flushes.done())
         self._reload_fenced()
         self._ingest(messages, now)
-        due = self._due(now)
-        if due:
-            self._flush(due)
+        self._start_flushes(self._due(now))
+        self._pause_full(now)
+        self._hold_back()
         self._report(now)
 
     def _due(self, now: float) -> list[int]:
         """Partitions over a threshold, plus the biggest buffers while all together exceed --max-buffer-bytes."""
         due = [p for p, state in self.parts.items() if state.due(self.options, now, self.ends.get(p))]
-        total = sum(state.bytes for p, state in self.parts.items() if p not in due)
+        total = self.flushes.bytes + sum(state.bytes for p, state in self.parts.items() if p not in due)
         for partition, state in sorted(self.parts.items(), key=lambda item: -item[1].bytes):
             if total <= self.options.max_buffer_bytes:
                 break
-            if partition not in due and state.records and not state.backoff.waiting(now):
+            if partition not in due and state.records and not state.in_flight and not state.backoff.waiting(now):
                 due.append(partition)
                 total -= state.bytes
         return due
@@ -492,22 +546,69 @@ class Archiver:
 
     # -- making buffers durable
 
-    def _flush(self, partitions: Iterable[int]) -> list[int]:
-        """Write files then checkpoint for each partition, then commit them together. Returns failures."""
-        done, failed = [], []
+    def _start_flushes(self, partitions: Iterable[int]) -> None:
+        """Hand each partition's buffer to a flush thread, with the checkpoint ETag it must replace."""
         for partition in partitions:
             state = self.parts.get(partition)
-            if state is None or not state.records:
+            if state is None or not state.records or self.flushes.busy(partition):
                 continue
             try:
-                done.append(TopicPartition(self.topic, partition, self._persist(partition, state)))
-            except retry.S3_ERRORS as exc:
-                self._s3_failed(partition, state, exc)
-                failed.append(partition)
+                expected = self.store.expected(partition)
             except Fenced as exc:
                 self._fenced(partition, state, exc)
+                continue
+            frames, records, size = state.detach()
+            self.flushes.submit(partition, state, frames, records, size, lambda p=partition, f=frames, e=expected:
+                                self.store.write(p, f, self.options.group, e, self.options.multipart_bytes))
+
+    def _apply(self, jobs: Iterable[FlushJob[PartitionBuffer]]) -> list[int]:
+        """Count, commit, back off or fence by each finished flush; returns the partitions that failed."""
+        done, failed = [], []
+        for job in jobs:
+            state = self.parts.get(job.partition)
+            if state is not job.owner:
+                continue  # revoked, lost or fenced since: the partition's next owner starts from S3
+            try:
+                flushed = job.future.result()
+            except retry.S3_ERRORS as exc:
+                state.restore(job.frames, job.records, job.bytes)
+                self._s3_failed(job.partition, state, exc)
+                failed.append(job.partition)
+            except Fenced as exc:
+                self._fenced(job.partition, state, exc)
+            else:
+                done.append(TopicPartition(self.topic, job.partition, self._landed(job, state, flushed)))
         self._commit(done)
         return failed
+
+    def _landed(self, job: FlushJob[PartitionBuffer], state: PartitionBuffer, flushed: Flushed) -> int:
+        self.store.etags[job.partition] = flushed.etag
+        self._count_flush(job.records, job.bytes, flushed.size, flushed.files)
+        state.landed(flushed.next_offset)
+        if state.paused:
+            self._set_paused(job.partition, state, False)
+        return flushed.next_offset
+
+    def _pause_full(self, now: float) -> None:
+        """A partition whose next buffer is due while its flush is still in flight stops fetching until
+        that flush lands: per partition, at most one flush in flight and one more buffer (an outage
+        or a slow S3 holds memory there, not in an ever-growing buffer)."""
+        for partition, state in self.parts.items():
+            if state.in_flight and not state.paused and state.due(self.options, now, None, in_flight_ok=True):
+                self._set_paused(partition, state, True)
+
+    def _hold_back(self) -> None:
+        """Backpressure: while buffers and flights together exceed --max-buffer-bytes, wait for S3."""
+        while self.flushes.jobs and not self.stop.is_set() and (
+                self.flushes.bytes + sum(state.bytes for state in self.parts.values()) > self.options.max_buffer_bytes):
+            self._apply(self.flushes.done(timeout=1.0))
+
+    def _flush(self, partitions: Iterable[int]) -> list[int]:
+        """Flush ``partitions`` now and wait (revoke, shutdown); returns those whose S3 write failed."""
+        chosen = list(partitions)
+        failed = self._apply(self.flushes.done(timeout=None, partitions=chosen))
+        self._start_flushes(p for p in chosen if p not in failed)
+        return failed + self._apply(self.flushes.done(timeout=None, partitions=chosen))
 
     def _fenced(self, partition: int, state: PartitionBuffer, exc: Fenced) -> None:
         """Another member checkpointed this partition: drop our buffer, never write it from here."""
@@ -523,17 +624,6 @@ class Archiver:
         log.warning("fenced: partition %d checkpointed by %s since we read it; %d buffered records (from offset "
                     "%s) dropped unwritten by %s:%d, re-reading the checkpoint if still assigned", partition, winner,
                     state.records, state.durable, socket.gethostname(), os.getpid())
-
-    def _persist(self, partition: int, state: PartitionBuffer) -> int:
-        frame = state.frame()
-        next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
-        files, size = self.store.write_files(partition, frame)
-        self.store.write_checkpoint(partition, next_offset, self.options.group, files)
-        self._count_flush(frame.height, state.bytes, size, len(files))
-        state.flushed(next_offset)
-        if state.paused:
-            self._set_paused(partition, state, False)
-        return next_offset
 
     def _count_flush(self, records: int, bytes_in: int, bytes_written: int, files: int) -> None:
         summary = self.summary
@@ -725,6 +815,7 @@ class Archiver:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Fenced out: another member may own these already, so drop the buffers unwritten."""
         owned = [tp.partition for tp in partitions if tp.partition in self.parts]
+        self.flushes.done(timeout=None, partitions=owned)  # their outcome no longer counts
         dropped = {partition: self.parts.pop(partition).records for partition in owned}
         for tp in partitions:
             self.store.forget(tp.partition)
@@ -749,7 +840,7 @@ class Archiver:
             return
         self.last_report = now
         lag = self._lag()
-        buffered = sum(state.records for state in self.parts.values())
+        buffered = sum(state.records + state.in_flight for state in self.parts.values())
         self.metrics.buffered.set(buffered)
         paused = sorted(p for p, state in self.parts.items() if state.paused)
         s = self.summary

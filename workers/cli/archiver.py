@@ -21,7 +21,11 @@ def archiver(
     flush_bytes: str = typer.Option("32MiB", help="Flush a partition when its buffer reaches this size."),
     flush_records: int = typer.Option(1_000_000, help="Flush a partition when it buffers this many records."),
     flush_seconds: float = typer.Option(60.0, help="Flush a partition when its oldest buffered record is this old."),
-    max_buffer_bytes: str = typer.Option("128MiB", help="Flush the biggest buffers when all together exceed this."),
+    max_buffer_bytes: str = typer.Option("128MiB", help="Flush the biggest buffers when all together (buffered "
+                                         "plus in flight to S3) exceed this; consuming waits beyond it."),
+    flush_threads: int = typer.Option(4, help="Flushes encoding and uploading at once, off the consume thread "
+                                              "(one per partition at a time)."),
+    multipart_bytes: str = typer.Option("64MiB", help="Upload archive files this large or larger in parts."),
     batch_size: int = typer.Option(10_000, help="Records per consume() call."),
     until_end: bool = typer.Option(False, "--until-end", help="Stop once the assigned partitions reach the "
                                                             "end offsets read at start (after a final flush)."),
@@ -44,6 +48,7 @@ def archiver(
     options = ArchiverOptions(
         group=group, topic=topic, flush_bytes=parse_size(flush_bytes), flush_records=flush_records,
         flush_seconds=flush_seconds, max_buffer_bytes=parse_size(max_buffer_bytes), batch_size=batch_size,
+        flush_threads=flush_threads, multipart_bytes=parse_size(multipart_bytes),
         until_end=until_end, idle_exit=idle_exit,
         session_timeout=session_timeout, log_interval=log_interval, metrics_port=metrics_port,
         max_backoff=max_backoff, shutdown_timeout=shutdown_timeout,
