@@ -559,3 +559,21 @@ def test_retention_overtaking_a_running_archiver_is_refused_or_skipped_loudly(se
         time.sleep(2)
         assert archived_offsets(s3, settings) == list(range(50))
     assert run.stop() == 0, run.text()
+
+
+def test_a_large_file_goes_up_in_parts_and_stays_byte_exact(settings: Settings, s3, unique) -> None:
+    kafka_helpers.ensure_topic(settings, settings.events_topic, 1)
+    rng = random.Random(5)
+    producer = Producer(settings.kafka_config())
+    for _ in range(7_000):  # ~7.7 MB of incompressible values: one file of one day, above the 5 MiB threshold
+        producer.produce(settings.events_topic, partition=0, key=b"k", value=rng.randbytes(1_100),
+                         timestamp=1_790_000_000_000)
+    assert producer.flush(30) == 0
+    summary = run_archiver(settings, ArchiverOptions(group=unique("g"), until_end=True, session_timeout=6,
+                                                     flush_records=10_000, multipart_bytes=5 * 2**20))
+    assert summary.records == 7_000 and summary.files == 1
+    (name,) = list_raw(s3, settings)
+    head = s3.head_object(Bucket=settings.s3_bucket, Key=name)
+    assert head["ContentLength"] >= 5 * 2**20
+    assert "-" in head["ETag"], f"not a multipart object: ETag {head['ETag']}"  # multipart ETags end in -<parts>
+    assert_archive_equals_topic(settings, s3)
