@@ -156,3 +156,17 @@ def days_objects(client: Any, bucket: str, topic: str) -> dict[str, list[dict]]:
     for day in compacted:
         out[day] = day_files(client, bucket, topic, day)
     return {day: files for day, files in out.items() if files}
+
+
+def pinned_files(client: Any, bucket: str, topic: str, day: str, objects: list) -> list[dict]:
+    """``[key, size, etag]`` triples a replay recorded -> file rows, compacted ones with what they stand for,
+    so a pinned snapshot has the same fingerprint as the listing it was recorded from."""
+    pointer = read_pointer(client, bucket, topic, day)
+    stands_for = {} if pointer is None else {
+        (o["key"], str(o["etag"]).strip('"')): o.get("stands_for") or [] for o in pointer.objects}
+    rows = []
+    for key, size, etag in objects:
+        row: dict[str, Any] = {"key": key, "size": size, "etag": etag}
+        triples = stands_for.get((key, str(etag).strip('"')))
+        rows.append(row if triples is None else {**row, "fingerprint_as": triples})
+    return rows

@@ -71,7 +71,7 @@ def files_fingerprint(files: list[dict]) -> str:
     for f in files:
         # a compacted object stands for the files it replaced: same records, same data version
         stands_for = f.get("fingerprint_as")
-        triples += [(str(k), int(s), str(e)) for k, s, e in stands_for] if stands_for else [
+        triples += [(str(k), int(s), str(e)) for k, s, e in stands_for] if stands_for is not None else [
             (f["key"], int(f["size"]), str(f["etag"]))]
     return fingerprint(triples)
 
