@@ -141,11 +141,16 @@ def content_digest(frame: pl.DataFrame) -> str:
 # ---------------------------------------------------------------- the compaction
 
 
-def _plan(files: list[dict]) -> dict[int, list[dict]]:
-    """Partitions worth rewriting: those with more than one file (one file is already compact)."""
+def _plan(files: list[dict], target_rows: int) -> dict[int, list[dict]]:
+    """Per partition, its small files (offset span under ``target_rows``) when there are two or more.
+
+    Files already large (earlier compactions) stay as they are, so a day compacted again after late
+    files arrived rewrites only those and the last partial chunk.
+    """
     by_partition: dict[int, list[dict]] = defaultdict(list)
     for f in files:
-        by_partition[int(f["partition"])].append(f)
+        if int(f["last_offset"]) - int(f["first_offset"]) + 1 < target_rows:
+            by_partition[int(f["partition"])].append(f)
     return {p: fs for p, fs in by_partition.items() if len(fs) > 1}
 
 
@@ -207,8 +212,8 @@ def compact_day(
         prefix = keys.raw_day_prefix(topic, day)
         raise KappaError(f"no raw archive objects under s3://{bucket}/{prefix}: nothing to compact")
     pointer = _take_pointer(pointer, day)
-    plan = _plan(files)
-    result = CompactionResult(day, False, "every partition already has one file", len(files), len(files),
+    plan = _plan(files, target_rows)
+    result = CompactionResult(day, False, "no partition has two small files", len(files), len(files),
                               generation=pointer.generation)
     if plan:
         result = _rewrite(client, bucket, topic, day, files, plan, pointer, target_rows, hook)
