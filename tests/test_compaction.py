@@ -302,3 +302,24 @@ def test_measure_how_much_faster_a_compacted_day_loads(s3: Any, settings: Settin
     finally:
         replay_loader.cleanup(settings, small.manifest, s3)
         replay_loader.cleanup(settings, big.manifest, s3)
+
+
+def test_dagster_asset_compacts_a_closed_day_and_refuses_an_open_one(
+    s3: Any, settings: Settings, day: pl.DataFrame
+) -> None:
+    import dagster as dg
+
+    from kappa_dagster.defs.compaction import archive_compaction
+    from kappa_dagster.defs.resources import KappaResource
+
+    resources = {"kappa": KappaResource()}
+    done = dg.materialize([archive_compaction], partition_key=DAY, resources=resources)
+    (materialization,) = done.asset_materializations_for_node("archive_compaction")
+    assert materialization.metadata["compacted"].value is True
+    assert materialization.metadata["records"].value == RECORDS
+    assert archive_format.read_day(s3, settings.s3_bucket, settings.events_topic, DAY).equals(day)
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    refused = dg.materialize([archive_compaction], partition_key=today, resources=resources, raise_on_error=False)
+    assert not refused.success
+    failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
+    assert f"day {today} is not closed until" in failure.step_failure_data.error.message
