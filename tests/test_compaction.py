@@ -323,3 +323,26 @@ def test_dagster_asset_compacts_a_closed_day_and_refuses_an_open_one(
     assert not refused.success
     failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
     assert f"day {today} is not closed until" in failure.step_failure_data.error.message
+
+
+def test_a_compaction_that_loses_a_record_is_never_switched(
+    s3: Any, settings: Settings, day: pl.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that drops one record per file: verification (read back from S3) refuses the switch."""
+    bucket, topic = settings.s3_bucket, settings.events_topic
+    old_keys = {f["key"] for f in archive_format.day_files(s3, bucket, topic, DAY)}
+    real = archive_format.to_parquet_bytes
+    with monkeypatch.context() as patched:
+        patched.setattr(archive_format, "to_parquet_bytes", lambda frame: real(frame.head(frame.height - 1)))
+        with pytest.raises(KappaError, match="not switched, the old files stay current"):
+            compaction.compact_day(settings, DAY, client=s3, target_rows=400)
+    pointer = layout.read_pointer(s3, bucket, topic, DAY)
+    assert pointer is not None and pointer.state == "compacted" and pointer.pending and not pointer.replaced
+    assert {f["key"] for f in archive_format.day_files(s3, bucket, topic, DAY)} == old_keys
+    assert archive_format.read_day(s3, bucket, topic, DAY).equals(day)
+    assert len(_plain_listing(s3, settings)) > len(old_keys)  # the bad files exist, hidden as pending
+    assert compaction.compact_day(settings, DAY, client=s3, target_rows=400).compacted  # next run goes ahead
+    compaction.sweep(s3, bucket, topic, DAY, grace_s=0)
+    current = archive_format.day_files(s3, bucket, topic, DAY)
+    assert sorted(_plain_listing(s3, settings)) == sorted(f["key"] for f in current)  # no orphan left
+    assert _plain_read(s3, settings).equals(day)

@@ -251,9 +251,13 @@ def _rewrite(
         client.delete_object(Bucket=bucket, Key=key)
     hook("pending")
 
-    written = _write_chunks(client, bucket, outputs, plan)
-    after = records_of(client, bucket, written)
-    digest = _verify(day, before, after)
+    try:
+        written = _write_chunks(client, bucket, outputs, plan)
+        after = records_of(client, bucket, written)
+        digest = _verify(day, before, after)
+    except Exception:
+        _give_up(client, bucket, topic, day, pointer)
+        raise
     hook("written")
 
     replaced_keys = {f["key"] for f in old}
@@ -267,6 +271,16 @@ def _rewrite(
              digest[:12])
     return CompactionResult(day, True, "compacted", len(files), len(files) - len(old) + len(written),
                             after.height, digest, generation=pointer.generation)
+
+
+def _give_up(client: Any, bucket: str, topic: str, day: str, pointer: DayPointer) -> None:
+    """Leave the day as it was: the pointer back to "compacted", its pending files still hidden (the next
+    run deletes them), so a new run need not wait for this one to look dead."""
+    pointer.state = "compacted"
+    try:
+        layout.write_pointer(client, bucket, topic, day, pointer)
+    except Exception as exc:  # S3 gone too: the pointer stays "compacting" and a run takes over later
+        log.warning("could not release the compaction pointer of %s: %s", day, exc)
 
 
 def _write_chunks(client: Any, bucket: str, outputs: list, plan: dict[int, list[dict]]) -> list[dict]:
