@@ -210,9 +210,6 @@ def test_replay_and_checks_of_a_compacted_day_equal_the_uncompacted_day(
         _, pinned_big = _checks(s3, settings, big.manifest.source_objects)
         for pinned in (pinned_small, pinned_after, pinned_big):
             assert pinned.fingerprint == small.manifest.source_fingerprint and pinned.rows == ref_small.rows
-        log.info("load of %d records: %d small files %.3fs, %d compacted files %.3fs", RECORDS,
-                 small.manifest.source_files, small.manifest.load_seconds, big.manifest.source_files,
-                 big.manifest.load_seconds)
     finally:
         replay_loader.cleanup(settings, small.manifest, s3)
         replay_loader.cleanup(settings, big.manifest, s3)
