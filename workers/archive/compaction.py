@@ -125,7 +125,17 @@ def records_of(client: Any, bucket: str, files: list[dict]) -> pl.DataFrame:
 
 
 def content_digest(frame: pl.DataFrame) -> str:
-    """sha256 over every column of the records in (partition, offset) order: byte-exact identity."""
+    """Byte-exact identity of records: sha256 over the per-partition digests, partitions ascending."""
+    parts = frame.partition_by("partition", maintain_order=False, as_dict=True)
+    return _combine([_partition_digest(parts[key]) for key in sorted(parts)])
+
+
+def _combine(digests: list[str]) -> str:
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _partition_digest(frame: pl.DataFrame) -> str:
+    """sha256 over every column of one partition's records in offset order."""
     digest = hashlib.sha256()
     ordered = frame.sort(["partition", "offset"]).select(archive_format.SCHEMA.names())
     for name in ordered.columns:
@@ -226,51 +236,50 @@ def _rewrite(
     client: Any, bucket: str, topic: str, day: str, files: list[dict], plan: dict[int, list[dict]],
     pointer: DayPointer, target_rows: int, hook: Hook,
 ) -> CompactionResult:
-    """Pending -> write -> verify -> switch, one conditional pointer write per transition."""
-    old = [f for fs in plan.values() for f in fs]
-    before = records_of(client, bucket, old)
+    """Pending -> write -> verify, one partition at a time (memory: one partition), then one switch."""
     existing = {f["key"] for f in files} | {str(t[0]) for t in pointer.replaced}  # never overwrite a readable file
-    outputs = []
-    for partition in sorted(plan):
-        chunks = _chunks(topic, day, before.filter(pl.col("partition") == partition), target_rows)
-        if any(key in existing for key, _ in chunks):  # a new name equal to a live file: leave this partition
-            old = [f for f in old if f["partition"] != partition]
-            before = before.filter(pl.col("partition") != partition)
-            continue
-        outputs.append((partition, chunks))
-    if not outputs:
-        return CompactionResult(day, False, "compacted names collide with existing files", len(files), len(files))
-
     pointer.generation += 1
     pointer.state, pointer.owner, pointer.started_at_ms = "compacting", _owner(), int(time.time() * 1000)
-    stale = set(pointer.pending)  # a dead run's pending files: hidden until deleted below
-    pointer.pending = [key for _, chunks in outputs for key, _ in chunks]
-    pointer.pending += sorted(stale - set(pointer.pending))
+    stale = set(pointer.pending)  # a dead or failed run's pending files: hidden until deleted below
     layout.write_pointer(client, bucket, topic, day, pointer)  # fenced: one compaction of a day at a time
-    for key in stale - {key for _, chunks in outputs for key, _ in chunks}:
-        client.delete_object(Bucket=bucket, Key=key)
     hook("pending")
-
+    old: list[dict] = []
+    written: list[dict] = []
+    digests: list[str] = []
+    records = 0
     try:
-        written = _write_chunks(client, bucket, outputs, plan)
-        after = records_of(client, bucket, written)
-        digest = _verify(day, before, after)
+        for partition in sorted(plan):
+            before = records_of(client, bucket, plan[partition])
+            chunks = _chunks(topic, day, before, target_rows)
+            if any(key in existing for key, _ in chunks):  # a new name equal to a readable file: leave it
+                continue
+            pointer.pending += [key for key, _ in chunks if key not in pointer.pending]
+            layout.write_pointer(client, bucket, topic, day, pointer)  # named before written
+            new = _write_chunks(client, bucket, chunks, _stands_for(plan[partition]))
+            digests.append(_verify(day, partition, before, records_of(client, bucket, new)))
+            old, written, records = old + plan[partition], written + new, records + before.height
+        for key in stale - {f["key"] for f in written}:
+            client.delete_object(Bucket=bucket, Key=key)
     except Exception:
         _give_up(client, bucket, topic, day, pointer)
         raise
+    if not written:
+        pointer.pending = sorted(stale)
+        _give_up(client, bucket, topic, day, pointer)
+        return CompactionResult(day, False, "compacted names collide with existing files", len(files), len(files))
     hook("written")
 
+    digest = _combine(digests)
     replaced_keys = {f["key"] for f in old}
     pointer.state, pointer.pending, pointer.switched_at_ms = "compacted", [], int(time.time() * 1000)
     pointer.replaced += [[f["key"], int(f["size"]), str(f["etag"])] for f in old]
     pointer.objects = [o for o in pointer.objects if o["key"] not in replaced_keys] + written
-    pointer.records, pointer.digest = after.height, digest
+    pointer.records, pointer.digest = records, digest
     layout.write_pointer(client, bucket, topic, day, pointer)  # the atomic switch
     hook("switched")
-    log.info("compacted %s: %d files -> %d (%d records, digest %s)", day, len(old), len(written), after.height,
-             digest[:12])
+    log.info("compacted %s: %d files -> %d (%d records, digest %s)", day, len(old), len(written), records, digest[:12])
     return CompactionResult(day, True, "compacted", len(files), len(files) - len(old) + len(written),
-                            after.height, digest, generation=pointer.generation)
+                            records, digest, generation=pointer.generation)
 
 
 def _give_up(client: Any, bucket: str, topic: str, day: str, pointer: DayPointer) -> None:
@@ -283,26 +292,25 @@ def _give_up(client: Any, bucket: str, topic: str, day: str, pointer: DayPointer
         log.warning("could not release the compaction pointer of %s: %s", day, exc)
 
 
-def _write_chunks(client: Any, bucket: str, outputs: list, plan: dict[int, list[dict]]) -> list[dict]:
-    """Write the pending files; each remembers the triples of the files it replaces (first chunk)."""
+def _write_chunks(client: Any, bucket: str, chunks: list[tuple[str, pl.DataFrame]], stands_for: list) -> list[dict]:
+    """Write one partition's pending files; the first remembers the triples of the files they replace."""
     written = []
-    for partition, chunks in outputs:
-        stands_for = _stands_for(plan[partition])
-        for index, (key, chunk) in enumerate(chunks):
-            body = archive_format.to_parquet_bytes(chunk)
-            etag = client.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]
-            parts = keys.parse_raw_file(key) or {}
-            written.append({**parts, "key": key, "size": len(body), "etag": str(etag),
-                            "stands_for": stands_for if index == 0 else []})
+    for index, (key, chunk) in enumerate(chunks):
+        body = archive_format.to_parquet_bytes(chunk)
+        etag = client.put_object(Bucket=bucket, Key=key, Body=body)["ETag"]
+        parts = keys.parse_raw_file(key) or {}
+        written.append({**parts, "key": key, "size": len(body), "etag": str(etag),
+                        "stands_for": stands_for if index == 0 else []})
     return written
 
 
-def _verify(day: str, before: pl.DataFrame, after: pl.DataFrame) -> str:
+def _verify(day: str, partition: int, before: pl.DataFrame, after: pl.DataFrame) -> str:
     """The new files must hold exactly the old records: count, digest and an exact comparison."""
-    digest_before, digest_after = content_digest(before), content_digest(after)
+    digest_before, digest_after = _partition_digest(before), _partition_digest(after)
     if before.height != after.height or digest_before != digest_after or not before.equals(after):
-        raise KappaError(f"compaction of {day} wrote {after.height} records (digest {digest_after[:12]}) for "
-                         f"{before.height} (digest {digest_before[:12]}): not switched, the old files stay current")
+        raise KappaError(f"compaction of {day} partition {partition} wrote {after.height} records (digest "
+                         f"{digest_after[:12]}) for {before.height} (digest {digest_before[:12]}): not switched, "
+                         "the old files stay current")
     return digest_after
 
 
