@@ -12,8 +12,6 @@ from typing import Any
 
 import polars as pl
 
-from workers import keys
-
 HEADER = pl.Struct({"key": pl.String, "value": pl.Binary})
 SCHEMA = pl.Schema(
     {
@@ -129,15 +127,11 @@ def from_parquet_bytes(data: bytes) -> pl.DataFrame:
 
 
 def day_files(client: Any, bucket: str, topic: str, day: str) -> list[dict]:
-    """The archive objects of one day, ordered by partition and first offset."""
-    from workers.s3 import iter_keys
+    """The archive objects of one day, ordered by partition and first offset (compaction resolved:
+    ``workers/archive/layout.py`` is the one owner of which objects make up a day)."""
+    from workers.archive import layout
 
-    files = []
-    for obj in iter_keys(client, bucket, keys.raw_day_prefix(topic, day)):
-        parts = keys.parse_raw_file(obj["Key"])
-        if parts is not None:
-            files.append({**parts, "key": obj["Key"], "size": obj["Size"], "etag": str(obj.get("ETag", ""))})
-    return sorted(files, key=lambda f: (f["partition"], f["first_offset"], f["last_offset"]))
+    return layout.day_files(client, bucket, topic, day)
 
 
 def iter_day_frames(client: Any, bucket: str, topic: str, day: str) -> Iterator[pl.DataFrame]:

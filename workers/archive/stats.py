@@ -10,14 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections import defaultdict
 from typing import Any
 
 import polars as pl
 
-from workers import keys
-from workers import s3 as s3_helpers
 from workers.archive import format as archive_format
+from workers.archive import layout
 
 TAIL_BYTES = 64 * 1024
 
@@ -49,12 +47,13 @@ def day_summary(client: Any, bucket: str, topic: str, day: str, count_rows: bool
 
 def days_listing(client: Any, bucket: str, topic: str) -> dict[str, list[tuple[str, int]]]:
     """Every day of the archive -> its (key, size) objects, from one paginated listing."""
-    return {day: [(key, size) for key, size, _ in files] for day, files in _days_objects(client, bucket, topic).items()}
+    days = _days_objects(client, bucket, topic)
+    return {day: [(f["key"], int(f["size"])) for f in files] for day, files in days.items()}
 
 
 def days_fingerprints(client: Any, bucket: str, topic: str) -> dict[str, str]:
     """Every day of the archive -> the fingerprint of its snapshot, from one paginated listing."""
-    return {day: fingerprint(files) for day, files in _days_objects(client, bucket, topic).items()}
+    return {day: files_fingerprint(files) for day, files in _days_objects(client, bucket, topic).items()}
 
 
 def day_fingerprint(client: Any, bucket: str, topic: str, day: str) -> str:
@@ -68,7 +67,13 @@ def day_fingerprint(client: Any, bucket: str, topic: str, day: str) -> str:
 
 def files_fingerprint(files: list[dict]) -> str:
     """:func:`day_fingerprint` of a listing already made (``archive_format.day_files`` rows)."""
-    return fingerprint([(f["key"], int(f["size"]), str(f["etag"])) for f in files])
+    triples = []
+    for f in files:
+        # a compacted object stands for the files it replaced: same records, same data version
+        stands_for = f.get("fingerprint_as")
+        triples += [(str(k), int(s), str(e)) for k, s, e in stands_for] if stands_for is not None else [
+            (f["key"], int(f["size"]), str(f["etag"]))]
+    return fingerprint(triples)
 
 
 def fingerprint(files: list[tuple[str, int, str]]) -> str:
@@ -76,10 +81,5 @@ def fingerprint(files: list[tuple[str, int, str]]) -> str:
     return hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:20]
 
 
-def _days_objects(client: Any, bucket: str, topic: str) -> dict[str, list[tuple[str, int, str]]]:
-    days: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
-    for obj in s3_helpers.iter_keys(client, bucket, keys.raw_topic_prefix(topic)):
-        parts = keys.parse_raw_file(obj["Key"])
-        if parts is not None:
-            days[str(parts["day"])].append((obj["Key"], int(obj["Size"]), str(obj.get("ETag", ""))))
-    return dict(days)
+def _days_objects(client: Any, bucket: str, topic: str) -> dict[str, list[dict]]:
+    return layout.days_objects(client, bucket, topic)

@@ -11,6 +11,7 @@ from confluent_kafka import KafkaException
 from rich.console import Console
 from rich.markup import escape
 
+from workers.cli import archive as archive_cmd
 from workers.cli import archiver as archiver_cmd
 from workers.cli import check as check_cmd
 from workers.cli import dashboard as dashboard_cmd
@@ -33,6 +34,7 @@ app = typer.Typer(
 app.add_typer(stack_cmd.app, name="stack")
 app.command("check")(check_cmd.check)
 app.command("archiver")(archiver_cmd.archiver)
+app.add_typer(archive_cmd.app, name="archive")
 app.add_typer(replay_cmd.app, name="replay")
 app.command("promote")(promote_cmd.promote)
 app.command("rollback")(promote_cmd.rollback)

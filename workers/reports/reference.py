@@ -21,6 +21,7 @@ import duckdb
 
 from workers import s3 as s3_helpers
 from workers.archive import format as archive_format
+from workers.archive import layout as archive_layout
 from workers.archive import stats as archive_stats
 from workers.errors import KappaError
 from workers.pipelines.base import Pipeline
@@ -74,7 +75,7 @@ def snapshot(client: Any, bucket: str, topic: str, day: str, objects: list | Non
     if objects is None:
         files = archive_format.day_files(client, bucket, topic, day)
     else:
-        files = [{"key": key, "size": size, "etag": etag} for key, size, etag in objects]
+        files = archive_layout.pinned_files(client, bucket, topic, day, objects)
     if not files:
         raise KappaError(f"no raw archive objects for {day}: nothing to compare with")
     with tempfile.TemporaryDirectory(prefix=f"reference-{day}-") as tmp:
