@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,14 @@ from workers.replay.manifest import (
     write_manifest,
 )
 from workers.replay.producer import ReplayProducer
-from workers.replay.sort import DEFAULT_MEMORY_ROWS, MIN_CHUNK_ROWS, SortedRun, merge_runs, spill_sorted
+from workers.replay.sort import DEFAULT_MEMORY_ROWS, MIN_CHUNK_ROWS, SortedRun, merged_ahead, spill_sorted
 
 log = logging.getLogger("kappa.replay")
 
 #: The replay topic holds historical timestamps: time-based retention would delete it at once.
 REPLAY_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "message.timestamp.type": "CreateTime"}
+#: Archive objects read, decoded and sorted at once in the sort phase.
+READ_THREADS = 4
 #: Loads of one topic before the loader gives up on a topic that never holds exactly what it produced.
 LOAD_ATTEMPTS = 3
 
@@ -346,18 +349,27 @@ class _Reporter:
 def _sort_files(
     client: Any, bucket: str, files: list[dict], directory: Path, memory_rows: int, reporter: _Reporter
 ) -> tuple[list[SortedRun], dict[str, Any]]:
-    """Phase 1: each S3 object alone -> a sorted run on local disk."""
+    """Phase 1: each S3 object alone -> a sorted run on local disk, READ_THREADS objects at a time
+    (reading one overlaps decoding and sorting others; memory holds at most that many objects)."""
     chunk_rows = max(MIN_CHUNK_ROWS, memory_rows // len(files))
     runs, rows_read, source_end = [], 0, {}
-    for index, file in enumerate(files):
-        body = _read_listed(client, bucket, file)
-        frame = archive_format.from_parquet_bytes(body)
-        del body
-        rows_read += frame.height
-        for partition, last in frame.group_by("partition").agg(pl.col("offset").max()).iter_rows():
-            source_end[partition] = max(source_end.get(partition, 0), last + 1)
-        runs.append(SortedRun(spill_sorted(frame, directory, f"{index:06d}", chunk_rows)))
-        reporter("sort", index + 1, len(files), final=index + 1 == len(files))
+
+    def sort_one(index: int) -> tuple[SortedRun, int, dict[int, int]]:
+        frame = archive_format.from_parquet_bytes(_read_listed(client, bucket, files[index]))
+        ends = dict(frame.group_by("partition").agg(pl.col("offset").max() + 1).iter_rows())
+        return SortedRun(spill_sorted(frame, directory, f"{index:06d}", chunk_rows)), frame.height, ends
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="kappa-replay-read") as pool:
+        try:
+            for index, (run, rows, ends) in enumerate(pool.map(sort_one, range(len(files)))):
+                runs.append(run)
+                rows_read += rows
+                for partition, end in ends.items():
+                    source_end[partition] = max(source_end.get(partition, 0), end)
+                reporter("sort", index + 1, len(files), final=index + 1 == len(files))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     return runs, {"rows_read": rows_read, "source_end": source_end}
 
 
@@ -374,7 +386,7 @@ def _produce_all(settings: Settings, spec: ReplaySpec, runs: list[SortedRun], to
     producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
     reporter.phase()
     with gc_paused():
-        for batch in merge_runs(runs):
+        for batch in merged_ahead(runs):
             producer.produce_frame(batch)
             reporter("produce", producer.produced, total)
     producer.close()

@@ -8,6 +8,8 @@ land in one batch and are dropped there.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,9 +68,19 @@ def _key_below(bound: tuple[int, int, int]) -> pl.Expr:
     )
 
 
+def in_replay_order(frame: pl.DataFrame) -> bool:
+    """True when the rows already follow SORT_KEY. An archive object holds one partition in offset
+    order, so it is in order exactly when its timestamps never go back (event time = arrival order,
+    the common case for a live topic): then the sort is skipped."""
+    return frame.height < 2 or (frame["partition"].n_unique() == 1 and frame["offset"].is_sorted()
+                                and frame["_ts"].is_sorted())
+
+
 def spill_sorted(frame: pl.DataFrame, directory: Path, name: str, chunk_rows: int) -> list[Path]:
-    """Sort one archive frame by the replay order and write it as IPC chunks."""
-    frame = frame.with_columns(pl.col("timestamp").dt.epoch("ms").alias("_ts")).sort(list(SORT_KEY))
+    """Sort one archive frame by the replay order (unless it already is) and write it as IPC chunks."""
+    frame = frame.with_columns(pl.col("timestamp").dt.epoch("ms").alias("_ts"))
+    if not in_replay_order(frame):
+        frame = frame.sort(list(SORT_KEY))
     paths = []
     for index, start in enumerate(range(0, frame.height, chunk_rows)):
         path = directory / f"{name}-{index:06d}.arrow"
@@ -96,3 +108,36 @@ def merge_runs(runs: list[SortedRun]) -> Iterator[pl.DataFrame]:
                 run.load_next()
 
 
+
+
+def merged_ahead(runs: list[SortedRun], depth: int = 2) -> Iterator[pl.DataFrame]:
+    """:func:`merge_runs` on a thread, ``depth`` batches ahead: merging (polars, which releases the
+    GIL) overlaps producing (librdkafka calls) instead of alternating with it."""
+    batches: queue.Queue[pl.DataFrame | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def merge() -> None:
+        try:
+            for batch in merge_runs(runs):
+                while not stop.is_set():
+                    try:
+                        batches.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            batches.put(None)
+        except BaseException as exc:  # handed to the consumer of the batches, raised there
+            batches.put(exc)
+
+    worker = threading.Thread(target=merge, name="kappa-replay-merge", daemon=True)
+    worker.start()
+    try:
+        while (item := batches.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
