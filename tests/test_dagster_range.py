@@ -71,18 +71,22 @@ def assert_range_reported(s3: Any, settings: Settings, run: dg.DagsterRun, days:
         assert_frame_equal(report(s3, settings, 2, day), expected, check_exact=False, rel_tol=1e-12)
 
 
-def test_three_days_in_one_run_equal_the_one_day_replays(
-    settings: Settings, s3: Any, dagster_home: Any  # noqa: F811
+@pytest.mark.parametrize(
+    ("days", "per_day"),
+    [pytest.param(DAYS, 800, id="3-days"), pytest.param(WEEK, 3000, marks=pytest.mark.soak, id="week")],
+)
+def test_days_in_one_run_equal_the_one_day_replays(
+    settings: Settings, s3: Any, dagster_home: Any, days: list[str], per_day: int  # noqa: F811
 ) -> None:
-    write_days(s3, settings.s3_bucket, settings.events_topic, DAYS, 800)
-    run = range_run(DAYS)
-    assert_range_reported(s3, settings, run, DAYS)
-    in_one_run = {day: report(s3, settings, 2, day) for day in DAYS}
+    write_days(s3, settings.s3_bucket, settings.events_topic, days, per_day)
+    run = range_run(days)
+    assert_range_reported(s3, settings, run, days)
+    in_one_run = {day: report(s3, settings, 2, day) for day in days}
+    range_topic = manifests(s3, settings, days)[days[0]].replay_topic
 
-    for day in DAYS:  # the one-day replay of each day (its own topic and group) writes the same report
+    for day in days:  # the one-day replay of each day (its own topic and group) writes the same report
         single = publish_replay(settings, s3, 2, day, force=True)
-        assert single.range_id is None and single.replay_topic not in {m.replay_topic for m in manifests(
-            s3, settings, [d for d in DAYS if d != day]).values()}
+        assert single.range_id is None and single.replay_topic != range_topic
         assert_frame_equal(report(s3, settings, 2, day), in_one_run[day])
 
 
@@ -112,16 +116,3 @@ def test_two_consumers_in_the_group_give_the_same_reports(
     assert member_one["complete"] and 0 < member_one["records"] < total, (member_one["records"], total)
     for day in DAYS:
         assert_frame_equal(report(s3, settings, 2, day), one_consumer[day])
-
-
-@pytest.mark.soak
-def test_a_week_in_one_run_equals_the_one_day_replays(
-    settings: Settings, s3: Any, dagster_home: Any  # noqa: F811
-) -> None:
-    write_days(s3, settings.s3_bucket, settings.events_topic, WEEK, 3000)
-    run = range_run(WEEK)
-    assert_range_reported(s3, settings, run, WEEK)
-    in_one_run = {day: report(s3, settings, 2, day) for day in WEEK}
-    for day in WEEK:
-        publish_replay(settings, s3, 2, day, force=True)
-        assert_frame_equal(report(s3, settings, 2, day), in_one_run[day])

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -54,6 +54,7 @@ REPLAY_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "message.t
 LOAD_ATTEMPTS = 3
 
 ProgressFn = Callable[["LoadProgress"], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -366,19 +367,27 @@ def load(
     reporter = _Reporter(progress, progress_interval, lost)
     try:
         produced, stats, end = _load_exact(settings, client, spec, files, partitions, memory_rows, reporter)
-        manifest.status = "loaded"
-        manifest.records = produced
-        manifest.rows_read = stats["rows_read"]
-        manifest.duplicates_dropped = stats["rows_read"] - produced
-        manifest.end_offsets = end
-        manifest.source_end_offsets = kafka_helpers.offsets_json(stats["source_end"])
-        manifest.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        manifest.load_seconds = round(reporter.elapsed(), 3)
-        write_manifest(client, spec.bucket, manifest)
+        _mark_loaded(client, spec.bucket, manifest, produced, stats, end, reporter.elapsed())
     except ManifestFenced:
         _abandon(settings, client, manifest)
         raise
     return LoadResult(manifest, skipped=False, reason="loaded")
+
+
+def _mark_loaded(
+    client: Any, bucket: str, manifest: ReplayManifest, produced: int, stats: dict[str, Any], end: dict[str, int],
+    seconds: float,
+) -> None:
+    """The ``loaded`` manifest of one day: its records and source end offsets, the topic's end offsets."""
+    manifest.status = "loaded"
+    manifest.records = produced
+    manifest.rows_read = stats["rows_read"]
+    manifest.duplicates_dropped = stats["rows_read"] - produced
+    manifest.end_offsets = end
+    manifest.source_end_offsets = kafka_helpers.offsets_json(stats["source_end"])
+    manifest.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    manifest.load_seconds = round(seconds, 3)
+    write_manifest(client, bucket, manifest)
 
 
 def load_range(
@@ -476,18 +485,8 @@ def _load_days(
     reset_consumer_side(settings, client, manifests[spec.days[0].day])
     try:
         per_day, end = _load_range_exact(settings, client, spec, listed, partitions, memory_rows, reporter)
-        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for day, manifest in manifests.items():
-            produced, stats = per_day[day]
-            manifest.status = "loaded"
-            manifest.records = produced
-            manifest.rows_read = stats["rows_read"]
-            manifest.duplicates_dropped = stats["rows_read"] - produced
-            manifest.end_offsets = end
-            manifest.source_end_offsets = kafka_helpers.offsets_json(stats["source_end"])
-            manifest.loaded_at = now
-            manifest.load_seconds = round(reporter.elapsed(), 3)
-            write_manifest(client, spec.bucket, manifest)
+            _mark_loaded(client, spec.bucket, manifest, *per_day[day], end, reporter.elapsed())
     except ManifestFenced:
         _abandon(settings, client, next(iter(manifests.values())))
         raise
@@ -499,8 +498,8 @@ def _load_range_exact(
     memory_rows: int, reporter: _Reporter,
 ) -> tuple[dict[str, tuple[int, dict[str, Any]]], dict[str, int]]:
     """Like :func:`_load_exact` for many days: each day sorted alone, all produced by one producer in day order."""
-    for attempt in range(1, LOAD_ATTEMPTS + 1):
-        kafka_helpers.recreate_topic(settings, spec.topic, partitions, REPLAY_TOPIC_CONFIG)
+
+    def once() -> tuple[int, dict[str, tuple[int, dict[str, Any]]]]:
         producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
         per_day: dict[str, tuple[int, dict[str, Any]]] = {}
         for day in spec.day_names:
@@ -514,37 +513,41 @@ def _load_range_exact(
                         reporter("produce", producer.produced, before + stats["rows_read"])
             per_day[day] = (producer.produced - before, stats)
         producer.close()
-        produced = producer.produced
-        end = kafka_helpers.topic_end_offsets(settings, spec.topic) or {}
-        if sum(end.values()) == produced:
-            return per_day, end
-        problem = f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}"
-        if attempt == LOAD_ATTEMPTS:
-            raise KappaError(f"{problem} after {LOAD_ATTEMPTS} loads: check the broker's health")
-        log.warning("%s (a broker restart re-sent or lost records): loading it again (%d/%d)",
-                    problem, attempt + 1, LOAD_ATTEMPTS)
-    raise AssertionError("unreachable")
+        return producer.produced, per_day
+
+    return _exactly(settings, spec.topic, partitions, once)
 
 
 def _load_exact(
     settings: Settings, client: Any, spec: ReplaySpec, files: list[dict], partitions: int, memory_rows: int,
     reporter: _Reporter,
 ) -> tuple[int, dict[str, Any], dict[str, int]]:
-    """Sort and produce into a fresh topic until the topic holds exactly what was produced.
+    """Sort and produce into a fresh topic until the topic holds exactly what was produced (:func:`_exactly`)."""
+
+    def once() -> tuple[int, tuple[int, dict[str, Any]]]:
+        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
+            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
+            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
+        return produced, (produced, stats)
+
+    (produced, stats), end = _exactly(settings, spec.topic, partitions, once)
+    return produced, stats, end
+
+
+def _exactly(settings: Settings, topic: str, partitions: int, once: Callable[[], tuple[int, T]]) -> tuple[T, dict]:
+    """Run ``once`` (load a fresh ``topic``; returns what it produced and its result) until the topic holds it.
 
     An idempotent producer re-sends records a restarted broker had already written when the broker
     lost its producer state (the producer id is reset), and an unclean broker stop can lose acked
     ones: the topic is disposable, so it is recreated and loaded again rather than left inexact.
     """
     for attempt in range(1, LOAD_ATTEMPTS + 1):
-        kafka_helpers.recreate_topic(settings, spec.topic, partitions, REPLAY_TOPIC_CONFIG)
-        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
-            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
-            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
-        end = kafka_helpers.topic_end_offsets(settings, spec.topic) or {}
+        kafka_helpers.recreate_topic(settings, topic, partitions, REPLAY_TOPIC_CONFIG)
+        produced, result = once()
+        end = kafka_helpers.topic_end_offsets(settings, topic) or {}
         if sum(end.values()) == produced:
-            return produced, stats, end
-        problem = f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}"
+            return result, end
+        problem = f"replay topic {topic} holds {sum(end.values())} records, expected {produced}"
         if attempt == LOAD_ATTEMPTS:
             raise KappaError(f"{problem} after {LOAD_ATTEMPTS} loads: check the broker's health")
         log.warning("%s (a broker restart re-sent or lost records): loading it again (%d/%d)",
