@@ -9,6 +9,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 from dagster_e2e import archive
 from dagster_env import ROOT
 from polars.testing import assert_frame_equal
@@ -16,6 +17,7 @@ from replay_data import orders_report, write_days
 
 from workers import kafka as kafka_helpers
 from workers.config import Settings
+from workers.errors import KappaError
 from workers.processor.results import corrected_report
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
@@ -71,3 +73,18 @@ def test_reloading_one_day_keeps_the_range_topic_its_other_day_still_reads(setti
     assert shared in topics  # DAYS[1] is loaded there and not consumed yet
     assert any(shared in note and DAYS[1] in note for note in alone.manifest.superseded_not_cleaned)
     assert manifest_of(s3, settings, DAYS[1]).replay_topic == shared
+
+
+def test_bad_range_requests_fail_with_one_line_and_write_nothing(settings: Settings, s3: Any) -> None:
+    write_days(s3, settings.s3_bucket, settings.events_topic, DAYS[:1], 50)
+    spec = replay_loader.ReplaySpec("orders", 2, DAYS[0], settings.events_topic, settings.s3_bucket)
+    with pytest.raises(KappaError, match=f"no raw archive objects for {DAYS[1]}"):
+        replay_loader.load_range(settings, replay_loader.RangeSpec.of(spec, DAYS), client=s3)
+    assert not list(replay_manifest.iter_manifests(s3, settings.s3_bucket))
+
+    backwards = kappa("replay", "load", "--day", DAYS[1], "--last-day", DAYS[0])
+    assert backwards.returncode != 0 and f"--last-day {DAYS[0]} is before --day {DAYS[1]}" in backwards.stderr
+    zero = kappa("replay", "consume", "--day", DAYS[0], "--consumers", "0")
+    assert zero.returncode != 0 and "replay consumers must be 1..64 processes, got 0" in zero.stderr
+    unloaded = kappa("replay", "consume", "--day", DAYS[0])
+    assert unloaded.returncode != 0 and f"{DAYS[0]} is not loaded" in unloaded.stderr
