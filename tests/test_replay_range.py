@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -16,9 +17,12 @@ from polars.testing import assert_frame_equal
 from replay_data import orders_report, write_days
 
 from workers import kafka as kafka_helpers
+from workers import keys
+from workers import s3 as s3_helpers
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.processor.results import corrected_report
+from workers.replay import lease as replay_lease
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
 
@@ -88,3 +92,24 @@ def test_bad_range_requests_fail_with_one_line_and_write_nothing(settings: Setti
     assert zero.returncode != 0 and "replay consumers must be 1..64 processes, got 0" in zero.stderr
     unloaded = kappa("replay", "consume", "--day", DAYS[0])
     assert unloaded.returncode != 0 and f"{DAYS[0]} is not loaded" in unloaded.stderr
+
+
+def test_a_range_takes_every_day_or_none(settings: Settings, s3: Any) -> None:
+    bucket, topic = settings.s3_bucket, settings.events_topic
+    slots = {replay_manifest.replay_id("orders", 2, day, bucket, topic): day for day in DAYS}
+    first, second = slots
+    other = replay_lease.acquire(s3, settings.s3_bucket, second, "another-run", what=f"the replay of {DAYS[1]}")
+    with pytest.raises(replay_lease.LeaseBusy, match=f"the replay of {DAYS[1]} is already running in another-run"):
+        replay_lease.acquire_all(s3, settings.s3_bucket, {s: f"the replay of {d}" for s, d in slots.items()}, "me")
+    assert s3_helpers.get_stored(s3, settings.s3_bucket, keys.replay_lease(first)) is None  # not left held
+    other.release()
+
+    held = replay_lease.acquire_all(s3, settings.s3_bucket, dict(slots), "me")
+    owners = {json.loads(s3_helpers.get_stored(s3, settings.s3_bucket, keys.replay_lease(s)).body)["owner"]
+              for s in slots}
+    assert owners == {"me"} and len(held.leases) == 2
+    with held.kept_alive(interval_s=0.2):
+        time.sleep(0.6)
+    assert not held.lost.is_set() and all(lease.etag for lease in held.leases)
+    held.release()
+    assert all(s3_helpers.get_stored(s3, settings.s3_bucket, keys.replay_lease(s)) is None for s in slots)

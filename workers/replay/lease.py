@@ -93,10 +93,6 @@ class LeaseSet:
     leases: list[Lease]
     lost: threading.Event = field(default_factory=threading.Event)
 
-    @property
-    def slot(self) -> str:
-        return ",".join(lease.slot for lease in self.leases)
-
     def release(self) -> None:
         for lease in self.leases:
             try:
