@@ -70,10 +70,6 @@ class ReplayStep:
     def bucket(self) -> str:
         return self.settings.s3_bucket
 
-    @property
-    def slot(self) -> str:
-        return self.target.slot(self.settings)
-
     def lease(self, release: bool) -> AbstractContextManager[replay_lease.Lease | replay_lease.LeaseSet]:
         """Hold every day's slot lease while the step runs (see ``kappa_dagster.replay.lease``)."""
         slots = {target.slot(self.settings): target.label for target in self.targets}
