@@ -28,12 +28,28 @@ from workers.processor.engine import LIVE_GRACE_MS, run_processor
 from workers.processor.results import corrected_report
 from workers.replay.manifest import ReplayManifest
 
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
-def reprocess(day: str, tags: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+
+def reprocess(
+    day: str, tags: dict[str, str] | None = None, timeout: float = 240, config: Path | None = None
+) -> subprocess.CompletedProcess:
     """``dagster job execute -m kappa_dagster -j reprocess --tags '{"dagster/partition": day, ...}'``."""
-    all_tags = {"dagster/partition": day, **(tags or {})}
+    return _execute({"dagster/partition": day, **(tags or {})}, timeout, config)
+
+
+def reprocess_range(
+    first: str, last: str, tags: dict[str, str] | None = None, timeout: float = 300, config: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The run a single-run backfill launches: ``reprocess`` over the partition range first..last."""
+    return _execute({RANGE_START: first, RANGE_END: last, **(tags or {})}, timeout, config)
+
+
+def _execute(tags: dict[str, str], timeout: float, config: Path | None) -> subprocess.CompletedProcess:
+    options = ["-c", str(config)] if config is not None else []
     return dagster_cli(
-        "job", "execute", "-m", "kappa_dagster", "-j", "reprocess", "--tags", json.dumps(all_tags), timeout=timeout
+        "job", "execute", "-m", "kappa_dagster", "-j", "reprocess", *options, "--tags", json.dumps(tags),
+        timeout=timeout,
     )
 
 
@@ -55,6 +71,15 @@ def check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, bool]:
     """Asset check name -> passed, for one run."""
     events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
     return {e.dagster_event.event_specific_data.check_name: e.dagster_event.event_specific_data.passed for e in events}
+
+
+def day_check_results(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict[str, bool]]:
+    """Day -> asset check name -> passed, for one run (a range run has a verdict per day)."""
+    found: dict[str, dict[str, bool]] = {}
+    for event in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        data = event.dagster_event.event_specific_data
+        found.setdefault(data.partition, {})[data.check_name] = data.passed
+    return found
 
 
 def latest_run(instance: dg.DagsterInstance, day: str) -> dg.DagsterRun:
@@ -127,7 +152,7 @@ def pids_running(needle: str) -> list[int]:
 
 
 def publish_replay(
-    settings: Settings, s3: Any, version: int, day: str, partitions: int | None = None
+    settings: Settings, s3: Any, version: int, day: str, partitions: int | None = None, force: bool = False
 ) -> ReplayManifest:
     """A day's corrected report the way the Dagster job makes it, without Dagster: load the archive into
     a replay topic, run the bounded processor over it, then the gate (reference check, publish)."""
@@ -135,7 +160,7 @@ def publish_replay(
     from workers.reports import gate as report_gate
 
     spec = replay_loader.ReplaySpec("orders", version, day, settings.events_topic, settings.s3_bucket, partitions)
-    manifest = replay_loader.load(settings, spec, client=s3).manifest
+    manifest = replay_loader.load(settings, spec, client=s3, force=force).manifest
     summary = run_processor(
         settings, "orders", version, topic=manifest.replay_topic, group=manifest.group, bounded=True,
         start="earliest", grace_ms=None, dlq_topic=manifest.dlq_topic,

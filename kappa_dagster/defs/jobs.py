@@ -1,4 +1,5 @@
-"""Jobs: reprocess one day (load -> consume -> report), report only (for the sensor), promote, rollback.
+"""Jobs: reprocess one day (load -> consume -> report; a backfill's range as one run), report only (for the
+sensor), promote, rollback.
 
 Pick the version per run with the tag ``kappa/version`` (default 2), e.g.
 ``dagster job execute -m kappa_dagster -j reprocess \
@@ -20,7 +21,8 @@ reprocess = dg.define_asset_job(
     tags={REPLAY_TAG: "true"},  # dagster.yaml limits concurrent runs with this tag
     executor_def=dg.in_process_executor,  # steps are sequential: skip a process start per step
     description="Reprocess one day from the S3 archive through Kafka with the pipeline version of tag "
-    "kappa/version (default 2) and write its corrected report.",
+    "kappa/version (default 2) and write its corrected report; a backfill over many days is one run "
+    "(one replay topic and consumer group, a report and checks per day).",
 )
 
 corrected_report_job = dg.define_asset_job(

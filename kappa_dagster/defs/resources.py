@@ -72,6 +72,8 @@ class ReplayOptions(dg.ConfigurableResource):
     cleanup: bool = True
     force: bool = False
     live_version: int | None = None
+    #: Processes in the replay group (``workers.replay.consume``): the topic's partitions spread over them.
+    consumers: int = 1
     #: Extra ``kappa processor`` options for the replay consumer, e.g. ``"--batch-size 2000"``.
     processor_args: str = ""
     #: A second run of the same (pipeline, version, day) waits this long for the first, then fails.

@@ -34,20 +34,23 @@ def _owner_gone(instance: dg.DagsterInstance, owner: str) -> bool:
 
 @contextmanager
 def held(
-    context: dg.AssetExecutionContext, client: Any, bucket: str, slot: str, what: str, replay: Any, release: bool
-) -> Iterator[replay_lease.Lease]:
-    """Take (or keep) the slot's lease for this step, renewed while it runs; released on failure or ``release``."""
+    context: dg.AssetExecutionContext, client: Any, bucket: str, slots: dict[str, str], replay: Any, release: bool
+) -> Iterator[replay_lease.Lease | replay_lease.LeaseSet]:
+    """Take (or keep) the leases of the step's slots (slot -> what), renewed while it runs; released on
+    failure or ``release``. A range's run holds every day's lease, or waits/fails naming the busy day."""
+    options: dict[str, Any] = {
+        "ttl_s": float(getattr(replay, "lease_ttl_seconds", replay_lease.DEFAULT_TTL_S)),
+        "wait_s": float(getattr(replay, "lease_wait_seconds", 0.0)),
+        "owner_gone": lambda owner: _owner_gone(context.instance, owner),
+    }
     try:
-        lease = replay_lease.acquire(
-            client,
-            bucket,
-            slot,
-            owner_of(context),
-            what=what,
-            ttl_s=float(getattr(replay, "lease_ttl_seconds", replay_lease.DEFAULT_TTL_S)),
-            wait_s=float(getattr(replay, "lease_wait_seconds", 0.0)),
-            owner_gone=lambda owner: _owner_gone(context.instance, owner),
-        )
+        if len(slots) == 1:
+            ((slot, what),) = slots.items()
+            lease: replay_lease.Lease | replay_lease.LeaseSet = replay_lease.acquire(
+                client, bucket, slot, owner_of(context), what=what, **options
+            )
+        else:
+            lease = replay_lease.acquire_all(client, bucket, slots, owner_of(context), **options)
     except KappaError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     failed = True

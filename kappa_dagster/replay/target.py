@@ -89,13 +89,26 @@ def resolve(
 
 
 def target_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, replay: object) -> ReplayTarget:
-    """Resolve from an asset/check context and the ``replay`` resource; a user error fails the step clearly."""
-    try:
-        return resolve(
-            dict(context.run.tags),
-            context.partition_key,
-            getattr(replay, "pipeline", None),
-            getattr(replay, "version", None),
+    """The day of a one-partition run (:func:`targets_of` gives every day of a backfill's range)."""
+    targets = targets_of(context, replay)
+    if len(targets) != 1:
+        raise dg.Failure(
+            description=f"this step handles one day, the run covers {targets[0].day}..{targets[-1].day}: "
+            "launch it per partition",
+            allow_retries=False,
         )
+    return targets[0]
+
+
+def targets_of(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, replay: object
+) -> list[ReplayTarget]:
+    """Every day of the run, in order: one for ``dagster/partition``, the whole range of a single-run
+    backfill (``BackfillPolicy.single_run``); a user error fails the step clearly."""
+    try:
+        return [
+            resolve(dict(context.run.tags), day, getattr(replay, "pipeline", None), getattr(replay, "version", None))
+            for day in context.partition_keys
+        ]
     except KappaError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None

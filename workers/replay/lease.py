@@ -81,29 +81,53 @@ class Lease:
         """Delete the lease if it is still ours (a takeover already replaced it otherwise)."""
         s3_helpers.delete_if(self.client, self.bucket, self.key, self.etag)
 
-    @contextlib.contextmanager
-    def kept_alive(self, interval_s: float | None = None) -> Iterator[Lease]:
+    def kept_alive(self, interval_s: float | None = None) -> contextlib.AbstractContextManager[Lease]:
         """Renew every ``ttl/3`` from a daemon thread while the body runs (a long load or consume)."""
-        stop = threading.Event()
-        every = interval_s or self.ttl_s / 3
+        return _renewed(self, [self], interval_s or self.ttl_s / 3)
 
-        def loop() -> None:
-            while not stop.wait(every):
+
+@dataclass
+class LeaseSet:
+    """The leases of every day of a many-day replay, held and renewed together; ``lost`` when any is lost."""
+
+    leases: list[Lease]
+    lost: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        for lease in self.leases:
+            try:
+                lease.release()
+            except Exception as exc:  # the others still go; an unreleased one expires with its ttl
+                log.warning("could not release the lease of %s: %s", lease.slot, exc)
+
+    def kept_alive(self, interval_s: float | None = None) -> contextlib.AbstractContextManager[LeaseSet]:
+        """One thread renews every lease each ``ttl/3`` (a year's range holds 365 of them)."""
+        ttl = min((lease.ttl_s for lease in self.leases), default=DEFAULT_TTL_S)
+        return _renewed(self, self.leases, interval_s or ttl / 3)
+
+
+@contextlib.contextmanager
+def _renewed(holder: Any, leases: list[Lease], every: float) -> Iterator[Any]:
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            for lease in leases:
                 try:
-                    self.renew()
+                    lease.renew()
                 except s3_helpers.Fenced:
-                    log.error("lease of replay %s lost to another run; this run's writes will be refused", self.slot)
+                    log.error("lease of replay %s lost to another run; this run's writes will be refused", lease.slot)
                     return
                 except Exception as exc:  # S3 hiccup: try again next round, the ttl covers a few misses
-                    log.warning("lease renewal of %s failed: %s", self.slot, exc)
+                    log.warning("lease renewal of %s failed: %s", lease.slot, exc)
 
-        thread = threading.Thread(target=loop, name=f"lease-{self.slot}", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+    thread = threading.Thread(target=loop, name=f"lease-{leases[0].slot if leases else 'none'}", daemon=True)
+    thread.start()
+    try:
+        yield holder
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _body(slot: str, owner: str, ttl_s: float) -> bytes:
@@ -153,3 +177,26 @@ def acquire(
                 "wait for that run to finish, or cancel it; a lease whose owner died expires by itself"
             )
         time.sleep(poll_s)
+
+
+def acquire_all(
+    client: Any,
+    bucket: str,
+    slots: dict[str, str],
+    owner: str,
+    **options: Any,
+) -> LeaseSet:
+    """Take the lease of every slot (slot -> what, for the message) or none: a range holds all its days.
+
+    Slots are taken in sorted order, so two overlapping ranges never each hold a part and wait for the other.
+    """
+    taken = LeaseSet([])
+    try:
+        for slot in sorted(slots):
+            lease = acquire(client, bucket, slot, owner, what=slots[slot], **options)
+            lease.lost = taken.lost
+            taken.leases.append(lease)
+    except BaseException:
+        taken.release()
+        raise
+    return taken

@@ -7,6 +7,7 @@ sort, deterministic, idempotent and fenced by its manifest (docs/ARCHITECTURE.md
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import re
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -37,6 +38,8 @@ from workers.replay.manifest import (
     ManifestFenced,
     ReplayManifest,
     published,
+    range_id,
+    range_slots,
     read_manifest,
     replay_id,
     write_manifest,
@@ -54,6 +57,7 @@ READ_THREADS = 4
 LOAD_ATTEMPTS = 3
 
 ProgressFn = Callable[["LoadProgress"], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,75 @@ class ReplaySpec:
         return keys.processor_prefix(self.pipeline, self.version, self.group)
 
 
+@dataclass(frozen=True)
+class RangeSpec:
+    """Many days in ONE replay: one topic and one consumer group for the whole range (docs/ARCHITECTURE.md,
+    "Many days as one replay"). Each day keeps its own slot, manifest, lease and report."""
+
+    days: tuple[ReplaySpec, ...]
+
+    def __post_init__(self) -> None:
+        if not self.days:
+            raise KappaError("a replay range needs at least one day")
+        shared = {(d.pipeline, d.version, d.source_topic, d.bucket, d.partitions, d.throttle, d.run) for d in self.days}
+        if len(shared) != 1:
+            raise KappaError("every day of a replay range has the same pipeline, version, archive and options")
+        if len({d.day for d in self.days}) != len(self.days):
+            raise KappaError(f"a replay range names a day twice: {[d.day for d in self.days]}")
+        keys.valid_replay_id(self.replay_id)  # a name too long fails here, before anything is written
+
+    @classmethod
+    def of(cls, spec: ReplaySpec, days: list[str]) -> RangeSpec:
+        """The range of ``days`` with ``spec``'s pipeline, version, archive and options."""
+        return cls(tuple(dataclasses.replace(spec, day=day) for day in sorted(days)))
+
+    def _first(self) -> ReplaySpec:
+        return self.days[0]
+
+    @property
+    def day_names(self) -> list[str]:
+        return [d.day for d in self.days]
+
+    @property
+    def bucket(self) -> str:
+        return self._first().bucket
+
+    @property
+    def partitions(self) -> int | None:
+        return self._first().partitions
+
+    @property
+    def throttle(self) -> float | None:
+        return self._first().throttle
+
+    @property
+    def replay_id(self) -> str:
+        first = self._first()
+        base = range_id(first.pipeline, first.version, self.day_names, first.bucket, first.source_topic)
+        return base if first.run is None else keys.valid_replay_id(f"{base}-{first.run}")
+
+    @property
+    def topic(self) -> str:
+        return keys.replay_topic(self._first().source_topic, self.replay_id)
+
+    @property
+    def group(self) -> str:
+        return keys.replay_group(self._first().pipeline, self._first().version, self.replay_id)
+
+    def shared(self) -> dict[str, Any]:
+        """The manifest fields every day of the range shares: where the replay lives and who consumes it."""
+        first = self._first()
+        return {
+            "range_id": self.replay_id,
+            "range_days": self.day_names,
+            "replay_topic": self.topic,
+            "group": self.group,
+            "dlq_topic": keys.dlq_topic(self.topic),
+            "late_topic": keys.late_topic(self.topic),
+            "processor_prefix": keys.processor_prefix(first.pipeline, first.version, self.group),
+        }
+
+
 @dataclass
 class LoadProgress:
     phase: str  # "sort" (reading S3) or "produce"
@@ -155,6 +228,21 @@ def reset_consumer_side(settings: Settings, client: Any, manifest: ReplayManifes
 def delete_shuffle_internals(settings: Settings, group: str) -> None:
     """A pipeline with a state key also left a repartition topic and a stage-2 group (workers/processor/shuffle.py)."""
     shuffle.delete_internal(settings, group)
+
+
+def days_needing_topic(client: Any, bucket: str, manifest: ReplayManifest) -> list[str]:
+    """The other days of ``manifest``'s range whose current manifest still reads its topic (not yet consumed).
+
+    Empty for a one-day replay. A day that is consumed, reported or rejected no longer needs the topic:
+    its report and stats are in S3, bound by ETag.
+    """
+    waiting = []
+    for day, slot in range_slots(manifest).items():
+        current = read_manifest(client, bucket, slot)
+        reads = current is not None and current.replay_topic == manifest.replay_topic and not current.cleaned
+        if reads and current is not None and current.status in {"loading", "loaded"}:
+            waiting.append(day)
+    return waiting
 
 
 def cleanup(settings: Settings, manifest: ReplayManifest, client: Any | None = None) -> None:
@@ -231,6 +319,10 @@ def _supersede(settings: Settings, client: Any, previous: ReplayManifest | None,
     """
     if previous is None or previous.cleaned or previous.replay_topic == manifest.replay_topic:
         return
+    waiting = days_needing_topic(client, settings.s3_bucket, previous)
+    if waiting:  # a range's topic is deleted only once none of its days still has to be consumed from it
+        manifest.superseded_not_cleaned.append(f"{previous.replay_id}: {previous.replay_topic} still feeds {waiting}")
+        return
     try:
         cleanup(settings, previous, client)
     except KappaError as exc:  # e.g. a zombie member still in the old group: leave it, say so
@@ -278,40 +370,187 @@ def load(
     reporter = _Reporter(progress, progress_interval, lost)
     try:
         produced, stats, end = _load_exact(settings, client, spec, files, partitions, memory_rows, reporter)
-        manifest.status = "loaded"
-        manifest.records = produced
-        manifest.rows_read = stats["rows_read"]
-        manifest.duplicates_dropped = stats["rows_read"] - produced
-        manifest.end_offsets = end
-        manifest.source_end_offsets = kafka_helpers.offsets_json(stats["source_end"])
-        manifest.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        manifest.load_seconds = round(reporter.elapsed(), 3)
-        write_manifest(client, spec.bucket, manifest)
+        _mark_loaded(client, spec.bucket, manifest, produced, stats, end, reporter.elapsed())
     except ManifestFenced:
         _abandon(settings, client, manifest)
         raise
     return LoadResult(manifest, skipped=False, reason="loaded")
 
 
+def _mark_loaded(
+    client: Any, bucket: str, manifest: ReplayManifest, produced: int, stats: dict[str, Any], end: dict[str, int],
+    seconds: float,
+) -> None:
+    """The ``loaded`` manifest of one day: its records and source end offsets, the topic's end offsets."""
+    manifest.status = "loaded"
+    manifest.records = produced
+    manifest.rows_read = stats["rows_read"]
+    manifest.duplicates_dropped = stats["rows_read"] - produced
+    manifest.end_offsets = end
+    manifest.source_end_offsets = kafka_helpers.offsets_json(stats["source_end"])
+    manifest.loaded_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    manifest.load_seconds = round(seconds, 3)
+    write_manifest(client, bucket, manifest)
+
+
+def load_range(
+    settings: Settings,
+    spec: RangeSpec,
+    *,
+    client: Any | None = None,
+    progress: ProgressFn | None = None,
+    progress_interval: float = 2.0,
+    force: bool = False,
+    memory_rows: int = DEFAULT_MEMORY_ROWS,
+    lost: threading.Event | None = None,
+) -> dict[str, LoadResult]:
+    """Load many days into ONE replay topic (one group consumes them all); day -> its result.
+
+    Each day keeps its own manifest (its snapshot, records, source end offsets and, later, its report's
+    checks) naming the range's shared topic and group. A day whose checked report of this exact archive is
+    already published is reused alone; the others are reused together only when their manifests name one
+    range topic over exactly them that still holds what was loaded, else loaded again. Days are sorted one
+    at a time and produced in day order: days are disjoint in event time, so the topic is in event-time
+    order per partition with the memory of a one-day load.
+    """
+    client = client or s3_helpers.s3_client(settings)
+    listed = {day.day: archive_format.day_files(client, spec.bucket, day.source_topic, day.day) for day in spec.days}
+    empty = [day for day, files in listed.items() if not files]
+    if empty:
+        raise KappaError(f"no raw archive objects for {', '.join(empty)} under s3://{spec.bucket}/raw/: "
+                         "nothing to replay for them; leave them out of the range")
+    fingerprints = {day: archive_fingerprint(files) for day, files in listed.items()}
+    previous = {day.day: read_manifest(client, spec.bucket, day.slot) for day in spec.days}
+    results: dict[str, LoadResult] = {}
+    for day in spec.days:
+        before = previous[day.day]
+        if not force and before is not None and before.source_fingerprint == fingerprints[day.day] and (
+            before.partitions_requested == day.partitions and published(client, spec.bucket, before)
+        ):
+            results[day.day] = LoadResult(before, skipped=True, reason="the checked report of this exact archive "
+                                          "is already published")
+    pending = [day for day in spec.days if day.day not in results]
+    if not pending:
+        return results
+    reused = None if force else _reusable_range(settings, pending, previous, fingerprints)
+    if reused is not None:
+        return {**results, **{d: LoadResult(m, skipped=True, reason=reused[1]) for d, m in reused[0].items()}}
+    loading = RangeSpec(tuple(pending))
+    return {**results, **_load_days(settings, client, loading, listed, fingerprints, previous, memory_rows,
+                                    _Reporter(progress, progress_interval, lost))}
+
+
+def _reusable_range(
+    settings: Settings, pending: list[ReplaySpec], previous: dict[str, ReplayManifest | None],
+    fingerprints: dict[str, str],
+) -> tuple[dict[str, ReplayManifest], str] | None:
+    """The pending days' manifests when one earlier range load over exactly these days can be consumed again."""
+    manifests = [previous[day.day] for day in pending]
+    if any(m is None for m in manifests):
+        return None
+    found = {day.day: m for day, m in zip(pending, manifests, strict=True) if m is not None}
+    topics = {m.replay_topic for m in found.values()}
+    days = sorted(found)
+    matching = all(
+        m.source_fingerprint == fingerprints[d] and m.partitions_requested == pending[0].partitions
+        and m.status in LOADED_STATES and sorted(m.range_days or [m.day]) == days
+        for d, m in found.items()
+    )
+    if len(topics) != 1 or not matching:
+        return None
+    first = next(iter(found.values()))
+    if kafka_helpers.topic_end_offsets(settings, first.replay_topic) != first.end_offsets:
+        return None
+    return found, "the replay topic already holds this exact archive"
+
+
+def _load_days(
+    settings: Settings, client: Any, spec: RangeSpec, listed: dict[str, list[dict]], fingerprints: dict[str, str],
+    previous: dict[str, ReplayManifest | None], memory_rows: int, reporter: _Reporter,
+) -> dict[str, LoadResult]:
+    """Write every day's ``loading`` manifest (fenced), load them into the range topic, then mark each loaded."""
+    files = [f for day in spec.day_names for f in listed[day]]
+    partitions = spec.partitions or source_partitions(settings, spec.days[0].source_topic, files)
+    manifests: dict[str, ReplayManifest] = {}
+    for day in spec.days:
+        manifest = dataclasses.replace(base_manifest(day, listed[day.day], fingerprints[day.day], partitions),
+                                       **spec.shared())
+        before = previous[day.day]
+        manifest.etag = before.etag if before else None
+        write_manifest(client, spec.bucket, manifest)  # fenced per day: only one run can replace each
+        manifests[day.day] = manifest
+    superseded: set[str | None] = set()
+    for day in spec.days:
+        before = previous[day.day]
+        if before is not None and before.replay_topic not in superseded:  # a range it replaces: delete it once
+            superseded.add(before.replay_topic)
+            _supersede(settings, client, before, manifests[day.day])
+    reset_consumer_side(settings, client, manifests[spec.days[0].day])
+    try:
+        per_day, end = _load_range_exact(settings, client, spec, listed, partitions, memory_rows, reporter)
+        for day, manifest in manifests.items():
+            _mark_loaded(client, spec.bucket, manifest, *per_day[day], end, reporter.elapsed())
+    except ManifestFenced:
+        _abandon(settings, client, next(iter(manifests.values())))
+        raise
+    return {day: LoadResult(manifest, skipped=False, reason="loaded") for day, manifest in manifests.items()}
+
+
+def _load_range_exact(
+    settings: Settings, client: Any, spec: RangeSpec, listed: dict[str, list[dict]], partitions: int,
+    memory_rows: int, reporter: _Reporter,
+) -> tuple[dict[str, tuple[int, dict[str, Any]]], dict[str, int]]:
+    """Like :func:`_load_exact` for many days: each day sorted alone, all produced by one producer in day order."""
+
+    def once() -> tuple[int, dict[str, tuple[int, dict[str, Any]]]]:
+        producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
+        per_day: dict[str, tuple[int, dict[str, Any]]] = {}
+        for day in spec.day_names:
+            with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
+                runs, stats = _sort_files(client, spec.bucket, listed[day], Path(tmp), memory_rows, reporter)
+                before = producer.produced
+                reporter.phase()
+                with gc_paused():
+                    for batch in merge_runs(runs):
+                        producer.produce_frame(batch)
+                        reporter("produce", producer.produced, before + stats["rows_read"])
+            per_day[day] = (producer.produced - before, stats)
+        producer.close()
+        return producer.produced, per_day
+
+    return _exactly(settings, spec.topic, partitions, once)
+
+
 def _load_exact(
     settings: Settings, client: Any, spec: ReplaySpec, files: list[dict], partitions: int, memory_rows: int,
     reporter: _Reporter,
 ) -> tuple[int, dict[str, Any], dict[str, int]]:
-    """Sort and produce into a fresh topic until the topic holds exactly what was produced.
+    """Sort and produce into a fresh topic until the topic holds exactly what was produced (:func:`_exactly`)."""
+
+    def once() -> tuple[int, tuple[int, dict[str, Any]]]:
+        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
+            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
+            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
+        return produced, (produced, stats)
+
+    (produced, stats), end = _exactly(settings, spec.topic, partitions, once)
+    return produced, stats, end
+
+
+def _exactly(settings: Settings, topic: str, partitions: int, once: Callable[[], tuple[int, T]]) -> tuple[T, dict]:
+    """Run ``once`` (load a fresh ``topic``; returns what it produced and its result) until the topic holds it.
 
     An idempotent producer re-sends records a restarted broker had already written when the broker
     lost its producer state (the producer id is reset), and an unclean broker stop can lose acked
     ones: the topic is disposable, so it is recreated and loaded again rather than left inexact.
     """
     for attempt in range(1, LOAD_ATTEMPTS + 1):
-        kafka_helpers.recreate_topic(settings, spec.topic, partitions, REPLAY_TOPIC_CONFIG)
-        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
-            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
-            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
-        end = kafka_helpers.topic_end_offsets(settings, spec.topic) or {}
+        kafka_helpers.recreate_topic(settings, topic, partitions, REPLAY_TOPIC_CONFIG)
+        produced, result = once()
+        end = kafka_helpers.topic_end_offsets(settings, topic) or {}
         if sum(end.values()) == produced:
-            return produced, stats, end
-        problem = f"replay topic {spec.topic} holds {sum(end.values())} records, expected {produced}"
+            return result, end
+        problem = f"replay topic {topic} holds {sum(end.values())} records, expected {produced}"
         if attempt == LOAD_ATTEMPTS:
             raise KappaError(f"{problem} after {LOAD_ATTEMPTS} loads: check the broker's health")
         log.warning("%s (a broker restart re-sent or lost records): loading it again (%d/%d)",

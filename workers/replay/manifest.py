@@ -69,6 +69,10 @@ class ReplayManifest:
     #: the replay's own late topic (``<replay topic>.late``), like its DLQ; None in older manifests
     late_topic: str | None = None
     processor_prefix: str | None = None
+    #: a many-day replay (``loader.load_range``): its id and every day sharing its topic and group;
+    #: None for a one-day replay. Each day keeps its own manifest (snapshot, records, checks).
+    range_id: str | None = None
+    range_days: list[str] | None = None
     report_key: str | None = None
     source_fingerprint: str | None = None
     #: provenance: the data version of raw_archive[day] this replay (and its report) was computed from
@@ -183,6 +187,37 @@ def iter_manifests(client: Any, bucket: str) -> Iterator[ReplayManifest]:
             found = s3_helpers.get_stored(client, bucket, obj["Key"])
             if found:
                 yield from_json(found.body, found.etag)
+
+
+def range_id(pipeline: str, version: int, days: list[str], bucket: str, source_topic: str) -> str:
+    """Stable id of a many-day replay: ``orders-v2-20261120-20261126-1a2b3c`` (first and last day).
+
+    The hash covers the archive and every day, so two ranges with the same ends but other days never share
+    a topic.
+    """
+    if not days:
+        raise KappaError("a replay range needs at least one day")
+    for day in days:
+        keys.valid_day(day)
+    digest = hashlib.sha1(f"{bucket}/{source_topic}/{','.join(sorted(days))}".encode()).hexdigest()[:6]
+    first, last = min(days).replace("-", ""), max(days).replace("-", "")
+    return keys.valid_replay_id(f"{keys.valid_name(pipeline).replace('_', '-')}-v{keys.valid_version(version)}-"
+                                f"{first}-{last}-{digest}")
+
+
+def range_slots(manifest: ReplayManifest) -> dict[str, str]:
+    """Day -> slot of the other days sharing this manifest's replay topic (empty for a one-day replay).
+
+    A slot ends in its archive's hash (bucket and topic, not stored in the manifest), the same for every
+    day of one archive, so the siblings' slots are this slot with the day swapped.
+    """
+    source = (manifest.slot or manifest.replay_id).rsplit("-", 1)[-1]
+    name = manifest.pipeline.replace("_", "-")
+    return {
+        day: keys.valid_replay_id(f"{name}-v{manifest.version}-{day.replace('-', '')}-{source}")
+        for day in manifest.range_days or []
+        if day != manifest.day
+    }
 
 
 def processor_grace_ms(manifest: ReplayManifest) -> int | None:

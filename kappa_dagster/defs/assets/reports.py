@@ -5,16 +5,17 @@ The replay's report is published only after the blocking checks against the SQL 
 """
 
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
 import polars as pl
 
 from kappa_dagster.defs.assets.raw_archive import raw_archive
-from kappa_dagster.defs.assets.replay import replay_consume
+from kappa_dagster.defs.assets.replay import RANGE_POLICY, replay_consume
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KappaResource, ReplayOptions
-from kappa_dagster.replay.step import ReplayStep, user_errors
+from kappa_dagster.replay.step import ReplayStep, check_outputs, user_errors
 from kappa_dagster.replay.target import ReplayTarget
 from workers import promote
 from workers.config import Settings
@@ -112,6 +113,7 @@ GATE_CHECKS = [
 
 @dg.asset(
     partitions_def=daily_partitions,
+    backfill_policy=RANGE_POLICY,
     owners=OWNERS,
     group_name="reports",
     kinds={"s3", "parquet", "duckdb"},
@@ -122,29 +124,21 @@ GATE_CHECKS = [
 )
 def corrected_report(
     context: dg.AssetExecutionContext, kappa: KappaResource, replay: ReplayOptions
-) -> dg.MaterializeResult:
+) -> Iterator[Any]:
     """``reports/<P>/v<V>/dt=<D>/report.parquet``: the day recomputed by pipeline version V, published
-    (manifest ``reported``) only when its blocking checks pass."""
+    (manifest ``reported``) only when its blocking checks pass. A range run checks every day apart: one
+    materialization and one verdict per check and day."""
     step = ReplayStep.open(context, kappa, replay)
-    target, settings, client = step.target, step.settings, step.client
     with step.lease(release=True):
-        manifest = step.manifest({"consumed", "reported", "rejected"})
-        with user_errors():
-            verdict = report_gate.evaluate(client, settings.s3_bucket, manifest)
-        report = pl.read_parquet(io.BytesIO(verdict.report))
-        expected = get_pipeline(target.pipeline, target.version).output_schema
-        if report.schema != expected:
-            raise dg.Failure(description=f"report schema {dict(report.schema)} is not {dict(expected)}")
-        manifest.report_rows = report.height
-        manifest = report_gate.publish(client, settings.s3_bucket, manifest, verdict)
-        outcome = ", ".join(verdict.failed) or "all checks passed"
-        context.log.info(f"replay {manifest.replay_id}: {manifest.status} ({outcome})")
-        if verdict.passed:
-            _clean_up(context, settings, client, manifest, replay)
-    live_version, live = live_results(settings, client, target, replay.live_version)
-    return dg.MaterializeResult(
-        metadata={
-            "path": f"s3://{settings.s3_bucket}/{target.report_key}",
+        manifests = step.manifests({"consumed", "reported", "rejected"})
+        gated = {target.day: _gate(context, step, target, manifests[target.day]) for target in step.targets}
+        _clean_up(context, step, [manifest for manifest, _verdict, _report in gated.values()])
+    days: dict[str, dict[str, Any]] = {}
+    for target in step.targets:
+        manifest, verdict, report = gated[target.day]
+        live_version, live = live_results(step.settings, step.client, target, replay.live_version)
+        days[target.day] = {
+            "path": f"s3://{step.bucket}/{target.report_key}",
             "pipeline": target.pipeline,
             "version": dg.MetadataValue.int(target.version),
             "replay_id": manifest.replay_id,
@@ -154,19 +148,76 @@ def corrected_report(
             "archive_fingerprint": manifest.archive_fingerprint or "unknown (loaded before fingerprints)",
             **report_metadata(report, verdict.stats.as_dict()),
             **diff_metadata(live_version, live, report),
-        },
-        check_results=[check_result(check) for check in verdict.checks],
+        }
+    if not step.is_range:
+        (day,) = days
+        yield dg.MaterializeResult(metadata=days[day], check_results=[check_result(c) for c in gated[day][1].checks])
+        return
+    for day, metadata in days.items():
+        context.add_asset_metadata(metadata, partition_key=day)
+    statuses = [manifest.status for manifest, _verdict, _report in gated.values()]
+    yield dg.MaterializeResult(metadata={
+        "days": dg.MetadataValue.int(len(days)),
+        "days_reported": dg.MetadataValue.int(statuses.count("reported")),
+        "days_rejected": dg.MetadataValue.int(statuses.count("rejected")),
+    })
+    for day, (_manifest, verdict, _report) in gated.items():
+        for check in verdict.checks:
+            yield day_check(context.asset_key, day, check)
+    yield from check_outputs(context)
+
+
+def day_check(asset_key: dg.AssetKey, day: str, check: report_gate.Check) -> dg.AssetCheckEvaluation:
+    """One day's verdict of a blocking check in a range run (an ``AssetCheckResult`` names no day there)."""
+    result = check_result(check)
+    return dg.AssetCheckEvaluation(
+        asset_key=asset_key,
+        check_name=check.name,
+        passed=check.passed,
+        metadata=result.metadata,
+        description=check.description,
+        blocking=True,
+        partition=day,
     )
 
 
-def _clean_up(
-    context: dg.AssetExecutionContext, settings: Settings, client: Any, manifest: ReplayManifest, replay: Any
-) -> None:
-    """Delete this replay's own topic, DLQ, group and checkpoints once its report is published."""
-    if replay.cleanup and not manifest.cleaned:
-        replay_loader.cleanup(settings, manifest, client)
-        manifest.cleaned = True
-        replay_manifest.write_manifest(client, settings.s3_bucket, manifest)
+def _gate(
+    context: dg.AssetExecutionContext, step: ReplayStep, target: ReplayTarget, manifest: ReplayManifest
+) -> tuple[ReplayManifest, report_gate.Verdict, pl.DataFrame]:
+    """Check one day's consumed report against the reference and publish or reject it (one fenced write)."""
+    with user_errors():
+        verdict = report_gate.evaluate(step.client, step.bucket, manifest)
+    report = pl.read_parquet(io.BytesIO(verdict.report))
+    expected = get_pipeline(target.pipeline, target.version).output_schema
+    if report.schema != expected:
+        raise dg.Failure(description=f"report schema {dict(report.schema)} is not {dict(expected)}")
+    manifest.report_rows = report.height
+    manifest = report_gate.publish(step.client, step.bucket, manifest, verdict)
+    outcome = ", ".join(verdict.failed) or "all checks passed"
+    context.log.info(f"replay {manifest.replay_id}: {manifest.status} ({outcome})")
+    return manifest, verdict, report
+
+
+def _clean_up(context: dg.AssetExecutionContext, step: ReplayStep, manifests: list[ReplayManifest]) -> None:
+    """Delete each replay's own topic, DLQ, group and checkpoints once its reports are published: a range's
+    shared topic once every day of this run that reads it passed and no other day still has to read it."""
+    if not step.replay.cleanup:
+        return
+    by_topic: dict[str | None, list[ReplayManifest]] = {}
+    for manifest in manifests:
+        by_topic.setdefault(manifest.replay_topic, []).append(manifest)
+    for group in by_topic.values():
+        first = group[0]
+        if first.cleaned or any(m.status != "reported" for m in group):
+            continue
+        waiting = replay_loader.days_needing_topic(step.client, step.bucket, first)
+        if waiting:
+            context.log.info(f"kept {first.replay_topic}: days {', '.join(waiting)} still read it")
+            continue
+        replay_loader.cleanup(step.settings, first, step.client)
+        for manifest in group:
+            manifest.cleaned = True
+            replay_manifest.write_manifest(step.client, step.bucket, manifest)
         context.log.info(
-            f"deleted replay topic {manifest.replay_topic} (+ DLQ, group {manifest.group}, checkpoints)"
+            f"deleted replay topic {first.replay_topic} (+ DLQ, group {first.group}, checkpoints)"
         )

@@ -26,9 +26,15 @@ IN_FLIGHT = [
 ]
 
 
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
 def day_in_flight(instance: dg.DagsterInstance, day: str) -> bool:
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": day}, statuses=IN_FLIGHT), limit=1)
-    return bool(runs)
+    """A run of this day is queued or running: its own partition, or a backfill range (one run) covering it."""
+    if instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": day}, statuses=IN_FLIGHT), limit=1):
+        return True
+    ranges = instance.get_runs(filters=dg.RunsFilter(statuses=IN_FLIGHT), limit=200)
+    return any(run.tags.get(RANGE_START, "~") <= day <= run.tags.get(RANGE_END, "") for run in ranges)
 
 
 def observe(manifest: ReplayManifest, state: GroupLag) -> dg.AssetObservation:
