@@ -509,13 +509,9 @@ def _load_range_exact(
             with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
                 runs, stats = _sort_files(client, spec.bucket, listed[day], Path(tmp), memory_rows, reporter)
                 before = producer.produced
-                reporter.phase()
-                with gc_paused():
-                    for batch in merge_runs(runs):
-                        producer.produce_frame(batch)
-                        reporter("produce", producer.produced, before + stats["rows_read"])
+                _produce_runs(producer, runs, before + stats["rows_read"], reporter)
             per_day[day] = (producer.produced - before, stats)
-        producer.close()
+        _close(producer, reporter)
         return producer.produced, per_day
 
     return _exactly(settings, spec.topic, partitions, once)
@@ -530,7 +526,9 @@ def _load_exact(
     def once() -> tuple[int, tuple[int, dict[str, Any]]]:
         with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
             runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
-            produced = _produce_all(settings, spec, runs, stats["rows_read"], reporter)
+            producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
+            _produce_runs(producer, runs, stats["rows_read"], reporter)
+            produced = _close(producer, reporter)
         return produced, (produced, stats)
 
     (produced, stats), end = _exactly(settings, spec.topic, partitions, once)
@@ -620,14 +618,17 @@ def _read_listed(client: Any, bucket: str, file: dict) -> bytes:
         raise KappaError(f"archive object {file['key']} changed during the load: run it again") from None
 
 
-def _produce_all(settings: Settings, spec: ReplaySpec, runs: list[SortedRun], total: int, reporter: _Reporter) -> int:
-    """Phase 2: merge the runs and produce; every record acknowledged or the load fails."""
-    producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
+def _produce_runs(producer: ReplayProducer, runs: list[SortedRun], total: int, reporter: _Reporter) -> None:
+    """Phase 2: merge the sorted runs (a thread ahead) and produce them."""
     reporter.phase()
     with gc_paused():
         for batch in merged_ahead(runs):
             producer.produce_frame(batch)
             reporter("produce", producer.produced, total)
+
+
+def _close(producer: ReplayProducer, reporter: _Reporter) -> int:
+    """Every record acknowledged, or the load fails; returns how many were produced."""
     producer.close()
     reporter("produce", producer.produced, producer.produced, final=True)
     return producer.produced
