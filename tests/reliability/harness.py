@@ -337,6 +337,23 @@ LIVE_KILL_ARGS = ("processor", "-p", "orders", "-v", "2", "--start", "earliest",
                   "--batch-size", "20", "--checkpoint-seconds", "0.5", "--progress", "log")
 
 
+def live_args(version: int, *extra: str, base: tuple[str, ...] = LIVE_ARGS) -> tuple[str, ...]:
+    """``base`` (a live processor's flags) for another ``orders`` version, with ``extra`` flags."""
+    at = base.index("-v") + 1
+    return (*base[:at], str(version), *base[at + 1:], *extra)
+
+
+#: What a processor logs when its static member was fenced by its own re-join and it joined again.
+REJOIN_LINES = re.compile(r"fenced (this member|stage 1) .*rejoining")
+
+
+def rejoins(worker: Worker) -> int:
+    """How often ``worker`` rejoined its group after a self-fence (counted in the figures)."""
+    found = len(REJOIN_LINES.findall(worker.output()))
+    FIGURES.count("self_fence_rejoins", found)
+    return found
+
+
 def archive_all(workers: Workers, name: str = "archiver-final") -> Worker:
     """Run the archiver until it has archived everything in the topic now."""
     return workers.run(name, *ARCHIVER_ARGS, "--until-end", timeout=300)
@@ -351,14 +368,14 @@ def load_args(spec: ReplaySpec) -> tuple[str, ...]:
     return ("replay", "load", "--day", spec.day, "--pipeline", spec.pipeline, "--version", str(spec.version))
 
 
-def bounded_args(spec: ReplaySpec, batch_size: int = 300) -> tuple[str, ...]:
+def bounded_args(spec: ReplaySpec, batch_size: int = 300, *extra: str) -> tuple[str, ...]:
     """The bounded replay consumer with the reprocess job's flags (incl. its grace, read from the manifest)."""
     manifest = replay_manifest.read_manifest(s3_client(load_settings()), spec.bucket, spec.replay_id)
     grace_ms = replay_manifest.processor_grace_ms(manifest) if manifest else None
     grace = () if grace_ms is None else ("--grace-seconds", f"{grace_ms / 1000:g}")
     return ("processor", "-p", spec.pipeline, "-v", str(spec.version), "--topic", spec.topic, "--group", spec.group,
             "--from-beginning", "--until-end", "--dlq-topic", spec.dlq_topic, "--batch-size", str(batch_size),
-            "--checkpoint-seconds", "0.5", "--progress", "log", *grace)
+            "--checkpoint-seconds", "0.5", "--progress", "log", *grace, *extra)
 
 
 def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic: str, timeout: float = 120) -> None:

@@ -19,29 +19,38 @@ from .harness import (
     ARCHIVER_KILL_ARGS,
     DAY,
     KAFKA_DOWN_LINES,
+    LIVE_KILL_ARGS,
     Workers,
     archive_all,
     archiver_progress,
     bounded_args,
+    live_args,
     load_args,
     outage,
     processor_progress,
     produce_orders,
     read_progress,
+    rejoins,
     replay_spec,
     topic_progress,
     wait_archived,
+    wait_processor_caught_up,
     wait_until,
 )
 from .invariants import (
     archive_records,
     assert_archive_exact,
     assert_dlq_exact,
+    assert_live_exact,
     assert_replay_topic_exact,
     assert_reports_exact,
 )
 
 DOWN_SECONDS = 5.0
+#: static members (group.instance.id): the ones a broker restart can fence by their own re-join
+STATIC = ("--instance-id", "auto")
+#: orders v3 runs through the shuffle (two stages, both in one process)
+SHUFFLED = 3
 
 
 def started_some(progress: Any, what: str) -> None:
@@ -88,6 +97,47 @@ def test_replay_survives_broker_restarts(
     assert_archive_exact(private_settings, private_s3)
     assert_replay_topic_exact(private_settings, private_s3, private_settings.events_topic, spec.topic, spec.day)
     assert_reports_exact(private_settings, private_s3, 2, [spec.day])
+    assert_dlq_exact(private_settings, private_s3, spec.dlq_topic, spec.day)
+
+
+def test_shuffled_live_static_members_survive_broker_restart(
+    private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
+) -> None:
+    """Live orders v3 (both shuffle stages, static members) across a broker restart: it keeps running,
+    rejoins if a stage was fenced by its own re-join, and its results equal the reference."""
+    produce_orders(private_settings, 20_000, 5, start=f"{DAY}T00:00:00Z")
+    archive_all(workers)
+    live = workers.start("live-v3", *live_args(SHUFFLED, *STATIC, base=LIVE_KILL_ARGS))
+    prefix, topic = keys.live_prefix("orders", SHUFFLED), private_settings.events_topic
+    progress = processor_progress(private_settings, private_s3, prefix, topic)
+    started_some(progress, "the shuffled live processor to commit its first records")
+    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.processor.shuffled_live", live, KAFKA_DOWN_LINES,
+           progress)
+    wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240)
+    live.signal(signal.SIGTERM)
+    assert live.wait(90) == 0, f"the shuffled live processor did not stop cleanly:\n{live.tail()}"
+    print(f"[reliability] shuffled live: {rejoins(live)} self-fence rejoins")
+    assert_live_exact(private_settings, private_s3, SHUFFLED)
+
+
+def test_shuffled_replay_static_members_survive_broker_restart(
+    private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
+) -> None:
+    """A bounded orders v3 replay (static members) with the broker restarted mid-stream finishes on
+    its own; its report and DLQ equal the reference."""
+    produce_orders(private_settings, 20_000, 6, start=f"{DAY}T00:00:00Z")
+    archive_all(workers)
+    spec = replay_spec(private_settings, version=SHUFFLED)
+    workers.run("load", *load_args(spec))
+    bounded = workers.start("bounded-v3", *bounded_args(spec, 20, *STATIC))
+    prefix = keys.processor_prefix(spec.pipeline, spec.version, spec.group)
+    consumed = processor_progress(private_settings, private_s3, prefix, spec.topic)
+    started_some(consumed, "the shuffled bounded processor to commit its first records")
+    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.processor.shuffled_bounded", bounded,
+           KAFKA_DOWN_LINES, consumed)
+    assert bounded.wait(240) == 0, f"the shuffled bounded processor did not finish:\n{bounded.tail()}"
+    print(f"[reliability] shuffled bounded: {rejoins(bounded)} self-fence rejoins")
+    assert_reports_exact(private_settings, private_s3, SHUFFLED, [spec.day])
     assert_dlq_exact(private_settings, private_s3, spec.dlq_topic, spec.day)
 
 
