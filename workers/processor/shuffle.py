@@ -60,6 +60,8 @@ STAGE1_COMMIT_SECONDS = 1.0
 TRANSACTION_TIMEOUT_MS = 10_000
 #: how long a transactional call is retried before the transaction is aborted and redone
 TRANSACTION_RETRY_S = 30.0
+#: a transactional call that has not returned by then is stuck (see ``call_within``)
+CALL_LIMIT_S = 45.0
 INSTANCE_ENV = "KAPPA_INSTANCE_ID"
 #: a reset of the internals takes seconds; a lock this old was left by a member that died meanwhile
 RESET_LOCK_SECONDS = 180.0
@@ -531,9 +533,10 @@ class Stage1(Processor):
         self.summary.seconds = round(time.monotonic() - started, 3)
         return self.summary
 
-    def new_producer(self) -> None:
-        """The transactional producer; ``init_transactions`` aborts what an earlier one left open."""
-        if self.producer is not None:  # what it still queues belongs to the transaction being aborted
+    def new_producer(self, abandon: bool = False) -> None:
+        """The transactional producer; ``init_transactions`` aborts what an earlier one left open.
+        ``abandon``: the old one is stuck in a call on another thread; leave it alone."""
+        if self.producer is not None and not abandon:  # what it queues belongs to the aborted transaction
             with contextlib.suppress(Exception):
                 self.producer.purge()
         self.producer = Producer(self.producer_config())
@@ -754,17 +757,26 @@ class Stage1(Processor):
         metadata = self.consumer.consumer_group_metadata() if offsets else None
         try:
             if offsets:
-                retrying(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 30),  # type: ignore[union-attr]
-                         TRANSACTION_RETRY_S)
-            retrying(lambda: self.producer.commit_transaction(30), TRANSACTION_RETRY_S)  # type: ignore[union-attr]
+                self.transact(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 30))  # type: ignore[union-attr]
+            self.transact(lambda: self.producer.commit_transaction(30))  # type: ignore[union-attr]
         except KafkaException as exc:
             self.transaction_failed(exc)
+            return
+        except StuckCall as exc:
+            log.warning("stage 1: %s; replacing the transactional producer, redoing from the committed offsets", exc)
+            self.new_producer(abandon=True)
+            self.rewind()
             return
         if self.delivery_errors:
             raise KappaError(f"stage 1 could not write: {'; '.join(self.delivery_errors[:3])}")
         self.committed_progress = {p: SourceProgress(*s.as_list()) for p, s in self.source_progress.items()}
         self.uncommitted = False
         self.producer.begin_transaction()
+
+    @staticmethod
+    def transact(call: Callable[[], Any]) -> None:
+        """A transactional call, retried while retriable, each try bounded by ``CALL_LIMIT_S``."""
+        retrying(lambda: call_within(call, CALL_LIMIT_S), TRANSACTION_RETRY_S)
 
     def transaction_failed(self, exc: KafkaException) -> None:
         """Fenced (a newer generation or producer owns our work): stop, a restart rejoins. Our static
@@ -781,12 +793,18 @@ class Stage1(Processor):
         """Abort, or (the coordinator does not answer: after a broker restart librdkafka's transaction
         coordinator connection can stay down) replace the producer, whose init aborts the open
         transaction on the broker. Either way the offsets committed with the last transaction stand."""
-        assert self.producer is not None and self.consumer is not None
+        assert self.producer is not None
+        producer = self.producer
         try:
-            self.producer.abort_transaction(30)
-        except KafkaException as exc:
-            log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc.args[0].str())
-            self.new_producer()
+            call_within(lambda: producer.abort_transaction(30), CALL_LIMIT_S)
+        except (KafkaException, StuckCall) as exc:
+            log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
+            self.new_producer(abandon=isinstance(exc, StuckCall))
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Back to the offsets and source progress of the last committed transaction; a new one begins."""
+        assert self.producer is not None and self.consumer is not None
         self.delivery_errors.clear()
         owned = [TP(self.topic, p) for p in sorted(self.positions)]
         for tp in retrying(lambda: self.consumer.committed(owned, timeout=30)) if owned else []:  # type: ignore[union-attr]
@@ -825,6 +843,36 @@ def is_replayed(headers: list[tuple[str, bytes]] | None) -> bool:
     return bool(headers) and len(headers) >= 2 and (headers[-2][0], headers[-1][0]) == (  # type: ignore[arg-type]
         SRC_PARTITION_HEADER, SRC_OFFSET_HEADER
     )
+
+
+class StuckCall(Exception):
+    """A librdkafka call that did not return in time (its own timeout was not honoured)."""
+
+
+def call_within(call: Callable[[], Any], seconds: float) -> Any:
+    """Run ``call`` on a helper thread; raise :class:`StuckCall` if it has not returned in ``seconds``.
+
+    After a broker restart, ``send_offsets_to_transaction`` can wait forever for a coordinator that
+    librdkafka decommissioned while the broker was down (librdkafka#5511), whatever its timeout. The
+    stuck thread is abandoned with its client; the caller replaces the client.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller below
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="kappa-kafka-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise StuckCall(f"a Kafka transaction call did not return within {seconds:.0f}s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def retrying(call: Callable[[], Any], seconds: float = 120.0) -> Any:
