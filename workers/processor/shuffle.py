@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import polars as pl
 from botocore.exceptions import ClientError
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
 from workers import kafka as kafka_helpers
@@ -810,7 +810,8 @@ class Stage1(Processor):
         for tp in retrying(lambda: self.consumer.committed(owned, timeout=30)) if owned else []:  # type: ignore[union-attr]
             self.positions[tp.partition], offset = self.first_offset(tp.partition, tp.offset)
             self.source_progress[tp.partition] = SourceProgress(*self.committed_progress[tp.partition].as_list())
-            self.consumer.seek(TP(self.topic, tp.partition, offset))
+            # nothing committed yet and no explicit start: what auto.offset.reset (earliest) gave at assign
+            self.consumer.seek(TP(self.topic, tp.partition, OFFSET_BEGINNING if offset == OFFSET_STORED else offset))
         self.uncommitted = False
         self.producer.begin_transaction()
 
