@@ -504,6 +504,8 @@ class Stage1(Processor):
         self.committed_progress: dict[int, SourceProgress] = {}
         self.uncommitted = self.rejoining = False
         self.last_done_check = 0.0
+        #: (records, dlq records) as of the last committed transaction: an aborted one's do not count
+        self.counted = (0, 0)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -613,6 +615,7 @@ class Stage1(Processor):
         assert self.producer is not None
         log.warning("group %s fenced stage 1 (%s): open transaction aborted, rejoining", self.group, error.str())
         self.forget(set(self.positions))
+        self.summary.records, self.summary.dlq_records = self.counted
         self.uncommitted, self.rejoining = False, True
         try:
             with contextlib.suppress(Exception):
@@ -770,6 +773,7 @@ class Stage1(Processor):
         if self.delivery_errors:
             raise KappaError(f"stage 1 could not write: {'; '.join(self.delivery_errors[:3])}")
         self.committed_progress = {p: SourceProgress(*s.as_list()) for p, s in self.source_progress.items()}
+        self.counted = (self.summary.records, self.summary.dlq_records)
         self.uncommitted = False
         self.producer.begin_transaction()
 
@@ -806,6 +810,7 @@ class Stage1(Processor):
         """Back to the offsets and source progress of the last committed transaction; a new one begins."""
         assert self.producer is not None and self.consumer is not None
         self.delivery_errors.clear()
+        self.summary.records, self.summary.dlq_records = self.counted
         owned = [TP(self.topic, p) for p in sorted(self.positions)]
         for tp in retrying(lambda: self.consumer.committed(owned, timeout=30)) if owned else []:  # type: ignore[union-attr]
             self.positions[tp.partition], offset = self.first_offset(tp.partition, tp.offset)
