@@ -431,9 +431,11 @@ def wait_archived(settings: Settings, client: Any, timeout: float = 120) -> None
                            for p, o in ends.items()), timeout, f"archiver checkpoints to reach {ends}")
 
 
-#: What a worker logs while Kafka is unreachable: librdkafka's own log lines, the workers' warnings.
+#: What a worker logs while Kafka is unreachable: librdkafka's own log lines (connection errors; a session that
+#: timed out without the coordinator answering, sometimes the only line of a 5 s outage), the workers' warnings.
 KAFKA_DOWN_LINES = re.compile(r"Connection refused|Disconnected|brokers are down|_TRANSPORT|ALL_BROKERS_DOWN|"
-                              r"consumer error", re.IGNORECASE)
+                              r"consumer error|without a successful response from the group coordinator",
+                              re.IGNORECASE)
 #: What a worker logs when an S3 call fails (the archiver's and the processor's retry warnings).
 S3_DOWN_LINES = re.compile(r"\bS3\b.*\bfailed\b")
 
