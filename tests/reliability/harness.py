@@ -345,13 +345,19 @@ def live_args(version: int, *extra: str, base: tuple[str, ...] = LIVE_ARGS) -> t
 
 #: What a processor logs when its static member was fenced by its own re-join and it joined again.
 REJOIN_LINES = re.compile(r"fenced (this member|stage 1) .*rejoining")
+#: What a processor logs when a broker restart cost it uncommitted work: a self-fence rejoin, its
+#: session expired (partitions lost), or a stage-1 transaction aborted and redone.
+RECOVERY_LINES = re.compile(rf"{REJOIN_LINES.pattern}|lost \(session expired\)|stage 1 transaction aborted|"
+                            r"replacing the transactional producer")
 
 
-def rejoins(worker: Worker) -> int:
-    """How often ``worker`` rejoined its group after a self-fence (counted in the figures)."""
-    found = len(REJOIN_LINES.findall(worker.output()))
-    FIGURES.count("self_fence_rejoins", found)
-    return found
+def rejoins(worker: Worker) -> tuple[int, int]:
+    """(self-fence rejoins, all recoveries) of ``worker``, both counted in the figures."""
+    output = worker.output()
+    fenced, recovered = len(REJOIN_LINES.findall(output)), len(RECOVERY_LINES.findall(output))
+    FIGURES.count("self_fence_rejoins", fenced)
+    FIGURES.count("processor_recoveries", recovered)
+    return fenced, recovered
 
 
 def archive_all(workers: Workers, name: str = "archiver-final") -> Worker:

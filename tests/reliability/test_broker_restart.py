@@ -107,8 +107,9 @@ def test_live_static_members_survive_broker_restart(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers, version: int
 ) -> None:
     """A live processor with static members across a broker restart keeps running: the restart
-    outlasts the session, so a member's static re-join fences its own old member id (librdkafka#3437)
-    and it rejoins with a new consumer; its results equal the reference."""
+    outlasts the session, so its members lose their partitions and, often, a member's static re-join
+    fences its own old member id (librdkafka#3437) and it rejoins with a new consumer (both counted);
+    its results equal the reference."""
     produce_orders(private_settings, 20_000, 5, start=f"{DAY}T00:00:00Z")
     archive_all(workers)
     live = workers.start(f"live-v{version}", *live_args(version, *STATIC, base=LIVE_KILL_ARGS))
@@ -120,9 +121,9 @@ def test_live_static_members_survive_broker_restart(
     wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240)
     live.signal(signal.SIGTERM)
     assert live.wait(90) == 0, f"the live processor did not stop cleanly:\n{live.tail()}"
-    fenced = rejoins(live)
-    print(f"[reliability] live v{version}: {fenced} self-fence rejoins")
-    assert fenced >= 1, f"no member was fenced by its own re-join: the fault under test did not land\n{live.tail()}"
+    fenced, recovered = rejoins(live)
+    print(f"[reliability] live v{version}: {fenced} self-fence rejoins, {recovered} recoveries")
+    assert recovered >= 1, f"the restart cost the processor nothing to recover from: it did not land\n{live.tail()}"
     assert_live_exact(private_settings, private_s3, version)
 
 
@@ -143,9 +144,9 @@ def test_shuffled_replay_static_members_survive_broker_restart(
     outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.processor.shuffled_bounded", bounded,
            KAFKA_DOWN_LINES, consumed)
     assert bounded.wait(240) == 0, f"the shuffled bounded processor did not finish:\n{bounded.tail()}"
-    fenced = rejoins(bounded)
-    print(f"[reliability] shuffled bounded: {fenced} self-fence rejoins")
-    assert fenced >= 1, f"no member was fenced by its own re-join: the fault under test did not land\n{bounded.tail()}"
+    fenced, recovered = rejoins(bounded)
+    print(f"[reliability] shuffled bounded: {fenced} self-fence rejoins, {recovered} recoveries")
+    assert recovered >= 1, f"the restart cost the processor nothing to recover from: it did not land\n{bounded.tail()}"
     assert_reports_exact(private_settings, private_s3, SHUFFLED, [spec.day])
     assert_dlq_exact(private_settings, private_s3, spec.dlq_topic, spec.day)
 
