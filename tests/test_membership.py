@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,48 @@ def test_the_clis_refuse_bad_membership_values_before_touching_kafka(
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert message in run.stderr.strip().splitlines()[-1] and "no-such-topic" not in run.stderr
+
+
+def test_a_self_fence_rejoins_a_few_times_then_stays_fatal() -> None:
+    """The budget behind the processor's rejoin: what librdkafka reports for a fenced static member
+    (the code, the fatal error naming it from consume(), a bare _FATAL from later calls of a static
+    member) counts; anything else never does; after ``limit`` within the window it stays fatal."""
+    from confluent_kafka import KafkaError
+
+    fenced = KafkaError(KafkaError.FENCED_INSTANCE_ID)
+    from_consume = KafkaError(KafkaError._FATAL, "Fatal error: Broker: Static consumer fenced by other consumer "
+                              "with same group.instance.id", fatal=True)
+    bare = KafkaError(KafkaError._FATAL, "Local: Fatal error", fatal=True)
+    budget = membership.SelfFenceBudget(limit=3, window_s=300)
+    assert not budget.allows(bare, 0.0)  # a dynamic member has no static identity to be fenced
+    assert not budget.allows(KafkaError(KafkaError._TRANSPORT), 0.0, static=True)
+    assert not budget.allows(ValueError("not Kafka"), 0.0, static=True)
+    reports = ((fenced, 1.0), (from_consume, 2.0), (bare, 3.0))
+    assert [budget.allows(error, at, static=True) for error, at in reports] == [True] * 3
+    assert not budget.allows(fenced, 4.0, static=True), "a fourth fence within the window is a real duplicate id"
+    assert budget.allows(fenced, 302.0, static=True), "the window slides: an old fence no longer counts"
+
+
+def test_two_processors_given_one_instance_id_end_with_the_fence_error(settings: Settings, topic_factory) -> None:
+    """A real duplicate id (real broker): the two fence each other back and forth, so the rejoin budget
+    runs out and a processor exits with the fence error instead of rejoining forever."""
+    topic = topic_factory("dup-id", 1)
+    command = [sys.executable, "-m", "workers.cli", "processor", "-p", "orders", "-v", "1", "--topic", topic,
+               "--group", f"{topic}-g", "--instance-id", f"{topic}-same", "--start", "earliest", "--progress", "log"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 150
+        while all(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        ended = [p for p in processes if p.poll() is not None]
+        assert ended, "both still run after 150 s: the duplicate id is rejoined forever"
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+            process.wait(60)
+    output = ended[0].stdout.read() if ended[0].stdout else ""
+    assert ended[0].returncode != 0 and "group.instance.id" in output.splitlines()[-1], output[-2000:]
+    rejoined = output.count("fenced this member")
+    assert 1 <= rejoined <= membership.SelfFenceBudget().limit, output[-2000:]

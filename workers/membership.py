@@ -148,16 +148,27 @@ class SelfFenceBudget:
     window_s: float = 300.0
     times: list[float] = field(default_factory=list)
 
-    def allows(self, error: object, now: float) -> bool:
-        from confluent_kafka import KafkaError
+    def allows(self, error: object, now: float, *, static: bool = False) -> bool:
+        """True (and counted) when ``error`` is our static member fenced and the budget has room.
 
-        if not isinstance(error, KafkaError):
-            return False
-        fenced = error.code() == KafkaError.FENCED_INSTANCE_ID or (
-            error.code() == KafkaError._FATAL and "group.instance.id" in error.str()
-        )
+        After the fatal error, every consumer call fails with a bare ``_FATAL`` ("Local: Fatal
+        error") that no longer names the cause; for a ``static`` member the fence is the only fatal
+        error a consumer has, so a bare one counts too, whichever call met it first.
+        """
         self.times = [t for t in self.times if now - t < self.window_s]
-        if not fenced or len(self.times) >= self.limit:
+        if not is_fenced_instance(error, static=static) or len(self.times) >= self.limit:
             return False
         self.times.append(now)
         return True
+
+
+def is_fenced_instance(error: object, *, static: bool = False) -> bool:
+    """librdkafka's report of a fenced static member: FENCED_INSTANCE_ID, or the fatal error it raises
+    for it (from ``consume()`` as ``_FATAL`` naming group.instance.id, a bare ``_FATAL`` from other calls)."""
+    from confluent_kafka import KafkaError
+
+    if not isinstance(error, KafkaError):
+        return False
+    if error.code() == KafkaError.FENCED_INSTANCE_ID:
+        return True
+    return error.code() == KafkaError._FATAL and (static or "group.instance.id" in error.str())

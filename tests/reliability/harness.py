@@ -337,6 +337,29 @@ LIVE_KILL_ARGS = ("processor", "-p", "orders", "-v", "2", "--start", "earliest",
                   "--batch-size", "20", "--checkpoint-seconds", "0.5", "--progress", "log")
 
 
+def live_args(version: int, *extra: str, base: tuple[str, ...] = LIVE_ARGS) -> tuple[str, ...]:
+    """``base`` (a live processor's flags) for another ``orders`` version, with ``extra`` flags."""
+    at = base.index("-v") + 1
+    return (*base[:at], str(version), *base[at + 1:], *extra)
+
+
+#: What a processor logs when its static member was fenced by its own re-join and it joined again.
+REJOIN_LINES = re.compile(r"fenced (this member|stage 1) .*rejoining")
+#: What a processor logs when a broker restart cost it uncommitted work: a self-fence rejoin, its
+#: session expired (partitions lost), or a stage-1 transaction aborted and redone.
+RECOVERY_LINES = re.compile(rf"{REJOIN_LINES.pattern}|lost \(session expired\)|stage 1 transaction aborted|"
+                            r"replacing the transactional producer")
+
+
+def rejoins(worker: Worker) -> tuple[int, int]:
+    """(self-fence rejoins, all recoveries) of ``worker``, both counted in the figures."""
+    output = worker.output()
+    fenced, recovered = len(REJOIN_LINES.findall(output)), len(RECOVERY_LINES.findall(output))
+    FIGURES.count("self_fence_rejoins", fenced)
+    FIGURES.count("processor_recoveries", recovered)
+    return fenced, recovered
+
+
 def archive_all(workers: Workers, name: str = "archiver-final") -> Worker:
     """Run the archiver until it has archived everything in the topic now."""
     return workers.run(name, *ARCHIVER_ARGS, "--until-end", timeout=300)
@@ -351,14 +374,14 @@ def load_args(spec: ReplaySpec) -> tuple[str, ...]:
     return ("replay", "load", "--day", spec.day, "--pipeline", spec.pipeline, "--version", str(spec.version))
 
 
-def bounded_args(spec: ReplaySpec, batch_size: int = 300) -> tuple[str, ...]:
+def bounded_args(spec: ReplaySpec, batch_size: int = 300, *extra: str) -> tuple[str, ...]:
     """The bounded replay consumer with the reprocess job's flags (incl. its grace, read from the manifest)."""
     manifest = replay_manifest.read_manifest(s3_client(load_settings()), spec.bucket, spec.replay_id)
     grace_ms = replay_manifest.processor_grace_ms(manifest) if manifest else None
     grace = () if grace_ms is None else ("--grace-seconds", f"{grace_ms / 1000:g}")
     return ("processor", "-p", spec.pipeline, "-v", str(spec.version), "--topic", spec.topic, "--group", spec.group,
             "--from-beginning", "--until-end", "--dlq-topic", spec.dlq_topic, "--batch-size", str(batch_size),
-            "--checkpoint-seconds", "0.5", "--progress", "log", *grace)
+            "--checkpoint-seconds", "0.5", "--progress", "log", *grace, *extra)
 
 
 def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic: str, timeout: float = 120) -> None:
@@ -414,9 +437,11 @@ def wait_archived(settings: Settings, client: Any, timeout: float = 120) -> None
                            for p, o in ends.items()), timeout, f"archiver checkpoints to reach {ends}")
 
 
-#: What a worker logs while Kafka is unreachable: librdkafka's own log lines, the workers' warnings.
+#: What a worker logs while Kafka is unreachable: librdkafka's own log lines (connection errors; a session that
+#: timed out without the coordinator answering, sometimes the only line of a 5 s outage), the workers' warnings.
 KAFKA_DOWN_LINES = re.compile(r"Connection refused|Disconnected|brokers are down|_TRANSPORT|ALL_BROKERS_DOWN|"
-                              r"consumer error", re.IGNORECASE)
+                              r"consumer error|without a successful response from the group coordinator",
+                              re.IGNORECASE)
 #: What a worker logs when an S3 call fails (the archiver's and the processor's retry warnings).
 S3_DOWN_LINES = re.compile(r"\bS3\b.*\bfailed\b")
 

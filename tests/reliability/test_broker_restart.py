@@ -11,6 +11,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import pytest
+
 from workers import keys
 from workers.config import Settings
 from workers.dev.stack import Stack
@@ -19,29 +21,38 @@ from .harness import (
     ARCHIVER_KILL_ARGS,
     DAY,
     KAFKA_DOWN_LINES,
+    LIVE_KILL_ARGS,
     Workers,
     archive_all,
     archiver_progress,
     bounded_args,
+    live_args,
     load_args,
     outage,
     processor_progress,
     produce_orders,
     read_progress,
+    rejoins,
     replay_spec,
     topic_progress,
     wait_archived,
+    wait_processor_caught_up,
     wait_until,
 )
 from .invariants import (
     archive_records,
     assert_archive_exact,
     assert_dlq_exact,
+    assert_live_exact,
     assert_replay_topic_exact,
     assert_reports_exact,
 )
 
 DOWN_SECONDS = 5.0
+#: static members (group.instance.id): the ones a broker restart can fence by their own re-join
+STATIC = ("--instance-id", "auto")
+#: orders v3 runs through the shuffle (two stages, both in one process)
+SHUFFLED = 3
 
 
 def started_some(progress: Any, what: str) -> None:
@@ -88,6 +99,55 @@ def test_replay_survives_broker_restarts(
     assert_archive_exact(private_settings, private_s3)
     assert_replay_topic_exact(private_settings, private_s3, private_settings.events_topic, spec.topic, spec.day)
     assert_reports_exact(private_settings, private_s3, 2, [spec.day])
+    assert_dlq_exact(private_settings, private_s3, spec.dlq_topic, spec.day)
+
+
+@pytest.mark.parametrize("version", [2, SHUFFLED], ids=["single-stage", "shuffled"])
+def test_live_static_members_survive_broker_restart(
+    private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers, version: int
+) -> None:
+    """A live processor with static members across a broker restart keeps running: the restart
+    outlasts the session, so its members lose their partitions and, often, a member's static re-join
+    fences its own old member id (librdkafka#3437) and it rejoins with a new consumer (both counted);
+    its results equal the reference."""
+    produce_orders(private_settings, 20_000, 5, start=f"{DAY}T00:00:00Z")
+    archive_all(workers)
+    live = workers.start(f"live-v{version}", *live_args(version, *STATIC, base=LIVE_KILL_ARGS))
+    prefix, topic = keys.live_prefix("orders", version), private_settings.events_topic
+    progress = processor_progress(private_settings, private_s3, prefix, topic)
+    started_some(progress, "the live processor to commit its first records")
+    outage(private_stack, "kafka", DOWN_SECONDS, f"broker_restart.processor.static_live_v{version}", live,
+           KAFKA_DOWN_LINES, progress)
+    wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240)
+    live.signal(signal.SIGTERM)
+    assert live.wait(90) == 0, f"the live processor did not stop cleanly:\n{live.tail()}"
+    fenced, recovered = rejoins(live)
+    print(f"[reliability] live v{version}: {fenced} self-fence rejoins, {recovered} recoveries")
+    assert recovered >= 1, f"the restart cost the processor nothing to recover from: it did not land\n{live.tail()}"
+    assert_live_exact(private_settings, private_s3, version)
+
+
+@pytest.mark.soak  # archive + load + replay: minutes; the live variant above covers the same rejoin paths
+def test_shuffled_replay_static_members_survive_broker_restart(
+    private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
+) -> None:
+    """A bounded orders v3 replay (static members) with the broker restarted mid-stream finishes on
+    its own; its report and DLQ equal the reference."""
+    produce_orders(private_settings, 20_000, 6, start=f"{DAY}T00:00:00Z")
+    archive_all(workers)
+    spec = replay_spec(private_settings, version=SHUFFLED)
+    workers.run("load", *load_args(spec))
+    bounded = workers.start("bounded-v3", *bounded_args(spec, 20, *STATIC))
+    prefix = keys.processor_prefix(spec.pipeline, spec.version, spec.group)
+    consumed = processor_progress(private_settings, private_s3, prefix, spec.topic)
+    started_some(consumed, "the shuffled bounded processor to commit its first records")
+    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.processor.shuffled_bounded", bounded,
+           KAFKA_DOWN_LINES, consumed)
+    assert bounded.wait(240) == 0, f"the shuffled bounded processor did not finish:\n{bounded.tail()}"
+    fenced, recovered = rejoins(bounded)
+    print(f"[reliability] shuffled bounded: {fenced} self-fence rejoins, {recovered} recoveries")
+    assert recovered >= 1, f"the restart cost the processor nothing to recover from: it did not land\n{bounded.tail()}"
+    assert_reports_exact(private_settings, private_s3, SHUFFLED, [spec.day])
     assert_dlq_exact(private_settings, private_s3, spec.dlq_topic, spec.day)
 
 

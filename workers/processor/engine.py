@@ -333,16 +333,22 @@ class Processor:
         """Consume and process one batch; False when the member was self-fenced and rejoined instead."""
         assert self.consumer is not None
         with gc_paused():  # consume + process allocate only acyclic per-record objects
-            messages = self.consumer.consume(num_messages=self.batch_size, timeout=timeout)
-            try:
+            try:  # consume() too: it raises what a rebalance callback raised (e.g. a fenced committed())
+                messages = self.consumer.consume(num_messages=self.batch_size, timeout=timeout)
                 if messages:
                     self.process(messages)
             except KafkaException as exc:
-                if not self.self_fenced.allows(exc.args[0], time.monotonic()):
-                    raise
-                self.rejoin(exc.args[0])
+                self.rejoin_or_raise(exc)
                 return False
         return True
+
+    def rejoin_or_raise(self, exc: KafkaException) -> None:
+        """Wherever librdkafka reports our static member fenced (a consume() error, or the bare fatal
+        error of any later consumer call), rejoin within the budget; anything else propagates."""
+        static = self.membership.instance_id is not None
+        if not self.self_fenced.allows(exc.args[0], time.monotonic(), static=static):
+            raise exc
+        self.rejoin(exc.args[0])
 
     def loop(self) -> None:
         assert self.consumer is not None
@@ -355,6 +361,9 @@ class Processor:
                 finished = self.durable_step()
             except retry.S3_ERRORS as exc:
                 self.s3_failed(exc)
+                continue
+            except KafkaException as exc:
+                self.rejoin_or_raise(exc)
                 continue
             self.s3_recovered()
             if finished:
@@ -578,11 +587,9 @@ class Processor:
 
     def send_late(self, late: pl.DataFrame, messages: list[Any]) -> None:
         """Records later than grace, byte-exact, to the late topic: same producer and flush as the DLQ."""
-        label, width = self.pipeline.label.encode(), self.pipeline.window_ms
         for idx, offset, window, watermark in late.select("idx", "offset", WINDOW_MS, WATERMARK_MS).iter_rows():
             message = messages[idx]
-            values = (self.topic, message.partition(), offset, window, window + width, watermark)
-            stamped = zip(LATE_HEADERS, [*(str(v).encode() for v in values), label], strict=True)
+            stamped = late_headers(self.pipeline, self.topic, message.partition(), offset, window, watermark)
             headers = [*(message.headers() or []), *stamped]
             self.produce_side(self.late_topic, message.key(), message.value(), headers, message.timestamp()[1])
 
@@ -743,6 +750,13 @@ class Processor:
             return lag
         except KafkaException:
             return None
+
+
+def late_headers(pipeline: Pipeline, topic: str, partition: int, offset: int, window: int,
+                 watermark: int) -> list[tuple[str, bytes]]:
+    """The ``kappa.late.*`` headers of a late record (appended after the record's own)."""
+    values = (topic, partition, offset, window, window + pipeline.window_ms, watermark)
+    return list(zip(LATE_HEADERS, [*(str(v).encode() for v in values), pipeline.label.encode()], strict=True))
 
 
 def original_timestamp_header(timestamp: int) -> tuple[str, bytes]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import polars as pl
 from botocore.exceptions import ClientError
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as TP
 
 from workers import kafka as kafka_helpers
@@ -31,7 +31,7 @@ from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
-from workers.processor.engine import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, split_batch
+from workers.processor.engine import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, late_headers, split_batch
 from workers.processor.handoff import claim_live_prefix
 from workers.processor.progress import NoProgress, Progress
 from workers.processor.state import PartitionState, StateStore, day_of
@@ -45,6 +45,12 @@ SHUFFLE_HEADER = "kappa.shuffle"
 STAGE1_JOIN_TIMEOUT_S = 180.0
 DATA, PROGRESS = b"data", b"progress"
 SRC_PARTITION, SRC_OFFSET = "src_partition", "src_offset"
+#: what stage 2 needs to send a late record byte-exact, as single-stage does: the record as read and
+#: its position in stage 1's input; shipped only when windows can close (a finite grace)
+RAW_KEY, RAW_VALUE, RAW_HEADERS, IN_PARTITION, IN_OFFSET = "_raw_key", "_raw_value", "_raw_headers", "_in_p", "_in_o"
+RAW_COLUMNS = (RAW_KEY, RAW_VALUE, RAW_HEADERS, IN_PARTITION, IN_OFFSET)
+MISSING_HEADER = ("kappa.late.missing", b"not shipped through the shuffle: stage 1 ran without a grace")
+HEADERS_DTYPE = pl.List(pl.Struct({"name": pl.String, "value": pl.Binary}))
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: no time/size retention: stage 2 may be down for long, and event times are historical in replays
 INTERNAL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "max.message.bytes": str(MAX_MESSAGE_BYTES)}
@@ -52,6 +58,10 @@ INTERNAL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "max.mes
 STAGE1_COMMIT_SECONDS = 1.0
 #: a killed stage 1 with a random transactional.id holds stage 2 (read_committed) until this expires
 TRANSACTION_TIMEOUT_MS = 10_000
+#: how long a transactional call is retried before the transaction is aborted and redone
+TRANSACTION_RETRY_S = 30.0
+#: a transactional call that has not returned by then is stuck (see ``call_within``)
+CALL_LIMIT_S = 45.0
 INSTANCE_ENV = "KAPPA_INSTANCE_ID"
 #: a reset of the internals takes seconds; a lock this old was left by a member that died meanwhile
 RESET_LOCK_SECONDS = 180.0
@@ -169,6 +179,19 @@ def target_partitions(frame: pl.DataFrame, state_key: Sequence[str], partitions:
     hashed = [None if k is None else zlib.crc32(k.encode()) % partitions for k in joined.to_series().to_list()]
     by_key = pl.Series("_target", hashed, dtype=pl.Int64)
     return pl.select(pl.coalesce(by_key, frame[SRC_PARTITION].cast(pl.Int64) % partitions)).to_series()
+
+
+def with_raw(frame: pl.DataFrame, messages: list[Any]) -> pl.DataFrame:
+    """The records' key, value, headers and input position as columns (for stage 2's late topic)."""
+    chosen = [messages[idx] for idx in frame["idx"].to_list()]
+    headers = [[{"name": k, "value": v} for k, v in (m.headers() or [])] for m in chosen]
+    return frame.with_columns(
+        pl.Series(RAW_KEY, [m.key() for m in chosen], dtype=pl.Binary),
+        pl.Series(RAW_VALUE, [m.value() for m in chosen], dtype=pl.Binary),
+        pl.Series(RAW_HEADERS, headers, dtype=HEADERS_DTYPE),
+        pl.col("partition").alias(IN_PARTITION),
+        pl.col("offset").alias(IN_OFFSET),
+    )
 
 
 @dataclass
@@ -345,10 +368,13 @@ def apply_progress(doc: Mapping[str, Any], state: ShuffleState) -> None:
 class Stage2(Processor):
     """Windows, dedup, aggregation and results per repartition partition (S3 checkpoints as usual)."""
 
-    def __init__(self, *args: Any, stage1_lag: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, stage1_lag: Callable[[], int | None] | None = None, source_topic: str = "",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.store = ShuffleStore(self.client, self.store.bucket, self.prefix, self.store.writer)
         self.stage1_lag = stage1_lag
+        #: stage 1's input: the topic a late record names, as single-stage late records do
+        self.source_topic = source_topic or self.topic
 
     def consumer_config(self) -> dict[str, object]:
         config = super().consumer_config()
@@ -405,9 +431,31 @@ class Stage2(Processor):
     def fold(self, state: ShuffleState, frames: list[pl.DataFrame]) -> None:
         if not frames:
             return
-        rows = apply_rows(pl.concat(frames, how="vertical_relaxed"), state)
+        watermark = state.watermark()  # moves only at progress messages: the one every row of this fold met
+        rows = apply_rows(pl.concat(frames, how="diagonal_relaxed"), state)
+        late = rows.filter(pl.col("outcome") == "late")
         self.summary.records += rows.height
-        self.summary.late_records += int((rows["outcome"] == "late").sum())
+        self.summary.late_records += late.height
+        if late.height:
+            self.send_late_rows(late, watermark)
+
+    def send_late_rows(self, late: pl.DataFrame, watermark: int | None) -> None:
+        """Late rows to the late topic, byte-exact with single-stage's headers, through the DLQ producer:
+        the checkpoint that counts them flushes it first. Rows shipped without the record (stage 1 ran
+        without a grace) go without key and value, marked ``kappa.late.missing``."""
+        assert watermark is not None, "a row is late only against a watermark"
+        if RAW_VALUE not in late.columns:
+            late = late.with_columns(
+                pl.lit(None, pl.Binary).alias(RAW_KEY), pl.lit(None, pl.Binary).alias(RAW_VALUE),
+                pl.lit([], HEADERS_DTYPE).alias(RAW_HEADERS),
+                pl.col(SRC_PARTITION).alias(IN_PARTITION), pl.col(SRC_OFFSET).alias(IN_OFFSET),
+            )
+        columns = (RAW_KEY, RAW_VALUE, RAW_HEADERS, IN_PARTITION, IN_OFFSET, WINDOW_MS, "timestamp_ms")
+        for key, value, own, partition, offset, window, timestamp in late.select(columns).iter_rows():
+            stamped = late_headers(self.pipeline, self.source_topic, partition, offset, window, watermark)
+            missing = [MISSING_HEADER] if value is None else []  # a valid (parsed) record always has a value
+            headers = [*((h["name"], h["value"]) for h in own or []), *stamped, *missing]
+            self.produce_side(self.late_topic, key, value, headers, timestamp)
 
     def finalize_if_ended(self, state: ShuffleState, next_offset: int) -> None:
         """Bounded: every source partition sent its end marker: close everything, stop fetching."""
@@ -456,6 +504,8 @@ class Stage1(Processor):
         self.committed_progress: dict[int, SourceProgress] = {}
         self.uncommitted = self.rejoining = False
         self.last_done_check = 0.0
+        #: (records, dlq records) as of the last committed transaction: an aborted one's do not count
+        self.counted = (0, 0)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -470,9 +520,8 @@ class Stage1(Processor):
         self.membership = membership.resolve("processor-stage1", self.group, self.instance_id, self.group_protocol)
         if self.membership.instance_id:  # a restart after kill -9 reuses it: its transactional id fences the dead twin
             self.instance = self.membership.instance_id
-        self.producer = Producer(self.producer_config())
-        retrying(lambda: self.producer.init_transactions(60))  # type: ignore[union-attr]  # aborts a crashed twin's
-        self.producer.begin_transaction()
+        self.new_producer()
+        self.producer.begin_transaction()  # type: ignore[union-attr]
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
         self.last_checkpoint = time.monotonic()
@@ -485,6 +534,15 @@ class Stage1(Processor):
             self.membership.release()
         self.summary.seconds = round(time.monotonic() - started, 3)
         return self.summary
+
+    def new_producer(self, abandon: bool = False) -> None:
+        """The transactional producer; ``init_transactions`` aborts what an earlier one left open.
+        ``abandon``: the old one is stuck in a call on another thread; leave it alone."""
+        if self.producer is not None and not abandon:  # what it queues belongs to the aborted transaction
+            with contextlib.suppress(Exception):
+                self.producer.purge()
+        self.producer = Producer(self.producer_config())
+        retrying(lambda: self.producer.init_transactions(60))  # type: ignore[union-attr]
 
     def producer_config(self) -> dict[str, object]:
         return self.settings.kafka_config(
@@ -503,12 +561,19 @@ class Stage1(Processor):
         while not self.stop.is_set():
             if not self.consume_step(timeout=0.2):
                 continue
-            due = time.monotonic() - self.last_checkpoint >= min(STAGE1_COMMIT_SECONDS, self.checkpoint_seconds)
-            if due or (self.bounded and self.ended_uncommitted()):
-                self.commit()
-            if self.bounded and self.all_done():
-                self.summary.complete = True
-                return
+            try:
+                if self.step_done():
+                    self.summary.complete = True
+                    return
+            except KafkaException as exc:  # e.g. the consumer fenced: committed() fails with a bare _FATAL
+                self.rejoin_or_raise(exc)
+
+    def step_done(self) -> bool:
+        """Commit when due; True once a bounded run is done (by us or the other members)."""
+        due = time.monotonic() - self.last_checkpoint >= min(STAGE1_COMMIT_SECONDS, self.checkpoint_seconds)
+        if due or (self.bounded and self.ended_uncommitted()):
+            self.commit()
+        return self.bounded and self.all_done()
 
     # ------------------------------------------------------------ rebalance
 
@@ -540,6 +605,8 @@ class Stage1(Processor):
 
     def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Someone else owns them: our open transaction is void; the partitions we keep are rewound."""
+        if self.rejoining:
+            return
         self.forget({tp.partition for tp in partitions})
         self.abort_and_rewind()
 
@@ -547,19 +614,19 @@ class Stage1(Processor):
         """Fenced by our own re-join: abort the open transaction (its output is void), then join again."""
         assert self.producer is not None
         log.warning("group %s fenced stage 1 (%s): open transaction aborted, rejoining", self.group, error.str())
-        with contextlib.suppress(KafkaException):
-            self.producer.abort_transaction(60)
-        self.delivery_errors.clear()
         self.forget(set(self.positions))
+        self.summary.records, self.summary.dlq_records = self.counted
         self.uncommitted, self.rejoining = False, True
         try:
             with contextlib.suppress(Exception):
-                self.consumer.close()  # type: ignore[union-attr]  # its on_revoke must not commit
+                self.consumer.close()  # type: ignore[union-attr]  # its on_revoke/on_lost must not commit or rewind
         finally:
             self.rejoining = False
+        self.new_producer()  # its init aborts our open transaction, whatever state the old producer is in
+        self.delivery_errors.clear()
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
-        self.producer.begin_transaction()
+        self.producer.begin_transaction()  # type: ignore[union-attr]
 
     def forget(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -573,6 +640,8 @@ class Stage1(Processor):
         frame = self.keep_new(batch.frame) if batch.frame.height else batch.frame
         if frame.height:
             frame = self.with_source(frame, batch.messages)
+            if self.grace_ms is not None:
+                frame = with_raw(frame, batch.messages)
             fresh = self.not_covered(frame)
             self.send_to_dlq(fresh.filter(pl.col(REJECT).is_not_null()), batch.messages)
             self.ship(fresh)
@@ -625,7 +694,8 @@ class Stage1(Processor):
     def ship(self, frame: pl.DataFrame) -> None:
         """One Arrow message per target partition for the whole micro-batch."""
         fields = [c for c in self.pipeline.parse([]).columns if c != REJECT]
-        rows = frame.select(SRC_PARTITION, SRC_OFFSET, "timestamp_ms", REJECT, *fields)
+        raw = [c for c in RAW_COLUMNS if c in frame.columns]
+        rows = frame.select(SRC_PARTITION, SRC_OFFSET, "timestamp_ms", REJECT, *fields, *raw)
         rows = rows.with_columns(target_partitions(rows, self.pipeline.state_key, self.partitions_out).alias("_t"))
         for (target,), part in rows.partition_by("_t", as_dict=True).items():
             self.produce_internal(encode_frame(part.drop("_t")), int(target), DATA)  # type: ignore[call-overload]
@@ -686,38 +756,67 @@ class Stage1(Processor):
         for target in range(self.partitions_out):
             self.produce_internal(body, target, PROGRESS)
         offsets = [TP(self.topic, p, o) for p, o in sorted(self.positions.items()) if o is not None]
+        # outside the try: a fenced consumer's error is the loop's (rejoin), not a failed transaction
+        metadata = self.consumer.consumer_group_metadata() if offsets else None
         try:
             if offsets:
-                metadata = self.consumer.consumer_group_metadata()
-                retrying(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 60))  # type: ignore[union-attr]
-            retrying(lambda: self.producer.commit_transaction(60))  # type: ignore[union-attr]
+                self.transact(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 30))  # type: ignore[union-attr]
+            self.transact(lambda: self.producer.commit_transaction(30))  # type: ignore[union-attr]
         except KafkaException as exc:
             self.transaction_failed(exc)
+            return
+        except StuckCall as exc:
+            log.warning("stage 1: %s; replacing the transactional producer, redoing from the committed offsets", exc)
+            self.new_producer(abandon=True)
+            self.rewind()
             return
         if self.delivery_errors:
             raise KappaError(f"stage 1 could not write: {'; '.join(self.delivery_errors[:3])}")
         self.committed_progress = {p: SourceProgress(*s.as_list()) for p, s in self.source_progress.items()}
+        self.counted = (self.summary.records, self.summary.dlq_records)
         self.uncommitted = False
         self.producer.begin_transaction()
 
+    @staticmethod
+    def transact(call: Callable[[], Any]) -> None:
+        """A transactional call, retried while retriable, each try bounded by ``CALL_LIMIT_S``."""
+        retrying(lambda: call_within(call, CALL_LIMIT_S), TRANSACTION_RETRY_S)
+
     def transaction_failed(self, exc: KafkaException) -> None:
-        """Fenced (a newer generation or producer owns our work): stop, a restart rejoins. Otherwise
-        abort and redo from the committed offsets."""
+        """Fenced (a newer generation or producer owns our work): stop, a restart rejoins. Our static
+        member fenced: the loop rejoins. Otherwise abort and redo from the committed offsets."""
         error = exc.args[0]
-        if error.fatal() or not error.txn_requires_abort():
+        if membership.is_fenced_instance(error):  # our static member, fenced by its own re-join
+            raise exc
+        if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
             raise KappaError(f"stage 1 transaction failed ({error.str()}); a restart resumes from the last commit")
         log.warning("stage 1 transaction aborted (%s); redoing from the committed offsets", error.str())
         self.abort_and_rewind()
 
     def abort_and_rewind(self) -> None:
+        """Abort, or (the coordinator does not answer: after a broker restart librdkafka's transaction
+        coordinator connection can stay down) replace the producer, whose init aborts the open
+        transaction on the broker. Either way the offsets committed with the last transaction stand."""
+        assert self.producer is not None
+        producer = self.producer
+        try:
+            call_within(lambda: producer.abort_transaction(30), CALL_LIMIT_S)
+        except (KafkaException, StuckCall) as exc:
+            log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
+            self.new_producer(abandon=isinstance(exc, StuckCall))
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Back to the offsets and source progress of the last committed transaction; a new one begins."""
         assert self.producer is not None and self.consumer is not None
-        self.producer.abort_transaction(60)
         self.delivery_errors.clear()
+        self.summary.records, self.summary.dlq_records = self.counted
         owned = [TP(self.topic, p) for p in sorted(self.positions)]
         for tp in retrying(lambda: self.consumer.committed(owned, timeout=30)) if owned else []:  # type: ignore[union-attr]
             self.positions[tp.partition], offset = self.first_offset(tp.partition, tp.offset)
             self.source_progress[tp.partition] = SourceProgress(*self.committed_progress[tp.partition].as_list())
-            self.consumer.seek(TP(self.topic, tp.partition, offset))
+            # nothing committed yet and no explicit start: what auto.offset.reset (earliest) gave at assign
+            self.consumer.seek(TP(self.topic, tp.partition, OFFSET_BEGINNING if offset == OFFSET_STORED else offset))
         self.uncommitted = False
         self.producer.begin_transaction()
 
@@ -750,6 +849,36 @@ def is_replayed(headers: list[tuple[str, bytes]] | None) -> bool:
     return bool(headers) and len(headers) >= 2 and (headers[-2][0], headers[-1][0]) == (  # type: ignore[arg-type]
         SRC_PARTITION_HEADER, SRC_OFFSET_HEADER
     )
+
+
+class StuckCall(Exception):
+    """A librdkafka call that did not return in time (its own timeout was not honoured)."""
+
+
+def call_within(call: Callable[[], Any], seconds: float) -> Any:
+    """Run ``call`` on a helper thread; raise :class:`StuckCall` if it has not returned in ``seconds``.
+
+    After a broker restart, ``send_offsets_to_transaction`` can wait forever for a coordinator that
+    librdkafka decommissioned while the broker was down (librdkafka#5511), whatever its timeout. The
+    stuck thread is abandoned with its client; the caller replaces the client.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller below
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="kappa-kafka-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise StuckCall(f"a Kafka transaction call did not return within {seconds:.0f}s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def retrying(call: Callable[[], Any], seconds: float = 120.0) -> Any:
@@ -814,7 +943,8 @@ def run_shuffled(
         return stage1.run()
     stage2_options = {**options, "topic": repartition, "start_offsets": None, "end_offsets": None, "switch": None}
     lag = stage1.remaining if stage == "both" else None
-    stage2 = Stage2(settings, pipeline, **stage2_options, progress=progress, stop=stop2, stage1_lag=lag)
+    stage2 = Stage2(settings, pipeline, **stage2_options, progress=progress, stop=stop2, stage1_lag=lag,
+                    source_topic=topic)
     if stage == "2":
         return stage2.run()
     return run_both(stage1, stage2, stop1, stop2)
