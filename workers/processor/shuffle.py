@@ -576,7 +576,7 @@ class Stage1(Processor):
             fresh = self.not_covered(frame)
             self.send_to_dlq(fresh.filter(pl.col(REJECT).is_not_null()), batch.messages)
             self.ship(fresh)
-            self.note_progress(frame)
+            self.note_progress(frame, fresh)
             self.summary.records += fresh.height
         for partition, offset in batch.eofs:
             self.on_eof(partition, offset)
@@ -644,13 +644,14 @@ class Stage1(Processor):
         self.producer.poll(0)
         self.uncommitted = True
 
-    def note_progress(self, frame: pl.DataFrame) -> None:
-        """Positions from every shipped row; event time only from valid rows (a bad timestamp must not
-        move the watermark)."""
+    def note_progress(self, frame: pl.DataFrame, shipped: pl.DataFrame) -> None:
+        """Positions from every row read (``frame``); event time only from the valid rows shipped (a bad
+        timestamp must not move the watermark, nor may a record the handoff left to a corrected report:
+        the single-stage path never lets those touch its state either)."""
         for partition, last in frame.group_by("partition").agg(pl.col("offset").max()).iter_rows():
             self.positions[partition] = last + 1
             self.source_progress[partition].idle = False
-        valid = frame.filter(pl.col(REJECT).is_null())
+        valid = shipped.filter(pl.col(REJECT).is_null())
         for partition, max_ts in valid.group_by("partition").agg(pl.col("timestamp_ms").max()).iter_rows():
             source = self.source_progress[partition]
             source.max_ts = max_ts if source.max_ts is None else max(source.max_ts, max_ts)
