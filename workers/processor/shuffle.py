@@ -31,7 +31,7 @@ from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
-from workers.processor.engine import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, split_batch
+from workers.processor.engine import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, day_counts, split_batch
 from workers.processor.handoff import claim_live_prefix
 from workers.processor.progress import NoProgress, Progress
 from workers.processor.state import PartitionState, StateStore, day_of
@@ -311,7 +311,7 @@ def apply_rows(rows: pl.DataFrame, state: ShuffleState) -> pl.DataFrame:
         )
         winners = keep_winners(before, candidates.select(state.seen.columns), key)
         state.windows.update({w: f for (w,), f in winners.partition_by(WINDOW_MS, as_dict=True).items()})
-    state.add_stats(rows.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome"))
+    state.add_stats(day_counts(rows))  # a timestamp without a calendar day (DLQ'd) belongs to no day
     state.dirty = True
     return rows.drop("_row")
 
