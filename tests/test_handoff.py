@@ -134,7 +134,7 @@ def positions(settings: Settings, s3: Any, version: int) -> tuple[dict[int, int 
     group = keys.live_group("orders", version)
     committed = stage1_committed(settings, group)
     if committed != end:
-        return {p: o for p, o in committed.items()}, end
+        return dict(committed), end
     shuffled = kafka_helpers.end_offsets(settings, keys.repartition_topic(group, state_key))
     return {p: live_states(settings, s3, version).get(p, {}).get("next_offset") for p in shuffled}, shuffled
 
