@@ -351,3 +351,34 @@ def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, b
     assert kills["1"] >= 1 and kills["2"] >= 1, f"mid-stream kills: {dict(kills)}; make the input larger"
     results = reports(settings, days) if bounded else live(settings, days)
     assert_matches_oracle(results, expected)
+
+
+def test_stage1_takes_event_time_only_from_the_live_part_at_a_handoff(settings: Settings) -> None:
+    """A record a promoted day's corrected report counts (covered) moves stage 1's position but not
+    its source's event time: like the single-stage path, it never touches the live state. Here the
+    covered records are newer than the live one, so counting them would make the live one late."""
+    from test_pipelines import FakeMessage, event
+
+    from workers.pipelines import get_pipeline
+    from workers.processor.engine import split_batch
+    from workers.processor.handoff import Switch
+    from workers.processor.progress import NoProgress
+    from workers.processor.shuffle import SourceProgress, Stage1
+
+    day1 = int(dt.datetime(2026, 1, 1, 23, 59, tzinfo=dt.UTC).timestamp() * 1000)
+    day2 = day1 + 3_600_000  # 2026-01-02, promoted: offsets below 2 are covered
+    switch = Switch(start={0: 0}, covered={"2026-01-02": {0: 2}})
+    pipeline = get_pipeline("orders", 2)
+    stage = Stage1(settings, pipeline, topic="t", group="g", bounded=False, start="latest",
+                   start_offsets=switch.start, end_offsets=None, grace_ms=60_000, batch_size=10,
+                   checkpoint_seconds=1.0, dlq_topic="t.dlq", late_topic="t.late", progress=NoProgress(),
+                   stop=threading.Event(), switch=switch, repartition="t-r", partitions_out=1, instance="i")
+    stage.positions[0], stage.source_progress[0] = 0, SourceProgress()
+    rng = random.Random(3)
+    messages = [FakeMessage(0, i, ts, event(i, rng)) for i, ts in enumerate((day2, day2 + 5, day1))]
+    batch = split_batch(messages, pipeline)
+    frame = stage.with_source(stage.keep_new(batch.frame), batch.messages)
+    live = stage.not_covered(frame)
+    stage.note_progress(frame, live)
+    assert live["offset"].to_list() == [2]
+    assert stage.positions[0] == 3 and stage.source_progress[0].max_ts == day1
