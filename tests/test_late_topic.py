@@ -4,7 +4,7 @@ byte-exact with its source coordinates, at least once across SIGKILLs, exactly o
 
 Single-stage (v1), the oracle is plain Python over the source topic (per partition in offset order:
 the window end is at or before the running max of earlier timestamps minus grace); it shares no code
-with the engine. Through the shuffle (v3) the watermark is the minimum over source partitions as
+with the engine. Through the shuffle (v2) the watermark is the minimum over source partitions as
 stage 2 learns it, which depends on how the stages interleave, so the oracle checks what must hold
 whatever the interleaving: each late record was late against the watermark it names, and the
 results leave out exactly the records on the late topic (every event_id is unique, so every record
@@ -191,20 +191,20 @@ def check_live_and_bounded(settings: Settings, s3: Any, topic_factory, n: int, k
 
 
 def check_shuffled(settings: Settings, s3: Any, topic_factory, n: int, kills: int) -> None:
-    """orders v3 (stage 2 judges lateness): live with SIGKILLs, then bounded with the same grace."""
+    """orders v2 (stage 2 judges lateness): live with SIGKILLs, then bounded with the same grace."""
     records = late_records(n, seed=16)
     topic = topic_factory("events", 3)
     produce(settings, topic, records)
     live_late = keys.late_topic(topic)
-    assert run_live_with_kills(settings, s3, topic, live_late, len(records), kills, 3) == kills
-    live = live_results(s3, settings.s3_bucket, "orders", 3, DAY, include_open=True)
-    resent = assert_shuffled_late_topic(settings, topic, live_late, live_late_counter(s3, settings, 3), live)
+    assert run_live_with_kills(settings, s3, topic, live_late, len(records), kills, 2) == kills
+    live = live_results(s3, settings.s3_bucket, "orders", 2, DAY, include_open=True)
+    resent = assert_shuffled_late_topic(settings, topic, live_late, live_late_counter(s3, settings, 2), live)
     print(f"shuffled live: {kills} SIGKILLs landed mid-stream, {resent} late records re-sent and deduplicated")
 
     bounded_late = keys.late_topic(f"{topic}.replay.r1")
     # small batches and frequent stage-1 commits: progress messages interleave with the data, so the
     # watermark moves during the run and the records stamped 5 minutes back arrive behind it
-    summary = bounded(settings, 3, topic, "g-late-bounded", grace_ms=GRACE_MS, late_topic=bounded_late,
+    summary = bounded(settings, 2, topic, "g-late-bounded", grace_ms=GRACE_MS, late_topic=bounded_late,
                       batch_size=100, checkpoint_seconds=0.2)
     stats_late = sum(day["late"] for day in summary.stats.values())
     assert stats_late == summary.late_records

@@ -31,7 +31,15 @@ from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
-from workers.processor.engine import ALWAYS, DLQ_PRODUCER_CONFIG, Processor, RunSummary, late_headers, split_batch
+from workers.processor.engine import (
+    ALWAYS,
+    DLQ_PRODUCER_CONFIG,
+    Processor,
+    RunSummary,
+    day_counts,
+    late_headers,
+    split_batch,
+)
 from workers.processor.handoff import claim_live_prefix
 from workers.processor.progress import NoProgress, Progress
 from workers.processor.state import PartitionState, StateStore, day_of
@@ -334,7 +342,7 @@ def apply_rows(rows: pl.DataFrame, state: ShuffleState) -> pl.DataFrame:
         )
         winners = keep_winners(before, candidates.select(state.seen.columns), key)
         state.windows.update({w: f for (w,), f in winners.partition_by(WINDOW_MS, as_dict=True).items()})
-    state.add_stats(rows.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome"))
+    state.add_stats(day_counts(rows))  # a timestamp without a calendar day (DLQ'd) belongs to no day
     state.dirty = True
     return rows.drop("_row")
 
@@ -645,7 +653,7 @@ class Stage1(Processor):
             fresh = self.not_covered(frame)
             self.send_to_dlq(fresh.filter(pl.col(REJECT).is_not_null()), batch.messages)
             self.ship(fresh)
-            self.note_progress(frame)
+            self.note_progress(frame, fresh)
             self.summary.records += fresh.height
         for partition, offset in batch.eofs:
             self.on_eof(partition, offset)
@@ -714,13 +722,14 @@ class Stage1(Processor):
         self.producer.poll(0)
         self.uncommitted = True
 
-    def note_progress(self, frame: pl.DataFrame) -> None:
-        """Positions from every shipped row; event time only from valid rows (a bad timestamp must not
-        move the watermark)."""
+    def note_progress(self, frame: pl.DataFrame, shipped: pl.DataFrame) -> None:
+        """Positions from every row read (``frame``); event time only from the valid rows shipped (a bad
+        timestamp must not move the watermark, nor may a record the handoff left to a corrected report:
+        the single-stage path never lets those touch its state either)."""
         for partition, last in frame.group_by("partition").agg(pl.col("offset").max()).iter_rows():
             self.positions[partition] = last + 1
             self.source_progress[partition].idle = False
-        valid = frame.filter(pl.col(REJECT).is_null())
+        valid = shipped.filter(pl.col(REJECT).is_null())
         for partition, max_ts in valid.group_by("partition").agg(pl.col("timestamp_ms").max()).iter_rows():
             source = self.source_progress[partition]
             source.max_ts = max_ts if source.max_ts is None else max(source.max_ts, max_ts)
