@@ -110,7 +110,7 @@ def assert_shuffled_late_topic(settings: Settings, source_topic: str, late_topic
     """Through the shuffle: each late record was behind the watermark it names, which no source had
     passed yet; the results count exactly the records not on the late topic. Returns re-sends."""
     source = consume_all(settings, source_topic)
-    found = read_late_topic(settings, source, source_topic, late_topic, 3)
+    found = read_late_topic(settings, source, source_topic, late_topic, 2)
     newest = max(m.timestamp()[1] for m in source)
     for window, watermark, _copies in found.values():
         assert window + WINDOW <= watermark <= newest - GRACE_MS
