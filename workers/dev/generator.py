@@ -58,8 +58,9 @@ PRODUCER_CONFIG: dict[str, object] = {
     # idempotence: broker-side retries never create duplicates we did not ask for
     "enable.idempotence": True,
     "acks": "all",
-    # Java-compatible hashing; null keys map to one fixed partition, so a re-sent null-key event
-    # lands where the original did (the per-partition dedup of orders v2 then sees both)
+    # Java-compatible hashing (what a Java producer would pick for the same key); where copies of
+    # one event land no longer matters to orders v2, which dedups across partitions (the shuffle):
+    # --keying and --rerouted-duplicates spread them on purpose
     "partitioner": "murmur2",
 }
 
