@@ -274,10 +274,9 @@ def test_promote_during_production_has_no_gap_and_no_overlap(
     producing.start()
     while sum(kafka_helpers.end_offsets(settings, settings.events_topic).values()) < len(history) + 40:
         time.sleep(0.05)
-    # the version diff restates live lateness per partition; the shuffle's watermark is the minimum
-    # over sources (and v2's grace here is not the default), so its baseline is not diffed here
-    unexplained = 0 if version == 1 else None
-    pointer = promote.promote(s3, settings.s3_bucket, settings.events_topic, "orders", version, unexplained)
+    # every difference from what users read is explained: for a shuffled baseline the diff reads which
+    # records the live run found late off its late topic (the settings) instead of restating them
+    pointer = promote.promote(s3, settings.s3_bucket, settings.events_topic, "orders", version, 0, settings=settings)
     at_promote = sum(kafka_helpers.end_offsets(settings, settings.events_topic).values())
     stop = threading.Event()
     live = run_live(settings, version, stop, handoff=True)

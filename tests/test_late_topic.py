@@ -13,6 +13,7 @@ the results do not count must be there).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import signal
@@ -31,6 +32,8 @@ from test_processor import Record, bounded, consume_all, produce, wait_for
 
 from workers import keys, late
 from workers.config import Settings
+from workers.pipelines import get_pipeline
+from workers.pipelines.base import OUTCOME
 from workers.processor.results import live_results
 from workers.processor.state import list_states
 
@@ -119,7 +122,26 @@ def assert_shuffled_late_topic(settings: Settings, source_topic: str, late_topic
     expected = Counter(ts - ts % WINDOW for position, ts in stamps.items() if position not in found)
     counted = dict(results.group_by(pl.col("window_start").dt.epoch("ms")).agg(pl.col("events").sum()).iter_rows())
     assert counted == dict(expected), "the results do not leave out exactly the records on the late topic"
+    assert_version_diff_reads_the_same_late_records(settings, source, source_topic, late_topic, found, counted)
     return sum(copies for *_, copies in found.values()) - len(found)
+
+
+def assert_version_diff_reads_the_same_late_records(settings: Settings, source: list[Any], source_topic: str,
+                                                    late_topic: str, found: dict, counted: dict) -> None:
+    """The version diff's reader of a shuffled baseline (``late.observed_late``) finds the records this
+    test found, and the pipeline's per-record rules with them leave out exactly what the results did."""
+    where = dataclasses.replace(settings, events_topic=source_topic, late_topic=late_topic)
+    observed = late.observed_late(where, "orders v2")
+    assert set(observed.iter_rows()) == set(found)
+    archive = pl.DataFrame(
+        [(source_topic, m.partition(), m.offset(), m.timestamp()[1], m.value()) for m in source],
+        schema={"topic": pl.String, "partition": pl.Int32, "offset": pl.Int64, "ts": pl.Int64, "value": pl.Binary},
+        orient="row",
+    ).with_columns(pl.from_epoch("ts", time_unit="ms").dt.replace_time_zone("UTC").alias("timestamp"))
+    rules = get_pipeline("orders", 2).diff_rules(archive, GRACE_MS, observed)
+    kept = rules.filter(pl.col(OUTCOME) == "counted")
+    restated = dict(kept.group_by(pl.col("window_start").dt.epoch("ms")).agg(pl.col("events").sum()).iter_rows())
+    assert restated == counted
 
 
 def live_command(topic: str, group: str, late_topic: str, version: int) -> list[str]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from workers import keys
@@ -143,6 +143,31 @@ def _high_watermark(consumer: Consumer, tp: TopicPartition, deadline: float) -> 
             # the client caches "unknown partition" until its next metadata refresh (minutes): force one
             with contextlib.suppress(KafkaException):
                 consumer.list_topics(tp.topic, timeout=5)
+
+
+def read_headers(settings: Settings, topic: str, timeout: float = 60.0) -> Iterator[list[tuple[str, bytes | None]]]:
+    """Every record's headers, from the beginning to the end offsets read at the start (nothing for a
+    topic that does not exist). No group is joined and nothing is committed."""
+    metadata = admin_client(settings).list_topics(topic, timeout=timeout).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        return
+    ends = {p: e for p, e in end_offsets(settings, topic, timeout).items() if e > 0}
+    consumer = Consumer(settings.kafka_config(**{"group.id": keys.OFFSETS_PROBE_GROUP, "enable.auto.commit": False}))
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + timeout
+        while ends:
+            if time.monotonic() > deadline:
+                raise UnreachableError(f"reading {topic} did not reach its end offsets within {timeout:.0f}s")
+            for message in consumer.consume(num_messages=10_000, timeout=1.0):
+                if message.error() is None and message.offset() < ends.get(message.partition(), 0):
+                    yield message.headers() or []
+            # positions, not record offsets: transaction markers take offsets no record has
+            for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+                if tp.offset >= ends[tp.partition]:
+                    ends.pop(tp.partition)
+    finally:
+        consumer.close()
 
 
 def offsets_json(offsets: dict[int, int]) -> dict[str, int]:

@@ -13,10 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
+
+from workers import kafka as kafka_helpers
 from workers import keys
+from workers.config import Settings
 from workers.errors import KappaError
 from workers.pipelines import known
 from workers.processor import state as processor_state
+from workers.processor.engine import LATE_HEADERS
 
 RERUN_SHARE_ENV = "KAPPA_LATE_RERUN_SHARE"
 DEFAULT_RERUN_SHARE = 0.01
@@ -71,3 +76,16 @@ def live_days(client: Any, bucket: str, threshold: float) -> list[tuple[str, Day
         states = processor_state.list_states(client, bucket, keys.live_prefix(name, version))
         found += [(f"{name} v{version}", row) for row in late_by_day(processor_state.day_stats(states), threshold)]
     return sorted(found, key=lambda item: (item[1].day, item[0]), reverse=True)
+
+
+def observed_late(settings: Settings, label: str) -> pl.DataFrame:
+    """``partition``, ``offset`` of every source record the live ``label`` (e.g. ``orders v2``) put on
+    the late topic. Through a shuffle, which record is late depends on how the stages interleaved, so
+    it is read from what the live run wrote rather than restated from the archive."""
+    topic_h, partition_h, offset_h, pipeline_h = LATE_HEADERS[0], LATE_HEADERS[1], LATE_HEADERS[2], LATE_HEADERS[6]
+    rows = set()
+    for headers in kafka_helpers.read_headers(settings, settings.late_topic):
+        named = {name: value for name, value in headers if value is not None}
+        if named.get(topic_h) == settings.events_topic.encode() and named.get(pipeline_h) == label.encode():
+            rows.add((int(named[partition_h]), int(named[offset_h])))
+    return pl.DataFrame(sorted(rows), schema={"partition": pl.Int32, "offset": pl.Int64}, orient="row")

@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError
 from workers import keys
 from workers import s3 as s3_helpers
 from workers.archive import stats as archive_stats
+from workers.config import Settings
 from workers.errors import KappaError
 from workers.processor import handoff
 from workers.replay import manifest as replay_manifest
@@ -106,7 +107,8 @@ def uncovered_days(client: Any, bucket: str, source_topic: str, days: set[str], 
 
 
 def version_diffs(
-    client: Any, bucket: str, source_topic: str, pipeline: str, version: int, days: list[str], max_unexplained: int
+    client: Any, bucket: str, source_topic: str, pipeline: str, version: int, days: list[str], max_unexplained: int,
+    settings: Settings | None = None,
 ) -> dict[str, str]:
     """One summary line per day of the diff against what users read; refuses when more (window, group)
     rows than ``max_unexplained`` differ for no known cause (a logic change)."""
@@ -114,7 +116,9 @@ def version_diffs(
 
     if max_unexplained < 0:
         raise KappaError(f"--max-unexplained must be >= 0, got {max_unexplained}")
-    diffs = {day: version_diff.compute(client, bucket, source_topic, pipeline, version, day) for day in days}
+    late = None if settings is None else version_diff.late_topic_source(settings)
+    diffs = {day: version_diff.compute(client, bucket, source_topic, pipeline, version, day, late_source=late)
+             for day in days}
     unexplained = {day: diff.unexplained for day, diff in diffs.items() if diff.unexplained}
     if sum(unexplained.values()) > max_unexplained:
         listing = ", ".join(f"{day}: {count}" for day, count in unexplained.items())
@@ -126,12 +130,14 @@ def version_diffs(
 
 
 def promote(
-    client: Any, bucket: str, source_topic: str, pipeline: str, version: int, max_unexplained: int | None = 0
+    client: Any, bucket: str, source_topic: str, pipeline: str, version: int, max_unexplained: int | None = 0,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Point ``CURRENT`` at ``version`` (which must have corrected reports) and return the new pointer.
 
     With ``max_unexplained`` set (default 0) the version diff of every day must explain all but that
-    many differing rows; None skips the diff."""
+    many differing rows; None skips the diff. ``settings`` (Kafka) let the diff read the late topic of
+    a live baseline with a state key."""
     keys.valid_name(pipeline)
     keys.valid_version(version)
     refused = refused_days(client, bucket, pipeline, version, source_topic)
@@ -150,7 +156,8 @@ def promote(
     days = [m.day for m in manifests]
     diffs = {}
     if max_unexplained is not None:
-        diffs = version_diffs(client, bucket, source_topic, pipeline, version, sorted(set(days)), max_unexplained)
+        diffs = version_diffs(client, bucket, source_topic, pipeline, version, sorted(set(days)), max_unexplained,
+                              settings)
     previous = read_current(client, bucket, pipeline)
     history = []
     if previous is not None:

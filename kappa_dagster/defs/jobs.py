@@ -56,6 +56,7 @@ def promote_version(context: dg.OpExecutionContext, config: PromoteConfig, kappa
             config.pipeline,
             config.version,
             max_unexplained=config.max_unexplained,
+            settings=settings,
         )
     for line in pointer["diffs"].values():
         context.log.info(f"diff {line}")

@@ -23,7 +23,8 @@ def promote(
     settings = load_settings()
     client = s3_helpers.s3_client(settings)
     pointer = promote_lib.promote(
-        client, settings.s3_bucket, settings.events_topic, pipeline, version, max_unexplained=max_unexplained
+        client, settings.s3_bucket, settings.events_topic, pipeline, version, max_unexplained=max_unexplained,
+        settings=settings,
     )
     console.print(
         f"[green]promoted[/] {pipeline} v{version}: reports/{pipeline}/CURRENT -> {pointer['reports_prefix']}"

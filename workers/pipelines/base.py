@@ -114,25 +114,38 @@ class Pipeline(ABC):
         }
         return report, stats
 
-    def diff_rules(self, archive: pl.DataFrame, grace_ms: int | None) -> pl.DataFrame:
+    def diff_rules(self, archive: pl.DataFrame, grace_ms: int | None,
+                   observed_late: pl.DataFrame | None = None) -> pl.DataFrame:
         """Per distinct archived record: ``partition``, ``offset``, :data:`OUTCOME` under this version
         (counted/dlq/duplicates/late), the key columns and what it adds to each output measure.
 
         A version diff (``workers/reports/version_diff.py``) attributes differences to causes from
-        these rows; ``grace_ms`` is the live watermark's grace, None for a bounded replay (nothing late).
+        these rows; ``grace_ms`` is the live watermark's grace, None for a bounded replay (nothing late);
+        ``observed_late`` (see :meth:`classify_archive`) the records a live run found late.
         """
         raise KappaError(f"{self.label} supplies no diff rules: implement Pipeline.diff_rules to diff its versions")
 
-    def classify_archive(self, archive: pl.DataFrame, grace_ms: int | None) -> pl.DataFrame:
+    def classify_archive(self, archive: pl.DataFrame, grace_ms: int | None,
+                         observed_late: pl.DataFrame | None = None) -> pl.DataFrame:
         """The engine's per-record outcomes restated over a day's archive (offset order per partition):
-        dlq when rejected, late when its window closed before it arrived, then duplicates per :meth:`batch_dedup`."""
+        dlq when rejected, late when its window closed before it arrived, then duplicates per :meth:`batch_dedup`.
+
+        Late is restated per partition (the single-stage watermark), unless ``observed_late`` names
+        the late records (``partition``, ``offset``): a pipeline with a state key judges lateness after
+        its shuffle, where it depends on how the stages interleaved, so the caller reads it off the
+        live run's late topic instead."""
         frame = archive.unique(subset=["topic", "partition", "offset"], keep="first").sort("partition", "offset")
         parsed = self.parse(frame["value"].to_list())
         rows = pl.concat([frame.select("partition", "offset"), parsed], how="horizontal")
         rows = rows.with_columns(frame["timestamp"].dt.epoch("ms").alias("timestamp_ms"))
         rows = self.with_window(rows.with_columns(reject_missing_timestamp()))
         late = pl.lit(False)
-        if grace_ms is not None:
+        if observed_late is not None:
+            flags = observed_late.select(pl.col("partition").cast(rows.schema["partition"]),
+                                         pl.col("offset").cast(rows.schema["offset"]), pl.lit(True).alias("_late"))
+            rows = rows.join(flags.unique(), on=["partition", "offset"], how="left", maintain_order="left")
+            late = pl.col("_late").fill_null(False)
+        elif grace_ms is not None:
             valid_ts = pl.when(pl.col(REJECT).is_null()).then(pl.col("timestamp_ms"))
             before = valid_ts.cum_max().forward_fill().shift(1).over("partition")
             late = (pl.col(WINDOW_MS) + self.window_ms <= before - grace_ms).fill_null(False)
@@ -144,7 +157,7 @@ class Pipeline(ABC):
         dropped = (pl.col(OUTCOME) == "counted") & pl.col("_kept").is_null()
         return rows.with_columns(
             pl.when(dropped).then(pl.lit("duplicates")).otherwise(pl.col(OUTCOME)).alias(OUTCOME)
-        ).drop("_kept")
+        ).drop("_kept", "_late", strict=False)
 
     def batch_dedup(self, valid: pl.DataFrame) -> pl.DataFrame:
         """Keep one copy per (window, dedup_by): across partitions the smallest (timestamp, partition,

@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 
-from workers import keys
+from workers import keys, late
 from workers import s3 as s3_helpers
 from workers.archive.format import read_day
+from workers.config import Settings
 from workers.dashboard.sources import live_version_of_day
 from workers.errors import KappaError
 from workers.pipelines import Pipeline, get_pipeline
 from workers.pipelines.base import OUTCOME
 from workers.processor import handoff, results
 from workers.processor.engine import LIVE_GRACE_MS
+
+#: The (partition, offset) of the records a live version found late, read off its late topic
+#: (:func:`workers.late.observed_late`): needed for a pipeline with a state key.
+LateSource = Callable[[Pipeline], pl.DataFrame]
 
 CAUSE = "cause"
 DUPLICATES, LATE, MALFORMED, LOGIC = "duplicates", "late", "malformed", "logic change"
@@ -156,18 +162,25 @@ class Archive:
 
     day: pl.DataFrame
     next_day: pl.DataFrame
+    late_source: LateSource | None = None
 
     def rules(self, pipeline: Pipeline, grace_ms: int | None) -> pl.DataFrame:
-        """The pipeline's per-record rules for this day's records, live (``grace_ms``) or replayed (None)."""
+        """The pipeline's per-record rules for this day's records, live (``grace_ms``) or replayed (None).
+        Live lateness is restated per partition, or, with a state key (judged after the shuffle), read."""
         if grace_ms is None:
             return pipeline.diff_rules(self.day, None)
+        if pipeline.state_key:
+            if self.late_source is None:
+                raise KappaError(f"live {pipeline.label} judged lateness after its shuffle: the diff needs its "
+                                 "late topic (pass the Kafka settings)")
+            return pipeline.diff_rules(self.day, grace_ms, self.late_source(pipeline))
         rows = pipeline.diff_rules(pl.concat([self.day, self.next_day]), grace_ms)
         return rows.join(self.day.select("partition", "offset"), on=["partition", "offset"], how="semi")
 
 
-def read_archive(client: Any, bucket: str, topic: str, day: str) -> Archive:
+def read_archive(client: Any, bucket: str, topic: str, day: str, late_source: LateSource | None = None) -> Archive:
     following = (dt.date.fromisoformat(day) + dt.timedelta(days=1)).isoformat()
-    return Archive(read_day(client, bucket, topic, day), read_day(client, bucket, topic, following))
+    return Archive(read_day(client, bucket, topic, day), read_day(client, bucket, topic, following), late_source)
 
 
 def baseline_of(client: Any, bucket: str, pipeline: str, day: str, archive: Archive, grace_ms: int) -> Baseline | None:
@@ -192,11 +205,12 @@ def baseline_of(client: Any, bucket: str, pipeline: str, day: str, archive: Arch
 
 
 def compute(
-    client: Any, bucket: str, topic: str, pipeline: str, version: int, day: str, grace_ms: int = LIVE_GRACE_MS
+    client: Any, bucket: str, topic: str, pipeline: str, version: int, day: str, grace_ms: int = LIVE_GRACE_MS,
+    late_source: LateSource | None = None,
 ) -> VersionDiff:
     """The diff of the candidate's corrected report of ``day`` against what users read for it."""
     impl = get_pipeline(pipeline, version)
-    archive = read_archive(client, bucket, topic, day)
+    archive = read_archive(client, bucket, topic, day, late_source)
     names, key = measures(impl), impl.key_columns
     floats = float_measures(impl)
     baseline = baseline_of(client, bucket, pipeline, day, archive, grace_ms)
@@ -236,3 +250,8 @@ def by_cause(frame: pl.DataFrame) -> pl.DataFrame:
     """The stored diff summed per cause (for tables): groups and measures."""
     names = [c for c in frame.columns if frame.schema[c].is_numeric()]
     return frame.group_by(CAUSE).agg(pl.len().alias("groups"), *(pl.col(n).sum() for n in names)).sort(CAUSE)
+
+
+def late_topic_source(settings: Settings) -> LateSource:
+    """Read a live version's late records off ``settings.late_topic`` (the processors' late topic)."""
+    return lambda pipeline: late.observed_late(settings, pipeline.label)

@@ -57,7 +57,8 @@ def version_diff_asset(
     client = kappa.s3_client(settings)
     with user_errors():
         diff = diff_lib.compute(
-            client, settings.s3_bucket, settings.events_topic, target.pipeline, target.version, target.day
+            client, settings.s3_bucket, settings.events_topic, target.pipeline, target.version, target.day,
+            late_source=diff_lib.late_topic_source(settings),
         )
         key = diff_lib.write(client, settings.s3_bucket, diff)
     context.log.info(diff.line())
