@@ -105,10 +105,14 @@ def targets_of(
 ) -> list[ReplayTarget]:
     """Every day of the run, in order: one for ``dagster/partition``, the whole range of a single-run
     backfill (``BackfillPolicy.single_run``); a user error fails the step clearly."""
+    tags = dict(context.run.tags)
+    # a one-day run names its day in the tag: read it as given, so a day outside the partitions
+    # definition gets our one-line error rather than Dagster's invariant check on the key range
+    days = [tags["dagster/partition"]] if "dagster/partition" in tags else context.partition_keys
     try:
         return [
-            resolve(dict(context.run.tags), day, getattr(replay, "pipeline", None), getattr(replay, "version", None))
-            for day in context.partition_keys
+            resolve(tags, day, getattr(replay, "pipeline", None), getattr(replay, "version", None))
+            for day in days
         ]
     except KappaError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
