@@ -142,9 +142,10 @@ class OrdersV1(Pipeline):
             .cast(self.partial_schema)  # type: ignore[arg-type]
         )
 
-    def diff_rules(self, archive: pl.DataFrame, grace_ms: int | None) -> pl.DataFrame:
+    def diff_rules(self, archive: pl.DataFrame, grace_ms: int | None,
+                   observed_late: pl.DataFrame | None = None) -> pl.DataFrame:
         """A record adds one event and its amount (as the exact decimal the report sums) to its window and type."""
-        rows = self.classify_archive(archive, grace_ms)
+        rows = self.classify_archive(archive, grace_ms, observed_late)
         return rows.select(
             "partition",
             "offset",
