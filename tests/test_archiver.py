@@ -577,3 +577,19 @@ def test_a_large_file_goes_up_in_parts_and_stays_byte_exact(settings: Settings, 
     assert head["ContentLength"] >= 5 * 2**20
     assert "-" in head["ETag"], f"not a multipart object: ETag {head['ETag']}"  # multipart ETags end in -<parts>
     assert_archive_equals_topic(settings, s3)
+
+
+def test_a_failed_flush_puts_its_records_back_with_their_age() -> None:
+    """A buffer handed to a flush that fails is due again by its age (after the backoff), as if it
+    had never left: its records still wait since they arrived, not since the failure."""
+    options = ArchiverOptions(flush_seconds=60, flush_records=1_000)
+    frame = pl.DataFrame({"offset": [0, 1, 2]})
+    buffer = PartitionBuffer()
+    buffer.add(frame, now=100.0)
+    frames, records, size = buffer.detach()
+    assert not buffer.due(options, 170.0, None) and buffer.in_flight == 3
+    buffer.add(pl.DataFrame({"offset": [3]}), now=150.0)
+    buffer.restore(frames, records, size)
+    assert buffer.records == 4 and buffer.in_flight == 0 and buffer.oldest == 100.0
+    assert buffer.due(options, 161.0, None)  # 61 s since offset 0 arrived
+    assert [f["offset"].to_list() for f in buffer.frames] == [[0, 1, 2], [3]]

@@ -254,6 +254,7 @@ class PartitionBuffer:
     records: int = 0
     bytes: int = 0
     in_flight: int = 0  # records handed to a flush thread, not yet durable
+    in_flight_since: float | None = None  # when the oldest of them arrived
     oldest: float | None = None  # monotonic time the oldest buffered record arrived
     paused: bool = False
     refused: bool = False  # Kafka deleted offsets we never archived: not consumed until an operator decides
@@ -269,8 +270,8 @@ class PartitionBuffer:
     def detach(self) -> tuple[list[pl.DataFrame], int, int]:
         """Hand the buffer to a flush; consuming goes on into a fresh one."""
         taken = self.frames, self.records, self.bytes
+        self.in_flight, self.in_flight_since = self.records, self.oldest
         self.frames, self.records, self.bytes, self.oldest = [], 0, 0, None
-        self.in_flight = taken[1]
         return taken
 
     def restore(self, frames: list[pl.DataFrame], records: int, size: int) -> None:
@@ -278,12 +279,16 @@ class PartitionBuffer:
         self.frames = frames + self.frames
         self.records += records
         self.bytes += size
-        self.in_flight = 0
-        self.oldest = 0.0  # due again as soon as the backoff allows
+        self.oldest = self.in_flight_since if self.in_flight_since is not None else self.oldest
+        self.in_flight, self.in_flight_since = 0, None
 
-    def due(self, options: ArchiverOptions, now: float, end: int | None, in_flight_ok: bool = False) -> bool:
-        if not self.records or (self.in_flight and not in_flight_ok) or self.backoff.waiting(now):
+    def due(self, options: ArchiverOptions, now: float, end: int | None) -> bool:
+        """Ready for a flush: something buffered, none in flight, no backoff, a threshold reached."""
+        if not self.records or self.in_flight or self.backoff.waiting(now):
             return False
+        return self.over_threshold(options, now, end)
+
+    def over_threshold(self, options: ArchiverOptions, now: float, end: int | None) -> bool:
         at_end = end is not None and self.position is not None and self.position >= end
         return (
             self.records >= options.flush_records
@@ -293,7 +298,7 @@ class PartitionBuffer:
         )
 
     def landed(self, next_offset: int) -> None:
-        self.in_flight = 0
+        self.in_flight, self.in_flight_since = 0, None
         self.durable = next_offset
         self.backoff.reset()
 
@@ -594,7 +599,7 @@ class Archiver:
         that flush lands: per partition, at most one flush in flight and one more buffer (an outage
         or a slow S3 holds memory there, not in an ever-growing buffer)."""
         for partition, state in self.parts.items():
-            if state.in_flight and not state.paused and state.due(self.options, now, None, in_flight_ok=True):
+            if state.in_flight and state.records and not state.paused and state.over_threshold(self.options, now, None):
                 self._set_paused(partition, state, True)
 
     def _hold_back(self) -> None:
