@@ -116,20 +116,24 @@ def merged_ahead(runs: list[SortedRun], depth: int = 2) -> Iterator[pl.DataFrame
     batches: queue.Queue[pl.DataFrame | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: pl.DataFrame | BaseException | None) -> bool:
+        """Queue ``item`` unless the consumer has gone (a full queue would block this thread forever)."""
+        while not stop.is_set():
+            try:
+                batches.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def merge() -> None:
         try:
             for batch in merge_runs(runs):
-                while not stop.is_set():
-                    try:
-                        batches.put(batch, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(batch):
                     return
-            batches.put(None)
+            offer(None)
         except BaseException as exc:  # handed to the consumer of the batches, raised there
-            batches.put(exc)
+            offer(exc)
 
     worker = threading.Thread(target=merge, name="kappa-replay-merge", daemon=True)
     worker.start()
