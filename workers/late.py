@@ -82,7 +82,7 @@ def observed_late(settings: Settings, label: str) -> pl.DataFrame:
     """``partition``, ``offset`` of every source record the live ``label`` (e.g. ``orders v2``) put on
     the late topic. Through a shuffle, which record is late depends on how the stages interleaved, so
     it is read from what the live run wrote rather than restated from the archive."""
-    topic_h, partition_h, offset_h, pipeline_h = LATE_HEADERS[0], LATE_HEADERS[1], LATE_HEADERS[2], LATE_HEADERS[6]
+    topic_h, partition_h, offset_h, *_window_and_watermark, pipeline_h = LATE_HEADERS
     rows = set()
     for headers in kafka_helpers.read_headers(settings, settings.late_topic):
         named = {name: value for name, value in headers if value is not None}

@@ -253,5 +253,13 @@ def by_cause(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def late_topic_source(settings: Settings) -> LateSource:
-    """Read a live version's late records off ``settings.late_topic`` (the processors' late topic)."""
-    return lambda pipeline: late.observed_late(settings, pipeline.label)
+    """Read a live version's late records off ``settings.late_topic`` (the processors' late topic),
+    once per version: a promote diffs every day against the same topic."""
+    read: dict[str, pl.DataFrame] = {}
+
+    def source(pipeline: Pipeline) -> pl.DataFrame:
+        if pipeline.label not in read:
+            read[pipeline.label] = late.observed_late(settings, pipeline.label)
+        return read[pipeline.label]
+
+    return source
