@@ -49,8 +49,12 @@ from .invariants import (
 )
 
 DOWN_SECONDS = 5.0
-#: static members (group.instance.id): the ones a broker restart can fence by their own re-join
-STATIC = ("--instance-id", "auto")
+#: static members (group.instance.id): the ones a broker restart can fence by their own re-join. Their
+#: session is the shortest allowed and the broker stays down longer than it, so the restart always costs
+#: the member its session (librdkafka's own session check revokes the assignment): the fault lands every run.
+SESSION_SECONDS = 6
+STATIC = ("--instance-id", "auto", "--session-timeout", str(SESSION_SECONDS))
+STATIC_DOWN_SECONDS = SESSION_SECONDS + 4.0
 #: orders v3 runs through the shuffle (two stages, both in one process); v2 is single-stage
 SHUFFLED, SINGLE_STAGE = 3, 2
 
@@ -106,8 +110,8 @@ def test_replay_survives_broker_restarts(
 def test_live_static_members_survive_broker_restart(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers, version: int
 ) -> None:
-    """A live processor with static members across a broker restart keeps running: the restart
-    outlasts the session, so its members lose their partitions and, often, a member's static re-join
+    """A live processor with static members across a broker restart keeps running: the broker stays down
+    longer than the session, so its members lose their partitions and, often, a member's static re-join
     fences its own old member id (librdkafka#3437) and it rejoins with a new consumer (both counted);
     its results equal the reference."""
     produce_orders(private_settings, 20_000, 5, start=f"{DAY}T00:00:00Z")
@@ -116,7 +120,7 @@ def test_live_static_members_survive_broker_restart(
     prefix, topic = keys.live_prefix("orders", version), private_settings.events_topic
     progress = processor_progress(private_settings, private_s3, prefix, topic)
     started_some(progress, "the live processor to commit its first records")
-    outage(private_stack, "kafka", DOWN_SECONDS, f"broker_restart.processor.static_live_v{version}", live,
+    outage(private_stack, "kafka", STATIC_DOWN_SECONDS, f"broker_restart.processor.static_live_v{version}", live,
            KAFKA_DOWN_LINES, progress)
     wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240)
     live.signal(signal.SIGTERM)
@@ -141,7 +145,7 @@ def test_shuffled_replay_static_members_survive_broker_restart(
     prefix = keys.processor_prefix(spec.pipeline, spec.version, spec.group)
     consumed = processor_progress(private_settings, private_s3, prefix, spec.topic)
     started_some(consumed, "the shuffled bounded processor to commit its first records")
-    outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.processor.shuffled_bounded", bounded,
+    outage(private_stack, "kafka", STATIC_DOWN_SECONDS, "broker_restart.processor.shuffled_bounded", bounded,
            KAFKA_DOWN_LINES, consumed)
     assert bounded.wait(240) == 0, f"the shuffled bounded processor did not finish:\n{bounded.tail()}"
     fenced, recovered = rejoins(bounded)
