@@ -382,3 +382,30 @@ def test_stage1_takes_event_time_only_from_the_live_part_at_a_handoff(settings: 
     stage.note_progress(frame, live)
     assert live["offset"].to_list() == [2]
     assert stage.positions[0] == 3 and stage.source_progress[0].max_ts == day1
+
+
+def test_end_offsets_count_records_behind_an_open_transaction(settings: Settings, topic_factory) -> None:
+    """A killed stage 1 leaves its transaction open until it times out. The end offsets every "caught
+    up" check compares with must still count the records committed after it (the high watermark, not
+    the last stable offset the broker answers a read_committed client), or a reader stopped at the
+    open transaction looks done while committed records wait behind it."""
+    topic = topic_factory("open-txn", partitions=1)
+    hanging = Producer(settings.kafka_config(**{"transactional.id": f"{topic}-hanging"}))
+    hanging.init_transactions(30)
+    hanging.begin_transaction()
+    hanging.produce(topic, b"open", partition=0)
+    hanging.flush(30)
+    committed = Producer(settings.kafka_config(**{"transactional.id": f"{topic}-committed"}))
+    committed.init_transactions(30)
+    committed.begin_transaction()
+    for n in range(5):
+        committed.produce(topic, str(n).encode(), partition=0)
+    committed.commit_transaction(30)
+    probe = Consumer(settings.kafka_config(**{"group.id": f"{topic}-probe", "isolation.level": "read_committed"}))
+    try:
+        stable = probe.get_watermark_offsets(TopicPartition(topic, 0), timeout=30)[1]
+    finally:
+        probe.close()
+    assert stable == 0, "the broker no longer holds the last stable offset at an open transaction"
+    assert kafka_helpers.end_offsets(settings, topic) == {0: 7}  # 1 open + 5 committed + 1 commit marker
+    hanging.abort_transaction(30)

@@ -110,8 +110,13 @@ def topic_id(settings: Settings, topic: str, timeout: float = 30.0) -> str:
 
 
 def end_offsets(settings: Settings, topic: str, timeout: float = 30.0) -> dict[int, int]:
-    """High watermark per partition: the offset the next record will get."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": keys.OFFSETS_PROBE_GROUP, "enable.auto.commit": False}))
+    """High watermark per partition: the offset the next record will get.
+
+    Asked with read_uncommitted: under read_committed (librdkafka's default here) the broker answers
+    with the last stable offset, which an open transaction (e.g. a killed stage 1's, until its timeout)
+    holds back, so "reached the end" would hold while committed records past it are still unread."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": keys.OFFSETS_PROBE_GROUP, "enable.auto.commit": False,
+                                                 "isolation.level": "read_uncommitted"}))
     deadline = time.monotonic() + timeout
     try:
         result = {}

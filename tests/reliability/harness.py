@@ -409,8 +409,12 @@ def group_reached(settings: Settings, group: str, topic: str, ends: dict[int, in
 
 
 def group_committed(settings: Settings, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
-    """``{partition: committed offset}`` of ``group`` on ``topic`` (-1001 where it has none)."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+    """``{partition: committed offset}`` of ``group`` on ``topic`` (-1001 where it has none).
+
+    read_uncommitted: the offsets committed so far, not a wait (librdkafka asks the broker for stable
+    offsets otherwise, which blocks while a killed member's transaction holds offsets pending)."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False,
+                                                 "isolation.level": "read_uncommitted"}))
     try:
         committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
     finally:
