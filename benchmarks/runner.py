@@ -54,11 +54,11 @@ class ProcessorVariant:
 
 PROCESSOR_VARIANTS: dict[str, ProcessorVariant] = {v.name: v for v in (
     ProcessorVariant("v1", "orders v1 (counts every record)", "orders", 1, target=0.5, quix=True),
-    # v2 as it is before issue 12: dedup per partition, no shuffle. Once v2 declares a state key,
-    # running v2 is the shuffle and this row gives way to the next one.
+    # v2 as it was before issue 12 (dedup per partition, no shuffle): only at commits where v2 has no
+    # state key. Since v2 declares one, running v2 is the shuffle: the next row.
     ProcessorVariant("v2", "orders v2 (dedup per input partition)", "orders", 2, unless=("attr:state_key",)),
-    ProcessorVariant("v3-shuffle", "orders v3: v2 with its shuffle (state keyed by event_id, two stages)",
-                     "orders", 3, needs=("attr:state_key",)),
+    ProcessorVariant("v2-shuffle", "orders v2 with its shuffle (state keyed by event_id, two stages)",
+                     "orders", 2, needs=("attr:state_key",)),
 )}
 #: Quix peer topologies (quix_peer.py --mode); the target applies to the processor's ``quix`` variant.
 QUIX_TARGETS: dict[str, float | None] = {"best": 5.0, "windowed": None}

@@ -38,7 +38,7 @@ def results(*, v1_vs_cp: float = 0.6, v1_vs_quix: float = 6.0, totals_equal: boo
                                      ("processor bounded", "bounded"))}}
     processor = {
         "records": 1_000_000, "grace_ms": 0, "reference_rps": stat(5e5), "provenance": provenance(),
-        "skipped": {"v3-shuffle": "not available at this commit (attr:state_key missing)"},
+        "skipped": {"v2-shuffle": "not available at this commit (attr:state_key missing)"},
         "variants": {"v1": {"label": "orders v1", "ours_rps": stat(3e5), "target": 0.5, "peak_rss_bytes": stat(1e8),
                             "ratio": stat(v1_vs_cp - 0.05, v1_vs_cp, v1_vs_cp + 0.1),
                             "same_totals_as": {"quix-best": {"equal": totals_equal}}}},
@@ -53,11 +53,12 @@ def results(*, v1_vs_cp: float = 0.6, v1_vs_quix: float = 6.0, totals_equal: boo
                           "processor": processor, "memory": memory}}
 
 
-def test_v1_v2_and_the_v3_shuffle_rows_all_run_at_this_commit() -> None:
-    """v2 (no state key) runs single-stage; v3 declares its state key, so its shuffle row runs too."""
-    assert not get_pipeline("orders", 2).state_key and get_pipeline("orders", 3).state_key
-    for name in ("v1", "v2", "v3-shuffle"):
+def test_v1_and_the_v2_shuffle_rows_run_at_this_commit_and_the_old_v2_row_gives_way() -> None:
+    """v2 declares its state key: its row is the shuffle; the single-stage v2 row is for older commits."""
+    assert not get_pipeline("orders", 1).state_key and get_pipeline("orders", 2).state_key
+    for name in ("v1", "v2-shuffle"):
         assert variant_unavailable(PROCESSOR_VARIANTS[name]) is None, name
+    assert "state_key" in (variant_unavailable(PROCESSOR_VARIANTS["v2"]) or "")
 
 
 def test_a_variant_with_an_unknown_processor_argument_is_skipped() -> None:

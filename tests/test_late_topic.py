@@ -4,7 +4,7 @@ byte-exact with its source coordinates, at least once across SIGKILLs, exactly o
 
 Single-stage (v1), the oracle is plain Python over the source topic (per partition in offset order:
 the window end is at or before the running max of earlier timestamps minus grace); it shares no code
-with the engine. Through the shuffle (v3) the watermark is the minimum over source partitions as
+with the engine. Through the shuffle (v2) the watermark is the minimum over source partitions as
 stage 2 learns it, which depends on how the stages interleave, so the oracle checks what must hold
 whatever the interleaving: each late record was late against the watermark it names, and the
 results leave out exactly the records on the late topic (every event_id is unique, so every record
@@ -113,7 +113,7 @@ def assert_shuffled_late_topic(settings: Settings, source_topic: str, late_topic
     """Through the shuffle: each late record was behind the watermark it names, which no source had
     passed yet; the results count exactly the records not on the late topic. Returns re-sends."""
     source = consume_all(settings, source_topic)
-    found = read_late_topic(settings, source, source_topic, late_topic, 3)
+    found = read_late_topic(settings, source, source_topic, late_topic, 2)
     newest = max(m.timestamp()[1] for m in source)
     for window, watermark, _copies in found.values():
         assert window + WINDOW <= watermark <= newest - GRACE_MS
@@ -131,14 +131,14 @@ def assert_version_diff_reads_the_same_late_records(settings: Settings, source: 
     """The version diff's reader of a shuffled baseline (``late.observed_late``) finds the records this
     test found, and the pipeline's per-record rules with them leave out exactly what the results did."""
     where = dataclasses.replace(settings, events_topic=source_topic, late_topic=late_topic)
-    observed = late.observed_late(where, "orders v3")
+    observed = late.observed_late(where, "orders v2")
     assert set(observed.iter_rows()) == set(found)
     archive = pl.DataFrame(
         [(source_topic, m.partition(), m.offset(), m.timestamp()[1], m.value()) for m in source],
         schema={"topic": pl.String, "partition": pl.Int32, "offset": pl.Int64, "ts": pl.Int64, "value": pl.Binary},
         orient="row",
     ).with_columns(pl.from_epoch("ts", time_unit="ms").dt.replace_time_zone("UTC").alias("timestamp"))
-    rules = get_pipeline("orders", 3).diff_rules(archive, GRACE_MS, observed)
+    rules = get_pipeline("orders", 2).diff_rules(archive, GRACE_MS, observed)
     kept = rules.filter(pl.col(OUTCOME) == "counted")
     restated = dict(kept.group_by(pl.col("window_start").dt.epoch("ms")).agg(pl.col("events").sum()).iter_rows())
     assert restated == counted
@@ -213,20 +213,20 @@ def check_live_and_bounded(settings: Settings, s3: Any, topic_factory, n: int, k
 
 
 def check_shuffled(settings: Settings, s3: Any, topic_factory, n: int, kills: int) -> None:
-    """orders v3 (stage 2 judges lateness): live with SIGKILLs, then bounded with the same grace."""
+    """orders v2 (stage 2 judges lateness): live with SIGKILLs, then bounded with the same grace."""
     records = late_records(n, seed=16)
     topic = topic_factory("events", 3)
     produce(settings, topic, records)
     live_late = keys.late_topic(topic)
-    assert run_live_with_kills(settings, s3, topic, live_late, len(records), kills, 3) == kills
-    live = live_results(s3, settings.s3_bucket, "orders", 3, DAY, include_open=True)
-    resent = assert_shuffled_late_topic(settings, topic, live_late, live_late_counter(s3, settings, 3), live)
+    assert run_live_with_kills(settings, s3, topic, live_late, len(records), kills, 2) == kills
+    live = live_results(s3, settings.s3_bucket, "orders", 2, DAY, include_open=True)
+    resent = assert_shuffled_late_topic(settings, topic, live_late, live_late_counter(s3, settings, 2), live)
     print(f"shuffled live: {kills} SIGKILLs landed mid-stream, {resent} late records re-sent and deduplicated")
 
     bounded_late = keys.late_topic(f"{topic}.replay.r1")
     # small batches and frequent stage-1 commits: progress messages interleave with the data, so the
     # watermark moves during the run and the records stamped 5 minutes back arrive behind it
-    summary = bounded(settings, 3, topic, "g-late-bounded", grace_ms=GRACE_MS, late_topic=bounded_late,
+    summary = bounded(settings, 2, topic, "g-late-bounded", grace_ms=GRACE_MS, late_topic=bounded_late,
                       batch_size=100, checkpoint_seconds=0.2)
     stats_late = sum(day["late"] for day in summary.stats.values())
     assert stats_late == summary.late_records

@@ -125,7 +125,7 @@ def bucket_settings(settings: Settings, name: str) -> Settings:
 def reports(settings: Settings, days: list[str]) -> dict[str, pl.DataFrame]:
     client, found = s3_client(settings), {}
     for day in days:
-        report = corrected_report(client, settings.s3_bucket, "orders", 3, day)
+        report = corrected_report(client, settings.s3_bucket, "orders", 2, day)
         assert report is not None, f"no report for {day}"
         found[day] = report.frame
     return found
@@ -136,7 +136,7 @@ def live(settings: Settings, days: list[str]) -> dict[str, pl.DataFrame]:
     for attempt in range(10):
         try:
             client = s3_client(settings)
-            results = {day: live_results(client, settings.s3_bucket, "orders", 3, day, include_open=True)
+            results = {day: live_results(client, settings.s3_bucket, "orders", 2, day, include_open=True)
                        for day in days}
             return {day: frame for day, frame in results.items() if frame.height}
         except Fenced:
@@ -165,7 +165,7 @@ def run_live(settings: Settings, topic: str, group: str) -> tuple[threading.Even
     stop, result = threading.Event(), []
 
     def target() -> None:
-        result.append(run_processor(settings, "orders", 3, topic=topic, group=group, start="earliest",
+        result.append(run_processor(settings, "orders", 2, topic=topic, group=group, start="earliest",
                                     grace_ms=LIVE_GRACE_MS, checkpoint_seconds=0.3, batch_size=400, stop=stop))
 
     thread = threading.Thread(target=target, daemon=True)
@@ -212,7 +212,7 @@ def test_four_ways_of_producing_give_the_same_v2_reports_and_live_results(settin
 
     for name, (own, topic, messages) in produced.items():
         assert_matches_oracle(oracle(messages), expected)  # the oracle itself is order independent
-        summary = run_processor(own, "orders", 3, topic=topic, group=f"g-{name}", bounded=True, start="earliest",
+        summary = run_processor(own, "orders", 2, topic=topic, group=f"g-{name}", bounded=True, start="earliest",
                                 grace_ms=None, batch_size=300, checkpoint_seconds=0.3)
         assert summary.complete and summary.late_records == 0
         assert_matches_oracle(reports(own, days), expected)
@@ -239,7 +239,7 @@ def test_event_time_ordered_replay_topic_with_grace_0_is_exact(settings: Setting
     messages = read_topic(settings, source)
     replay = f"{settings.events_topic}.replay"
     ordered_copy(settings, replay, messages, partitions=4)
-    summary = run_processor(settings, "orders", 3, topic=replay, group="g-ordered", bounded=True, start="earliest",
+    summary = run_processor(settings, "orders", 2, topic=replay, group="g-ordered", bounded=True, start="earliest",
                             grace_ms=0, batch_size=200, checkpoint_seconds=0.3)
     assert summary.complete and summary.late_records == 0
     expected = oracle(messages)
@@ -259,13 +259,13 @@ def test_differing_copies_count_the_smallest_timestamp_partition_offset(settings
     later = json.dumps({"event_id": "other", "user_id": "u", "type": "purchase", "amount": 9}).encode()
     producer.produce(topic, value=later, timestamp=base + 120_000, partition=0)
     assert producer.flush(30) == 0
-    summary = run_processor(settings, "orders", 3, topic=topic, group="g-copies", bounded=True, start="earliest",
+    summary = run_processor(settings, "orders", 2, topic=topic, group="g-copies", bounded=True, start="earliest",
                             grace_ms=0, checkpoint_seconds=0.3)
     assert summary.complete
     report = reports(settings, ["2026-01-01"])["2026-01-01"]
     first = report.filter(pl.col("window_start") == dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert first.select("type", "events", "amount").rows() == [("add_to_cart", 1, 3.0)]
-    stats_key = keys.report_stats_file("orders", 3, "2026-01-01")
+    stats_key = keys.report_stats_file("orders", 2, "2026-01-01")
     stats = json.loads(get_bytes(s3_client(settings), settings.s3_bucket, stats_key))  # type: ignore[arg-type]
     assert stats["counted"] == 2 and stats["duplicates"] == 2
 
@@ -275,7 +275,7 @@ def test_differing_copies_count_the_smallest_timestamp_partition_offset(settings
 
 def stage_command(topic: str, group: str, stage: str, bounded: bool) -> list[str]:
     return [
-        *(sys.executable, "-m", "workers.cli", "processor", "--pipeline", "orders", "--version", "3"),
+        *(sys.executable, "-m", "workers.cli", "processor", "--pipeline", "orders", "--version", "2"),
         *("--topic", topic, "--group", group, "--stage", stage, "--from-beginning", "--progress", "none"),
         *("--batch-size", "20" if stage == "1" else "10", "--checkpoint-seconds", "0.2"),
         *("--grace-seconds", str(LIVE_GRACE_MS // 1000)),
@@ -292,7 +292,7 @@ def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, b
     expected = oracle(messages)
     days = sorted(expected)
     group = "g-kill" if bounded else "g-kill-live"
-    prefix = keys.processor_prefix("orders", 3, group if bounded else None)
+    prefix = keys.processor_prefix("orders", 2, group if bounded else None)
     client = s3_client(settings)
 
     ends = kafka_helpers.end_offsets(settings, topic)
@@ -368,7 +368,7 @@ def test_stage1_takes_event_time_only_from_the_live_part_at_a_handoff(settings: 
     day1 = int(dt.datetime(2026, 1, 1, 23, 59, tzinfo=dt.UTC).timestamp() * 1000)
     day2 = day1 + 3_600_000  # 2026-01-02, promoted: offsets below 2 are covered
     switch = Switch(start={0: 0}, covered={"2026-01-02": {0: 2}})
-    pipeline = get_pipeline("orders", 3)
+    pipeline = get_pipeline("orders", 2)
     stage = Stage1(settings, pipeline, topic="t", group="g", bounded=False, start="latest",
                    start_offsets=switch.start, end_offsets=None, grace_ms=60_000, batch_size=10,
                    checkpoint_seconds=1.0, dlq_topic="t.dlq", late_topic="t.late", progress=NoProgress(),

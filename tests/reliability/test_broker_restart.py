@@ -55,8 +55,8 @@ DOWN_SECONDS = 5.0
 SESSION_SECONDS = 6
 STATIC = ("--instance-id", "auto", "--session-timeout", str(SESSION_SECONDS))
 STATIC_DOWN_SECONDS = SESSION_SECONDS + 4.0
-#: orders v3 runs through the shuffle (two stages, both in one process); v2 is single-stage
-SHUFFLED, SINGLE_STAGE = 3, 2
+#: orders v2 runs through the shuffle (two stages, both in one process); v1 is single-stage
+SHUFFLED, SINGLE_STAGE = 2, 1
 
 
 def started_some(progress: Any, what: str) -> None:
@@ -135,13 +135,13 @@ def test_live_static_members_survive_broker_restart(
 def test_shuffled_replay_static_members_survive_broker_restart(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
 ) -> None:
-    """A bounded orders v3 replay (shuffled) (static members) with the broker restarted mid-stream finishes on
+    """A bounded orders v2 replay (shuffled) (static members) with the broker restarted mid-stream finishes on
     its own; its report and DLQ equal the reference."""
     produce_orders(private_settings, 20_000, 6, start=f"{DAY}T00:00:00Z")
     archive_all(workers)
     spec = replay_spec(private_settings, version=SHUFFLED)
     workers.run("load", *load_args(spec))
-    bounded = workers.start("bounded-v3", *bounded_args(spec, 20, *STATIC))
+    bounded = workers.start("bounded-v2", *bounded_args(spec, 20, *STATIC))
     prefix = keys.processor_prefix(spec.pipeline, spec.version, spec.group)
     consumed = processor_progress(private_settings, private_s3, prefix, spec.topic)
     started_some(consumed, "the shuffled bounded processor to commit its first records")

@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 
 from workers.errors import KappaError
 from workers.pipelines.base import Pipeline, check_window
-from workers.pipelines.orders import OrdersV1, OrdersV2, OrdersV3
+from workers.pipelines.orders import OrdersV1, OrdersV2
 
 ENTRY_POINT_GROUP = "kappa.pipelines"
 MODULES_ENV = "KAPPA_PIPELINE_MODULES"
@@ -62,7 +62,7 @@ def get_pipeline(name: str, version: int) -> Pipeline:
     return cls()
 
 
-for _builtin in (OrdersV1, OrdersV2, OrdersV3):
+for _builtin in (OrdersV1, OrdersV2):
     register(_builtin)
 
 __all__ = ["Pipeline", "get_pipeline", "known", "register"]

@@ -1,6 +1,6 @@
 """The reference pipeline ``orders``: events and amount per (1-minute window, type).
 
-v1 counts every valid record; v2 drops repeated ``event_id``s in a window; v3 does so across partitions.
+v1 counts every valid record; v2 drops repeated ``event_id``s in a window, whatever partition carried them.
 Parsing is strict and amounts are summed as exact decimals so the report never depends on arrival
 order (the rules: docs/ARCHITECTURE.md, "The orders pipeline").
 """
@@ -162,17 +162,8 @@ class OrdersV1(Pipeline):
 
 class OrdersV2(OrdersV1):
     version: ClassVar[int] = 2
-    summary: ClassVar[str] = "like v1, but a repeated event_id in the same window and partition counts once"
+    summary: ClassVar[str] = "like v1, but a repeated event_id in the same window counts once (any partition)"
     dedup_by: ClassVar[tuple[str, ...]] = ("event_id",)
-    reference_params: ClassVar[dict[str, bool | int | str]] = {"dedup_event_id": True}
-
-
-class OrdersV3(OrdersV2):
-    """v2 with the orders dedup scope: keyed state through a shuffle (``workers/processor/shuffle.py``).
-
-    A version of its own while the shuffle's live handoff and broker-restart behaviour are finished;
-    v2 becomes this once they are (the SQL reference of both already dedups across partitions)."""
-
-    version: ClassVar[int] = 3
-    summary: ClassVar[str] = "like v2, but a repeated event_id in the same window counts once (any partition)"
+    #: copies of an event_id arrive through any partition: dedup state goes through the shuffle
     state_key: ClassVar[tuple[str, ...]] = ("event_id",)
+    reference_params: ClassVar[dict[str, bool | int | str]] = {"dedup_event_id": True}
