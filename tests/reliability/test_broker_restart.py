@@ -80,6 +80,7 @@ def test_archiver_survives_broker_restart(
     assert_archive_exact(private_settings, private_s3)
 
 
+@pytest.mark.soak  # minutes; the archiver and the live processors (both stages) cover a broker restart by default
 def test_replay_survives_broker_restarts(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
 ) -> None:
@@ -106,7 +107,9 @@ def test_replay_survives_broker_restarts(
     assert_dlq_exact(private_settings, private_s3, spec.dlq_topic, spec.day)
 
 
-@pytest.mark.parametrize("version", [SINGLE_STAGE, SHUFFLED], ids=["single-stage", "shuffled"])
+# single-stage under make soak: stage 2 of the shuffled run is the same consumer (rejoin, lost session)
+@pytest.mark.parametrize("version", [pytest.param(SINGLE_STAGE, id="single-stage", marks=pytest.mark.soak),
+                                     pytest.param(SHUFFLED, id="shuffled")])
 def test_live_static_members_survive_broker_restart(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers, version: int
 ) -> None:

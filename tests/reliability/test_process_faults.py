@@ -54,13 +54,13 @@ def test_archiver_sigkill_loses_and_duplicates_nothing(
 ) -> None:
     """Archiver killed mid-run (records keep arriving between runs), restarted; the archive is exact."""
     rng = random.Random(seed)
-    produced = produce_orders(settings, 60_000, seed, days=2).count
+    produced = produce_orders(settings, 30_000, seed, days=2).count
     landed = []
     for point, fraction in enumerate(kill_fractions(rng, kills)):
         archiver = workers.start(f"archiver-{point}", *ARCHIVER_KILL_ARGS, "--until-end")
         landed.append(kill_at(archiver, fraction, "sigkill.archiver", archiver_progress(settings, s3),
                               ready="assigned", seed=seed, point=point))
-        produced += produce_orders(settings, rng.randrange(5_000, 15_000), seed + point + 1, days=2).count
+        produced += produce_orders(settings, rng.randrange(3_000, 8_000), seed + point + 1, days=2).count
     assert len(landed) == kills
     archive_all(workers)
     check = assert_archive_exact(settings, s3)
