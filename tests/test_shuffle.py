@@ -377,7 +377,7 @@ def test_stage1_takes_event_time_only_from_the_live_part_at_a_handoff(settings: 
     rng = random.Random(3)
     messages = [FakeMessage(0, i, ts, event(i, rng)) for i, ts in enumerate((day2, day2 + 5, day1))]
     batch = split_batch(messages, pipeline)
-    frame = stage.with_source(stage.keep_new(batch.frame), batch.messages)
+    frame = stage.with_source(stage.keep_new(batch.frame), [])  # live: a record is its own source
     live = stage.not_covered(frame)
     stage.note_progress(frame, live)
     assert live["offset"].to_list() == [2]
@@ -409,3 +409,33 @@ def test_end_offsets_count_records_behind_an_open_transaction(settings: Settings
     assert stable == 0, "the broker no longer holds the last stable offset at an open transaction"
     assert kafka_helpers.end_offsets(settings, topic) == {0: 7}  # 1 open + 5 committed + 1 commit marker
     hanging.abort_transaction(30)
+
+
+def test_stage1_reads_archive_coordinates_and_ships_headers_byte_exact() -> None:
+    """Only a record ending in the loader's two ``kappa.src.*`` headers takes the archive's coordinates
+    (other headers may hold anything); shipped headers come back as they were, None values included,
+    and so do the list-of-structs headers an earlier release left in a repartition topic."""
+    from workers.processor.shuffle import (
+        HEADERS_ENCODER,
+        SRC_OFFSET,
+        SRC_PARTITION,
+        raw_headers,
+        with_archive_source,
+    )
+    from workers.replay.producer import SRC_OFFSET_HEADER, SRC_PARTITION_HEADER
+
+    frame = pl.DataFrame({"partition": [0, 1, 2, 3], "offset": [10, 11, 12, 13]},
+                         schema={"partition": pl.Int32, "offset": pl.Int64})
+    headers = [
+        [("trace", b"\xff\x00"), (SRC_PARTITION_HEADER, b"5"), (SRC_OFFSET_HEADER, b"123456789012")],
+        None,
+        [("a", b"not a number"), ("b", None)],
+        [(SRC_OFFSET_HEADER, b"7"), (SRC_PARTITION_HEADER, b"1")],  # wrong order: not the loader's
+    ]
+    coordinates = with_archive_source(frame, headers).select(SRC_PARTITION, SRC_OFFSET).rows()
+    assert coordinates == [(5, 123456789012), (1, 11), (2, 12), (3, 13)]
+    for original in headers:
+        shipped = None if original is None else HEADERS_ENCODER.encode(original)
+        assert raw_headers(shipped) == (original or [])
+    legacy = [{"name": "trace", "value": b"\xff"}, {"name": "n", "value": None}]
+    assert raw_headers(legacy) == [("trace", b"\xff"), ("n", None)]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
 import polars as pl
 from botocore.exceptions import ClientError
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
@@ -57,8 +58,11 @@ SRC_PARTITION, SRC_OFFSET = "src_partition", "src_offset"
 #: its position in stage 1's input; shipped only when windows can close (a finite grace)
 RAW_KEY, RAW_VALUE, RAW_HEADERS, IN_PARTITION, IN_OFFSET = "_raw_key", "_raw_value", "_raw_headers", "_in_p", "_in_o"
 RAW_COLUMNS = (RAW_KEY, RAW_VALUE, RAW_HEADERS, IN_PARTITION, IN_OFFSET)
+SOURCE_HEADERS = (SRC_PARTITION_HEADER, SRC_OFFSET_HEADER)
+NO_SOURCE = ((None, None), (None, None))
 MISSING_HEADER = ("kappa.late.missing", b"not shipped through the shuffle: stage 1 ran without a grace")
-HEADERS_DTYPE = pl.List(pl.Struct({"name": pl.String, "value": pl.Binary}))
+#: a record's headers travel as one msgpack blob: a polars list of structs per row cost more than the rest of stage 1
+HEADERS_ENCODER, HEADERS_DECODER = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[tuple[str, bytes | None]])
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: no time/size retention: stage 2 may be down for long, and event times are historical in replays
 INTERNAL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "max.message.bytes": str(MAX_MESSAGE_BYTES)}
@@ -189,17 +193,41 @@ def target_partitions(frame: pl.DataFrame, state_key: Sequence[str], partitions:
     return pl.select(pl.coalesce(by_key, frame[SRC_PARTITION].cast(pl.Int64) % partitions)).to_series()
 
 
-def with_raw(frame: pl.DataFrame, messages: list[Any]) -> pl.DataFrame:
-    """The records' key, value, headers and input position as columns (for stage 2's late topic)."""
-    chosen = [messages[idx] for idx in frame["idx"].to_list()]
-    headers = [[{"name": k, "value": v} for k, v in (m.headers() or [])] for m in chosen]
+def with_raw(frame: pl.DataFrame, messages: list[Any], headers: list[Any]) -> pl.DataFrame:
+    """The records' key, value, headers (one msgpack blob per record) and input position as columns,
+    for stage 2's late topic; ``messages`` and ``headers`` line up with the frame's rows."""
+    encode = HEADERS_ENCODER.encode
     return frame.with_columns(
-        pl.Series(RAW_KEY, [m.key() for m in chosen], dtype=pl.Binary),
-        pl.Series(RAW_VALUE, [m.value() for m in chosen], dtype=pl.Binary),
-        pl.Series(RAW_HEADERS, headers, dtype=HEADERS_DTYPE),
+        pl.Series(RAW_KEY, [m.key() for m in messages], dtype=pl.Binary),
+        pl.Series(RAW_VALUE, [m.value() for m in messages], dtype=pl.Binary),
+        pl.Series(RAW_HEADERS, [None if h is None else encode(h) for h in headers], dtype=pl.Binary),
         pl.col("partition").alias(IN_PARTITION),
         pl.col("offset").alias(IN_OFFSET),
     )
+
+
+def with_archive_source(frame: pl.DataFrame, headers: list[Any]) -> pl.DataFrame:
+    """Source coordinates: the archive's, from the two ``kappa.src.*`` headers the replay loader
+    appends last (``replay_producer.row_headers``), else the record's own position."""
+    tails = [h[-2:] if h and len(h) >= 2 else NO_SOURCE for h in headers]
+    replayed = [(p[1], o[1]) if (p[0], o[0]) == SOURCE_HEADERS else (None, None) for p, o in tails]
+    source = pl.DataFrame(replayed, schema={"_p": pl.Binary, "_o": pl.Binary}, orient="row").select(
+        pl.all().cast(pl.String).cast(pl.Int64)
+    )
+    return frame.with_columns(
+        source["_p"].fill_null(frame["partition"]).cast(pl.Int32).alias(SRC_PARTITION),
+        source["_o"].fill_null(frame["offset"]).alias(SRC_OFFSET),
+    )
+
+
+def raw_headers(shipped: bytes | list[dict[str, Any]] | None) -> list[tuple[str, bytes | None]]:
+    """A record's headers as shipped by :func:`with_raw`, or as an earlier release shipped them (a list
+    of ``{name, value}`` structs: a repartition topic may still hold those after an upgrade)."""
+    if shipped is None:
+        return []
+    if isinstance(shipped, bytes):
+        return HEADERS_DECODER.decode(shipped)
+    return [(h["name"], h["value"]) for h in shipped]
 
 
 @dataclass
@@ -455,14 +483,14 @@ class Stage2(Processor):
         if RAW_VALUE not in late.columns:
             late = late.with_columns(
                 pl.lit(None, pl.Binary).alias(RAW_KEY), pl.lit(None, pl.Binary).alias(RAW_VALUE),
-                pl.lit([], HEADERS_DTYPE).alias(RAW_HEADERS),
+                pl.lit(None, pl.Binary).alias(RAW_HEADERS),
                 pl.col(SRC_PARTITION).alias(IN_PARTITION), pl.col(SRC_OFFSET).alias(IN_OFFSET),
             )
         columns = (RAW_KEY, RAW_VALUE, RAW_HEADERS, IN_PARTITION, IN_OFFSET, WINDOW_MS, "timestamp_ms")
         for key, value, own, partition, offset, window, timestamp in late.select(columns).iter_rows():
             stamped = late_headers(self.pipeline, self.source_topic, partition, offset, window, watermark)
             missing = [MISSING_HEADER] if value is None else []  # a valid (parsed) record always has a value
-            headers = [*((h["name"], h["value"]) for h in own or []), *stamped, *missing]
+            headers = [*raw_headers(own), *stamped, *missing]
             self.produce_side(self.late_topic, key, value, headers, timestamp)
 
     def finalize_if_ended(self, state: ShuffleState, next_offset: int) -> None:
@@ -647,9 +675,11 @@ class Stage1(Processor):
         batch = split_batch(messages, self.pipeline)
         frame = self.keep_new(batch.frame) if batch.frame.height else batch.frame
         if frame.height:
-            frame = self.with_source(frame, batch.messages)
+            chosen = [batch.messages[idx] for idx in frame["idx"].to_list()]
+            headers = [m.headers() for m in chosen] if self.bounded or self.grace_ms is not None else []
+            frame = self.with_source(frame, headers)
             if self.grace_ms is not None:
-                frame = with_raw(frame, batch.messages)
+                frame = with_raw(frame, chosen, headers)
             fresh = self.not_covered(frame)
             self.send_to_dlq(fresh.filter(pl.col(REJECT).is_not_null()), batch.messages)
             self.ship(fresh)
@@ -687,17 +717,12 @@ class Stage1(Processor):
             covered = covered | ((pl.col("partition") == partition) & rows)
         return frame.filter(~covered)
 
-    def with_source(self, frame: pl.DataFrame, messages: list[Any]) -> pl.DataFrame:
-        """Source coordinates: the archive's (``kappa.src.*`` headers of a replay topic) when present."""
-        partitions, offsets = frame["partition"].to_list(), frame["offset"].to_list()
-        if self.bounded:  # the loader appends the two headers last (replay_producer.row_headers)
-            for row, idx in enumerate(frame["idx"].to_list()):
-                headers = messages[idx].headers()
-                if is_replayed(headers):
-                    partitions[row], offsets[row] = int(headers[-2][1]), int(headers[-1][1])
-        return frame.with_columns(
-            pl.Series(SRC_PARTITION, partitions, dtype=pl.Int32), pl.Series(SRC_OFFSET, offsets, dtype=pl.Int64)
-        )
+    def with_source(self, frame: pl.DataFrame, headers: list[Any]) -> pl.DataFrame:
+        """Source coordinates: a bounded run may read a replay topic (the archive's coordinates, in
+        ``headers``, one per row); live, a record's own position is its source."""
+        if self.bounded:
+            return with_archive_source(frame, headers)
+        return frame.with_columns(pl.col("partition").alias(SRC_PARTITION), pl.col("offset").alias(SRC_OFFSET))
 
     def ship(self, frame: pl.DataFrame) -> None:
         """One Arrow message per target partition for the whole micro-batch."""
@@ -851,13 +876,6 @@ class Stage1(Processor):
         if not self.end:
             return None
         return sum(max(0, end - (self.positions.get(p) or 0)) for p, end in self.end.items() if p in self.positions)
-
-
-def is_replayed(headers: list[tuple[str, bytes]] | None) -> bool:
-    """Carries the archive coordinates the replay loader appends as the last two headers."""
-    return bool(headers) and len(headers) >= 2 and (headers[-2][0], headers[-1][0]) == (  # type: ignore[arg-type]
-        SRC_PARTITION_HEADER, SRC_OFFSET_HEADER
-    )
 
 
 class StuckCall(Exception):
