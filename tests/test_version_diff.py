@@ -41,6 +41,7 @@ from workers.processor import results
 from workers.reports import version_diff
 
 DAY = "2026-11-25"
+PREVIOUS_DAY = "2026-11-24"  # the events start 10 minutes before midnight: two days to diff
 GRACE_MS = 60_000
 ORDERS_SQL = Path(__file__).resolve().parents[1] / "workers" / "pipelines" / "orders.sql"
 NEGATED_SQL = Path(tempfile.mkdtemp(prefix="kappa-test-sql-")) / "orders_refunds_negated.sql"
@@ -129,7 +130,8 @@ def day_of(records: pl.DataFrame) -> pl.DataFrame:
 @pytest.fixture
 def live_and_archived(settings: Settings, s3: Any) -> pl.DataFrame:
     faults = Faults(duplicates=0.08, late=0.06, malformed=0.05)
-    produce_events(settings, 1500, start=f"{DAY}T10:00:00+00:00", days=30 / 1440, partitions=2, seed=9, faults=faults)
+    produce_events(settings, 1500, start=f"{PREVIOUS_DAY}T23:50:00+00:00", days=30 / 1440, partitions=2, seed=9,
+                   faults=faults)
     run_live_v1_until_caught_up(settings, s3, GRACE_MS)
     archiver = [sys.executable, "-m", "workers.cli", "archiver", "--until-end", "--group", "kappa.archiver.vdiff"]
     subprocess.run(archiver, check=True, capture_output=True, timeout=120)
@@ -174,12 +176,35 @@ def test_diff_of_live_v1_and_corrected_v2_is_fully_explained(
     assert stored is not None and set(stored["cause"]) == {"late", "duplicates"}
     assert stored["events"].sum() == diff.frame["events"].sum()
 
+    assert_range_run_diffs_each_day(settings, s3, stored)
+
     pointer = promote.promote(s3, settings.s3_bucket, settings.events_topic, "orders", 2)
     assert pointer["diffs"][DAY].startswith(f"{DAY}: v2 vs live v1: duplicates")
     # once promoted, users read v2 for the day: nothing differs any more
     again = version_diff.compute(s3, settings.s3_bucket, settings.events_topic, "orders", 2, DAY,
                                  late_source=version_diff.late_topic_source(settings))  # v2's live part: shuffled
     assert again.baseline.startswith("promoted v2") and again.frame.is_empty()
+
+
+def assert_range_run_diffs_each_day(settings: Settings, s3: Any, day_diff: pl.DataFrame) -> None:
+    """A backfill of version_diff over two days is one run (single-run policy) that writes each day's
+    diff and numbers, the same as a run of that day alone."""
+    from kappa_dagster.defs.assets.version_diff import version_diff_asset
+
+    publish_replay(settings, s3, 2, PREVIOUS_DAY)
+    tags = {"dagster/asset_partition_range_start": PREVIOUS_DAY, "dagster/asset_partition_range_end": DAY}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([version_diff_asset], tags=tags, instance=instance, resources=fresh_resources())
+        assert result.success and len(instance.get_runs()) == 1
+        found = {m.partition: m.metadata for m in result.asset_materializations_for_node("version_diff")}
+    assert set(found) == {PREVIOUS_DAY, DAY}
+    for day, metadata in found.items():
+        assert metadata["path"].value == f"s3://{settings.s3_bucket}/reports/orders/v2/dt={day}/diff.parquet"
+        assert metadata["unexplained_groups"].value == 0
+    previous = version_diff.read(s3, settings.s3_bucket, "orders", 2, PREVIOUS_DAY)
+    assert previous is not None and previous["events"].abs().sum() > 0  # the day before midnight differs too
+    again = version_diff.read(s3, settings.s3_bucket, "orders", 2, DAY)
+    assert again is not None and again.sort(again.columns).equals(day_diff.sort(day_diff.columns))
 
 
 def test_a_logic_change_is_unexplained_and_refused(

@@ -88,18 +88,6 @@ def resolve(
     return ReplayTarget(pipeline=name, version=number, day=day)
 
 
-def target_of(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, replay: object) -> ReplayTarget:
-    """The day of a one-partition run (:func:`targets_of` gives every day of a backfill's range)."""
-    targets = targets_of(context, replay)
-    if len(targets) != 1:
-        raise dg.Failure(
-            description=f"this step handles one day, the run covers {targets[0].day}..{targets[-1].day}: "
-            "launch it per partition",
-            allow_retries=False,
-        )
-    return targets[0]
-
-
 def targets_of(
     context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, replay: object
 ) -> list[ReplayTarget]:

@@ -9,11 +9,12 @@ from typing import Any
 
 import dagster as dg
 
+from kappa_dagster.defs.assets.replay import RANGE_POLICY
 from kappa_dagster.defs.assets.reports import corrected_report
 from kappa_dagster.defs.partitions import OWNERS, daily_partitions
 from kappa_dagster.defs.resources import KappaResource, ReplayOptions
 from kappa_dagster.replay.step import user_errors
-from kappa_dagster.replay.target import target_of
+from kappa_dagster.replay.target import targets_of
 from workers.reports import diff as report_diff
 from workers.reports import version_diff as diff_lib
 from workers.reports.version_diff import VersionDiff
@@ -42,6 +43,7 @@ def diff_metadata(diff: VersionDiff) -> dict[str, Any]:
 @dg.asset(
     name="version_diff",
     partitions_def=daily_partitions,
+    backfill_policy=RANGE_POLICY,  # diffing a year of corrected reports is one run, as reprocessing it is
     owners=OWNERS,
     group_name="reports",
     kinds={"s3", "parquet"},
@@ -51,15 +53,24 @@ def version_diff_asset(
     context: dg.AssetExecutionContext, kappa: KappaResource, replay: ReplayOptions
 ) -> dg.MaterializeResult:
     """``reports/<P>/v<V>/dt=<D>/diff.parquet``: every difference between the corrected report and what
-    users read for the day, attributed to duplicates, late, malformed or a logic change."""
-    target = target_of(context, replay)
+    users read for the day, attributed to duplicates, late, malformed or a logic change. A range run
+    diffs each day apart: one diff file and one set of numbers per day."""
     settings = kappa.settings()
     client = kappa.s3_client(settings)
-    with user_errors():
-        diff = diff_lib.compute(
-            client, settings.s3_bucket, settings.events_topic, target.pipeline, target.version, target.day,
-            late_source=diff_lib.late_topic_source(settings),
-        )
-        key = diff_lib.write(client, settings.s3_bucket, diff)
-    context.log.info(diff.line())
-    return dg.MaterializeResult(metadata={"path": f"s3://{settings.s3_bucket}/{key}", **diff_metadata(diff)})
+    late_source = diff_lib.late_topic_source(settings)
+    days: dict[str, dict[str, Any]] = {}
+    for target in targets_of(context, replay):
+        with user_errors():
+            diff = diff_lib.compute(client, settings.s3_bucket, settings.events_topic, target.pipeline,
+                                    target.version, target.day, late_source=late_source)
+            key = diff_lib.write(client, settings.s3_bucket, diff)
+        context.log.info(diff.line())
+        days[target.day] = {"path": f"s3://{settings.s3_bucket}/{key}", **diff_metadata(diff)}
+    if len(days) == 1:
+        (metadata,) = days.values()
+        return dg.MaterializeResult(metadata=metadata)
+    for day, metadata in days.items():
+        context.add_asset_metadata(metadata, partition_key=day)
+    unexplained = sum(int(m["unexplained_groups"].value) for m in days.values())
+    return dg.MaterializeResult(metadata={"days": dg.MetadataValue.int(len(days)),
+                                          "unexplained_groups": dg.MetadataValue.int(unexplained)})
