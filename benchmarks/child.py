@@ -44,6 +44,30 @@ def run_archiver(options: dict[str, Any]) -> dict[str, Any]:
             "bytes_written": summary.bytes_written}
 
 
+def run_consume_loop(options: dict[str, Any]) -> dict[str, Any]:
+    """A bare confluent-kafka ``consume()`` loop with the archiver's consumer settings that does nothing
+    with the records: the most a Python consumer on this client gets, timed like ours (group join in)."""
+    from confluent_kafka import Consumer
+
+    from workers import kafka as kafka_helpers
+    from workers.archive.archiver import QUEUE_KBYTES
+
+    settings = _settings(options)
+    records, seen = int(options["records"]), 0
+    started = time.perf_counter()
+    consumer = Consumer(settings.kafka_config(**{
+        **kafka_helpers.BULK_CONSUMER_TUNING, "group.id": options["group"], "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "queued.max.messages.kbytes": QUEUE_KBYTES,
+    }))
+    consumer.subscribe([options["topic"]])
+    try:
+        while seen < records and time.perf_counter() - started < 300:
+            seen += sum(1 for m in consumer.consume(num_messages=10_000, timeout=0.5) if m.error() is None)
+    finally:
+        consumer.close()
+    return {"records": seen, "seconds": time.perf_counter() - started}
+
+
 def run_loader(options: dict[str, Any]) -> dict[str, Any]:
     from workers.replay import loader as replay_loader
     from workers.replay import manifest as replay_manifest
@@ -132,7 +156,8 @@ def _report_rows(settings: Settings, reports: dict[str, str]) -> list[list[Any]]
     return rows
 
 
-COMPONENTS = {"archiver": run_archiver, "loader": run_loader, "processor": run_processor}
+COMPONENTS = {"archiver": run_archiver, "consume-loop": run_consume_loop, "loader": run_loader,
+              "processor": run_processor}
 
 
 def main() -> None:

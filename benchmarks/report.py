@@ -177,6 +177,11 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
     if x and "error" not in x:
         row("3. Archiver (topic -> Parquet in S3)", "rec/s", x["ours_rps"], "ConsumerPerformance", x["reference_rps"],
             x["ratio"], x["target"])
+        if x.get("bare_loop_rps"):
+            row("3b. Bare Python consume loop (confluent-kafka, archiver's settings, no work per record)", "rec/s",
+                x["bare_loop_rps"], "ConsumerPerformance", x["reference_rps"], x["ratio_bare_loop"], None)
+            row("3c. Archiver vs that bare loop", "rec/s", x["ours_rps"], "bare consume loop", x["bare_loop_rps"],
+                x["ratio_to_bare_loop"], None)
     return rows
 
 

@@ -272,12 +272,18 @@ class Bench:
     # ------------------------------------------------------------------ 3. archiver
 
     def scenario_archiver(self) -> None:
-        data, ours, ref, rss = self.main_dataset(), [], [], []
+        data, ours, ref, rss, bare = self.main_dataset(), [], [], [], []
         for run in range(self.config.runs):
             bucket = self.bucket("archive" if run == 0 else f"archive{run}")
 
             def reference(run: int = run) -> None:
                 ref.append(self.consumer_reference("archiver", data.topic, data.records, run))
+
+            def floor(run: int = run) -> None:
+                r = self.child("consume-loop", f"consume-loop{run}", topic=data.topic, records=data.records,
+                               group=f"bench.{self.id}.loop{run}")
+                bare.append(r["rate"])
+                say(f"archiver run {run + 1}: bare Python consume loop {r['rate']:,.0f} rec/s")
 
             def mine(run: int = run, bucket: str = bucket) -> None:
                 r = self.archive(data, bucket, f"archiver{run}")
@@ -286,7 +292,7 @@ class Bench:
                 say(f"archiver run {run + 1}: archiver {r['rate']:,.0f} rec/s ({r['files']} files, "
                     f"{r['bytes_written'] / MIB:.0f} MiB Parquet), peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
 
-            alternate(run, [reference, mine])
+            alternate(run, [reference, floor, mine])
             if run == 0:
                 self.archive_bucket = bucket
             else:
@@ -295,6 +301,9 @@ class Bench:
             "records": data.records, "ours_rps": summary(ours), "reference_rps": summary(ref),
             "ratio": summary(ratios(ours, ref)), "target": 0.5, "reference": "ConsumerPerformance",
             "peak_rss_bytes": summary(rss),
+            # what a Python consumer on confluent-kafka gets at all, and how much of it the archiver keeps
+            "bare_loop_rps": summary(bare), "ratio_bare_loop": summary(ratios(bare, ref)),
+            "ratio_to_bare_loop": summary(ratios(ours, bare)),
         }
 
     # ------------------------------------------------------------------ 1. replay load

@@ -55,6 +55,10 @@ class ArchiverError(KappaError):
     """The archiver could not make its buffer durable (data stays in Kafka for the next run)."""
 
 
+#: librdkafka's prefetch queue for the whole consumer: memory outside the flush buffers' budget
+QUEUE_KBYTES = 32 * 1024
+
+
 @dataclass(frozen=True)
 class ArchiverOptions:
     """Tuning knobs; defaults give ~tens of MB Parquet files per partition and day."""
@@ -445,7 +449,7 @@ class Archiver:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "error",
             "enable.partition.eof": True,
-            "queued.max.messages.kbytes": 32768,
+            "queued.max.messages.kbytes": QUEUE_KBYTES,
         })
 
     def _should_stop(self) -> bool:
