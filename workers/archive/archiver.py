@@ -55,6 +55,8 @@ class ArchiverError(KappaError):
     """The archiver could not make its buffer durable (data stays in Kafka for the next run)."""
 
 
+#: consume() timeout while flushes are in flight: how soon a landed flush is committed
+FLUSH_POLL_S = 0.02
 #: librdkafka's prefetch queue for the whole consumer: memory outside the flush buffers' budget
 QUEUE_KBYTES = 32 * 1024
 
@@ -412,7 +414,7 @@ class Archiver:
             consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                on_lost=self._on_lost)
             while not self._should_stop():
-                self._step(consumer.consume(num_messages=self.options.batch_size, timeout=self.options.poll_timeout))
+                self._step(consumer.consume(num_messages=self.options.batch_size, timeout=self._poll_timeout()))
             self._drain(time.monotonic() + self.options.shutdown_timeout)
         finally:
             self.closing = True
@@ -423,6 +425,11 @@ class Archiver:
             self.summary.seconds = time.monotonic() - started
             self._report(time.monotonic(), force=True)
         return self.summary
+
+    def _poll_timeout(self) -> float:
+        """Short while a flush is in flight: its commit (and --until-end's stop) waits for the next
+        return of ``consume()``, which with nothing left to read is the whole poll timeout."""
+        return min(self.options.poll_timeout, FLUSH_POLL_S) if self.flushes.jobs else self.options.poll_timeout
 
     def _prepare(self) -> None:
         """Fail fast on a missing topic or an unusable bucket; read end offsets for --until-end."""
