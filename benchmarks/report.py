@@ -197,7 +197,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         + (f"; failed sections: {', '.join(v['failed_sections'])}" if v["failed_sections"] else "") + "). "
         + ("All sections present." if v["complete"] else "**Incomplete**: "
            + "; ".join([*(f"{m} not measured" for m in v["missing"]),
-                        *(f"{q} from a quick run" for q in v["quick_sections"])]) + "."),
+                        *(f"{q} from a quick run" for q in v["quick_sections"]),
+                        *([f"sections from {len(v['commits'])} commits"] if len(v["commits"]) > 1 else [])]) + "."),
         "",
         f"Commit `{commit.get('short', '?')}`{' (with uncommitted changes)' if commit.get('dirty') else ''} "
         f"{commit.get('subject', '')}. Run `{meta.get('run_id')}` at {meta.get('started_at')} "
