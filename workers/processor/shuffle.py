@@ -66,6 +66,8 @@ HEADERS_ENCODER, HEADERS_DECODER = msgspec.msgpack.Encoder(), msgspec.msgpack.De
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: no time/size retention: stage 2 may be down for long, and event times are historical in replays
 INTERNAL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "max.message.bytes": str(MAX_MESSAGE_BYTES)}
+#: both stages' consumer prefetch (benchmarks/README.md, "The live processor's memory")
+SHUFFLE_PREFETCH = {"max.partition.fetch.bytes": 2 * 1024 * 1024, "queued.max.messages.kbytes": 16 * 1024}
 #: stage 1 commits its transaction at least this often (stage 2 only sees committed data)
 STAGE1_COMMIT_SECONDS = 1.0
 #: a killed stage 1 with a random transactional.id holds stage 2 (read_committed) until this expires
@@ -414,7 +416,8 @@ class Stage2(Processor):
 
     def consumer_config(self) -> dict[str, object]:
         config = super().consumer_config()
-        return {**config, "group.id": keys.shuffle_group(self.group), "auto.offset.reset": "earliest"}
+        return {**config, "group.id": keys.shuffle_group(self.group), "auto.offset.reset": "earliest",
+                **SHUFFLE_PREFETCH}
 
     def bounded_end_offsets(self, partitions: int) -> dict[int, int]:
         """Bounded by stage 1's end markers, not offsets: end 0 lets ``finished`` see only ``finalized``."""
@@ -579,6 +582,12 @@ class Stage1(Processor):
                 self.producer.purge()
         self.producer = Producer(self.producer_config())
         retrying(lambda: self.producer.init_transactions(60))  # type: ignore[union-attr]
+
+    def consumer_config(self) -> dict[str, object]:
+        """A smaller prefetch than the single-stage processor's (both stages): librdkafka keeps every
+        fetched lz4 message set decompressed while any of its messages is queued, ~800 MiB of a live
+        run's peak; the shuffle runs at stage 2's pace, which these fetches keep up with."""
+        return {**super().consumer_config(), **SHUFFLE_PREFETCH}
 
     def producer_config(self) -> dict[str, object]:
         return self.settings.kafka_config(
