@@ -24,13 +24,19 @@ from .invariants import FIGURES, record_figure
 SESSION_TIMEOUT = 40
 
 
-def group_members(settings: Settings, group: str) -> list[tuple[str, str | None]]:
-    """(client id, group.instance.id) of each member, from the broker."""
+def group_members(settings: Settings, group: str, timeout: float = 20.0) -> list[tuple[str, str | None]]:
+    """(client id, group.instance.id) of each member, from the broker, once there is one: the
+    "assigned" lines a shuffled processor logs are its stage 2's (a group of its own), and its stage 1
+    can join ``group`` a moment after them."""
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(settings.kafka_config())
-    description = admin.describe_consumer_groups([group])[group].result(timeout=30)
-    return [(member.client_id, member.group_instance_id) for member in description.members]
+    deadline = time.monotonic() + timeout
+    while True:
+        description = admin.describe_consumer_groups([group])[group].result(timeout=30)
+        if description.members or time.monotonic() > deadline:
+            return [(member.client_id, member.group_instance_id) for member in description.members]
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("role", sorted(COMMANDS))
