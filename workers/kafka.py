@@ -16,8 +16,10 @@ from workers.errors import KappaError, UnreachableError
 #: Consumer settings of the bulk readers (archiver, processor). librdkafka's defaults fetch at most
 #: 1 MiB per partition and refill its prefetch queue from 100k messages, so a Python consumer that
 #: drains ~10k messages per call keeps waiting on fetches: with these it reads ~1.8x faster (measured
-#: 155k -> 270-295k rec/s with a bare consume loop on a 3-partition replay topic). Memory stays
-#: bounded by ``queued.max.messages.kbytes`` (librdkafka default 64 MiB for the whole consumer).
+#: 155k -> 270-295k rec/s with a bare consume loop on a 3-partition replay topic). The prefetch is
+#: capped by ``queued.max.messages.kbytes`` (default 64 MiB), which counts messages, not the
+#: decompressed lz4 message sets they keep alive: those can hold far more (benchmarks/README.md, "The
+#: live processor's memory"; the shuffle fetches less, ``shuffle.SHUFFLE_PREFETCH``).
 #: Once that queue is full librdkafka postpones a partition's next fetch by ``fetch.queue.backoff.ms``,
 #: 1 s by default: a consumer faster than one fetch round then idles for most of each second (a loop
 #: building the archiver's frames with its 32 MiB queue, 6 partitions: 210k -> 276k rec/s with 10 ms,

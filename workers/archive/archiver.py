@@ -57,7 +57,7 @@ class ArchiverError(KappaError):
 
 #: consume() timeout while flushes are in flight: how soon a landed flush is committed
 FLUSH_POLL_S = 0.02
-#: librdkafka's prefetch queue for the whole consumer: memory outside the flush buffers' budget
+#: librdkafka's prefetch cap (counted in message bytes): memory outside the flush buffers' budget
 QUEUE_KBYTES = 32 * 1024
 
 
