@@ -65,6 +65,8 @@ def run_consume_loop(options: dict[str, Any]) -> dict[str, Any]:
             seen += sum(1 for m in consumer.consume(num_messages=10_000, timeout=0.5) if m.error() is None)
     finally:
         consumer.close()
+    if seen < records:
+        raise RuntimeError(f"consume loop: {seen} of {records} records of {options['topic']} within 300 s")
     return {"records": seen, "seconds": time.perf_counter() - started}
 
 
