@@ -439,3 +439,44 @@ def test_stage1_reads_archive_coordinates_and_ships_headers_byte_exact() -> None
         assert raw_headers(shipped) == (original or [])
     legacy = [{"name": "trace", "value": b"\xff"}, {"name": "n", "value": None}]
     assert raw_headers(legacy) == [("trace", b"\xff"), ("n", None)]
+
+
+def test_stage1_aligns_sources_in_event_time_and_stays_exact(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stage 2 holds a window open until the slowest source passed it, so stage 1 pauses a source that
+    runs far ahead in event time. Partition 0 spreads its events over the day, partition 1 packs most
+    of its own into the first hour: read at a similar record pace, partition 0 runs hours ahead.
+    The pauses must land, and the report must still equal the independent oracle."""
+    from workers.processor import shuffle
+
+    topic = f"{settings.events_topic}.skewed"
+    kafka_helpers.ensure_topic(settings, topic, 2)
+    # small fetches interleave the partitions; a low bound makes a few hundred records "far ahead"
+    monkeypatch.setattr(shuffle, "SHUFFLE_PREFETCH", {"max.partition.fetch.bytes": 4096,
+                                                      "queued.max.messages.kbytes": 64})
+    monkeypatch.setattr(shuffle, "ALIGN_RECORDS", 100)
+    day = int(dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp() * 1000)
+    rng = random.Random(5)
+    times = {0: sorted(day + rng.randrange(86_400_000) for _ in range(3000)),
+             1: sorted([day + rng.randrange(3_600_000) for _ in range(2700)]
+                       + [day + rng.randrange(86_400_000) for _ in range(300)])}
+    producer = Producer(settings.kafka_config(**{"linger.ms": 20}))
+    for partition, stamps in times.items():
+        for n, ts in enumerate(stamps):
+            event_id = f"e{rng.randrange(4000)}"  # copies across partitions: dedup must still hold
+            value = json.dumps({"event_id": event_id, "user_id": f"u{n % 7}", "type": rng.choice(sorted(TYPES)),
+                                "amount": rng.randrange(1, 100)}).encode()
+            producer.produce(topic, value=value, timestamp=ts, partition=partition)
+    assert producer.flush(30) == 0
+    messages = read_topic(settings, topic)
+    expected = oracle(messages)
+
+    with caplog.at_level("INFO", logger="kappa.shuffle"):
+        summary = run_processor(settings, "orders", 2, topic=topic, group="g-aligned", bounded=True,
+                                start="earliest", grace_ms=0, batch_size=50, checkpoint_seconds=0.3)
+    pauses = [r for r in caplog.records if "records ahead of the slowest source" in r.getMessage()]
+    assert pauses, "stage 1 never paused the partition running ahead"
+    assert any("[0]" in r.getMessage() for r in pauses)
+    assert summary.complete and summary.records == 6000 and summary.late_records == 0
+    assert_matches_oracle(reports(settings, sorted(expected)), expected)

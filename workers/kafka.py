@@ -6,7 +6,15 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from workers import keys
@@ -29,6 +37,38 @@ BULK_CONSUMER_TUNING: dict[str, object] = {
     "max.partition.fetch.bytes": 8 * 1024 * 1024,
     "fetch.queue.backoff.ms": 10,
 }
+
+
+#: what one consume() call may hold, in message bytes (``ConsumeBudget``)
+CONSUME_BYTES = 16 * 1024 * 1024
+#: messages of a consume() result whose sizes estimate its mean size
+SIZE_SAMPLES = 32
+
+
+class ConsumeBudget:
+    """How many messages the next ``consume()`` may ask for, so that its result stays near ``max_bytes``.
+
+    ``consume(n, timeout)`` takes messages off librdkafka's queue until it holds ``n`` or the timeout
+    passes, and librdkafka refills the queue meanwhile: its prefetch cap does not bound what one call
+    returns, only ``n`` does. With the shuffle's ~1 MiB frames, ``n = 20,000`` let one call of stage 2
+    take the whole backlog stage 1 had produced (2.2 GiB at 10M events, benchmarks/README.md, "The
+    live processor's memory"). The mean message size comes from a few messages of the last result.
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int = CONSUME_BYTES) -> None:
+        self.max_messages, self.max_bytes = max_messages, max_bytes
+        self.count = max_messages
+
+    def messages(self) -> int:
+        return self.count
+
+    def observe(self, messages: list[Message]) -> None:
+        if not messages:
+            return
+        step = max(1, len(messages) // SIZE_SAMPLES)
+        sample = messages[::step]
+        mean = sum(len(m.value() or b"") + len(m.key() or b"") for m in sample) / len(sample)
+        self.count = max(1, min(self.max_messages, int(self.max_bytes // max(mean, 1.0))))
 
 
 def admin_client(settings: Settings, quiet: bool = False) -> AdminClient:

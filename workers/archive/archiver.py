@@ -413,8 +413,11 @@ class Archiver:
                 self.metrics.serve(self.options.metrics_port)
             consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                on_lost=self._on_lost)
+            budget = kafka_helpers.ConsumeBudget(self.options.batch_size)
             while not self._should_stop():
-                self._step(consumer.consume(num_messages=self.options.batch_size, timeout=self._poll_timeout()))
+                messages = consumer.consume(num_messages=budget.messages(), timeout=self._poll_timeout())
+                budget.observe(messages)
+                self._step(messages)
             self._drain(time.monotonic() + self.options.shutdown_timeout)
         finally:
             self.closing = True

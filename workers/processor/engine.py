@@ -233,6 +233,7 @@ class Processor:
         self.switch = switch
         self.requested_end = dict(end_offsets) if end_offsets is not None else None
         self.grace_ms, self.batch_size, self.checkpoint_seconds = grace_ms, batch_size, checkpoint_seconds
+        self.budget = kafka_helpers.ConsumeBudget(batch_size)
         self.dlq_topic, self.late_topic, self.progress, self.stop = dlq_topic, late_topic, progress, stop
         self.instance_id, self.group_protocol, self.session_timeout = instance_id, group_protocol, session_timeout
         self.client = s3_client(settings)
@@ -334,7 +335,8 @@ class Processor:
         assert self.consumer is not None
         with gc_paused():  # consume + process allocate only acyclic per-record objects
             try:  # consume() too: it raises what a rebalance callback raised (e.g. a fenced committed())
-                messages = self.consumer.consume(num_messages=self.batch_size, timeout=timeout)
+                messages = self.consumer.consume(num_messages=self.budget.messages(), timeout=timeout)
+                self.budget.observe(messages)
                 if messages:
                     self.process(messages)
             except KafkaException as exc:
