@@ -57,7 +57,7 @@ class ConsumeBudget:
 
     def __init__(self, max_messages: int, max_bytes: int = CONSUME_BYTES) -> None:
         self.max_messages, self.max_bytes = max_messages, max_bytes
-        self.count = max_messages
+        self.count = min(max_messages, SIZE_SAMPLES)  # sizes unknown yet: a few messages first
 
     def messages(self) -> int:
         return self.count
