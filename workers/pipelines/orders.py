@@ -39,10 +39,9 @@ def decode_batch(values: Sequence[bytes | None]) -> list[Order] | None:
     if not values or None in values or b"" in values:
         return None
     joined = b"\n".join(values)  # type: ignore[arg-type]
-    if joined.count(b"\n") != len(values) - 1:
-        return None  # a value holds a newline: lines would not line up with records
-    try:
-        joined.decode("utf-8")  # JSON is UTF-8: msgspec does not check bytes it skips (unknown keys/fields)
+    try:  # JSON is UTF-8: msgspec does not check bytes it skips (unknown keys/fields)
+        if joined.decode("utf-8").count("\n") != len(values) - 1:  # (str.count beats bytes.count)
+            return None  # a value holds a newline: lines would not line up with records
         orders = DECODER.decode_lines(joined)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None

@@ -65,6 +65,7 @@ LATE_HEADERS = ("kappa.late.topic", "kappa.late.partition", "kappa.late.offset",
 #: per record of a classified frame: the watermark (earlier valid records' max timestamp - grace) it met
 WATERMARK_MS = "_watermark_ms"
 DEFAULT_BATCH_SIZE = 20_000
+DAY_MS = 86_400_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
 #: gets its partitions back at once, a dead one's move to the others after it
@@ -196,7 +197,9 @@ def apply(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
 def day_counts(frame: pl.DataFrame) -> pl.DataFrame:
     """Outcomes per UTC day; a record whose timestamp has no calendar day (DLQ'd) belongs to no day."""
     in_range = frame.filter(pl.col("timestamp_ms").is_between(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS))
-    return in_range.group_by(day_of(pl.col("timestamp_ms")).alias("day"), "outcome").len().sort("day", "outcome")
+    # grouped by day number, named after: a date string per record cost more than the grouping
+    per_day = in_range.group_by((pl.col("timestamp_ms") // DAY_MS).alias("day"), "outcome").len()
+    return per_day.with_columns(day_of(pl.col("day") * DAY_MS)).sort("day", "outcome")
 
 
 class Processor:
