@@ -338,7 +338,7 @@ class Processor:
         assert self.consumer is not None
         with gc_paused():  # consume + process allocate only acyclic per-record objects
             try:  # consume() too: it raises what a rebalance callback raised (e.g. a fenced committed())
-                messages = self.consumer.consume(num_messages=self.budget.messages(), timeout=timeout)
+                messages = self.consumer.consume(num_messages=self.messages_wanted(), timeout=timeout)
                 self.budget.observe(messages)
                 if messages:
                     self.process(messages)
@@ -346,6 +346,25 @@ class Processor:
                 self.rejoin_or_raise(exc)
                 return False
         return True
+
+    def messages_wanted(self) -> int:
+        """The budget's count; bounded, no more than the records left: ``consume()`` waits out its
+        whole timeout for messages that never come (0.5 s at the end of a bounded run, 15 % of 1M)."""
+        wanted, left = self.budget.messages(), self.records_left()
+        return wanted if not left else min(wanted, left)
+
+    def records_left(self) -> int | None:
+        """Records between our positions and the end offsets; None when unknown (or not bounded)."""
+        if not self.bounded or not self.states:
+            return None
+        left = 0
+        for partition, state in self.states.items():
+            if state.finalized:
+                continue
+            if state.next_offset is None:
+                return None
+            left += max(0, self.end[partition] - state.next_offset)
+        return left
 
     def rejoin_or_raise(self, exc: KafkaException) -> None:
         """Wherever librdkafka reports our static member fenced (a consume() error, or the bare fatal

@@ -429,6 +429,9 @@ class Stage2(Processor):
         """Bounded by stage 1's end markers, not offsets: end 0 lets ``finished`` see only ``finalized``."""
         return dict.fromkeys(range(partitions), 0)
 
+    def records_left(self) -> int | None:
+        return None  # the end is stage 1's end markers, not an offset
+
     def new_state(self, partition: int) -> PartitionState:
         return ShuffleState(self.pipeline, self.topic, self.group, partition, self.grace_ms)
 
@@ -935,6 +938,11 @@ class Stage1(Processor):
         consumer = self.consumer
         committed = retrying(lambda: consumer.committed([TP(self.topic, p) for p in self.end], timeout=30))
         return all(tp.offset >= self.end[tp.partition] for tp in committed)
+
+    def records_left(self) -> int | None:
+        if not self.bounded or not self.positions or None in self.positions.values():
+            return None
+        return self.remaining()
 
     def remaining(self) -> int | None:
         if not self.end:
