@@ -31,6 +31,7 @@ from workers.archive.checkpoint import ArchiverCheckpoint
 from workers.archive.flusher import BackgroundFlushes, Flushed, FlushJob
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.perf import gc_paused
 from workers.s3 import Fenced
 
 log = logging.getLogger("kappa.archiver")
@@ -415,9 +416,10 @@ class Archiver:
                                on_lost=self._on_lost)
             budget = kafka_helpers.ConsumeBudget(self.options.batch_size)
             while not self._should_stop():
-                messages = consumer.consume(num_messages=budget.messages(), timeout=self._poll_timeout())
-                budget.observe(messages)
-                self._step(messages)
+                with gc_paused():  # consume + ingest allocate only acyclic per-record objects
+                    messages = consumer.consume(num_messages=budget.messages(), timeout=self._poll_timeout())
+                    budget.observe(messages)
+                    self._step(messages)
             self._drain(time.monotonic() + self.options.shutdown_timeout)
         finally:
             self.closing = True
