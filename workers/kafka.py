@@ -27,10 +27,9 @@ from workers.errors import KappaError, UnreachableError
 #: Consumer settings of the bulk readers (archiver, processor). librdkafka's defaults fetch at most
 #: 1 MiB per partition and refill its prefetch queue from 100k messages, so a Python consumer that
 #: drains ~10k messages per call keeps waiting on fetches: with these it reads ~1.8x faster (measured
-#: 155k -> 270-295k rec/s with a bare consume loop on a 3-partition replay topic). The prefetch is
-#: capped by ``queued.max.messages.kbytes`` (default 64 MiB), which counts messages, not the
-#: decompressed lz4 message sets they keep alive: those can hold far more (benchmarks/README.md, "The
-#: live processor's memory"; the shuffle fetches less, ``shuffle.SHUFFLE_PREFETCH``).
+#: 155k -> 270-295k rec/s with a bare consume loop on a 3-partition replay topic). The prefetch queue
+#: is capped by ``queued.max.messages.kbytes`` (default 64 MiB); what one ``consume()`` call takes
+#: off it is not (``ConsumeBudget``). The shuffle fetches less (``shuffle.SHUFFLE_PREFETCH``).
 #: Once that queue is full librdkafka postpones a partition's next fetch by ``fetch.queue.backoff.ms``,
 #: 1 s by default: a consumer faster than one fetch round then idles for most of each second (a loop
 #: building the archiver's frames with its 32 MiB queue, 6 partitions: 210k -> 276k rec/s with 10 ms,
@@ -55,7 +54,7 @@ class ConsumeBudget:
     passes, and librdkafka refills the queue meanwhile: its prefetch cap does not bound what one call
     returns, only ``n`` does. With the shuffle's ~1 MiB frames, ``n = 20,000`` let one call of stage 2
     take the whole backlog stage 1 had produced (2.2 GiB at 10M events, benchmarks/README.md, "The
-    live processor's memory"). The mean message size comes from a few messages of the last result.
+    second issue-14 round"). The mean message size comes from a few messages of the last result.
     """
 
     def __init__(self, max_messages: int, max_bytes: int = CONSUME_BYTES) -> None:

@@ -66,7 +66,7 @@ HEADERS_ENCODER, HEADERS_DECODER = msgspec.msgpack.Encoder(), msgspec.msgpack.De
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: no time/size retention: stage 2 may be down for long, and event times are historical in replays
 INTERNAL_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "max.message.bytes": str(MAX_MESSAGE_BYTES)}
-#: both stages' consumer prefetch (benchmarks/README.md, "The live processor's memory")
+#: both stages' consumer prefetch (benchmarks/README.md, "The live processor's memory, first round")
 SHUFFLE_PREFETCH = {"max.partition.fetch.bytes": 2 * 1024 * 1024, "queued.max.messages.kbytes": 16 * 1024}
 #: stage 1 pauses a source partition that runs this many records ahead of its slowest active one
 #: in event time (``Stage1.align``), and resumes it once it is half as far ahead. Counted in records,
@@ -597,9 +597,9 @@ class Stage1(Processor):
         retrying(lambda: self.producer.init_transactions(60))  # type: ignore[union-attr]
 
     def consumer_config(self) -> dict[str, object]:
-        """A smaller prefetch than the single-stage processor's (both stages): librdkafka keeps every
-        fetched lz4 message set decompressed while any of its messages is queued, ~800 MiB of a live
-        run's peak; the shuffle runs at stage 2's pace, which these fetches keep up with."""
+        """A smaller prefetch than the single-stage processor's (both stages): the shuffle runs at
+        stage 2's pace, which these fetches keep up with, and a smaller fetch is a shorter stretch of
+        event time for ``align`` to pause (a pause drops the partition's prefetch)."""
         return {**super().consumer_config(), **SHUFFLE_PREFETCH}
 
     def producer_config(self) -> dict[str, object]:
