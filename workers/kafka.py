@@ -195,7 +195,8 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 30.0) -> dict[i
                                          request_timeout=max(1.0, deadline - time.monotonic()))
             return {tp.partition: future.result().offset for tp, future in futures.items()}
         except KafkaException as exc:
-            if exc.args[0].code() not in TRANSIENT_ERRORS or time.monotonic() >= deadline:
+            error = exc.args[0]
+            if not (error.code() in TRANSIENT_ERRORS or error.retriable()) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
 
@@ -205,6 +206,8 @@ TRANSIENT_ERRORS = frozenset({
     KafkaError._UNKNOWN_PARTITION, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
     KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT,
+    # the first seconds after a broker start: it does not know yet the leader epoch a client sends
+    KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError.FENCED_LEADER_EPOCH,
 })
 
 
