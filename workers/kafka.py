@@ -195,8 +195,7 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 30.0) -> dict[i
                                          request_timeout=max(1.0, deadline - time.monotonic()))
             return {tp.partition: future.result().offset for tp, future in futures.items()}
         except KafkaException as exc:
-            error = exc.args[0]
-            if not (error.code() in TRANSIENT_ERRORS or error.retriable()) or time.monotonic() >= deadline:
+            if not is_transient(exc.args[0]) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
 
@@ -209,6 +208,12 @@ TRANSIENT_ERRORS = frozenset({
     # the first seconds after a broker start: it does not know yet the leader epoch a client sends
     KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError.FENCED_LEADER_EPOCH,
 })
+
+
+def is_transient(error: KafkaError) -> bool:
+    """Worth retrying until a deadline: what librdkafka flags retriable, or a ``TRANSIENT_ERRORS``
+    code it does not flag (e.g. ``committed()``'s plain "Local: Timed out" after a broker restart)."""
+    return not error.fatal() and (error.retriable() or error.code() in TRANSIENT_ERRORS)
 
 
 def read_headers(settings: Settings, topic: str, timeout: float = 60.0) -> Iterator[list[tuple[str, bytes | None]]]:

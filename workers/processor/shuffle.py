@@ -981,17 +981,14 @@ def call_within(call: Callable[[], Any], seconds: float) -> Any:
 
 
 def retrying(call: Callable[[], Any], seconds: float = 120.0) -> Any:
-    """Retry what Kafka calls retriable (a broker restart, a coordinator moving) for up to ``seconds``.
-    Also the transient errors librdkafka does not flag: ``committed()`` just after a broker restart
-    fails with a plain "Local: Timed out" (it ended a bounded replay in the broker-restart test)."""
+    """Retry transient Kafka errors (``kafka.is_transient``: a broker restart, a coordinator moving)
+    for up to ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             return call()
         except KafkaException as exc:
-            error = exc.args[0]
-            transient = error.retriable() or error.code() in kafka_helpers.TRANSIENT_ERRORS
-            if error.fatal() or not transient or time.monotonic() > deadline:
+            if not kafka_helpers.is_transient(exc.args[0]) or time.monotonic() > deadline:
                 raise
             log.warning("Kafka: %s; retrying", exc.args[0].str())
             time.sleep(0.5)
