@@ -212,8 +212,12 @@ TRANSIENT_ERRORS = frozenset({
 
 def is_transient(error: KafkaError) -> bool:
     """Worth retrying until a deadline: what librdkafka flags retriable, or a ``TRANSIENT_ERRORS``
-    code it does not flag (e.g. ``committed()``'s plain "Local: Timed out" after a broker restart)."""
-    return not error.fatal() and (error.retriable() or error.code() in TRANSIENT_ERRORS)
+    code it does not flag (e.g. ``committed()``'s plain "Local: Timed out" after a broker restart).
+    Never an error that dooms the open transaction: calling again cannot succeed (the producer is
+    in its abortable state), only an abort can."""
+    if error.fatal() or error.txn_requires_abort():
+        return False
+    return error.retriable() or error.code() in TRANSIENT_ERRORS
 
 
 def read_headers(settings: Settings, topic: str, timeout: float = 60.0) -> Iterator[list[tuple[str, bytes | None]]]:

@@ -384,28 +384,35 @@ def bounded_args(spec: ReplaySpec, batch_size: int = 300, *extra: str) -> tuple[
             "--checkpoint-seconds", "0.5", "--progress", "log", *grace, *extra)
 
 
-def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic: str, timeout: float = 120) -> None:
+def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic: str, timeout: float = 120,
+                             worker: Worker | None = None) -> None:
     """Bounded wait until the processor's S3 checkpoints reach the topic's end offsets (a shuffled
-    pipeline: stage 1's committed offsets reach them and stage 2's checkpoints the repartition topic's)."""
+    pipeline: stage 1's committed offsets reach them and stage 2's checkpoints the repartition topic's).
+    On a timeout the message says where each stage stood, and ``worker``'s last lines."""
     ends = {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
+    seen: dict[str, object] = {}
+
+    def checkpointed(states: dict[int, dict[str, Any]], targets: dict[int, int]) -> dict[int, int]:
+        return {p: int(states.get(p, {}).get("next_offset") or -1) for p in targets}
 
     def caught_up() -> bool:
         states = list_states(client, settings.s3_bucket, prefix)
         shuffled = next((s for s in states.values() if "shuffle" in s), None)
         if shuffled is None:
-            return all(int(states.get(p, {}).get("next_offset") or -1) >= o for p, o in ends.items())
-        return group_reached(settings, shuffled["group"], topic, ends) and all(
-            int(states.get(p, {}).get("next_offset") or -1) >= o
-            for p, o in end_offsets(settings, shuffled["topic"]).items() if o > 0
+            seen["checkpoints"] = checkpointed(states, ends)
+            return all(seen["checkpoints"][p] >= o for p, o in ends.items())  # type: ignore[index]
+        seen["stage 1 committed"] = group_committed(settings, shuffled["group"], topic, list(ends))
+        internal = {p: o for p, o in end_offsets(settings, shuffled["topic"]).items() if o > 0}
+        seen["stage 2 checkpoints"], seen["repartition ends"] = checkpointed(states, internal), internal
+        return all(seen["stage 1 committed"][p] >= o for p, o in ends.items()) and all(  # type: ignore[index]
+            seen["stage 2 checkpoints"][p] >= o for p, o in internal.items()  # type: ignore[index]
         )
 
-    wait_until(caught_up, timeout, f"processor checkpoints to reach {ends}")
-
-
-def group_reached(settings: Settings, group: str, topic: str, ends: dict[int, int]) -> bool:
-    """The group's committed offsets on ``topic`` reach ``ends`` (stage 1 of a shuffle commits there)."""
-    committed = group_committed(settings, group, topic, list(ends))
-    return all(committed[p] >= end for p, end in ends.items())
+    try:
+        wait_until(caught_up, timeout, f"processor checkpoints to reach {ends}")
+    except AssertionError as exc:
+        tail = f"\n{worker.tail()}" if worker is not None else ""
+        raise AssertionError(f"{exc}; last seen {seen}{tail}") from None
 
 
 def group_committed(settings: Settings, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
@@ -499,7 +506,8 @@ def drain_live(workers: Workers, settings: Settings, client: Any, name: str = "l
     produce_orders(settings, 300, 7)
     final = workers.start(name, *LIVE_ARGS)
     wait_until(lambda: "records=" in final.output() or not final.alive(), 120, f"{name} to start consuming")
-    wait_processor_caught_up(settings, client, keys.live_prefix("orders", 2), settings.events_topic, timeout=180)
+    prefix = keys.live_prefix("orders", 2)
+    wait_processor_caught_up(settings, client, prefix, settings.events_topic, timeout=180, worker=final)
     final.signal(signal.SIGTERM)
     assert final.wait(90) == 0, f"{name} did not stop cleanly:\n{final.tail()}"
     return final

@@ -125,7 +125,7 @@ def test_live_static_members_survive_broker_restart(
     started_some(progress, "the live processor to commit its first records")
     outage(private_stack, "kafka", STATIC_DOWN_SECONDS, f"broker_restart.processor.static_live_v{version}", live,
            KAFKA_DOWN_LINES, progress)
-    wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240)
+    wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240, worker=live)
     live.signal(signal.SIGTERM)
     assert live.wait(90) == 0, f"the live processor did not stop cleanly:\n{live.tail()}"
     fenced, recovered = rejoins(live)

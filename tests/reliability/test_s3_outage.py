@@ -113,10 +113,11 @@ def test_live_processor_survives_s3_outage(
     produce_orders(private_settings, 5_000, 13, partitions=PARTITIONS)
     live = workers.start("live", *LIVE_ARGS)
     prefix = keys.live_prefix("orders", 2)
-    wait_processor_caught_up(private_settings, private_s3, prefix, private_settings.events_topic)
+    wait_processor_caught_up(private_settings, private_s3, prefix, private_settings.events_topic, worker=live)
     s3_down_while_producing(private_stack, private_settings, live, seconds, "s3_outage.processor.live")
     assert live.alive(), f"live processor died during the S3 outage:\n{live.tail()}"
-    wait_processor_caught_up(private_settings, private_s3, prefix, private_settings.events_topic, timeout=180)
+    topic = private_settings.events_topic
+    wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=180, worker=live)
     stop_cleanly(live)
     workers.run("archiver", *ARCHIVER_ARGS, "--until-end")
     assert_archive_exact(private_settings, private_s3)
