@@ -125,6 +125,23 @@ def test_a_self_fence_rejoins_a_few_times_then_stays_fatal() -> None:
     assert budget.allows(fenced, 302.0, static=True), "the window slides: an old fence no longer counts"
 
 
+def test_a_coordinator_that_does_not_answer_rejoins_a_few_times_then_propagates() -> None:
+    """The budget behind new clients for a stuck coordinator connection: a transient error that outlived
+    its retries counts (a timed-out committed()); a doomed transaction, a fatal error or anything not
+    Kafka's never does; after ``limit`` within the window the error propagates."""
+    from confluent_kafka import KafkaError
+
+    budget = membership.UnansweredBudget(limit=2, window_s=600)
+    assert not budget.allows(KafkaError(KafkaError._TIMED_OUT, txn_requires_abort=True), 0.0)
+    assert not budget.allows(KafkaError(KafkaError._FATAL, fatal=True), 0.0)
+    assert not budget.allows(TimeoutError("not Kafka"), 0.0)
+    timed_out = KafkaError(KafkaError._TIMED_OUT, "Failed to get committed offsets: Local: Timed out")
+    assert [budget.allows(timed_out, at) for at in (1.0, 2.0, 3.0)] == [True, True, False]
+    assert budget.allows(timed_out, 602.0), "the window slides"
+    assert membership.rejoin_cause(timed_out) == "did not answer in time"
+    assert membership.rejoin_cause(KafkaError(KafkaError.FENCED_INSTANCE_ID)) == "fenced this member"
+
+
 def test_two_processors_given_one_instance_id_end_with_the_fence_error(settings: Settings, topic_factory) -> None:
     """A real duplicate id (real broker): the two fence each other back and forth, so the rejoin budget
     runs out and a processor exits with the fence error instead of rejoining forever."""

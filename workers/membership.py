@@ -133,7 +133,24 @@ def consumer_config(
 
 
 @dataclass
-class SelfFenceBudget:
+class RejoinBudget:
+    """At most ``limit`` rejoins within a sliding ``window_s``: past that, the cause is not a passing one."""
+
+    limit: int = 3
+    window_s: float = 300.0
+    times: list[float] = field(default_factory=list)
+
+    def take(self, now: float) -> bool:
+        """True (and counted) when there is room for one more rejoin at ``now``."""
+        self.times = [t for t in self.times if now - t < self.window_s]
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
+
+
+@dataclass
+class SelfFenceBudget(RejoinBudget):
     """When the broker fences our own static member, rejoin with a new consumer, a few times at most.
 
     librdkafka reports "Static consumer fenced by other consumer with same group.instance.id" as a
@@ -144,10 +161,6 @@ class SelfFenceBudget:
     within ``window_s`` the error stays fatal and the worker exits with it.
     """
 
-    limit: int = 3
-    window_s: float = 300.0
-    times: list[float] = field(default_factory=list)
-
     def allows(self, error: object, now: float, *, static: bool = False) -> bool:
         """True (and counted) when ``error`` is our static member fenced and the budget has room.
 
@@ -155,11 +168,35 @@ class SelfFenceBudget:
         error") that no longer names the cause; for a ``static`` member the fence is the only fatal
         error a consumer has, so a bare one counts too, whichever call met it first.
         """
-        self.times = [t for t in self.times if now - t < self.window_s]
-        if not is_fenced_instance(error, static=static) or len(self.times) >= self.limit:
-            return False
-        self.times.append(now)
-        return True
+        return is_fenced_instance(error, static=static) and self.take(now)
+
+
+@dataclass
+class UnansweredBudget(RejoinBudget):
+    """When a group call still times out after its retries, rejoin with new clients, a few times at most.
+
+    After a broker restart librdkafka's connection to a coordinator can stay stuck: its requests sit
+    in the out-queue and time out again and again ("GroupCoordinator: Timed out 0 in-flight, 0
+    retry-queued, 1 out-queue"), as the transactional producer's does (librdkafka#5511). Retrying
+    on the same client never ends; a new client connects afresh. A broker that is really gone fails
+    the new clients too, so after ``limit`` rejoins within ``window_s`` the error propagates.
+    """
+
+    limit: int = 5
+    window_s: float = 600.0
+
+    def allows(self, error: object, now: float) -> bool:
+        """True (and counted) when ``error`` is a transient Kafka error and the budget has room."""
+        from confluent_kafka import KafkaError
+
+        from workers import kafka as kafka_helpers
+
+        return isinstance(error, KafkaError) and kafka_helpers.is_transient(error) and self.take(now)
+
+
+def rejoin_cause(error: object) -> str:
+    """How a rejoin log line names its cause (the reliability suite counts both kinds)."""
+    return "fenced this member" if is_fenced_instance(error, static=True) else "did not answer in time"
 
 
 def is_fenced_instance(error: object, *, static: bool = False) -> bool:

@@ -346,9 +346,10 @@ def live_args(version: int, *extra: str, base: tuple[str, ...] = LIVE_ARGS) -> t
 #: What a processor logs when its static member was fenced by its own re-join and it joined again.
 REJOIN_LINES = re.compile(r"fenced (this member|stage 1) .*rejoining")
 #: What a processor logs when a broker restart cost it uncommitted work: a self-fence rejoin, its
-#: session expired (partitions lost), or a stage-1 transaction aborted and redone.
+#: session expired (partitions lost), a stage-1 transaction aborted and redone, or new clients for a
+#: coordinator that did not answer.
 RECOVERY_LINES = re.compile(rf"{REJOIN_LINES.pattern}|lost \(session expired\)|stage 1 transaction aborted|"
-                            r"replacing the transactional producer")
+                            r"replacing the transactional producer|did not answer in time .*rejoining")
 
 
 def rejoins(worker: Worker) -> tuple[int, int]:

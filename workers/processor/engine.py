@@ -261,6 +261,7 @@ class Processor:
         #: live, before the first assignment: was there no checkpoint at all (see :meth:`unknown_start`)
         self.fresh_group: bool | None = None
         self.self_fenced = membership.SelfFenceBudget()
+        self.unanswered = membership.UnansweredBudget()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -302,9 +303,11 @@ class Processor:
         return self.summary
 
     def rejoin(self, error: KafkaError) -> None:
-        """Our static member was fenced by our own re-join (see ``membership.SelfFenceBudget``): drop
-        the uncommitted state unwritten (as on_lost) and join again with a new consumer, same id."""
-        log.warning("group %s fenced this member (%s): uncommitted state dropped, rejoining", self.group, error.str())
+        """Our static member was fenced by our own re-join (see ``membership.SelfFenceBudget``), or
+        the group coordinator does not answer (``membership.UnansweredBudget``): drop the uncommitted
+        state unwritten (as on_lost) and join again with a new consumer, same id."""
+        cause = membership.rejoin_cause(error)
+        log.warning("group %s %s (%s): uncommitted state dropped, rejoining", self.group, cause, error.str())
         self.states.clear()
         self.refetch.clear()
         assert self.consumer is not None
@@ -367,12 +370,15 @@ class Processor:
         return left
 
     def rejoin_or_raise(self, exc: KafkaException) -> None:
-        """Wherever librdkafka reports our static member fenced (a consume() error, or the bare fatal
-        error of any later consumer call), rejoin within the budget; anything else propagates."""
+        """Rejoin with new clients, within its budget, where librdkafka reports our static member
+        fenced (a consume() error, or the bare fatal error of any later consumer call) or a group
+        call still timed out after its retries (a stuck coordinator connection); anything else
+        propagates."""
+        error, now = exc.args[0], time.monotonic()
         static = self.membership.instance_id is not None
-        if not self.self_fenced.allows(exc.args[0], time.monotonic(), static=static):
+        if not (self.self_fenced.allows(error, now, static=static) or self.unanswered.allows(error, now)):
             raise exc
-        self.rejoin(exc.args[0])
+        self.rejoin(error)
 
     def loop(self) -> None:
         assert self.consumer is not None

@@ -82,6 +82,10 @@ TRANSACTION_TIMEOUT_MS = 10_000
 TRANSACTION_RETRY_S = 30.0
 #: a transactional call that has not returned by then is stuck (see ``call_within``)
 CALL_LIMIT_S = 45.0
+#: a committed-offsets query: one try's timeout, and how long a coordinator that does not answer is
+#: retried before stage 1 rejoins with new clients (after a broker restart the connection can stay stuck)
+COMMITTED_TIMEOUT_S = 15.0
+COMMITTED_RETRY_S = 40.0
 INSTANCE_ENV = "KAPPA_INSTANCE_ID"
 #: a reset of the internals takes seconds; a lock this old was left by a member that died meanwhile
 RESET_LOCK_SECONDS = 180.0
@@ -550,7 +554,7 @@ class Stage1(Processor):
         self.positions: dict[int, int | None] = {}
         self.source_progress: dict[int, SourceProgress] = {}
         self.committed_progress: dict[int, SourceProgress] = {}
-        self.uncommitted = self.rejoining = False
+        self.uncommitted = False
         self.last_done_check = 0.0
         #: source partitions paused by ``align``; per partition (records read, first event time)
         self.held: set[int] = set()
@@ -637,7 +641,9 @@ class Stage1(Processor):
 
     def on_assign(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Committed offset (the transaction's) > explicit start offset > bounded from-beginning > reset."""
-        committed = retrying(lambda: consumer.committed(partitions, timeout=30)) if partitions else []
+        if consumer is not self.consumer:
+            return  # a replaced consumer, closing on another thread (see rejoin)
+        committed = committed_offsets(consumer, partitions)
         for tp, done in zip(partitions, committed, strict=True):
             self.positions[tp.partition], tp.offset = self.first_offset(tp.partition, done.offset)
             self.source_progress[tp.partition] = SourceProgress()
@@ -656,30 +662,30 @@ class Stage1(Processor):
 
     def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Commit what we did (offsets + output, one transaction), then forget the revoked partitions."""
-        if self.rejoining:
+        if consumer is not self.consumer:
             return
         self.commit()
         self.forget({tp.partition for tp in partitions})
 
     def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Someone else owns them: our open transaction is void; the partitions we keep are rewound."""
-        if self.rejoining:
+        if consumer is not self.consumer:
             return
         self.forget({tp.partition for tp in partitions})
         self.abort_and_rewind()
 
     def rejoin(self, error: KafkaError) -> None:
-        """Fenced by our own re-join: abort the open transaction (its output is void), then join again."""
+        """Fenced by our own re-join, or the coordinator does not answer (see ``Processor.rejoin_or_raise``):
+        abort the open transaction (its output is void), then join again with new clients."""
         assert self.producer is not None
-        log.warning("group %s fenced stage 1 (%s): open transaction aborted, rejoining", self.group, error.str())
+        log.warning("stage 1 of group %s: %s (%s): open transaction aborted, rejoining", self.group,
+                    membership.rejoin_cause(error), error.str())
         self.forget(set(self.positions))
         self.summary.records, self.summary.dlq_records = self.counted
-        self.uncommitted, self.rejoining = False, True
-        try:
-            with contextlib.suppress(Exception):
-                self.consumer.close()  # type: ignore[union-attr]  # its on_revoke/on_lost must not commit or rewind
-        finally:
-            self.rejoining = False
+        self.uncommitted = False
+        old, self.consumer = self.consumer, None  # its on_revoke/on_lost must not commit or rewind
+        with contextlib.suppress(Exception):  # a stuck coordinator can hold close() too: then abandoned
+            call_within(old.close, CALL_LIMIT_S)  # type: ignore[union-attr]
         self.new_producer()  # its init aborts our open transaction, whatever state the old producer is in
         self.delivery_errors.clear()
         self.consumer = Consumer(self.consumer_config())
@@ -913,7 +919,7 @@ class Stage1(Processor):
             self.consumer.resume([TP(self.topic, p) for p in sorted(self.held)])
             self.held = set()
         owned = [TP(self.topic, p) for p in sorted(self.positions)]
-        for tp in retrying(lambda: self.consumer.committed(owned, timeout=30)) if owned else []:  # type: ignore[union-attr]
+        for tp in committed_offsets(self.consumer, owned):
             self.positions[tp.partition], offset = self.first_offset(tp.partition, tp.offset)
             self.source_progress[tp.partition] = SourceProgress(*self.committed_progress[tp.partition].as_list())
             # nothing committed yet and no explicit start: what auto.offset.reset (earliest) gave at assign
@@ -935,8 +941,7 @@ class Stage1(Processor):
             return False
         self.last_done_check = time.monotonic()
         assert self.consumer is not None
-        consumer = self.consumer
-        committed = retrying(lambda: consumer.committed([TP(self.topic, p) for p in self.end], timeout=30))
+        committed = committed_offsets(self.consumer, [TP(self.topic, p) for p in self.end])
         return all(tp.offset >= self.end[tp.partition] for tp in committed)
 
     def records_left(self) -> int | None:
@@ -978,6 +983,15 @@ def call_within(call: Callable[[], Any], seconds: float) -> Any:
     if not ok:
         raise value
     return value
+
+
+def committed_offsets(consumer: Consumer, partitions: list[TP]) -> list[TP]:
+    """The group's committed offsets (the last transaction's), retried for ``COMMITTED_RETRY_S``.
+    A coordinator that still does not answer is a stuck client more often than a slow broker: the
+    timeout then reaches the loop, which rejoins with new clients (``Processor.rejoin_or_raise``)."""
+    if not partitions:
+        return []
+    return retrying(lambda: consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_S), COMMITTED_RETRY_S)
 
 
 def retrying(call: Callable[[], Any], seconds: float = 120.0) -> Any:
