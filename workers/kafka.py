@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -293,3 +294,34 @@ def topic_end_offsets(settings: Settings, topic: str) -> dict[str, int] | None:
     if topic not in admin_client(settings).list_topics(timeout=30).topics:
         return None
     return offsets_json(end_offsets(settings, topic))
+
+
+class StuckCall(Exception):
+    """A librdkafka call that did not return in time (its own timeout was not honoured)."""
+
+
+def call_within(call: Callable[[], Any], seconds: float) -> Any:
+    """Run ``call`` on a helper thread; raise :class:`StuckCall` if it has not returned in ``seconds``.
+
+    After a broker restart, ``send_offsets_to_transaction`` can wait forever for a coordinator that
+    librdkafka decommissioned while the broker was down (librdkafka#5511), whatever its timeout, and a
+    consumer's ``close()`` for a coordinator that does not answer. The stuck thread is abandoned with
+    its client; the caller replaces the client.
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller below
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=target, name="kappa-kafka-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise StuckCall(f"a Kafka call did not return within {seconds:.0f}s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

@@ -70,6 +70,8 @@ DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
 #: gets its partitions back at once, a dead one's move to the others after it
 DEFAULT_SESSION_TIMEOUT_S = 10.0
+#: a consumer replaced by a rejoin gets this long to close; a stuck one is abandoned (``kafka.call_within``)
+CLOSE_LIMIT_S = 45.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
@@ -310,9 +312,9 @@ class Processor:
         log.warning("group %s %s (%s): uncommitted state dropped, rejoining", self.group, cause, error.str())
         self.states.clear()
         self.refetch.clear()
-        assert self.consumer is not None
-        with contextlib.suppress(Exception):
-            self.consumer.close()
+        old, self.consumer = self.consumer, None  # its callbacks must not touch the new consumer's state
+        with contextlib.suppress(Exception):  # a coordinator that does not answer can hold close(): abandoned
+            kafka_helpers.call_within(old.close, CLOSE_LIMIT_S)  # type: ignore[union-attr]
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
 
@@ -438,6 +440,8 @@ class Processor:
     # ---------------------------------------------------------------- rebalance
 
     def on_assign(self, consumer: Consumer, partitions: list[TP]) -> None:
+        if consumer is not self.consumer:
+            return  # a replaced consumer, closing on another thread (see rejoin)
         for tp in partitions:
             state = self.store.load(self.new_state(tp.partition))
             self.states[tp.partition] = state
@@ -469,6 +473,8 @@ class Processor:
 
     def on_revoke(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Hand over cleanly: checkpoint what we have, then forget it (not after a crash: see ``crashed``)."""
+        if consumer is not self.consumer:
+            return
         revoked = {tp.partition for tp in partitions}
         try:
             if not self.crashed:
@@ -482,6 +488,8 @@ class Processor:
 
     def on_lost(self, consumer: Consumer, partitions: list[TP]) -> None:
         """Someone else owns these now (our session expired): our uncommitted work is void."""
+        if consumer is not self.consumer:
+            return
         lost = sorted(tp.partition for tp in partitions)
         for partition in lost:
             self.states.pop(partition, None)

@@ -34,6 +34,7 @@ from workers.errors import KappaError
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
 from workers.processor.engine import (
     ALWAYS,
+    CLOSE_LIMIT_S,
     DLQ_PRODUCER_CONFIG,
     Processor,
     RunSummary,
@@ -685,7 +686,7 @@ class Stage1(Processor):
         self.uncommitted = False
         old, self.consumer = self.consumer, None  # its on_revoke/on_lost must not commit or rewind
         with contextlib.suppress(Exception):  # a stuck coordinator can hold close() too: then abandoned
-            call_within(old.close, CALL_LIMIT_S)  # type: ignore[union-attr]
+            kafka_helpers.call_within(old.close, CLOSE_LIMIT_S)  # type: ignore[union-attr]
         self.new_producer()  # its init aborts our open transaction, whatever state the old producer is in
         self.delivery_errors.clear()
         self.consumer = Consumer(self.consumer_config())
@@ -869,7 +870,7 @@ class Stage1(Processor):
         except KafkaException as exc:
             self.transaction_failed(exc)
             return
-        except StuckCall as exc:
+        except kafka_helpers.StuckCall as exc:
             log.warning("stage 1: %s; replacing the transactional producer, redoing from the committed offsets", exc)
             self.new_producer(abandon=True)
             self.rewind()
@@ -884,7 +885,7 @@ class Stage1(Processor):
     @staticmethod
     def transact(call: Callable[[], Any]) -> None:
         """A transactional call, retried while retriable, each try bounded by ``CALL_LIMIT_S``."""
-        retrying(lambda: call_within(call, CALL_LIMIT_S), TRANSACTION_RETRY_S)
+        retrying(lambda: kafka_helpers.call_within(call, CALL_LIMIT_S), TRANSACTION_RETRY_S)
 
     def transaction_failed(self, exc: KafkaException) -> None:
         """Fenced (a newer generation or producer owns our work): stop, a restart rejoins. Our static
@@ -904,10 +905,10 @@ class Stage1(Processor):
         assert self.producer is not None
         producer = self.producer
         try:
-            call_within(lambda: producer.abort_transaction(30), CALL_LIMIT_S)
-        except (KafkaException, StuckCall) as exc:
+            kafka_helpers.call_within(lambda: producer.abort_transaction(30), CALL_LIMIT_S)
+        except (KafkaException, kafka_helpers.StuckCall) as exc:
             log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
-            self.new_producer(abandon=isinstance(exc, StuckCall))
+            self.new_producer(abandon=isinstance(exc, kafka_helpers.StuckCall))
         self.rewind()
 
     def rewind(self) -> None:
@@ -953,36 +954,6 @@ class Stage1(Processor):
         if not self.end:
             return None
         return sum(max(0, end - (self.positions.get(p) or 0)) for p, end in self.end.items() if p in self.positions)
-
-
-class StuckCall(Exception):
-    """A librdkafka call that did not return in time (its own timeout was not honoured)."""
-
-
-def call_within(call: Callable[[], Any], seconds: float) -> Any:
-    """Run ``call`` on a helper thread; raise :class:`StuckCall` if it has not returned in ``seconds``.
-
-    After a broker restart, ``send_offsets_to_transaction`` can wait forever for a coordinator that
-    librdkafka decommissioned while the broker was down (librdkafka#5511), whatever its timeout. The
-    stuck thread is abandoned with its client; the caller replaces the client.
-    """
-    outcome: list[tuple[bool, Any]] = []
-
-    def target() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # handed to the caller below
-            outcome.append((False, exc))
-
-    thread = threading.Thread(target=target, name="kappa-kafka-call", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if not outcome:
-        raise StuckCall(f"a Kafka transaction call did not return within {seconds:.0f}s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 def committed_offsets(consumer: Consumer, partitions: list[TP]) -> list[TP]:
