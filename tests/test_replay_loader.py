@@ -115,6 +115,32 @@ def test_load_is_byte_exact_ordered_and_deduplicated(settings: Settings, s3: Any
         replay_loader.cleanup(settings, manifest)
 
 
+def test_set_up_runs_beside_the_sort_and_its_error_is_raised() -> None:
+    """The loader deletes and creates its topic on a helper thread while it sorts (``meanwhile``): the
+    work runs while the block runs, ``ready`` waits for it, and its error reaches the loader whether
+    or not ``ready`` was called."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        assert release.wait(10)
+
+    with replay_loader.meanwhile(slow) as ready:
+        assert started.wait(10), "the set-up did not start before the block's own work"
+        release.set()
+        ready()
+
+    def broken() -> None:
+        raise KappaError("topic could not be created")
+
+    with pytest.raises(KappaError, match="could not be created"), replay_loader.meanwhile(broken) as ready:
+        ready()
+    with pytest.raises(KappaError, match="could not be created"), replay_loader.meanwhile(broken):
+        pass
+
+
 def test_load_is_idempotent_and_recovers_from_a_partial_load(settings: Settings, s3: Any) -> None:
     write_day(s3, settings.s3_bucket, settings.events_topic, DAY, day_records(DAY, 200, partitions=2))
     spec = _spec(settings)

@@ -170,11 +170,15 @@ def exists(admin: AdminClient, topic: str, timeout: float) -> bool:
     return info is not None and info.error is None
 
 
-def wait_for_metadata(admin: AdminClient, ready: Callable[[dict], bool], timeout: float) -> None:
-    """Topic creation and deletion finish asynchronously: wait until the metadata shows the result."""
+def wait_gone(admin: AdminClient, topics: Iterable[str], timeout: float) -> None:
+    """Topic deletion finishes asynchronously: wait until no metadata answer shows ``topics`` any more
+    (one topic's metadata per lookup, not the cluster's)."""
     deadline = time.monotonic() + timeout
-    while not ready(admin.list_topics(timeout=timeout).topics) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    left = list(topics)
+    while left and time.monotonic() < deadline:
+        left = [topic for topic in left if exists(admin, topic, timeout)]
+        if left:
+            time.sleep(0.2)
 
 
 def delete_topics(settings: Settings, topics: Iterable[str], timeout: float = 30.0) -> None:
@@ -190,7 +194,7 @@ def delete_topics(settings: Settings, topics: Iterable[str], timeout: float = 30
                 raise RuntimeError(f"could not delete topic {topic}: {exc}") from exc
     # deletion is asynchronous on the broker: wait until metadata no longer lists the topics, so a
     # topic of the same name can be re-created right away
-    wait_for_metadata(admin, lambda listed: not set(topics) & set(listed), timeout)
+    wait_gone(admin, topics, timeout)
 
 
 def partition_count(settings: Settings, topic: str, timeout: float = 30.0) -> int:
@@ -305,7 +309,7 @@ def recreate_topic(
     deadline = time.monotonic() + timeout
     replication = settings.topic_replication
     while True:
-        if topic not in admin.list_topics(timeout=30).topics:
+        if not exists(admin, topic, 30):
             new = NewTopic(topic, num_partitions=partitions, replication_factor=replication, config=config)
             try:
                 admin.create_topics([new], operation_timeout=30, request_timeout=30)[topic].result()
@@ -320,7 +324,7 @@ def recreate_topic(
 
 def topic_end_offsets(settings: Settings, topic: str) -> dict[str, int] | None:
     """End offsets as stored in the manifest, or None when the topic does not exist."""
-    if topic not in admin_client(settings).list_topics(timeout=30).topics:
+    if not exists(admin_client(settings), topic, 30):
         return None
     return offsets_json(end_offsets(settings, topic))
 

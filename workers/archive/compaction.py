@@ -88,7 +88,7 @@ def not_closed_reason(settings: Settings, client: Any, topic: str, day: str, clo
     if now_ms < close_ms:
         closes = dt.datetime.fromtimestamp(close_ms / 1000, dt.UTC).isoformat(timespec="seconds")
         return f"day {day} is not closed until {closes} (end of day + {close_after_s:.0f}s): compact it later"
-    if topic not in kafka_helpers.admin_client(settings).list_topics(timeout=30).topics:
+    if not kafka_helpers.exists(kafka_helpers.admin_client(settings), topic, 30):
         return f"topic {topic!r} does not exist on {settings.bootstrap_servers}: cannot tell whether {day} is closed"
     for partition, needed in sorted(_offsets_at(settings, topic, close_ms).items()):
         body = s3_helpers.get_bytes(client, settings.s3_bucket, keys.archiver_checkpoint(topic, partition))

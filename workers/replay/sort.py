@@ -20,6 +20,10 @@ SORT_KEY = ("_ts", "partition", "offset")
 #: Rows kept in memory by the merge, across all runs (``chunk_rows = budget // files``).
 DEFAULT_MEMORY_ROWS = 400_000
 MIN_CHUNK_ROWS = 500
+#: Spilled runs are written uncompressed: lz4 made writing a 1M-event day's runs 3x slower (0.61 ->
+#: 0.19 s of CPU, reading 0.31 -> 0.20 s) for 3.4x less temporary disk (179 -> 53 MB); the runs live
+#: for one day's load, so the disk is the cheaper of the two.
+SPILL_COMPRESSION = "uncompressed"
 
 class SortedRun:
     """One archive object, sorted and spilled to disk as chunk files; at most one chunk in memory."""
@@ -84,7 +88,7 @@ def spill_sorted(frame: pl.DataFrame, directory: Path, name: str, chunk_rows: in
     paths = []
     for index, start in enumerate(range(0, frame.height, chunk_rows)):
         path = directory / f"{name}-{index:06d}.arrow"
-        frame.slice(start, chunk_rows).write_ipc(path, compression="lz4")
+        frame.slice(start, chunk_rows).write_ipc(path, compression=SPILL_COMPRESSION)
         paths.append(path)
     return paths
 
