@@ -96,18 +96,22 @@ class ReplayProducer:
         self._raise_if_failed()
 
     def _produce_rows(self, frame: pl.DataFrame) -> None:
-        """One ``produce()`` per row; everything else (target partitions, header values) is vectorised."""
+        """One ``produce()`` per row; everything else (target partitions, header values) is vectorised.
+
+        Arguments by position, in the order of confluent-kafka's signature (topic, value, key,
+        partition, callback, on_delivery, timestamp, headers): matching keywords cost ~1.2 of ~3.4 us a
+        call in a micro-benchmark. The byte-exact load tests catch a client that changed the order."""
         keys_, values, stamps = frame["key"].to_list(), frame["value"].to_list(), frame["_ts"].to_list()
         targets = self._targets(frame).to_list()
         produce, topic = self.producer.produce, self.topic
         for key, value, ts, target, headers in zip(keys_, values, stamps, targets, row_headers(frame), strict=True):
             try:
-                produce(topic, value=value, key=key, headers=headers, timestamp=ts, partition=target)
+                produce(topic, value, key, target, None, None, ts, headers)
             except BufferError:
                 while True:
                     self.producer.poll(0.05)
                     try:
-                        produce(topic, value=value, key=key, headers=headers, timestamp=ts, partition=target)
+                        produce(topic, value, key, target, None, None, ts, headers)
                         break
                     except BufferError:
                         continue
