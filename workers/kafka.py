@@ -59,7 +59,7 @@ def commit_informational(consumer: Consumer, offsets: list[TopicPartition]) -> N
     try:
         consumer.commit(offsets=offsets, asynchronous=True)
     except KafkaException as exc:
-        log.warning("offset commit failed (the S3 checkpoint is the resume point): %s", exc)
+        _commit_failed(exc.args[0], offsets)
 
 
 def _commit_failed(error: KafkaError | None, partitions: list[TopicPartition]) -> None:

@@ -50,8 +50,10 @@ def cli(*args: str) -> list[str]:
 TRANSIENT_READ_ERRORS: tuple[type[BaseException], ...] = (FlexibleChecksumError,)
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.25,
+               detail: Callable[[], str] | None = None) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what`` (and ``detail()``,
+    e.g. where the work stood and a worker's last lines) after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -61,7 +63,8 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            explained = f"; {detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{explained}")
         time.sleep(interval)
 
 
@@ -409,11 +412,12 @@ def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic
             seen["stage 2 checkpoints"][p] >= o for p, o in internal.items()  # type: ignore[index]
         )
 
-    try:
-        wait_until(caught_up, timeout, f"processor checkpoints to reach {ends}")
-    except AssertionError as exc:
-        tail = f"\n{worker.tail()}" if worker is not None else ""
-        raise AssertionError(f"{exc}; last seen {seen}{tail}") from None
+    wait_until(caught_up, timeout, f"processor checkpoints to reach {ends}", detail=lambda: last_seen(seen, worker))
+
+
+def last_seen(seen: dict[str, object], worker: Worker | None) -> str:
+    """What a wait saw last, and ``worker``'s last lines: the explanation of a timed-out wait."""
+    return f"last seen {seen}" + (f"\n{worker.tail()}" if worker is not None else "")
 
 
 def group_committed(settings: Settings, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
@@ -442,11 +446,17 @@ def archived_offsets(client: Any, bucket: str, topic: str) -> dict[int, int]:
     return found
 
 
-def wait_archived(settings: Settings, client: Any, timeout: float = 120) -> None:
-    """Bounded wait until the archiver's checkpoints reach the events topic's current end offsets."""
+def wait_archived(settings: Settings, client: Any, timeout: float = 120, worker: Worker | None = None) -> None:
+    """Bounded wait until the archiver's checkpoints reach the events topic's current end offsets.
+    On a timeout the message says where the checkpoints stood, and ``worker``'s last lines."""
     ends = {p: o for p, o in end_offsets(settings, settings.events_topic).items() if o > 0}
-    wait_until(lambda: all(archived_offsets(client, settings.s3_bucket, settings.events_topic).get(p, -1) >= o
-                           for p, o in ends.items()), timeout, f"archiver checkpoints to reach {ends}")
+    seen: dict[str, object] = {}
+
+    def archived() -> bool:
+        seen["checkpoints"] = checkpoints = archived_offsets(client, settings.s3_bucket, settings.events_topic)
+        return all(checkpoints.get(p, -1) >= o for p, o in ends.items())
+
+    wait_until(archived, timeout, f"archiver checkpoints to reach {ends}", detail=lambda: last_seen(seen, worker))
 
 
 #: What a worker logs while Kafka is unreachable: librdkafka's own log lines (connection errors; a session that

@@ -74,7 +74,7 @@ def test_archiver_survives_broker_restart(
     started_some(progress, "the archiver to archive its first records")
     outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.archiver", archiver, KAFKA_DOWN_LINES, progress)
     produce_orders(private_settings, 10_000, 2, days=2)
-    wait_archived(private_settings, private_s3, timeout=240)
+    wait_archived(private_settings, private_s3, timeout=240, worker=archiver)
     archiver.signal(signal.SIGTERM)
     assert archiver.wait(90) == 0, archiver.tail()
     assert_archive_exact(private_settings, private_s3)

@@ -87,7 +87,7 @@ def test_archiver_pauses_and_backs_off_during_s3_outage(
 ) -> None:
     produce_orders(private_settings, 5_000, 11, partitions=PARTITIONS)
     archiver = workers.start("archiver", *ARCHIVER_ARGS)
-    wait_archived(private_settings, private_s3)
+    wait_archived(private_settings, private_s3, worker=archiver)
     baseline_kb = archiver.rss_kb()
     during = s3_down_while_producing(private_stack, private_settings, archiver, seconds, "s3_outage.archiver")
     assert archiver.alive(), f"archiver died during the S3 outage:\n{archiver.tail()}"
@@ -101,7 +101,7 @@ def test_archiver_pauses_and_backs_off_during_s3_outage(
     assert backoffs and max(backoffs) >= 2, f"no growing backoff in the archiver log: {backoffs[:10]}"
     assert len(backoffs) <= PARTITIONS * (seconds + 2), f"{len(backoffs)} S3 retries: hammering, not backing off"
 
-    wait_archived(private_settings, private_s3, timeout=180)
+    wait_archived(private_settings, private_s3, timeout=180, worker=archiver)
     stop_cleanly(archiver)
     assert_archive_exact(private_settings, private_s3)
 

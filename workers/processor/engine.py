@@ -312,8 +312,13 @@ class Processor:
         log.warning("group %s %s (%s): uncommitted state dropped, rejoining", self.group, cause, error.str())
         self.states.clear()
         self.refetch.clear()
-        old, self.consumer = self.consumer, None  # its callbacks must not touch the new consumer's state
-        with contextlib.suppress(Exception):  # a coordinator that does not answer can hold close(): abandoned
+        self.replace_consumer()
+
+    def replace_consumer(self) -> None:
+        """Close the consumer, bounded (a coordinator that does not answer can hold close(): then it is
+        abandoned), and subscribe a new one; the old one's callbacks see it is no longer ours."""
+        old, self.consumer = self.consumer, None
+        with contextlib.suppress(Exception):
             kafka_helpers.call_within(old.close, CLOSE_LIMIT_S)  # type: ignore[union-attr]
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)

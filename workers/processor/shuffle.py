@@ -34,7 +34,6 @@ from workers.errors import KappaError
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
 from workers.processor.engine import (
     ALWAYS,
-    CLOSE_LIMIT_S,
     DLQ_PRODUCER_CONFIG,
     Processor,
     RunSummary,
@@ -684,13 +683,9 @@ class Stage1(Processor):
         self.forget(set(self.positions))
         self.summary.records, self.summary.dlq_records = self.counted
         self.uncommitted = False
-        old, self.consumer = self.consumer, None  # its on_revoke/on_lost must not commit or rewind
-        with contextlib.suppress(Exception):  # a stuck coordinator can hold close() too: then abandoned
-            kafka_helpers.call_within(old.close, CLOSE_LIMIT_S)  # type: ignore[union-attr]
+        self.replace_consumer()  # the old one's on_revoke/on_lost must not commit or rewind; it joins on consume()
         self.new_producer()  # its init aborts our open transaction, whatever state the old producer is in
         self.delivery_errors.clear()
-        self.consumer = Consumer(self.consumer_config())
-        self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
         self.producer.begin_transaction()  # type: ignore[union-attr]
 
     def forget(self, partitions: set[int]) -> None:
