@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -41,34 +40,6 @@ BULK_CONSUMER_TUNING: dict[str, object] = {
     "max.partition.fetch.bytes": 8 * 1024 * 1024,
     "fetch.queue.backoff.ms": 10,
 }
-
-
-log = logging.getLogger("kappa.kafka")
-
-
-def commit_informational(consumer: Consumer, offsets: list[TopicPartition]) -> None:
-    """Commit offsets that only lag tools read (the S3 checkpoint is the resume point), without waiting.
-
-    A synchronous commit waits for the group coordinator: after a broker restart librdkafka's
-    connection to it can stay stuck (``membership.UnansweredBudget``), and each commit then blocks
-    the consume loop for a request timeout. Asynchronous, a failure is only logged (``on_commit``
-    of ``INFORMATIONAL_COMMITS``); ``close()`` still waits for the commits in flight.
-    """
-    if not offsets:
-        return
-    try:
-        consumer.commit(offsets=offsets, asynchronous=True)
-    except KafkaException as exc:
-        _commit_failed(exc.args[0], offsets)
-
-
-def _commit_failed(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
-    if error is not None:
-        log.warning("offset commit failed (the S3 checkpoint is the resume point): %s", error.str())
-
-
-#: consumer settings of a consumer whose Kafka commits are informational (``commit_informational``)
-INFORMATIONAL_COMMITS: dict[str, object] = {"on_commit": _commit_failed}
 
 
 #: what one consume() call may hold, in message bytes (``ConsumeBudget``)

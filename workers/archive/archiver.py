@@ -456,7 +456,6 @@ class Archiver:
         return membership.consumer_config(self.settings, self.membership, group=self.options.group,
                                           session_timeout_ms=int(self.options.session_timeout * 1000), **{
             **kafka_helpers.BULK_CONSUMER_TUNING,
-            **kafka_helpers.INFORMATIONAL_COMMITS,
             "client.id": f"kappa-archiver-{socket.gethostname()}-{os.getpid()}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -677,8 +676,12 @@ class Archiver:
 
     def _commit(self, offsets: list[TopicPartition]) -> None:
         """Commit after the S3 checkpoint: informative for lag tools, never needed for correctness."""
-        if self.consumer is not None:
-            kafka_helpers.commit_informational(self.consumer, offsets)
+        if not offsets or self.consumer is None:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("offset commit failed (the S3 checkpoint is the resume point): %s", exc)
 
     def _drain(self, deadline: float, partitions: Iterable[int] | None = None) -> None:
         """Flush until nothing is buffered, retrying S3 with backoff until ``deadline``."""

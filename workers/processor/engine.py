@@ -335,7 +335,6 @@ class Processor:
             assignment_strategy="range",
             **{
                 **kafka_helpers.BULK_CONSUMER_TUNING,
-                **kafka_helpers.INFORMATIONAL_COMMITS,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
@@ -719,7 +718,9 @@ class Processor:
     def commit_offsets(self, offsets: list[TP]) -> None:
         """Kafka commit after S3: only for lag monitoring and tools; S3 stays authoritative."""
         assert self.consumer is not None
-        kafka_helpers.commit_informational(self.consumer, offsets)
+        if offsets:
+            with contextlib.suppress(KafkaException):
+                self.consumer.commit(offsets=offsets, asynchronous=False)
 
     # ---------------------------------------------------------------- bounded mode
 
