@@ -66,6 +66,20 @@ def test_s3_put_get_list_with_boto3(settings: Settings, s3) -> None:
     assert s3_helpers.get_bytes(s3, settings.s3_bucket, "raw/a/missing") is None
 
 
+def test_s3proxy_logs_no_debug_lines(stack: Stack | None, settings: Settings, s3) -> None:
+    """logback's default (no configuration in the jar) is DEBUG: every request then paid for Jetty's
+    debug strings, most of S3Proxy's CPU, and its log grew by gigabytes a day."""
+    if stack is None:
+        pytest.skip("the local stack's own S3Proxy")
+    for n in range(20):
+        s3.put_object(Bucket=settings.s3_bucket, Key=f"quiet/{n}", Body=b"x" * 1000)
+    log = stack.layout.log_file("s3proxy")
+    with open(log, "rb") as file:
+        file.seek(max(0, log.stat().st_size - 256 * 1024))
+        tail = file.read()
+    assert b" DEBUG " not in tail, f"S3Proxy logs at DEBUG ({log}): restart the stack with this code"
+
+
 def test_s3_through_the_dagster_resource(settings: Settings) -> None:
     resource: KappaResource = build_resources()["kappa"]
     seen = {}
