@@ -71,11 +71,16 @@ def decode_one(value: bytes | None) -> Order | str:
     return order
 
 
+def frame_schema(fields: Sequence[str]) -> pl.Schema:
+    """The parsed frame's schema: ``fields`` typed as in :data:`FIELDS`, then the reject column."""
+    return pl.Schema({**{name: FIELDS[name] for name in fields}, REJECT: pl.String})
+
+
 def orders_frame(orders: Sequence[Order | None], reasons: Sequence[str | None],
                  fields: Sequence[str] = FIELDS.names()) -> pl.DataFrame:
     """Typed columns of ``fields`` (null where rejected) + the reject column."""
     columns = {name: [getattr(o, name) if o is not None else None for o in orders] for name in fields}
-    return pl.DataFrame({**columns, REJECT: reasons}, schema={**{f: FIELDS[f] for f in fields}, REJECT: pl.String})
+    return pl.DataFrame({**columns, REJECT: reasons}, schema=frame_schema(fields))
 
 
 def valid_frame(orders: Sequence[Order], fields: Sequence[str] = FIELDS.names()) -> pl.DataFrame:
@@ -85,7 +90,7 @@ def valid_frame(orders: Sequence[Order], fields: Sequence[str] = FIELDS.names())
             **{name: list(map(attrgetter(name), orders)) for name in fields},
             REJECT: pl.repeat(None, len(orders), dtype=pl.String, eager=True),
         },
-        schema={**{f: FIELDS[f] for f in fields}, REJECT: pl.String},
+        schema=frame_schema(fields),
     )
 
 
