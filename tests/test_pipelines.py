@@ -18,6 +18,7 @@ from workers.processor.state import PartitionState
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 GOOD = {"event_id": "e1", "user_id": "u1", "type": "purchase", "amount": 12.5}
+GOOD_JSON = json.dumps(GOOD).encode()
 
 MALFORMED = {
     "not_json": b"hello",
@@ -139,6 +140,34 @@ def test_fast_and_slow_paths_agree() -> None:
     slow = parse_orders([*values, b"bad"]).head(200)
     assert fast.equals(slow)
     assert fast[REJECT].null_count() == 200
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param([GOOD_JSON + b" " + GOOD_JSON, b" "], id="two_documents_next_to_a_blank_value"),
+        pytest.param([GOOD_JSON + b"\t" + GOOD_JSON, b"\r\n"], id="two_documents_next_to_a_newline_value"),
+        pytest.param([GOOD_JSON + b' {"event_id":"e2","user_id":"u","type":"refund","amount":', b"2.5}"],
+                     id="a_document_split_across_two_values"),
+        pytest.param([b'{"event_id":"e3",', b'"user_id":"u","type":"refund","amount":1}'], id="split_at_a_comma"),
+    ],
+)
+def test_a_batch_is_judged_value_by_value(batch: list[bytes]) -> None:
+    """Values that are malformed alone stay malformed when their concatenation is valid JSON lines."""
+    parsed = parse_orders([GOOD_JSON, *batch, GOOD_JSON])
+    assert parsed[REJECT].to_list()[0] is None and parsed[REJECT].to_list()[-1] is None
+    assert parsed[REJECT].slice(1, len(batch)).null_count() == 0, parsed
+
+
+def test_batch_parse_equals_value_by_value_parse() -> None:
+    """Any mix of good and malformed values: the batch's rows are the rows each value gets alone."""
+    rng = random.Random(11)
+    pool = [event(i, rng) for i in range(20)] + list(MALFORMED.values()) + [b" ", b"\n", GOOD_JSON + b" " + GOOD_JSON]
+    pool += [GOOD_JSON[:17], GOOD_JSON[17:], GOOD_JSON + b" " + GOOD_JSON[:17]]  # one document in pieces
+    for _ in range(300):
+        values = [rng.choice(pool) for _ in range(rng.randrange(1, 12))]
+        alone = pl.concat([parse_orders([value]) for value in values])
+        assert parse_orders(values).equals(alone), values
 
 
 def test_extra_fields_and_integer_amounts_are_fine() -> None:

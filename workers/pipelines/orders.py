@@ -36,17 +36,19 @@ FIELDS = pl.Schema({"event_id": pl.String, "user_id": pl.String, "type": pl.Stri
 
 
 def decode_batch(values: Sequence[bytes | None]) -> list[Order] | None:
-    """All values decoded in one call, or None when any value needs a closer look."""
-    if not values or None in values or b"" in values:
+    """All values decoded, or None when any value needs a closer look.
+
+    Each value is decoded on its own: one JSON document per record. (A stream decoder such as
+    ``decode_lines`` splits on whitespace, not on values, so a value holding two documents next to a
+    blank one, or a document split across two values, would pass as two good records.)"""
+    if not values:
         return None
-    joined = b"\n".join(values)  # type: ignore[arg-type]
-    try:  # JSON is UTF-8: msgspec does not check bytes it skips (unknown keys/fields)
-        if joined.decode("utf-8").count("\n") != len(values) - 1:  # (str.count beats bytes.count)
-            return None  # a value holds a newline: lines would not line up with records
-        orders = DECODER.decode_lines(joined)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    try:  # JSON is UTF-8: msgspec does not check bytes it skips (unknown keys/fields); the ASCII
+        # separator keeps a multi-byte sequence split across two values from passing
+        b"\n".join(values).decode("utf-8")  # type: ignore[arg-type]
+        return list(map(DECODER.decode, values))  # type: ignore[arg-type]
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError):  # TypeError: a null value
         return None
-    return orders if len(orders) == len(values) else None
 
 
 def decode_one(value: bytes | None) -> Order | str:
