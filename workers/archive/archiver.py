@@ -417,9 +417,7 @@ class Archiver:
             budget = kafka_helpers.ConsumeBudget(self.options.batch_size)
             while not self._should_stop():
                 with gc_paused():  # consume + ingest allocate only acyclic per-record objects
-                    messages = consumer.consume(num_messages=budget.messages(), timeout=self._poll_timeout())
-                    budget.observe(messages)
-                    self._step(messages)
+                    self._consume_batch(budget)
             self._drain(time.monotonic() + self.options.shutdown_timeout)
         finally:
             self.closing = True
@@ -430,6 +428,13 @@ class Archiver:
             self.summary.seconds = time.monotonic() - started
             self._report(time.monotonic(), force=True)
         return self.summary
+
+    def _consume_batch(self, budget: kafka_helpers.ConsumeBudget) -> None:
+        """A function of its own so the messages are freed before the collector resumes (see gc_paused)."""
+        assert self.consumer is not None
+        messages = self.consumer.consume(num_messages=budget.messages(), timeout=self._poll_timeout())
+        budget.observe(messages)
+        self._step(messages)
 
     def _poll_timeout(self) -> float:
         """Short while a flush is in flight: its commit (and --until-end's stop) waits for the next

@@ -348,14 +348,19 @@ class Processor:
         assert self.consumer is not None
         with gc_paused():  # consume + process allocate only acyclic per-record objects
             try:  # consume() too: it raises what a rebalance callback raised (e.g. a fenced committed())
-                messages = self.consumer.consume(num_messages=self.messages_wanted(), timeout=timeout)
-                self.budget.observe(messages)
-                if messages:
-                    self.process(messages)
+                self.consume_batch(timeout)
             except KafkaException as exc:
                 self.rejoin_or_raise(exc)
                 return False
         return True
+
+    def consume_batch(self, timeout: float) -> None:
+        """A function of its own so the messages are freed before the collector resumes (see gc_paused)."""
+        assert self.consumer is not None
+        messages = self.consumer.consume(num_messages=self.messages_wanted(), timeout=timeout)
+        self.budget.observe(messages)
+        if messages:
+            self.process(messages)
 
     def messages_wanted(self) -> int:
         """The budget's count; bounded, no more than the records left: ``consume()`` waits out its
