@@ -39,6 +39,8 @@ MALFORMED = {
     "blank": b"   ",
     "tombstone": None,
     "two_objects": json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode(),
+    "two_objects_one_line": json.dumps(GOOD).encode() + b" " + json.dumps(GOOD).encode(),
+    "blank_line": b"\r\n",
 }
 
 

@@ -221,10 +221,11 @@ def _json(body: object) -> bytes:
 
 
 def _not_json(rng: random.Random, body: dict) -> bytes:
-    """Truncated JSON, plain text, or a raw newline inside a string (breaks line-based fast paths)."""
+    """Truncated JSON, plain text, a raw newline inside a string, or two documents in one value
+    (these two break fast paths that decode a batch as one stream)."""
     whole = _json(body)
     truncated = whole[: rng.randrange(1, len(whole) - 1)]
-    return rng.choice([truncated, b"not json at all", whole.replace(b'":"', b'":"\n', 1)])
+    return rng.choice([truncated, b"not json at all", whole.replace(b'":"', b'":"\n', 1), whole + b" " + whole])
 
 
 def _invalid_utf8(rng: random.Random, body: dict) -> bytes:
@@ -256,7 +257,7 @@ MALFORMERS: dict[str, Callable[[random.Random, dict], bytes | None]] = {
     "ill_typed": _ill_typed,
     "unknown_type": _unknown_type,
     "not_object": _not_object,
-    "empty": lambda rng, body: b"",
+    "empty": lambda rng, body: rng.choice([b"", b" ", b"\r\n"]),
     "null": lambda rng, body: None,
 }
 
