@@ -26,7 +26,8 @@ MALFORMED = [
     b'{"event_id": "x"}',
     b'{"event_id":"m","user_id":"u","type":"teleport","amount":1}',
     b"\xff\xfe",
-    b'{"event_id":"a","user_id":"u","type":"refund","amount":1} {"event_id":"b","user_id":"u","type":"refund","amount":1}',
+    b'{"event_id":"a","user_id":"u","type":"refund","amount":1} {"event_id":"b","user_id":"u","type":"refund",'
+    b'"amount":1}',  # two documents in one value
     b" ",
 ]
 
