@@ -43,9 +43,11 @@ def decode_batch(values: Sequence[bytes | None]) -> list[Order] | None:
     blank one, or a document split across two values, would pass as two good records.)"""
     if not values:
         return None
-    try:  # JSON is UTF-8: msgspec does not check bytes it skips (unknown keys/fields); the ASCII
-        # separator keeps a multi-byte sequence split across two values from passing
-        b"\n".join(values).decode("utf-8")  # type: ignore[arg-type]
+    try:  # JSON is UTF-8: msgspec does not check bytes it skips (unknown keys/fields). All ASCII is
+        # the common case (0.05 us a record, the UTF-8 check 0.2 us); else one check, the ASCII separator keeping a
+        # multi-byte sequence split across two values from passing
+        if not all(map(bytes.isascii, values)):  # type: ignore[arg-type]
+            b"\n".join(values).decode("utf-8")  # type: ignore[arg-type]
         return list(map(DECODER.decode, values))  # type: ignore[arg-type]
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError):  # TypeError: a null value
         return None
