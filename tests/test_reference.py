@@ -84,6 +84,9 @@ def test_reference_applies_the_json_rules_like_the_engine_on_hostile_values(tmp_
         b'{"event_id":"a","user_id":"u","type":"purchase","amount":999999999999999.9}',  # just in range
         b'{"event_id":"a","user_id":"u","type":"purchase","amount":1e15}',  # just out of range
         b'{"event_id":"a","user_id":"u","type":"page_view","amount":0.0000015}',  # micro-unit rounding
+        b'{"event_id":"a","user_id":"u","type":"refund","amount":1} {"event_id":"b","user_id":"u","type":"refund",'
+        b'"amount":1}',  # two documents in one value ...
+        b" ",  # ... next to a blank one
     ]
     # one partition, event time rising with the offset: the engine's per-partition "first copy" is
     # then the reference's smallest (timestamp, partition, offset) (see the cross-partition test)

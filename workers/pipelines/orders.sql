@@ -17,8 +17,9 @@ FROM (
     FROM records
 );
 
-CREATE OR REPLACE TEMP VIEW orders_json AS
-SELECT "partition", "offset", ts_ms, txt
+CREATE OR REPLACE TEMP TABLE orders_json AS  -- a table: both field readers below scan it (as a view, twice)
+SELECT "partition", "offset", ts_ms, txt,
+       len(list_distinct(json_keys(txt))) < len(json_keys(txt)) AS repeated_keys
 FROM orders_text
 WHERE txt IS NOT NULL
   AND json_valid(txt)
@@ -47,7 +48,7 @@ FROM (
     SELECT "partition", "offset", ts_ms,
            json_extract(txt, ['$.event_id', '$.user_id', '$.type', '$.amount']) AS v
     FROM orders_json
-    WHERE len(list_distinct(json_keys(txt))) = len(json_keys(txt))
+    WHERE NOT repeated_keys
 );
 
 CREATE OR REPLACE TEMP VIEW orders_fields_repeated AS
@@ -66,7 +67,7 @@ FROM (
            arg_max(f.value, f.id) AS json_value
     FROM orders_json j, json_each(j.txt) f
     WHERE f.key IN ('event_id', 'user_id', 'type', 'amount')
-      AND len(list_distinct(json_keys(j.txt))) < len(json_keys(j.txt))
+      AND j.repeated_keys
     GROUP BY j."partition", j."offset", j.ts_ms, f.key
 )
 GROUP BY "partition", "offset", ts_ms;
