@@ -85,9 +85,7 @@ class Pipeline(ABC):
     def with_window(self, rows: pl.DataFrame, timestamp_ms: str = "timestamp_ms") -> pl.DataFrame:
         """Add the tumbling window start, as epoch ms (engine math) and as ``window_start`` datetime."""
         start = (pl.col(timestamp_ms) // self.window_ms) * self.window_ms
-        return rows.with_columns(start.alias(WINDOW_MS)).with_columns(
-            pl.col(WINDOW_MS).cast(pl.Datetime("ms", "UTC")).alias("window_start")
-        )
+        return rows.with_columns(start.alias(WINDOW_MS), start.cast(pl.Datetime("ms", "UTC")).alias("window_start"))
 
     # ------------------------------------------------------------------ independent batch reference
 

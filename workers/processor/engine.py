@@ -152,10 +152,9 @@ def classify(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
     valid_ts = pl.when(pl.col(REJECT).is_null()).then(pl.col("timestamp_ms")).otherwise(pl.lit(floor))
     previous_max = pl.max_horizontal(valid_ts.cum_max().shift(1, fill_value=floor), pl.lit(floor))
     watermark = pl.lit(None, pl.Int64) if state.grace_ms is None else previous_max - state.grace_ms
-    frame = frame.with_columns(watermark.alias(WATERMARK_MS))
-    late = pl.col(WINDOW_MS) + pipeline.window_ms <= pl.col(WATERMARK_MS)
+    late = pl.col(WINDOW_MS) + pipeline.window_ms <= watermark
     outcome = pl.when(pl.col(REJECT).is_not_null()).then(pl.lit("dlq")).when(late).then(pl.lit("late"))
-    frame = frame.with_columns(outcome.otherwise(pl.lit("counted")).alias("outcome"))
+    frame = frame.with_columns(watermark.alias(WATERMARK_MS), outcome.otherwise(pl.lit("counted")).alias("outcome"))
     return mark_duplicates(frame, state) if pipeline.dedup_by else frame
 
 
