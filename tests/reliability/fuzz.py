@@ -106,6 +106,23 @@ values = st.one_of(
     corrupted_bytes(), st.binary(max_size=200), st.sampled_from([b"", b" ", b"null", b"{}", b"[]", b"\n", None]),
 )
 
+
+@st.composite
+def split_documents(draw: st.DrawFn) -> list[bytes]:
+    """Neighbouring values, each malformed alone, whose concatenation is valid JSON text: two documents
+    in one value next to a blank one, or a document cut in two. A decoder reading the batch as one
+    stream would count them as good records."""
+    first, second = draw(valid_order()), draw(valid_order())
+    cut = draw(st.integers(1, len(second) - 1))
+    blank = draw(st.sampled_from([b" ", b"\n", b"\r\n", b"\t"]))
+    return draw(st.sampled_from([[first + blank + second, blank], [first + blank + second[:cut], second[cut:]]]))
+
+
+#: batches of values, some neighbours related (``split_documents``)
+batches = st.lists(st.one_of(values.map(lambda value: [value]), split_documents()), min_size=1, max_size=12).map(
+    lambda runs: [value for run in runs for value in run]
+)
+
 # ---------------------------------------------------------------- seeded generation for the end-to-end fuzz
 #
 # The end-to-end test runs the real workers, so it generates one seeded batch (replayable with
