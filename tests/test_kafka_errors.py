@@ -20,8 +20,13 @@ from workers import kafka as kafka_helpers
         KafkaError(KafkaError._TRANSPORT),
         KafkaError(KafkaError.UNKNOWN_LEADER_EPOCH),
         KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS, retriable=True),
+        # committed() after a broker restart, as confluent-kafka raises them: not flagged retriable
+        KafkaError(KafkaError.NOT_COORDINATOR),
+        KafkaError(KafkaError.COORDINATOR_NOT_AVAILABLE),
+        KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS),
     ],
-    ids=["timed-out", "transport", "leader-epoch", "flagged-retriable"],
+    ids=["timed-out", "transport", "leader-epoch", "flagged-retriable", "not-coordinator", "coordinator-unavailable",
+         "coordinator-loading"],
 )
 def test_transient_errors_are_retried(error: KafkaError) -> None:
     assert kafka_helpers.is_transient(error)

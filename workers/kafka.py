@@ -212,6 +212,9 @@ TRANSIENT_ERRORS = frozenset({
     KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT,
     # the first seconds after a broker start: it does not know yet the leader epoch a client sends
     KafkaError.UNKNOWN_LEADER_EPOCH, KafkaError.FENCED_LEADER_EPOCH,
+    # a group's coordinator moving or loading its offsets after a broker restart: retriable in the
+    # protocol, but committed() raises them unflagged (confluent-kafka builds the error from the code)
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
 })
 
 

@@ -29,7 +29,7 @@ from workers.config import Settings, load_settings
 from workers.dev.generator import Faults, ProduceSummary, produce_events
 from workers.dev.stack import Stack
 from workers.errors import KappaError
-from workers.kafka import end_offsets
+from workers.kafka import end_offsets, is_transient
 from workers.processor.state import list_states
 from workers.replay import manifest as replay_manifest
 from workers.replay.loader import ReplaySpec
@@ -59,6 +59,10 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         try:
             result = predicate()
         except TRANSIENT_READ_ERRORS:
+            result = None
+        except KafkaException as exc:  # a probe right after a fault (e.g. the group's coordinator moving)
+            if not is_transient(exc.args[0]):
+                raise
             result = None
         if result:
             return result
