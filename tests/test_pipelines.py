@@ -38,8 +38,8 @@ MALFORMED = {
     "empty": b"",
     "blank": b"   ",
     "tombstone": None,
-    "two_objects": json.dumps(GOOD).encode() + b"\n" + json.dumps(GOOD).encode(),
-    "two_objects_one_line": json.dumps(GOOD).encode() + b" " + json.dumps(GOOD).encode(),
+    "two_objects": GOOD_JSON + b"\n" + GOOD_JSON,
+    "two_objects_one_line": GOOD_JSON + b" " + GOOD_JSON,
     "blank_line": b"\r\n",
 }
 
@@ -128,8 +128,7 @@ def test_registry_errors_list_known_pipelines(name: str, version: int, message: 
 
 @pytest.mark.parametrize("sort", sorted(MALFORMED))
 def test_every_malformed_value_is_rejected_with_a_reason(sort: str) -> None:
-    good = json.dumps(GOOD).encode()
-    parsed = parse_orders([good, MALFORMED[sort], good])
+    parsed = parse_orders([GOOD_JSON, MALFORMED[sort], GOOD_JSON])
     assert parsed[REJECT].to_list()[0] is None and parsed[REJECT].to_list()[2] is None
     assert parsed[REJECT][1], f"{sort} was accepted"
     assert parsed.row(0) == parsed.row(2) == ("e1", "u1", "purchase", 12.5, None)
