@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,8 @@ from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic, Offset
 from workers import keys
 from workers.config import Settings
 from workers.errors import KappaError, UnreachableError
+
+log = logging.getLogger("kappa.kafka")
 
 #: Consumer settings of the bulk readers (archiver, processor). librdkafka's defaults fetch at most
 #: 1 MiB per partition and refill its prefetch queue from 100k messages, so a Python consumer that
@@ -332,3 +335,14 @@ def call_within(call: Callable[[], Any], seconds: float) -> Any:
     if not ok:
         raise value
     return value
+
+
+def close_within(client: Consumer | None, seconds: float) -> None:
+    """``close()`` that returns within ``seconds`` whatever the coordinator does (a consumer leaving
+    its group waits for it); a client that fails or is stuck closing is abandoned."""
+    if client is None:
+        return
+    try:
+        call_within(client.close, seconds)
+    except (KafkaException, RuntimeError, StuckCall) as exc:
+        log.warning("consumer abandoned, its close() failed or hung: %s", exc)

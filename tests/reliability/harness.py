@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from workers import keys
 from workers.config import Settings, load_settings
 from workers.dev.generator import Faults, ProduceSummary, produce_events
-from workers.dev.stack import Stack
+from workers.dev.stack import Stack, read_pid
 from workers.errors import KappaError
 from workers.kafka import end_offsets, is_transient
 from workers.processor.state import list_states
@@ -420,8 +420,14 @@ def wait_processor_caught_up(settings: Settings, client: Any, prefix: str, topic
 
 
 def last_seen(seen: dict[str, object], worker: Worker | None) -> str:
-    """What a wait saw last, and ``worker``'s last lines: the explanation of a timed-out wait."""
-    return f"last seen {seen}" + (f"\n{worker.tail()}" if worker is not None else "")
+    """What a wait saw last, and ``worker``'s last lines: the explanation of a timed-out wait. A worker
+    still running first prints its threads' stacks (SIGUSR1, see ``workers.cli.main``): where it waits."""
+    if worker is None:
+        return f"last seen {seen}"
+    if worker.alive():
+        worker.signal(signal.SIGUSR1)
+        time.sleep(1.0)
+    return f"last seen {seen}\n{worker.tail(80)}"
 
 
 def group_committed(settings: Settings, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
@@ -492,17 +498,40 @@ def outage(stack: Stack, service: str, seconds: float, kind: str, worker: Worker
     ``progress``, it had done some but not all of its work just before the stop (mid-stream); and
     it logged at least one ``errors`` line while the service was down (it saw the outage).
     """
+    def stop() -> None:
+        assert stack.down([service]) == [service], f"{service} was not running"
+
+    return _fault(stop, lambda: stack.up([service]), service, seconds, kind, worker, errors, progress)
+
+
+def freeze(stack: Stack, service: str, seconds: float, kind: str, worker: Worker,
+           errors: re.Pattern[str], progress: ProgressFn | None = None) -> Outage:
+    """SIGSTOP one service of the private stack for ``seconds`` while ``worker`` runs, then SIGCONT.
+
+    Unlike a stop, a frozen broker keeps its connections open and answers nothing: requests wait
+    out their timeouts instead of failing at once. Asserts the fault landed as :func:`outage` does.
+    """
+    pid = read_pid(stack.layout, service)
+    assert pid is not None, f"{service} was not running"
+    return _fault(lambda: os.kill(pid, signal.SIGSTOP), lambda: os.kill(pid, signal.SIGCONT),
+                  service, seconds, kind, worker, errors, progress)
+
+
+def _fault(stop: Callable[[], None], start: Callable[[], None], service: str, seconds: float, kind: str,
+           worker: Worker, errors: re.Pattern[str], progress: ProgressFn | None) -> Outage:
     done, total = read_progress(progress) if progress else (0, 0)
     if progress:
         assert 0 < done < total, f"{worker.name} was not mid-stream when {service} stopped ({done}/{total})"
     assert worker.alive(), f"{worker.name} exited before {service} stopped:\n{worker.tail()}"
     mark = len(worker.output())
     started = time.monotonic()
-    assert stack.down([service]) == [service], f"{service} was not running"
+    stop()
     print(f"[reliability] {kind}: {service} stopped for {seconds}s")
-    time.sleep(seconds)
-    seen = worker.output()[mark:]
-    stack.up([service])
+    try:
+        time.sleep(seconds)
+        seen = worker.output()[mark:]
+    finally:
+        start()
     downtime = time.monotonic() - started
     assert worker.alive(), f"{worker.name} died while {service} was down:\n{worker.tail()}"
     lines = [line for line in seen.splitlines() if errors.search(line)]

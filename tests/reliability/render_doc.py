@@ -82,6 +82,7 @@ HEADLINE: list[tuple[str, Callable[[Figures], str]]] = [
     ("rebalance storm stops (SIGTERM / SIGKILL of a consuming member)", faults("rebalance")),
     ("zombie rounds (SIGSTOP past the session timeout, takeover, SIGCONT)", faults("zombie")),
     ("broker restarts while a worker was mid-stream", faults("broker_restart")),
+    ("broker freezes (SIGSTOP: requests never answered) while a worker was mid-stream", faults("broker_freeze")),
     ("S3 outages the worker saw as errors", faults("s3_outage")),
     ("fuzzed records through archiver, processor and replay", faults("fuzz.records")),
     ("fuzzed values through the parser alone", total("fuzz_parse_values")),

@@ -8,6 +8,7 @@ waits (bounded) for it to reach the end.
 
 from __future__ import annotations
 
+import re
 import signal
 from typing import Any
 
@@ -26,6 +27,7 @@ from .harness import (
     archive_all,
     archiver_progress,
     bounded_args,
+    freeze,
     live_args,
     load_args,
     outage,
@@ -40,6 +42,7 @@ from .harness import (
     wait_until,
 )
 from .invariants import (
+    FIGURES,
     archive_records,
     assert_archive_exact,
     assert_dlq_exact,
@@ -75,6 +78,36 @@ def test_archiver_survives_broker_restart(
     outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.archiver", archiver, KAFKA_DOWN_LINES, progress)
     produce_orders(private_settings, 10_000, 2, days=2)
     wait_archived(private_settings, private_s3, timeout=240, worker=archiver)
+    archiver.signal(signal.SIGTERM)
+    assert archiver.wait(90) == 0, archiver.tail()
+    assert_archive_exact(private_settings, private_s3)
+
+
+#: the archiver's commit bound in the freeze test, well inside the freeze
+COMMIT_TIMEOUT_SECONDS = 3
+FREEZE_SECONDS = 12.0
+#: a frozen broker: librdkafka's request timeouts, or the archiver giving up on its commit
+FROZEN_LINES = re.compile(r"REQTMOUT|Timed out .* in flight|did not answer in time")
+STUCK_REJOIN = re.compile(r"did not answer in time \(an offset commit did not return.*rejoining")
+
+
+def test_archiver_rejoins_when_its_commit_hangs(
+    private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
+) -> None:
+    """A frozen broker (SIGSTOP: its connections stay open, nothing is answered) holds the archiver's
+    offset commit, as a coordinator connection librdkafka never restores after a restart does. Past
+    ``--commit-timeout`` the archiver drops its buffers and rejoins with a new consumer; after the
+    thaw it archives everything exactly once (CI once saw a synchronous commit hang for good)."""
+    produce_orders(private_settings, 30_000, 4, days=2)
+    archiver = workers.start("archiver", *ARCHIVER_KILL_ARGS, "--commit-timeout", str(COMMIT_TIMEOUT_SECONDS))
+    progress = archiver_progress(private_settings, private_s3)
+    started_some(progress, "the archiver to archive its first records")
+    freeze(private_stack, "kafka", FREEZE_SECONDS, "broker_freeze.archiver", archiver, FROZEN_LINES, progress)
+    produce_orders(private_settings, 10_000, 5, days=2)
+    wait_archived(private_settings, private_s3, timeout=240, worker=archiver)
+    stuck = STUCK_REJOIN.findall(archiver.output())
+    assert stuck, f"no commit hung while the broker was frozen (the fault did not land):\n{archiver.tail(60)}"
+    FIGURES.count("archiver_stuck_commit_rejoins", len(stuck))
     archiver.signal(signal.SIGTERM)
     assert archiver.wait(90) == 0, archiver.tail()
     assert_archive_exact(private_settings, private_s3)

@@ -60,6 +60,8 @@ class ArchiverError(KappaError):
 FLUSH_POLL_S = 0.02
 #: librdkafka's prefetch cap (counted in message bytes): memory outside the flush buffers' budget
 QUEUE_KBYTES = 32 * 1024
+#: a consumer replaced after a stuck commit gets this long to close; then it is abandoned
+CLOSE_LIMIT_S = 45.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class ArchiverOptions:
     max_backoff: float = retry.MAX_BACKOFF_S
     revoke_timeout: float = 30.0
     shutdown_timeout: float = 60.0
+    #: an offset commit not answered by then means a stuck coordinator connection: new consumer
+    commit_timeout: float = 30.0
     #: static membership (``None``: ``KAPPA_INSTANCE_ID`` or the per-host default) and group protocol
     instance_id: str | None = None
     group_protocol: str | None = None
@@ -97,6 +101,7 @@ class ArchiverOptions:
             "--max-buffer-bytes": self.max_buffer_bytes,
             "--poll-timeout": self.poll_timeout, "--log-interval": self.log_interval,
             "--max-backoff": self.max_backoff, "--flush-threads": self.flush_threads,
+            "--commit-timeout": self.commit_timeout,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -395,6 +400,9 @@ class Archiver:
         self.waiting_for: list[int] = []
         self.membership = membership.Membership()
         self.consumer: Consumer | None = None
+        #: why the consumer must be replaced (a commit that did not return); acted on by the loop
+        self.stuck: str | None = None
+        self.unanswered = membership.UnansweredBudget()
         self.last_activity = self.last_report = time.monotonic()
 
     # -- lifecycle
@@ -407,27 +415,49 @@ class Archiver:
                                              self.options.group_protocol)
         log.info("joining group %s as %s (protocol %s)", self.options.group,
                  self.membership.instance_id or "a dynamic member", self.membership.protocol)
-        self.consumer = consumer = Consumer(self._consumer_config())
         self.last_activity = time.monotonic()
         try:
             if self.options.metrics_port is not None:
                 self.metrics.serve(self.options.metrics_port)
-            consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                               on_lost=self._on_lost)
+            self._subscribe()
             budget = kafka_helpers.ConsumeBudget(self.options.batch_size)
             while not self._should_stop():
                 with gc_paused():  # consume + ingest allocate only acyclic per-record objects
                     self._consume_batch(budget)
+                if self.stuck is not None:
+                    self._rejoin(self.stuck)
             self._drain(time.monotonic() + self.options.shutdown_timeout)
         finally:
             self.closing = True
             self.flushes.close()
-            consumer.close()
+            kafka_helpers.close_within(self.consumer, CLOSE_LIMIT_S)  # its revoke callback runs
             self.membership.release()
             self.metrics.close()
             self.summary.seconds = time.monotonic() - started
             self._report(time.monotonic(), force=True)
         return self.summary
+
+    def _subscribe(self) -> None:
+        self.consumer = Consumer(self._consumer_config())
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+
+    def _rejoin(self, reason: str) -> None:
+        """Replace a consumer whose group coordinator connection is stuck (``membership.UnansweredBudget``).
+
+        Everything durable is in S3 already; the buffers are dropped as on a lost assignment and
+        re-read from the S3 checkpoints by whoever gets the partitions (fenced: nothing doubled).
+        """
+        self.stuck = None
+        if not self.unanswered.take(time.monotonic()):
+            raise ArchiverError(f"the Kafka group coordinator did not answer ({reason}) {self.unanswered.limit} "
+                                f"times within {self.unanswered.window_s:.0f}s; is Kafka reachable?")
+        log.warning("group %s did not answer in time (%s): buffers of partitions %s dropped unwritten (re-read "
+                    "from the S3 checkpoint), rejoining", self.options.group, reason, sorted(self.parts))
+        self._forget(list(self.parts))
+        old, self.consumer = self.consumer, None  # its callbacks, run by close(), see it is not ours
+        kafka_helpers.close_within(old, CLOSE_LIMIT_S)
+        self._subscribe()
 
     def _consume_batch(self, budget: kafka_helpers.ConsumeBudget) -> None:
         """A function of its own so the messages are freed before the collector resumes (see gc_paused)."""
@@ -680,13 +710,22 @@ class Archiver:
         self.metrics.paused.set(sum(s.paused for s in self.parts.values()))
 
     def _commit(self, offsets: list[TopicPartition]) -> None:
-        """Commit after the S3 checkpoint: informative for lag tools, never needed for correctness."""
-        if not offsets or self.consumer is None:
+        """Commit after the S3 checkpoint: informative for lag tools, never needed for correctness.
+
+        Bounded: after a broker restart librdkafka can park the commit on a coordinator connection
+        that never comes back, and a synchronous commit then never returns. The loop replaces the
+        consumer instead (not here: this may run inside a rebalance callback).
+        """
+        consumer = self.consumer
+        if not offsets or consumer is None or self.stuck is not None:
             return
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            kafka_helpers.call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False),
+                                      self.options.commit_timeout)
         except KafkaException as exc:
             log.warning("offset commit failed (the S3 checkpoint is the resume point): %s", exc)
+        except kafka_helpers.StuckCall:
+            self.stuck = f"an offset commit did not return within {self.options.commit_timeout:g}s"
 
     def _drain(self, deadline: float, partitions: Iterable[int] | None = None) -> None:
         """Flush until nothing is buffered, retrying S3 with backoff until ``deadline``."""
@@ -730,6 +769,8 @@ class Archiver:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Seek every new partition to its S3 checkpoint (the durable resume point)."""
+        if consumer is not self.consumer:
+            return  # a replaced consumer, closing on another thread (see _rejoin)
         for tp in partitions:
             checkpoint = self._retry_s3(lambda p=tp.partition: self.store.read_checkpoint_doc(p), "read checkpoint")
             start = None if checkpoint is None else checkpoint.next_offset
@@ -824,6 +865,8 @@ class Archiver:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Flush, checkpoint and commit what we hold before another member takes over."""
+        if consumer is not self.consumer:
+            return
         owned = [tp.partition for tp in partitions if tp.partition in self.parts]
         if owned and not self.closing:
             try:
@@ -840,14 +883,21 @@ class Archiver:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Fenced out: another member may own these already, so drop the buffers unwritten."""
-        owned = [tp.partition for tp in partitions if tp.partition in self.parts]
+        if consumer is not self.consumer:
+            return
+        dropped = self._forget([tp.partition for tp in partitions])
+        log.warning("partitions lost (not written, re-read by their new owner): %s", dropped)
+
+    def _forget(self, partitions: list[int]) -> dict[int, int]:
+        """Drop what we hold of ``partitions`` unwritten; returns the records dropped per partition."""
+        owned = [partition for partition in partitions if partition in self.parts]
         self.flushes.done(timeout=None, partitions=owned)  # their outcome no longer counts
         dropped = {partition: self.parts.pop(partition).records for partition in owned}
-        for tp in partitions:
-            self.store.forget(tp.partition)
-            self.refetch.discard(tp.partition)
+        for partition in partitions:
+            self.store.forget(partition)
+            self.refetch.discard(partition)
         self._count_refused()
-        log.warning("partitions lost (not written, re-read by their new owner): %s", dropped)
+        return dropped
 
     def _retry_s3(self, call: Callable[[], T], what: str) -> T:
         """Retry an S3 call until it works or the archiver is stopped (no deadline: nothing is buffered)."""

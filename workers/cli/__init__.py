@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 
 import typer
@@ -74,7 +76,9 @@ def describe_service_error(exc: Exception) -> str:
 
 def main() -> None:
     """Entry point: user mistakes and unreachable/refusing services print one red line and exit 2;
-    --debug shows the traceback."""
+    --debug shows the traceback. ``kill -USR1 <pid>`` prints every thread's stack to stderr: where a
+    worker that seems stuck is waiting."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except (KappaError, BotoCoreError, ClientError, KafkaException) as exc:

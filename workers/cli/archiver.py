@@ -35,6 +35,9 @@ def archiver(
     metrics_port: int = typer.Option(None, help="Serve Prometheus metrics on this port."),
     max_backoff: float = typer.Option(retry.MAX_BACKOFF_S, help="Longest wait between S3 retries, in seconds."),
     shutdown_timeout: float = typer.Option(60.0, help="Seconds to keep retrying S3 when stopping."),
+    commit_timeout: float = typer.Option(30.0, help="Seconds an offset commit may take; a commit still waiting "
+                                                    "then means a stuck coordinator connection: the archiver "
+                                                    "rejoins with a new consumer."),
     instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; 'auto' = "
                                                 "kappa-archiver-<host>-<ordinal>; default 'none': dynamic member)."),
     group_protocol: str = typer.Option(None, help="Consumer group protocol: classic (default) or consumer "
@@ -51,7 +54,7 @@ def archiver(
         flush_threads=flush_threads, multipart_bytes=parse_size(multipart_bytes),
         until_end=until_end, idle_exit=idle_exit,
         session_timeout=session_timeout, log_interval=log_interval, metrics_port=metrics_port,
-        max_backoff=max_backoff, shutdown_timeout=shutdown_timeout,
+        max_backoff=max_backoff, shutdown_timeout=shutdown_timeout, commit_timeout=commit_timeout,
         instance_id=instance_id, group_protocol=group_protocol, accept_data_loss=accept_data_loss,
     ).validate()
     settings = load_settings()

@@ -72,6 +72,8 @@ DEFAULT_CHECKPOINT_SECONDS = 5.0
 DEFAULT_SESSION_TIMEOUT_S = 10.0
 #: a consumer replaced by a rejoin gets this long to close; a stuck one is abandoned (``kafka.call_within``)
 CLOSE_LIMIT_S = 45.0
+#: an offset commit still waiting by then is parked on a stuck coordinator connection: rejoin
+COMMIT_LIMIT_S = 30.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
@@ -263,6 +265,8 @@ class Processor:
         self.fresh_group: bool | None = None
         self.self_fenced = membership.SelfFenceBudget()
         self.unanswered = membership.UnansweredBudget()
+        #: offsets a stuck commit did not commit: committed again for partitions still ours
+        self.uncommitted: dict[int, int] = {}
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -293,8 +297,7 @@ class Processor:
             self.crashed = True
             raise
         finally:
-            with contextlib.suppress(Exception):
-                self.consumer.close()
+            kafka_helpers.close_within(self.consumer, CLOSE_LIMIT_S)  # its revoke callback runs
             self.membership.release()
             self.progress.update(self.summary.records, self.lag, self.summary.late_records, force=True)
             self.progress.close()
@@ -317,8 +320,7 @@ class Processor:
         """Close the consumer, bounded (a coordinator that does not answer can hold close(): then it is
         abandoned), and subscribe a new one; the old one's callbacks see it is no longer ours."""
         old, self.consumer = self.consumer, None
-        with contextlib.suppress(Exception):
-            kafka_helpers.call_within(old.close, CLOSE_LIMIT_S)  # type: ignore[union-attr]
+        kafka_helpers.close_within(old, CLOSE_LIMIT_S)
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
 
@@ -700,6 +702,7 @@ class Processor:
         targets = [s for p, s in self.states.items() if s.dirty and (partitions is None or p in partitions)]
         targets = [s for s in targets if s.next_offset is not None]
         if not targets:
+            self.commit_offsets([])  # what a stuck commit left, if anything
             return
         self.flush_dlq()
         committed, superseded = [], []
@@ -720,11 +723,29 @@ class Processor:
         log.warning("fenced: %s (group %s); our state dropped, reloading from S3 if still assigned", exc, self.group)
 
     def commit_offsets(self, offsets: list[TP]) -> None:
-        """Kafka commit after S3: only for lag monitoring and tools; S3 stays authoritative."""
-        assert self.consumer is not None
-        if offsets:
-            with contextlib.suppress(KafkaException):
-                self.consumer.commit(offsets=offsets, asynchronous=False)
+        """Kafka commit after S3: for lag tools and the replay sensor; S3 stays authoritative.
+
+        Bounded: after a broker restart librdkafka can park a commit on a coordinator connection
+        that never comes back, and a synchronous commit then never returns. A commit still waiting
+        after ``COMMIT_LIMIT_S`` raises a transient error instead, so the loop rejoins with a new
+        consumer (``membership.UnansweredBudget``); its offsets are committed again by a later
+        checkpoint for the partitions still ours.
+        """
+        consumer = self.consumer
+        assert consumer is not None
+        retried = [TP(self.topic, p, o) for p, o in self.uncommitted.items() if p in self.states]
+        self.uncommitted = {}
+        newer = {tp.partition for tp in offsets}
+        offsets = [*offsets, *(tp for tp in retried if tp.partition not in newer)]
+        if not offsets:
+            return
+        try:
+            kafka_helpers.call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False), COMMIT_LIMIT_S)
+        except KafkaException:
+            pass  # informational: the next checkpoint commits a newer offset
+        except kafka_helpers.StuckCall as exc:
+            self.uncommitted = {tp.partition: tp.offset for tp in offsets}
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"offset commit: {exc}")) from None
 
     # ---------------------------------------------------------------- bounded mode
 
