@@ -17,6 +17,7 @@ import pytest
 from workers import keys
 from workers.config import Settings
 from workers.dev.stack import Stack
+from workers.kafka import end_offsets
 
 from .harness import (
     ARCHIVER_KILL_ARGS,
@@ -28,6 +29,7 @@ from .harness import (
     archiver_progress,
     bounded_args,
     freeze,
+    group_committed,
     live_args,
     load_args,
     outage,
@@ -111,6 +113,34 @@ def test_archiver_rejoins_when_its_commit_hangs(
     archiver.signal(signal.SIGTERM)
     assert archiver.wait(90) == 0, archiver.tail()
     assert_archive_exact(private_settings, private_s3)
+
+
+
+@pytest.mark.soak  # the archiver's freeze test covers the same bound in the default run
+def test_live_processor_rejoins_when_its_commit_hangs(
+    private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
+) -> None:
+    """The single-stage processor's offset commit held by a frozen broker past ``COMMIT_LIMIT_S``: it
+    rejoins with a new consumer, commits those offsets again, and its results equal the reference.
+    The commit bound is inside the session, which would otherwise end the commit first."""
+    produce_orders(private_settings, 20_000, 7, start=f"{DAY}T00:00:00Z")
+    archive_all(workers)
+    live = workers.start("live-v1", *live_args(SINGLE_STAGE, "--commit-timeout", str(COMMIT_TIMEOUT_SECONDS),
+                                               base=LIVE_KILL_ARGS))
+    prefix, topic = keys.live_prefix("orders", SINGLE_STAGE), private_settings.events_topic
+    progress = processor_progress(private_settings, private_s3, prefix, topic)
+    started_some(progress, "the live processor to commit its first records")
+    freeze(private_stack, "kafka", FREEZE_SECONDS, "broker_freeze.processor.live", live, FROZEN_LINES, progress)
+    wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240, worker=live)
+    ends = end_offsets(private_settings, topic)
+    group = keys.live_group("orders", SINGLE_STAGE)
+    wait_until(lambda: group_committed(private_settings, group, topic, sorted(ends)) == ends, 60,
+               f"group {group}'s Kafka commits to reach {ends}")
+    live.signal(signal.SIGTERM)
+    assert live.wait(90) == 0, f"the live processor did not stop cleanly:\n{live.tail()}"
+    stuck = re.findall(r"did not answer in time \(offset commit: .*rejoining", live.output())
+    assert stuck, f"no commit hung while the broker was frozen (the fault did not land):\n{live.tail(60)}"
+    assert_live_exact(private_settings, private_s3, SINGLE_STAGE)
 
 
 @pytest.mark.soak  # minutes; the archiver and the live processors (both stages) cover a broker restart by default

@@ -72,7 +72,8 @@ DEFAULT_CHECKPOINT_SECONDS = 5.0
 DEFAULT_SESSION_TIMEOUT_S = 10.0
 #: a consumer replaced by a rejoin gets this long to close; a stuck one is abandoned (``kafka.call_within``)
 CLOSE_LIMIT_S = 45.0
-#: an offset commit still waiting by then is parked on a stuck coordinator connection: rejoin
+#: default --commit-timeout: an offset commit still waiting by then is parked on a stuck
+#: coordinator connection: rejoin
 COMMIT_LIMIT_S = 30.0
 NEVER = -(2**62)
 ALWAYS = 2**62
@@ -230,8 +231,10 @@ class Processor:
         instance_id: str | None = None,
         group_protocol: str | None = None,
         session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
+        commit_timeout: float = COMMIT_LIMIT_S,
     ) -> None:
         self.settings, self.pipeline = settings, pipeline
+        self.commit_timeout = commit_timeout
         self.topic, self.group, self.bounded, self.start = topic, group, bounded, start
         self.start_offsets = dict(start_offsets or {})
         if switch is None and self.start_offsets and not bounded:
@@ -727,7 +730,7 @@ class Processor:
 
         Bounded: after a broker restart librdkafka can park a commit on a coordinator connection
         that never comes back, and a synchronous commit then never returns. A commit still waiting
-        after ``COMMIT_LIMIT_S`` raises a transient error instead, so the loop rejoins with a new
+        after ``--commit-timeout`` raises a transient error instead, so the loop rejoins with a new
         consumer (``membership.UnansweredBudget``); its offsets are committed again by a later
         checkpoint for the partitions still ours.
         """
@@ -740,7 +743,8 @@ class Processor:
         if not offsets:
             return
         try:
-            kafka_helpers.call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False), COMMIT_LIMIT_S)
+            kafka_helpers.call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False),
+                                      self.commit_timeout)
         except KafkaException:
             pass  # informational: the next checkpoint commits a newer offset
         except kafka_helpers.StuckCall as exc:
@@ -873,6 +877,7 @@ def run_processor(
     instance_id: str | None = None,
     group_protocol: str | None = None,
     session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
+    commit_timeout: float = COMMIT_LIMIT_S,
     stage: Literal["both", "1", "2"] = "both",
     shuffle_partitions: int | None = None,
 ) -> RunSummary:
@@ -892,6 +897,8 @@ def run_processor(
     membership.validate(instance_id, group_protocol)
     if not 6 <= session_timeout <= 300:
         raise KappaError(f"--session-timeout must be between 6 and 300 seconds, got {session_timeout}")
+    if commit_timeout <= 0:
+        raise KappaError(f"--commit-timeout must be > 0 seconds, got {commit_timeout}")
     if not bounded and grace_ms is None:
         raise KappaError("a live processor needs a finite grace period (windows would never close)")
     stop = stop or threading.Event()
@@ -917,6 +924,7 @@ def run_processor(
         instance_id=instance_id,
         group_protocol=group_protocol,
         session_timeout=session_timeout,
+        commit_timeout=commit_timeout,
     )
     if impl.state_key:
         from workers.processor.shuffle import run_shuffled  # the shuffle builds on this module
