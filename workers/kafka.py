@@ -339,7 +339,11 @@ def call_within(call: Callable[[], Any], seconds: float) -> Any:
 
 def close_within(client: Consumer | None, seconds: float) -> None:
     """``close()`` that returns within ``seconds`` whatever the coordinator does (a consumer leaving
-    its group waits for it); a client that fails or is stuck closing is abandoned."""
+    its group waits for it); a client that fails or is stuck closing is abandoned.
+
+    A commit abandoned on another thread (``call_within``) may still wait inside this client: the
+    group's shutdown waits for outstanding commits before the handle is destroyed, so ``close()``
+    either ends that commit first or stays stuck with it (and is abandoned)."""
     if client is None:
         return
     try:
