@@ -593,3 +593,33 @@ def test_a_failed_flush_puts_its_records_back_with_their_age() -> None:
     assert buffer.records == 4 and buffer.in_flight == 0 and buffer.oldest == 100.0
     assert buffer.due(options, 161.0, None)  # 61 s since offset 0 arrived
     assert [f["offset"].to_list() for f in buffer.frames] == [[0, 1, 2], [3]]
+
+
+def test_a_consumer_that_never_joins_its_group_is_noticed(settings: Settings, unique) -> None:
+    """The join watchdog: a real consumer that cannot reach its coordinator has no member id, and past
+    ``JOIN_LIMIT_S`` the archiver calls it stuck; one that joined (even with no partitions) is not."""
+    from workers.archive.archiver import JOIN_LIMIT_S
+
+    archiver = Archiver(settings, ArchiverOptions(group=unique("watchdog")))
+    nowhere = dataclasses.replace(settings, bootstrap_servers="127.0.0.1:1")
+    archiver.consumer = Consumer(nowhere.kafka_config(**{"group.id": unique("watchdog"), "log_level": 0}))
+    archiver.consumer.subscribe([settings.events_topic])
+    try:
+        archiver.subscribed_at = time.monotonic()
+        archiver.consumer.consume(timeout=1.0)
+        assert not archiver._not_joined(), "called stuck before JOIN_LIMIT_S"
+        archiver.subscribed_at = time.monotonic() - JOIN_LIMIT_S - 1
+        assert archiver._not_joined()
+    finally:
+        archiver.consumer.close()
+    kafka_helpers.ensure_topic(settings, settings.events_topic, 1)
+    joined = Consumer(settings.kafka_config(**{"group.id": unique("watchdog")}))
+    joined.subscribe([settings.events_topic])
+    try:
+        deadline = time.monotonic() + 60
+        while not joined.memberid() and time.monotonic() < deadline:
+            joined.consume(timeout=0.5)
+        archiver.consumer, archiver.subscribed_at = joined, time.monotonic() - JOIN_LIMIT_S - 1
+        assert not archiver._not_joined()
+    finally:
+        joined.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from .harness import (
     DAY,
     KAFKA_DOWN_LINES,
     LIVE_KILL_ARGS,
+    Worker,
     Workers,
     archive_all,
     archiver_progress,
@@ -88,9 +90,24 @@ def test_archiver_survives_broker_restart(
 #: the archiver's commit bound in the freeze test, well inside the freeze
 COMMIT_TIMEOUT_SECONDS = 3
 FREEZE_SECONDS = 12.0
+#: freezes at most, until one holds a commit
+FREEZE_ROUNDS = 3
+#: records/s produced while the freezes run, for FEED_SECONDS: the archiver always holds some
+FEED_RATE, FEED_SECONDS = 2000, 45
+#: time-driven flushes (2 s), so records consumed before a freeze are flushed, and committed, during it
+FREEZE_ARCHIVER_ARGS = ("archiver", "--flush-records", "1000000", "--flush-seconds", "2", "--batch-size", "500",
+                        "--log-interval", "0.5", "--session-timeout", "6",
+                        "--commit-timeout", str(COMMIT_TIMEOUT_SECONDS))
 #: a frozen broker: librdkafka's request timeouts, or the archiver giving up on its commit
 FROZEN_LINES = re.compile(r"REQTMOUT|Timed out .* in flight|did not answer in time")
 STUCK_REJOIN = re.compile(r"did not answer in time \(an offset commit did not return.*rejoining")
+BUFFERED = re.compile(r"buffered=(\d+)")
+
+
+def holds_records(worker: Worker, mark: int) -> bool:
+    """The worker's newest counter line after ``mark`` shows records buffered or in flight to S3."""
+    counts = BUFFERED.findall(worker.output()[mark:])
+    return bool(counts) and int(counts[-1]) > 0
 
 
 def test_archiver_rejoins_when_its_commit_hangs(
@@ -99,21 +116,33 @@ def test_archiver_rejoins_when_its_commit_hangs(
     """A frozen broker (SIGSTOP: its connections stay open, nothing is answered) holds the archiver's
     offset commit, as a coordinator connection librdkafka never restores after a restart does. Past
     ``--commit-timeout`` the archiver drops its buffers and rejoins with a new consumer; after the
-    thaw it archives everything exactly once (CI once saw a synchronous commit hang for good)."""
-    produce_orders(private_settings, 30_000, 4, days=2)
-    archiver = workers.start("archiver", *ARCHIVER_KILL_ARGS, "--commit-timeout", str(COMMIT_TIMEOUT_SECONDS))
-    progress = archiver_progress(private_settings, private_s3)
-    started_some(progress, "the archiver to archive its first records")
-    freeze(private_stack, "kafka", FREEZE_SECONDS, "broker_freeze.archiver", archiver, FROZEN_LINES, progress)
-    produce_orders(private_settings, 10_000, 5, days=2)
+    thaw it archives everything exactly once (CI once saw a synchronous commit hang for good).
+
+    A freeze holds a commit only if the archiver flushes during it, and fetching stops with the
+    broker: so records keep arriving, flushes are time-driven (2 s), and each freeze starts when the
+    archiver's latest counter line shows records held. A freeze that held no commit (the session
+    simply expired) is followed by another, ``FREEZE_ROUNDS`` at most."""
+    feeder = threading.Thread(target=produce_orders, args=(private_settings, FEED_RATE * FEED_SECONDS, 4),
+                              kwargs={"days": 2, "rate": FEED_RATE})
+    feeder.start()
+    try:
+        archiver = workers.start("archiver", *FREEZE_ARCHIVER_ARGS)
+        for _ in range(FREEZE_ROUNDS):
+            mark = len(archiver.output())
+            wait_until(lambda m=mark: holds_records(archiver, m), 120, "the archiver to hold records not yet "
+                       "flushed", detail=lambda: archiver.tail())
+            freeze(private_stack, "kafka", FREEZE_SECONDS, "broker_freeze.archiver", archiver, FROZEN_LINES)
+            if STUCK_REJOIN.search(archiver.output()):
+                break
+    finally:
+        feeder.join()
     wait_archived(private_settings, private_s3, timeout=240, worker=archiver)
     stuck = STUCK_REJOIN.findall(archiver.output())
-    assert stuck, f"no commit hung while the broker was frozen (the fault did not land):\n{archiver.tail(60)}"
+    assert stuck, f"no commit hung in {FREEZE_ROUNDS} freezes (the fault did not land):\n{archiver.tail(60)}"
     FIGURES.count("archiver_stuck_commit_rejoins", len(stuck))
     archiver.signal(signal.SIGTERM)
     assert archiver.wait(90) == 0, archiver.tail()
     assert_archive_exact(private_settings, private_s3)
-
 
 
 @pytest.mark.soak  # the archiver's freeze test covers the same bound in the default run

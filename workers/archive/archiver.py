@@ -62,6 +62,9 @@ FLUSH_POLL_S = 0.02
 QUEUE_KBYTES = 32 * 1024
 #: a consumer replaced after a stuck commit gets this long to close; then it is abandoned
 CLOSE_LIMIT_S = 45.0
+#: a consumer still without a group member id this long after subscribing never got into its group
+#: (the join stuck like a commit can); it is replaced the same way. An idle member has an id.
+JOIN_LIMIT_S = 90.0
 
 
 @dataclass(frozen=True)
@@ -403,6 +406,7 @@ class Archiver:
         #: why the consumer must be replaced (a commit that did not return); acted on by the loop
         self.stuck: str | None = None
         self.unanswered = membership.UnansweredBudget()
+        self.subscribed_at = 0.0
         self.last_activity = self.last_report = time.monotonic()
 
     # -- lifecycle
@@ -424,6 +428,8 @@ class Archiver:
             while not self._should_stop():
                 with gc_paused():  # consume + ingest allocate only acyclic per-record objects
                     self._consume_batch(budget)
+                if self.stuck is None and self._not_joined():
+                    self.stuck = f"no group member id {JOIN_LIMIT_S:.0f}s after subscribing"
                 if self.stuck is not None:
                     self._rejoin(self.stuck)
             self._drain(time.monotonic() + self.options.shutdown_timeout)
@@ -438,6 +444,7 @@ class Archiver:
         return self.summary
 
     def _subscribe(self) -> None:
+        self.subscribed_at = time.monotonic()
         self.consumer = Consumer(self._consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
@@ -458,6 +465,15 @@ class Archiver:
         old, self.consumer = self.consumer, None  # its callbacks, run by close(), see it is not ours
         kafka_helpers.close_within(old, CLOSE_LIMIT_S)
         self._subscribe()
+
+    def _not_joined(self) -> bool:
+        """No partitions and no member id ``JOIN_LIMIT_S`` after subscribing: the join never completed."""
+        if self.consumer is None or self.parts or time.monotonic() - self.subscribed_at < JOIN_LIMIT_S:
+            return False
+        try:
+            return not self.consumer.memberid()
+        except (KafkaException, RuntimeError):
+            return False
 
     def _consume_batch(self, budget: kafka_helpers.ConsumeBudget) -> None:
         """A function of its own so the messages are freed before the collector resumes (see gc_paused)."""
