@@ -337,7 +337,20 @@ def call_within(call: Callable[[], Any], seconds: float) -> Any:
     return value
 
 
-def close_within(client: Consumer | None, seconds: float) -> None:
+#: a consumer closing (leaving its group) longer than this is stuck on its coordinator: abandoned
+CLOSE_LIMIT_S = 45.0
+#: default --commit-timeout of the workers: a commit still waiting by then is parked on a stuck
+#: coordinator connection, and the worker rejoins with a new consumer
+COMMIT_LIMIT_S = 30.0
+
+
+def commit_within(consumer: Consumer, offsets: list[TopicPartition], seconds: float) -> None:
+    """A synchronous commit that raises :class:`StuckCall` after ``seconds`` (see ``call_within``):
+    after a broker restart librdkafka can park it on a coordinator connection that never comes back."""
+    call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False), seconds)
+
+
+def close_within(client: Consumer | None, seconds: float = CLOSE_LIMIT_S) -> None:
     """``close()`` that returns within ``seconds`` whatever the coordinator does (a consumer leaving
     its group waits for it); a client that fails or is stuck closing is abandoned.
 

@@ -149,7 +149,7 @@ def test_archiver_rejoins_when_its_commit_hangs(
 def test_live_processor_rejoins_when_its_commit_hangs(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
 ) -> None:
-    """The single-stage processor's offset commit held by a frozen broker past ``COMMIT_LIMIT_S``: it
+    """The single-stage processor's offset commit held by a frozen broker past ``--commit-timeout``: it
     rejoins with a new consumer, commits those offsets again, and its results equal the reference.
     The commit bound is inside the session, which would otherwise end the commit first."""
     produce_orders(private_settings, 20_000, 7, start=f"{DAY}T00:00:00Z")

@@ -60,8 +60,6 @@ class ArchiverError(KappaError):
 FLUSH_POLL_S = 0.02
 #: librdkafka's prefetch cap (counted in message bytes): memory outside the flush buffers' budget
 QUEUE_KBYTES = 32 * 1024
-#: a consumer replaced after a stuck commit gets this long to close; then it is abandoned
-CLOSE_LIMIT_S = 45.0
 #: a consumer still without a group member id this long after subscribing never got into its group
 #: (the join stuck like a commit can); it is replaced the same way. An idle member has an id.
 JOIN_LIMIT_S = 90.0
@@ -90,7 +88,7 @@ class ArchiverOptions:
     revoke_timeout: float = 30.0
     shutdown_timeout: float = 60.0
     #: an offset commit not answered by then means a stuck coordinator connection: new consumer
-    commit_timeout: float = 30.0
+    commit_timeout: float = kafka_helpers.COMMIT_LIMIT_S
     #: static membership (``None``: ``KAPPA_INSTANCE_ID`` or the per-host default) and group protocol
     instance_id: str | None = None
     group_protocol: str | None = None
@@ -436,7 +434,7 @@ class Archiver:
         finally:
             self.closing = True
             self.flushes.close()
-            kafka_helpers.close_within(self.consumer, CLOSE_LIMIT_S)  # its revoke callback runs
+            kafka_helpers.close_within(self.consumer)  # its revoke callback runs
             self.membership.release()
             self.metrics.close()
             self.summary.seconds = time.monotonic() - started
@@ -463,7 +461,7 @@ class Archiver:
                     "from the S3 checkpoint), rejoining", self.options.group, reason, sorted(self.parts))
         self._forget(list(self.parts))
         old, self.consumer = self.consumer, None  # its callbacks, run by close(), see it is not ours
-        kafka_helpers.close_within(old, CLOSE_LIMIT_S)
+        kafka_helpers.close_within(old)
         self._subscribe()
 
     def _not_joined(self) -> bool:
@@ -736,8 +734,7 @@ class Archiver:
         if not offsets or consumer is None or self.stuck is not None:
             return
         try:
-            kafka_helpers.call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False),
-                                      self.options.commit_timeout)
+            kafka_helpers.commit_within(consumer, offsets, self.options.commit_timeout)
         except KafkaException as exc:
             log.warning("offset commit failed (the S3 checkpoint is the resume point): %s", exc)
         except kafka_helpers.StuckCall:
@@ -889,12 +886,7 @@ class Archiver:
                 self._drain(time.monotonic() + self.options.revoke_timeout, owned)
             except ArchiverError as exc:
                 log.warning("revoked partitions not flushed: %s", exc)
-        for partition in owned:
-            self.parts.pop(partition, None)
-        for tp in partitions:
-            self.store.forget(tp.partition)
-            self.refetch.discard(tp.partition)
-        self._count_refused()
+        self._forget([tp.partition for tp in partitions])
         log.info("revoked %s", owned)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

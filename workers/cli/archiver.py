@@ -8,6 +8,7 @@ import threading
 
 import typer
 
+from workers import kafka as kafka_helpers
 from workers import keys, retry
 from workers.archive.archiver import ArchiverOptions, parse_size, run_archiver
 from workers.config import load_settings
@@ -35,9 +36,9 @@ def archiver(
     metrics_port: int = typer.Option(None, help="Serve Prometheus metrics on this port."),
     max_backoff: float = typer.Option(retry.MAX_BACKOFF_S, help="Longest wait between S3 retries, in seconds."),
     shutdown_timeout: float = typer.Option(60.0, help="Seconds to keep retrying S3 when stopping."),
-    commit_timeout: float = typer.Option(30.0, help="Seconds an offset commit may take; a commit still waiting "
-                                                    "then means a stuck coordinator connection: the archiver "
-                                                    "rejoins with a new consumer."),
+    commit_timeout: float = typer.Option(kafka_helpers.COMMIT_LIMIT_S, help="Seconds an offset commit may take; "
+                                         "a commit still waiting then means a stuck coordinator connection: "
+                                         "the archiver rejoins with a new consumer."),
     instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; 'auto' = "
                                                 "kappa-archiver-<host>-<ordinal>; default 'none': dynamic member)."),
     group_protocol: str = typer.Option(None, help="Consumer group protocol: classic (default) or consumer "

@@ -14,10 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from workers import kafka as kafka_helpers
 from workers.config import load_settings
 from workers.errors import KappaError
 from workers.processor.engine import (
-    COMMIT_LIMIT_S,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHECKPOINT_SECONDS,
     DEFAULT_SESSION_TIMEOUT_S,
@@ -128,9 +128,9 @@ def processor(
                                                   "(KIP-848; env KAPPA_GROUP_PROTOCOL)."),
     session_timeout: float = typer.Option(DEFAULT_SESSION_TIMEOUT_S, help="Kafka group session timeout in seconds "
                                           "(6-300, classic protocol; see docs/ARCHITECTURE.md, Fast takeover)."),
-    commit_timeout: float = typer.Option(COMMIT_LIMIT_S, help="Seconds a Kafka offset commit may take; a commit "
-                                         "still waiting then means a stuck coordinator connection: the "
-                                         "processor rejoins with a new consumer."),
+    commit_timeout: float = typer.Option(kafka_helpers.COMMIT_LIMIT_S, help="Seconds a Kafka offset commit may "
+                                         "take; a commit still waiting then means a stuck coordinator "
+                                         "connection: the processor rejoins with a new consumer."),
     stage: StageKind = typer.Option(StageKind.both, help="Pipelines with a state key: run both shuffle stages, "
                                     "or only stage 1 (parse + repartition) or stage 2 (state + results)."),
     shuffle_partitions: int = typer.Option(None, help="Partitions of the repartition topic when it is created "

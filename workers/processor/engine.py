@@ -70,11 +70,6 @@ DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
 #: gets its partitions back at once, a dead one's move to the others after it
 DEFAULT_SESSION_TIMEOUT_S = 10.0
-#: a consumer replaced by a rejoin gets this long to close; a stuck one is abandoned (``kafka.call_within``)
-CLOSE_LIMIT_S = 45.0
-#: default --commit-timeout: an offset commit still waiting by then is parked on a stuck
-#: coordinator connection: rejoin
-COMMIT_LIMIT_S = 30.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
@@ -231,7 +226,7 @@ class Processor:
         instance_id: str | None = None,
         group_protocol: str | None = None,
         session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
-        commit_timeout: float = COMMIT_LIMIT_S,
+        commit_timeout: float = kafka_helpers.COMMIT_LIMIT_S,
     ) -> None:
         self.settings, self.pipeline = settings, pipeline
         self.commit_timeout = commit_timeout
@@ -300,7 +295,7 @@ class Processor:
             self.crashed = True
             raise
         finally:
-            kafka_helpers.close_within(self.consumer, CLOSE_LIMIT_S)  # its revoke callback runs
+            kafka_helpers.close_within(self.consumer)  # its revoke callback runs
             self.membership.release()
             self.progress.update(self.summary.records, self.lag, self.summary.late_records, force=True)
             self.progress.close()
@@ -323,7 +318,7 @@ class Processor:
         """Close the consumer, bounded (a coordinator that does not answer can hold close(): then it is
         abandoned), and subscribe a new one; the old one's callbacks see it is no longer ours."""
         old, self.consumer = self.consumer, None
-        kafka_helpers.close_within(old, CLOSE_LIMIT_S)
+        kafka_helpers.close_within(old)
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
 
@@ -743,8 +738,7 @@ class Processor:
         if not offsets:
             return
         try:
-            kafka_helpers.call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False),
-                                      self.commit_timeout)
+            kafka_helpers.commit_within(consumer, offsets, self.commit_timeout)
         except KafkaException:
             pass  # informational: the next checkpoint commits a newer offset
         except kafka_helpers.StuckCall as exc:
@@ -877,7 +871,7 @@ def run_processor(
     instance_id: str | None = None,
     group_protocol: str | None = None,
     session_timeout: float = DEFAULT_SESSION_TIMEOUT_S,
-    commit_timeout: float = COMMIT_LIMIT_S,
+    commit_timeout: float = kafka_helpers.COMMIT_LIMIT_S,
     stage: Literal["both", "1", "2"] = "both",
     shuffle_partitions: int | None = None,
 ) -> RunSummary:

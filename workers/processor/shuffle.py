@@ -585,8 +585,7 @@ class Stage1(Processor):
             self.loop()
             self.commit()
         finally:
-            with contextlib.suppress(KafkaException):
-                self.consumer.close()
+            kafka_helpers.close_within(self.consumer)  # bounded, as the single-stage processor's
             self.membership.release()
         self.summary.seconds = round(time.monotonic() - started, 3)
         return self.summary
