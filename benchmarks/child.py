@@ -4,9 +4,11 @@
 
 Imports happen before the clock starts (the Java tools' JVM start is not in their figures either);
 the timed part is exactly one call of the component's public function, as its CLI makes it.
+Polars' thread pool is sized as the command's (``workers.polars_pool``).
 ``peak_rss_bytes`` is the process's own ``ru_maxrss`` (imports included, never sampled away).
 """
 
+# ruff: noqa: E402  (polars_pool.size_for must run before the imports after it)
 from __future__ import annotations
 
 import json
@@ -17,6 +19,11 @@ import sys
 import threading
 import time
 from typing import Any
+
+from workers import polars_pool
+
+# the component's process sized as its `kappa` command sizes it, before anything imports polars
+polars_pool.size_for(sys.argv)
 
 from workers.config import Settings, load_settings
 from workers.processor.progress import Progress

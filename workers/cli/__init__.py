@@ -1,4 +1,5 @@
 """The `kappa` command: one typer app, one module per command group."""
+# ruff: noqa: E402  (polars_pool.size_for must run before the imports after it)
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import faulthandler
 import os
 import signal
 import sys
+
+from workers import polars_pool
+
+# polars sizes its thread pool when it is imported, which the command modules below do
+polars_pool.size_for(sys.argv)
 
 import typer
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
