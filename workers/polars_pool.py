@@ -3,8 +3,8 @@
 The processor folds one ``consume()`` result at a time (at most ``kafka.CONSUME_BYTES``, some 80k
 records), a few milliseconds of polars work per partition. Frames that small gain little from the
 pool, and every operation handed to it wakes its threads: with 2 cores and the broker beside it, one
-thread cut the processor's CPU time by ~7 % and its wall time by ~7 % over 1M records, the shuffled
-v2 no slower (benchmarks/README.md, "Open"). A processor scales with processes instead (more group
+thread cut the processor's CPU time by 6-7 % and its wall time by 4-7 % over 1M records, the shuffled
+v2 no slower (benchmarks/README.md, "The sixth issue-14 round"). A processor scales with processes instead (more group
 members, ``replay.consumers``), as Kafka Streams scales with stream threads. An explicit
 ``POLARS_MAX_THREADS`` wins; other commands (reports, checks, the archiver's Parquet) keep polars' default.
 
