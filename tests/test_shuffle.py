@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import math
 import os
 import random
@@ -480,3 +481,59 @@ def test_stage1_aligns_sources_in_event_time_and_stays_exact(
     assert any("[0]" in r.getMessage() for r in pauses)
     assert summary.complete and summary.records == 6000 and summary.late_records == 0
     assert_matches_oracle(reports(settings, sorted(expected)), expected)
+
+
+def test_stage1_aborts_and_redoes_a_transaction_librdkafka_made_abortable(
+    settings: Settings, unique: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """librdkafka can move stage 1's open transaction into an abortable error on its own thread: a
+    delivery the broker refused, or "skipped sequence numbers" after a broker restart. Stage 1's next
+    produce is then refused with ``_STATE``, wherever it runs (``process``, ``commit``, a callback).
+    Here the broker refuses every shipped batch for a while (the repartition topic's
+    max.message.bytes lowered before the events arrive, restored after three refusals): each refusal
+    must abort the transaction and redo from the committed offsets, and the live results must still
+    equal the independent oracle."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    from workers.pipelines import get_pipeline
+    from workers.processor.shuffle import MAX_MESSAGE_BYTES
+
+    # a new group: an earlier run's repartition topic would be replaced after we lowered its limit
+    topic, group = settings.events_topic, unique("g-refused")
+    kafka_helpers.ensure_topic(settings, topic, 2)
+    repartition = keys.repartition_topic(group, get_pipeline("orders", 2).state_key)
+    admin = kafka_helpers.admin_client(settings)
+    refusals = threading.Semaphore(0)
+
+    class Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "produce refused" in record.getMessage():
+                refusals.release()
+
+    def limit(max_bytes: int) -> None:
+        entry = ConfigEntry("max.message.bytes", str(max_bytes), incremental_operation=AlterConfigOpType.SET)
+        resource = ConfigResource(ConfigResource.Type.TOPIC, repartition, incremental_configs=[entry])
+        admin.incremental_alter_configs([resource])[resource].result(timeout=30)
+
+    handler = Refusals()
+    logging.getLogger("kappa.shuffle").addHandler(handler)
+    caplog.set_level("WARNING", logger="kappa.shuffle")
+    stop, thread, result = run_live(settings, topic, group)
+    try:
+        wait_for(lambda: kafka_helpers.exists(admin, repartition, 10), timeout=60)
+        limit(200)  # below any shipped batch: the broker refuses them (MESSAGE_TOO_LARGE)
+        produce_events(settings, 5_000, topic=topic, start=START, days=0.25, partitions=2, seed=SEED + 2,
+                       faults=FAULTS, keying="user")
+        landed = sum(refusals.acquire(timeout=60) for _ in range(3))
+        limit(MAX_MESSAGE_BYTES)
+        expected = oracle(read_topic(settings, topic))
+        wait_for(lambda: total(live(settings, sorted(expected))) >= total(expected), timeout=120)
+    finally:
+        stop.set()
+        thread.join(60)
+        logging.getLogger("kappa.shuffle").removeHandler(handler)
+    assert landed == 3, f"{landed} refused produces of 3: the fault did not land"
+    refused = [r.getMessage() for r in caplog.records if "produce refused" in r.getMessage()]
+    assert refused and all("transaction aborted" in m and "redoing" in m for m in refused), refused
+    assert result and result[0].late_records == 0
+    assert_matches_oracle(live(settings, sorted(expected)), expected)

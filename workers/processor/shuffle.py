@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -795,17 +795,31 @@ class Stage1(Processor):
 
     def produce_internal(self, value: bytes, partition: int, kind: bytes) -> None:
         assert self.producer is not None
-        while True:
-            try:
-                self.producer.produce(
-                    self.repartition, value=value, partition=partition, headers=[(SHUFFLE_HEADER, kind)],
-                    on_delivery=self.delivered,
-                )
-                break
-            except BufferError:
-                self.producer.poll(0.1)
-        self.producer.poll(0)
+        with refusal_aborts():
+            while True:
+                try:
+                    self.producer.produce(
+                        self.repartition, value=value, partition=partition, headers=[(SHUFFLE_HEADER, kind)],
+                        on_delivery=self.delivered,
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.1)
+            self.producer.poll(0)
         self.uncommitted = True
+
+    def produce_side(self, topic: str, key: bytes | None, value: bytes | None, headers: list, timestamp: int) -> None:
+        """Dead-letter and late records join the transaction: a refusal aborts it, as ``produce_internal``'s."""
+        with refusal_aborts():
+            super().produce_side(topic, key, value, headers, timestamp)
+
+    def delivered(self, error: KafkaError | None, message: Any) -> None:
+        """A repartition message that failed voids the transaction (librdkafka makes it abortable) and
+        the redo ships it again: only noted. Dead-letter and late records go the engine's way."""
+        if error is not None and message.topic() == self.repartition:
+            self.delivery_errors.append(str(error))
+            return
+        super().delivered(error, message)
 
     def note_progress(self, frame: pl.DataFrame, shipped: pl.DataFrame) -> None:
         """Positions from every row read (``frame``); event time only from the valid rows shipped (a bad
@@ -852,12 +866,12 @@ class Stage1(Processor):
             return
         progress = {str(p): s.as_list() for p, s in sorted(self.source_progress.items())}
         body = json.dumps({"sources": self.sources, "progress": progress}).encode()
-        for target in range(self.partitions_out):
-            self.produce_internal(body, target, PROGRESS)
         offsets = [TP(self.topic, p, o) for p, o in sorted(self.positions.items()) if o is not None]
         # outside the try: a fenced consumer's error is the loop's (rejoin), not a failed transaction
         metadata = self.consumer.consumer_group_metadata() if offsets else None
         try:
+            for target in range(self.partitions_out):
+                self.produce_internal(body, target, PROGRESS)
             if offsets:
                 self.transact(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 30))  # type: ignore[union-attr]
             self.transact(lambda: self.producer.commit_transaction(30))  # type: ignore[union-attr]
@@ -880,6 +894,17 @@ class Stage1(Processor):
     def transact(call: Callable[[], Any]) -> None:
         """A transactional call, retried while retriable, each try bounded by ``CALL_LIMIT_S``."""
         retrying(lambda: kafka_helpers.call_within(call, CALL_LIMIT_S), TRANSACTION_RETRY_S)
+
+    def rejoin_or_raise(self, exc: KafkaException) -> None:
+        """An abortable transaction error that reached the loop (a produce refused in ``process``, see
+        ``refusal_aborts``) aborts and redoes; an error while doing so goes the processor's way."""
+        if exc.args[0].txn_requires_abort():
+            try:
+                self.transaction_failed(exc)
+                return
+            except KafkaException as again:  # e.g. the consumer fenced while rewinding: rejoin
+                exc = again
+        super().rejoin_or_raise(exc)
 
     def transaction_failed(self, exc: KafkaException) -> None:
         """Fenced (a newer generation or producer owns our work): stop, a restart rejoins. Our static
@@ -948,6 +973,23 @@ class Stage1(Processor):
         if not self.end:
             return None
         return sum(max(0, end - (self.positions.get(p) or 0)) for p, end in self.end.items() if p in self.positions)
+
+
+@contextlib.contextmanager
+def refusal_aborts() -> Iterator[None]:
+    """A produce refused with ``_STATE`` means librdkafka moved our transaction into an abortable
+    error on its own thread: a failed delivery, or "skipped sequence numbers" after a broker restart.
+    No record can join it any more. Raised as the abortable transaction error it is, wherever the
+    produce ran (``process``, ``commit``, a delivery or rebalance callback), so that ``commit``
+    (``transaction_failed``) and the loop (``rejoin_or_raise``) abort it and redo from the committed
+    offsets. A fenced producer is refused with ``_FATAL`` instead, which stays fatal."""
+    try:
+        yield
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError._STATE:
+            raise
+        reason = f"produce refused, the transaction must be aborted: {exc.args[0].str()}"
+        raise KafkaException(KafkaError(KafkaError._STATE, reason, txn_requires_abort=True)) from None
 
 
 def committed_offsets(consumer: Consumer, partitions: list[TP]) -> list[TP]:
