@@ -325,10 +325,10 @@ START = "2026-11-20T12:00:00Z"
 
 
 def produce_orders(settings: Settings, count: int, seed: int, *, start: str = START, days: float = 1.0,
-                   partitions: int = 3, rate: float = 0.0) -> ProduceSummary:
+                   partitions: int = 3, rate: float = 0.0, faults: Faults = FAULTY) -> ProduceSummary:
     """``count`` reference orders with faults, via the project's generator (deterministic per seed)."""
     return produce_events(settings, count, start=start, days=days, partitions=partitions, seed=seed,
-                          faults=FAULTY, rate=rate)
+                          faults=faults, rate=rate)
 
 
 # ---------------------------------------------------------------- the pipeline, run like an operator runs it

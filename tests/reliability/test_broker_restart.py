@@ -8,6 +8,7 @@ waits (bounded) for it to reach the end.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import threading
@@ -23,6 +24,7 @@ from workers.kafka import end_offsets
 from .harness import (
     ARCHIVER_KILL_ARGS,
     DAY,
+    FAULTY,
     KAFKA_DOWN_LINES,
     LIVE_KILL_ARGS,
     Worker,
@@ -151,8 +153,12 @@ def test_live_processor_rejoins_when_its_commit_hangs(
 ) -> None:
     """The single-stage processor's offset commit held by a frozen broker past ``--commit-timeout``: it
     rejoins with a new consumer, commits those offsets again, and its results equal the reference.
-    The commit bound is inside the session, which would otherwise end the commit first."""
-    produce_orders(private_settings, 20_000, 7, start=f"{DAY}T00:00:00Z")
+    The commit bound is inside the session, which would otherwise end the commit first.
+
+    No malformed records: a checkpoint flushes its dead-letter records before it commits, and that
+    flush waits for the frozen broker too, so the commit would only be reached once it is back."""
+    produce_orders(private_settings, 20_000, 7, start=f"{DAY}T00:00:00Z",
+                   faults=dataclasses.replace(FAULTY, malformed=0.0))
     archive_all(workers)
     live = workers.start("live-v1", *live_args(SINGLE_STAGE, "--commit-timeout", str(COMMIT_TIMEOUT_SECONDS),
                                                base=LIVE_KILL_ARGS))
