@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -484,7 +485,7 @@ def test_stage1_aligns_sources_in_event_time_and_stays_exact(
 
 
 def test_stage1_aborts_and_redoes_a_transaction_librdkafka_made_abortable(
-    settings: Settings, unique: Any, caplog: pytest.LogCaptureFixture
+    settings: Settings, unique: Callable[[str], str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """librdkafka can move stage 1's open transaction into an abortable error on its own thread: a
     delivery the broker refused, or "skipped sequence numbers" after a broker restart. Stage 1's next

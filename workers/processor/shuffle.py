@@ -986,7 +986,8 @@ def refusal_aborts() -> Iterator[None]:
     try:
         yield
     except KafkaException as exc:
-        if exc.args[0].code() != KafkaError._STATE:
+        # already raised as abortable: a re-send from a delivery callback, inside another produce's poll
+        if exc.args[0].code() != KafkaError._STATE or exc.args[0].txn_requires_abort():
             raise
         reason = f"produce refused, the transaction must be aborted: {exc.args[0].str()}"
         raise KafkaException(KafkaError(KafkaError._STATE, reason, txn_requires_abort=True)) from None
