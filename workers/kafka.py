@@ -261,7 +261,9 @@ def offsets_json(offsets: dict[int, int]) -> dict[str, int]:
 
 
 def delete_group(settings: Settings, group: str, timeout: float = 60.0) -> None:
-    """Delete a consumer group; waits out a dead member's session (NON_EMPTY_GROUP) up to ``timeout``."""
+    """Delete a consumer group; waits up to ``timeout`` for a dead member's session to end
+    (NON_EMPTY_GROUP) and for a coordinator that is moving or still loading after a broker start
+    (``is_transient``: COORDINATOR_LOAD_IN_PROGRESS stopped a processor on a freshly started broker)."""
     admin = admin_client(settings)
     deadline = time.monotonic() + timeout
     while True:
@@ -269,11 +271,12 @@ def delete_group(settings: Settings, group: str, timeout: float = 60.0) -> None:
             admin.delete_consumer_groups([group], request_timeout=30)[group].result()
             return
         except KafkaException as exc:
-            code = exc.args[0].code()
-            if code == KafkaError.GROUP_ID_NOT_FOUND:
+            error = exc.args[0]
+            if error.code() == KafkaError.GROUP_ID_NOT_FOUND:
                 return
-            if code != KafkaError.NON_EMPTY_GROUP or time.monotonic() > deadline:
-                raise KappaError(f"could not delete consumer group {group}: {exc.args[0].str()}") from None
+            waitable = error.code() == KafkaError.NON_EMPTY_GROUP or is_transient(error)
+            if not waitable or time.monotonic() > deadline:
+                raise KappaError(f"could not delete consumer group {group}: {error.str()}") from None
         time.sleep(2)
 
 
