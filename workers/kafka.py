@@ -95,15 +95,30 @@ def admin_client(settings: Settings, quiet: bool = False) -> AdminClient:
 
 
 def check_reachable(settings: Settings, timeout: float = 10.0) -> ClusterMetadata:
-    """Fetch cluster metadata or fail with a clear message within ``timeout`` seconds."""
-    admin = admin_client(settings, quiet=True)
-    try:
-        metadata = admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise UnreachableError(
-            f"Kafka at {settings.bootstrap_servers} did not answer within {timeout:.0f}s ({exc.args[0].str()}); "
-            "start it with `kappa stack up` or check KAPPA_BOOTSTRAP_SERVERS and the security settings"
-        ) from None
+    """Fetch cluster metadata or fail with a clear message: at once when librdkafka finds every
+    bootstrap broker down (a refused connection, an unknown host), else within ``timeout`` seconds.
+    Commands call it first, so a wrong address is one line in a second, not a later call's timeout."""
+    down = threading.Event()
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            down.set()
+
+    probe = AdminClient(settings.kafka_config(**{"allow.auto.create.topics": False, "log_level": 0,
+                                                 "error_cb": on_error}))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            metadata = probe.list_topics(timeout=max(0.1, min(0.5, deadline - time.monotonic())))
+            break
+        except KafkaException as exc:
+            probe.poll(0)  # serves error_cb
+            if down.is_set() or time.monotonic() >= deadline:
+                reason = "every broker is down" if down.is_set() else f"no answer within {timeout:.0f}s"
+                raise UnreachableError(
+                    f"Kafka at {settings.bootstrap_servers}: {reason} ({exc.args[0].str()}); "
+                    "start it with `kappa stack up` or check KAPPA_BOOTSTRAP_SERVERS and the security settings"
+                ) from None
     if not metadata.brokers:
         raise UnreachableError(f"Kafka at {settings.bootstrap_servers} answered with no brokers")
     return metadata

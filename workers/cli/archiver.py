@@ -11,7 +11,7 @@ import typer
 from workers import kafka as kafka_helpers
 from workers import keys, retry
 from workers.archive.archiver import ArchiverOptions, parse_size, run_archiver
-from workers.config import load_settings
+from workers.cli.common import kafka_settings
 
 
 def archiver(
@@ -58,7 +58,7 @@ def archiver(
         max_backoff=max_backoff, shutdown_timeout=shutdown_timeout, commit_timeout=commit_timeout,
         instance_id=instance_id, group_protocol=group_protocol, accept_data_loss=accept_data_loss,
     ).validate()
-    settings = load_settings()
+    settings = kafka_settings()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

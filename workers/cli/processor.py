@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workers import kafka as kafka_helpers
-from workers.config import load_settings
+from workers.cli.common import kafka_settings
 from workers.errors import KappaError
 from workers.processor.engine import (
     DEFAULT_BATCH_SIZE,
@@ -139,7 +139,7 @@ def processor(
     """Run one pipeline version: live (until stopped) or bounded (--until-end) over a replay topic."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    settings = load_settings()
+    settings = kafka_settings()
     default_grace = None if until_end else LIVE_GRACE_MS
     grace_ms = default_grace if grace_seconds is None else int(grace_seconds * 1000)
     with pipes_context() as pipes:

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from workers.config import load_settings
+from workers.cli.common import kafka_settings
 from workers.dev.generator import Faults, ProduceSummary, parse_start, produce_events
 
 console = Console(stderr=True)
@@ -52,7 +52,7 @@ def produce(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Produce `orders` events (keyed by user_id unless --keying), with Kafka timestamp = event time."""
-    settings = load_settings()
+    settings = kafka_settings()
     faults = Faults(
         duplicates=duplicates, late=late, malformed=malformed, null_keys=null_keys, headers=headers, rerouted=rerouted
     )

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from workers import promote as promote_lib
 from workers import s3 as s3_helpers
+from workers.cli.common import kafka_settings
 from workers.config import load_settings
 
 console = Console()
@@ -20,7 +21,7 @@ def promote(
     ),
 ) -> None:
     """Point reports/<P>/CURRENT at VERSION and print how to start its live processor without gap/overlap."""
-    settings = load_settings()
+    settings = kafka_settings()
     client = s3_helpers.s3_client(settings)
     pointer = promote_lib.promote(
         client, settings.s3_bucket, settings.events_topic, pipeline, version, max_unexplained=max_unexplained,

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from workers import keys
 from workers import s3 as s3_helpers
-from workers.config import load_settings
+from workers.cli.common import kafka_settings
 from workers.errors import KappaError
 from workers.replay import consume as replay_consume
 from workers.replay import lease as replay_lease
@@ -45,7 +45,7 @@ def load(
     ),
 ) -> None:
     """Publish a day's archive, deduplicated and in event-time order, to events.replay.<replay id>."""
-    settings = load_settings()
+    settings = kafka_settings()
     spec = replay_loader.ReplaySpec(
         pipeline=pipeline,
         version=version,
@@ -108,7 +108,7 @@ def consume(
     gate (Dagster's corrected_report) then checks and publishes each day.
     """
     replay_consume.valid_consumers(consumers)
-    settings = load_settings()
+    settings = kafka_settings()
     client = s3_helpers.s3_client(settings)
     groups: dict[str, replay_manifest.ReplayManifest] = {}
     for name in day_range(day, last_day):

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workers import s3 as s3_helpers
-from workers.config import load_settings
+from workers.cli.common import kafka_settings
 from workers.errors import KappaError
 from workers.lag import LagReader
 from workers.replay import status as status_lib
@@ -27,7 +27,7 @@ def status(
     """Show every replay of the bucket: loaded records, replay-group lag, rate, ETA and state."""
     if sample < 0 or (watch and sample == 0):
         raise KappaError("--sample must be > 0 seconds (and >= 0 without --watch)")
-    settings = load_settings()
+    settings = kafka_settings()
     client, reader, rates = s3_helpers.s3_client(settings), LagReader(settings), status_lib.RateTracker()
     rows = status_lib.replay_rows(settings, reader, rates, client)
     if not rows:
