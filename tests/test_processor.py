@@ -256,6 +256,7 @@ def test_sigkill_at_random_moments_then_restart_gives_identical_results(
     assert len(dlq) == crashed[1]["dlq"]
 
 
+@pytest.mark.soak  # reliability/test_rebalance_storm covers joins and leaves mid-run by default
 def test_rebalance_two_processors_one_stopped_mid_run(settings: Settings, s3: Any, events_topic) -> None:
     """A starts alone, B joins (A hands over half its partitions), then A is stopped (B takes all)."""
     records = make_records(30_000, seed=5)

@@ -48,7 +48,7 @@ def kills(default: int) -> list:
     return [pytest.param(default, id=f"{default}-kills"), pytest.param(20, id="20-kills", marks=pytest.mark.soak)]
 
 
-@pytest.mark.parametrize("kills", kills(3))
+@pytest.mark.parametrize("kills", kills(2))
 def test_archiver_sigkill_loses_and_duplicates_nothing(
     settings: Settings, s3, workers: Workers, seed: int, kills: int
 ) -> None:
@@ -67,7 +67,7 @@ def test_archiver_sigkill_loses_and_duplicates_nothing(
     assert check.records == produced
 
 
-@pytest.mark.parametrize("kills", kills(3))
+@pytest.mark.parametrize("kills", kills(2))
 def test_live_processor_sigkill_keeps_results_exact(
     settings: Settings, s3, workers: Workers, seed: int, kills: int
 ) -> None:
@@ -90,7 +90,7 @@ def test_live_processor_sigkill_keeps_results_exact(
     assert_dlq_exact(settings, s3, settings.dlq_topic)
 
 
-@pytest.mark.parametrize("kills", kills(3))
+@pytest.mark.parametrize("kills", kills(2))
 def test_bounded_processor_sigkill_gives_the_same_report(
     settings: Settings, s3, workers: Workers, seed: int, kills: int
 ) -> None:
@@ -116,7 +116,7 @@ def test_bounded_processor_sigkill_gives_the_same_report(
     assert_dlq_exact(settings, s3, spec.dlq_topic, spec.day)
 
 
-@pytest.mark.parametrize("kills", kills(3))
+@pytest.mark.parametrize("kills", kills(2))
 def test_replay_loader_sigkill_then_rerun_replays_each_record_once(
     settings: Settings, s3, workers: Workers, seed: int, kills: int
 ) -> None:

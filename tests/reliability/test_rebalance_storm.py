@@ -41,7 +41,7 @@ def stop_member(victim: Worker, signum: int, kind: str | None = None, **detail: 
         FIGURES.fault(kind, exit=code, **detail)
 
 
-@pytest.mark.parametrize("rounds", [pytest.param(5, id="5-rounds"),
+@pytest.mark.parametrize("rounds", [pytest.param(3, id="3-rounds"),
                                     pytest.param(20, id="20-rounds", marks=pytest.mark.soak)])
 def test_three_processors_stopped_and_restarted_repeatedly(
     settings: Settings, s3, workers: Workers, seed: int, rounds: int
