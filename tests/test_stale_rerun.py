@@ -40,7 +40,7 @@ DONE = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunS
 @pytest.fixture
 def daemon(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[int]:
     """The webserver + daemon, with the archive sensor ticking every few seconds."""
-    monkeypatch.setenv("KAPPA_ARCHIVE_SENSOR_SECONDS", "6")
+    monkeypatch.setenv("KAPPA_ARCHIVE_SENSOR_SECONDS", "3")
     yield request.getfixturevalue("dagster_services")
 
 
@@ -92,7 +92,7 @@ def test_late_data_turns_the_day_stale_and_the_daemon_reruns_it(
         assert instance.get_run_by_id(rerun.run_id).status == dg.DagsterRunStatus.SUCCESS
         wait_for(lambda: stale_status(client) == "FRESH", 60, "the day to be fresh again", interval=1)
         # one fingerprint, one run: later ticks see the report computed from it and request nothing
-        time.sleep(15)  # two more sensor ticks
+        time.sleep(8)  # two more sensor ticks
         assert len(runs(instance, **{"kappa/stale": after})) == 1
     assert reported_manifest(s3, settings).archive_fingerprint == after
     changed = archive(s3, settings, DAY)

@@ -77,12 +77,12 @@ def test_archiver_survives_broker_restart(
     private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
 ) -> None:
     """Live archiver keeps running across a broker restart and archives what came before and after."""
-    produce_orders(private_settings, 30_000, 1, days=2)
+    produce_orders(private_settings, 15_000, 1, days=2)
     archiver = workers.start("archiver", *ARCHIVER_KILL_ARGS)  # small flushes: seconds of work, stopped mid-way
     progress = archiver_progress(private_settings, private_s3)
     started_some(progress, "the archiver to archive its first records")
     outage(private_stack, "kafka", DOWN_SECONDS, "broker_restart.archiver", archiver, KAFKA_DOWN_LINES, progress)
-    produce_orders(private_settings, 10_000, 2, days=2)
+    produce_orders(private_settings, 5_000, 2, days=2)
     wait_archived(private_settings, private_s3, timeout=240, worker=archiver)
     archiver.signal(signal.SIGTERM)
     assert archiver.wait(90) == 0, archiver.tail()
