@@ -86,12 +86,17 @@ def admin_client(settings: Settings, quiet: bool = False) -> AdminClient:
     chatter (for probes). Shared: a new client first connects (~50 ms on a local broker, one processor
     start made four). Never asks the broker to auto-create a topic it looks up; per process id, since
     a librdkafka handle does not survive a fork."""
-    config = settings.kafka_config(**{"allow.auto.create.topics": False, **({"log_level": 0} if quiet else {})})
+    config = admin_config(settings, quiet)
     key = (os.getpid(), json.dumps(config, sort_keys=True, default=repr))
     with _admins_lock:
         if key not in _admins:
             _admins[key] = AdminClient(config)
         return _admins[key]
+
+
+def admin_config(settings: Settings, quiet: bool = False, **extra: Any) -> dict[str, Any]:
+    """An admin client's settings: never auto-creates a topic it looks up; ``quiet``: no librdkafka logs."""
+    return settings.kafka_config(**{"allow.auto.create.topics": False, **({"log_level": 0} if quiet else {}), **extra})
 
 
 def check_reachable(settings: Settings, timeout: float = 10.0) -> ClusterMetadata:
@@ -104,8 +109,7 @@ def check_reachable(settings: Settings, timeout: float = 10.0) -> ClusterMetadat
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
             down.set()
 
-    probe = AdminClient(settings.kafka_config(**{"allow.auto.create.topics": False, "log_level": 0,
-                                                 "error_cb": on_error}))
+    probe = AdminClient(admin_config(settings, quiet=True, error_cb=on_error))  # its own: a callback of this call
     deadline = time.monotonic() + timeout
     while True:
         try:
