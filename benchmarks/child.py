@@ -52,8 +52,9 @@ def run_archiver(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_consume_loop(options: dict[str, Any]) -> dict[str, Any]:
-    """A bare confluent-kafka ``consume()`` loop with the archiver's consumer settings that does nothing
-    with the records: the most a Python consumer on this client gets, timed like ours (group join in)."""
+    """A bare confluent-kafka ``consume()`` loop that does nothing with the records, with the consumer
+    settings of ``like`` (``archiver``, the default, or ``processor``): the most a Python consumer on
+    this client gets, timed like ours (group join in)."""
     from confluent_kafka import Consumer
 
     from workers import kafka as kafka_helpers
@@ -61,10 +62,13 @@ def run_consume_loop(options: dict[str, Any]) -> dict[str, Any]:
 
     settings = _settings(options)
     records, seen = int(options["records"]), 0
+    like = {"archiver": {"queued.max.messages.kbytes": QUEUE_KBYTES},
+            "processor": {"isolation.level": "read_committed", "enable.partition.eof": True}}
+    tuning = like[options.get("like", "archiver")]
     started = time.perf_counter()
     consumer = Consumer(settings.kafka_config(**{
         **kafka_helpers.BULK_CONSUMER_TUNING, "group.id": options["group"], "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, "queued.max.messages.kbytes": QUEUE_KBYTES,
+        "enable.auto.commit": False, **tuning,
     }))
     consumer.subscribe([options["topic"]])
     try:

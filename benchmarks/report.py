@@ -173,6 +173,15 @@ def ratio_rows(results: dict[str, Any]) -> list[list[str]]:
             topics = ", ".join(q.get("internal_topics") or []) or "no internal topics"
             row(f"2. Processor {q['ours']} vs Quix Streams, {mode} ({x['records']:,} events; {agree}; {topics})",
                 "rec/s", q["ours_rps"], f"Quix Streams ({mode})", q["reference_rps"], q["ratio"], q.get("target"))
+        if x.get("bare_loop_rps"):
+            row("2b. Bare Python consume loop on the replay topic (processor's consumer settings, no work per "
+                "record)", "rec/s", x["bare_loop_rps"], "ConsumerPerformance", x["reference_rps"],
+                x["ratio_bare_loop"], None)
+        for mode, q in x.get("quix", {}).items():
+            if q.get("ceiling_ratio"):
+                row(f"2c. Ceiling: that bare loop vs Quix Streams, {mode} (no Python processor on this client "
+                    "beats this ratio)", "rec/s", x["bare_loop_rps"], f"Quix Streams ({mode})", q["reference_rps"],
+                    q["ceiling_ratio"], None)
     x = s.get("archiver")
     if x and "error" not in x:
         row("3. Archiver (topic -> Parquet in S3)", "rec/s", x["ours_rps"], "ConsumerPerformance", x["reference_rps"],

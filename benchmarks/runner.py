@@ -376,9 +376,17 @@ class Bench:
         rss: dict[str, list[int]] = {v.name: [] for v in variants}
         quix: dict[str, dict[str, Any]] = {mode: {"rates": [], "rss": []} for mode in quix_modes}
         windows: dict[str, list[list]] = {}
+        bare: list[float] = []
 
         def reference(run: int) -> None:
             ref.append(self.consumer_reference("processor", topic, records, run))
+
+        def floor(run: int) -> None:
+            """No work per record: what any Python processor on this client can reach at most."""
+            r = self.child("consume-loop", f"processor-loop{run}", topic=topic, records=records,
+                           group=f"bench.{self.id}.proc-loop{run}", like="processor")
+            bare.append(r["rate"])
+            say(f"processor run {run + 1}: bare Python consume loop {r['rate']:,.0f} rec/s")
 
         def mine(run: int, variant: ProcessorVariant) -> None:
             r = self.processor_child(f"processor-{variant.name}-{run}", topic,
@@ -403,23 +411,24 @@ class Bench:
                 f"peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB, internal topics {r['internal_topics'] or 'none'}")
 
         for run in range(self.config.runs):
-            steps: list[Callable[[], None]] = [lambda run=run: reference(run)]
+            steps: list[Callable[[], None]] = [lambda run=run: reference(run), lambda run=run: floor(run)]
             steps += [lambda run=run, v=v: mine(run, v) for v in variants]
             steps += [lambda run=run, m=m: peer(run, m) for m in quix_modes]
             alternate(run, steps)
         self.results["scenarios"]["processor"] = self.processor_result(
-            records, topic, grace_ms, ref, ours, rss, quix, windows, variants, skipped)
+            records, topic, grace_ms, ref, ours, rss, quix, windows, variants, skipped, bare)
 
     def processor_result(self, records: int, topic: str, grace_ms: int | None, ref: list[float],
                          ours: dict[str, list[float]], rss: dict[str, list[int]], quix: dict[str, dict[str, Any]],
                          windows: dict[str, list[list]], variants: list[ProcessorVariant],
-                         skipped: dict[str, str]) -> dict[str, Any]:
-        """Ratios per variant (vs ConsumerPerformance) and per Quix mode (the Quix variant vs the peer)."""
+                         skipped: dict[str, str], bare: list[float]) -> dict[str, Any]:
+        """Ratios per variant (vs ConsumerPerformance) and per Quix mode (the Quix variant vs the peer,
+        and the bare consume loop vs the peer: the ceiling of that ratio for any Python processor)."""
         baseline = next((v for v in variants if v.quix), None)
         result: dict[str, Any] = {
             "records": records, "topic": topic, "input": "replay", "grace_ms": grace_ms,
             "reference": "ConsumerPerformance", "reference_rps": summary(ref), "skipped": skipped, "variants": {},
-            "quix": {},
+            "quix": {}, "bare_loop_rps": summary(bare), "ratio_bare_loop": summary(ratios(bare, ref)),
         }
         for v in variants:
             result["variants"][v.name] = {
@@ -435,6 +444,8 @@ class Bench:
                 "peak_rss_bytes": summary(x["rss"]), "internal_topics": x.get("internal_topics", []),
                 "target": QUIX_TARGETS.get(mode),
             }
+            if bare:
+                entry["ceiling_ratio"] = summary(ratios(bare, x["rates"]))
             if baseline is not None:
                 entry.update(ours=baseline.name, ours_rps=summary(ours[baseline.name]),
                              ratio=summary(ratios(ours[baseline.name], x["rates"])),

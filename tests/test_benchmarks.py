@@ -44,7 +44,9 @@ def results(*, v1_vs_cp: float = 0.6, v1_vs_quix: float = 6.0, totals_equal: boo
                             "same_totals_as": {"quix-best": {"equal": totals_equal}}}},
         "quix": {"best": {"mode": "best", "ours": "v1", "ours_rps": stat(3e5), "reference_rps": stat(5e4),
                           "ratio": stat(v1_vs_quix), "target": 5.0, "internal_topics": [],
-                          "totals_check": {"equal": totals_equal}, "peak_rss_bytes": stat(1e8)}},
+                          "totals_check": {"equal": totals_equal}, "peak_rss_bytes": stat(1e8),
+                          "ceiling_ratio": stat(8.0)}},
+        "bare_loop_rps": stat(4e5), "ratio_bare_loop": stat(0.8),
     }
     return {"meta": {"commit": {"short": "abc1234"}, "run_id": "b1"},
             "scenarios": {"archiver": dict(ratio_section), "load": dict(ratio_section, ours_mibps=stat(1.0),
@@ -109,6 +111,8 @@ def test_report_and_chart_render_from_results(tmp_path: Path) -> None:
     data = results()
     text = report.markdown(data)
     assert "**Result: PASSED**" in text and "skipped: not available at this commit" in text
+    ceiling = next(line for line in text.splitlines() if line.startswith("| 2c. Ceiling"))
+    assert "Quix Streams (best)" in ceiling and "**8.00**" in ceiling and ceiling.endswith("| - | info |")
     pytest.importorskip("matplotlib")
     json_path, md_path, png = report.write(data, tmp_path)
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

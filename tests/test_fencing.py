@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 import pytest
+from test_pipelines import consumed
 
 from workers import keys
 from workers.archive import format as archive_format
@@ -65,34 +65,10 @@ def test_put_if_is_create_only_then_compare_and_swap(settings: Settings, s3: Any
 # ---------------------------------------------------------------- processor state
 
 
-@dataclass
-class Message:
-    """The four fields split_batch reads from a consumed record."""
-
-    offset_: int
-    timestamp_ms: int
-    value_: bytes
-
-    def error(self) -> None:
-        return None
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self.offset_
-
-    def timestamp(self) -> tuple[int, int]:
-        return 1, self.timestamp_ms
-
-    def value(self) -> bytes:
-        return self.value_
-
-
 def feed(state: PartitionState, first: int, last: int) -> None:
     """Offsets ``first..last-1`` of partition 0: one order every 2 s, so windows close as it goes."""
     messages = [
-        Message(o, BASE_MS + 2_000 * o, json.dumps(
+        consumed(0, o, BASE_MS + 2_000 * o, json.dumps(
             {"event_id": f"e{o}", "user_id": "u", "type": "purchase", "amount": 1.0}).encode())
         for o in range(first, last)
     ]

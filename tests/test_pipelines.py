@@ -7,6 +7,7 @@ import random
 
 import polars as pl
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Message
 
 from workers.archive import format as archive_format
 from workers.errors import KappaError
@@ -223,32 +224,16 @@ def test_batch_report_drops_duplicate_archive_rows() -> None:
 # -------------------------------------------------------------------- engine folding (no Kafka)
 
 
-class FakeMessage:
-    """Just what ``split_batch`` reads from a confluent-kafka message."""
-
-    def __init__(self, partition: int, offset: int, timestamp: int, value: bytes | None) -> None:
-        self._p, self._o, self._t, self._v = partition, offset, timestamp, value
-
-    def error(self) -> None:
-        return None
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def timestamp(self) -> tuple[int, int]:
-        return 1, self._t
-
-    def value(self) -> bytes | None:
-        return self._v
+def consumed(partition: int, offset: int, timestamp: int, value: bytes | None) -> Message:
+    """A record as ``consume()`` returns it (``split_batch`` reads the client's own message type)."""
+    return Message(topic="t", partition=partition, offset=offset, timestamp=(TIMESTAMP_CREATE_TIME, timestamp),
+                   value=value)
 
 
 def fold(version: int, values: list, timestamps: list[int], batch: int, grace_ms: int | None) -> PartitionState:
     pipeline = get_pipeline("orders", version)
     state = PartitionState(pipeline, "t", "g", 0, grace_ms)
-    messages = [FakeMessage(0, i, t, v) for i, (v, t) in enumerate(zip(values, timestamps, strict=True))]
+    messages = [consumed(0, i, t, v) for i, (v, t) in enumerate(zip(values, timestamps, strict=True))]
     for start in range(0, len(messages), batch):
         apply(split_batch(messages[start : start + batch], pipeline).frame, state)
     state.close_windows(2**62)
@@ -281,7 +266,7 @@ def test_event_time_ordered_input_with_grace_0_keeps_bounded_state_and_the_same_
     expected, stats = pipeline.batch_report(archive(values, timestamps))
     for batch in (1, 97, 10_000):
         state = PartitionState(pipeline, "t", "g", 0, 0)
-        messages = [FakeMessage(0, i, t, v) for i, (v, t) in enumerate(zip(values, timestamps, strict=True))]
+        messages = [consumed(0, i, t, v) for i, (v, t) in enumerate(zip(values, timestamps, strict=True))]
         peak_open = peak_seen = 0
         for start in range(0, len(messages), batch):
             apply(split_batch(messages[start : start + batch], pipeline).frame, state)

@@ -379,7 +379,7 @@ def test_stage1_takes_event_time_only_from_the_live_part_at_a_handoff(settings: 
     """A record a promoted day's corrected report counts (covered) moves stage 1's position but not
     its source's event time: like the single-stage path, it never touches the live state. Here the
     covered records are newer than the live one, so counting them would make the live one late."""
-    from test_pipelines import FakeMessage, event
+    from test_pipelines import consumed, event
 
     from workers.pipelines import get_pipeline
     from workers.processor.engine import split_batch
@@ -397,7 +397,7 @@ def test_stage1_takes_event_time_only_from_the_live_part_at_a_handoff(settings: 
                    stop=threading.Event(), switch=switch, repartition="t-r", partitions_out=1, instance="i")
     stage.positions[0], stage.source_progress[0] = 0, SourceProgress()
     rng = random.Random(3)
-    messages = [FakeMessage(0, i, ts, event(i, rng)) for i, ts in enumerate((day2, day2 + 5, day1))]
+    messages = [consumed(0, i, ts, event(i, rng)) for i, ts in enumerate((day2, day2 + 5, day1))]
     batch = split_batch(messages, pipeline)
     frame = stage.with_source(stage.keep_new(batch.frame), [])  # live: a record is its own source
     live = stage.not_covered(frame)

@@ -15,10 +15,21 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
+from operator import is_not, itemgetter
 from typing import Any, Literal
 
 import polars as pl
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_STORED, Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_STORED,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+)
 from confluent_kafka import TopicPartition as TP
 
 from workers import kafka as kafka_helpers
@@ -112,28 +123,33 @@ class Batch:
 
 
 def split_batch(messages: Sequence[Any], pipeline: Pipeline) -> Batch:
-    """The only per-message Python work: pull four fields, then parse all values in one call."""
-    records, eofs = [], []
-    for message in messages:
-        error = message.error()
-        if error is None:
-            records.append(message)
-        elif error.code() == KafkaError._PARTITION_EOF:
-            eofs.append((message.partition(), message.offset()))
-        else:
-            raise KafkaException(error)
+    """The only per-message Python work: pull four fields, then parse all values in one call.
+
+    The fields are read with ``map`` over the unbound methods (no bound method per call): on a
+    million records that is a tenth of the processor's own time."""
+    records, eofs = messages, []
+    if any(map(is_not, map(Message.error, messages), repeat(None))):  # (KafkaError's == refuses None)
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(message)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                eofs.append((message.partition(), message.offset()))
+            else:
+                raise KafkaException(error)
     meta = pl.DataFrame(
         {
-            "partition": [m.partition() for m in records],
-            "offset": [m.offset() for m in records],
-            "timestamp_ms": [m.timestamp()[1] for m in records],
+            "partition": list(map(Message.partition, records)),
+            "offset": list(map(Message.offset, records)),
+            "timestamp_ms": list(map(itemgetter(1), map(Message.timestamp, records))),
             "idx": range(len(records)),
         },
         schema={"partition": pl.Int32, "offset": pl.Int64, "timestamp_ms": pl.Int64, "idx": pl.Int64},
     )
-    parsed = pipeline.parse([m.value() for m in records])
+    parsed = pipeline.parse(list(map(Message.value, records)))
     frame = pl.concat([meta, parsed], how="horizontal").with_columns(reject_missing_timestamp())
-    return Batch(records, frame, eofs)
+    return Batch(list(records), frame, eofs)
 
 
 def classify(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
@@ -563,12 +579,11 @@ class Processor:
                 self.finalize_if_done(state)
 
     def process_partition(self, state: PartitionState, frame: pl.DataFrame, messages: list[Any]) -> None:
-        if state.next_offset is not None:
+        offsets = frame["offset"]
+        if state.next_offset is not None and offsets.min() < state.next_offset:  # type: ignore[operator]
             frame = frame.filter(pl.col("offset") >= state.next_offset)
-        if self.bounded:
-            end = self.end[state.partition]
-            if frame.height and frame["offset"].max() >= end:  # type: ignore[operator]
-                state.next_offset, state.dirty = end, True
+        if self.bounded and offsets.max() >= (end := self.end[state.partition]):  # type: ignore[operator]
+            state.next_offset, state.dirty = end, True
             frame = frame.filter(pl.col("offset") < end)
         if self.switch is not None and self.switch.covered:
             # handoff: a promoted day's corrected report counts these (EOF still moves the position past them)
@@ -577,11 +592,13 @@ class Processor:
         if frame.height == 0:
             return
         frame = apply(frame, state)
-        counts = dict(frame.group_by("outcome").len().iter_rows())
+        outcomes = frame["outcome"]
+        late = int((outcomes == "late").sum())
         self.summary.records += frame.height
-        self.summary.late_records += counts.get("late", 0)
-        self.send_to_dlq(frame.filter(pl.col("outcome") == "dlq"), messages)
-        if counts.get("late"):
+        self.summary.late_records += late
+        if (outcomes == "dlq").any():
+            self.send_to_dlq(frame.filter(pl.col("outcome") == "dlq"), messages)
+        if late:
             self.send_late(frame.filter(pl.col("outcome") == "late"), messages)
 
     def on_eof(self, partition: int, offset: int) -> None:
