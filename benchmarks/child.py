@@ -59,16 +59,16 @@ def run_consume_loop(options: dict[str, Any]) -> dict[str, Any]:
 
     from workers import kafka as kafka_helpers
     from workers.archive.archiver import QUEUE_KBYTES
+    from workers.processor.engine import READ_TUNING
 
     settings = _settings(options)
     records, seen = int(options["records"]), 0
-    like = {"archiver": {"queued.max.messages.kbytes": QUEUE_KBYTES},
-            "processor": {"isolation.level": "read_committed", "enable.partition.eof": True}}
-    tuning = like[options.get("like", "archiver")]
+    like = {"archiver": {**kafka_helpers.BULK_CONSUMER_TUNING, "queued.max.messages.kbytes": QUEUE_KBYTES},
+            "processor": READ_TUNING}
     started = time.perf_counter()
     consumer = Consumer(settings.kafka_config(**{
-        **kafka_helpers.BULK_CONSUMER_TUNING, "group.id": options["group"], "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, **tuning,
+        **like[options.get("like", "archiver")], "group.id": options["group"], "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
     }))
     consumer.subscribe([options["topic"]])
     try:

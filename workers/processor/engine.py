@@ -76,6 +76,13 @@ LATE_HEADERS = ("kappa.late.topic", "kappa.late.partition", "kappa.late.offset",
 #: per record of a classified frame: the watermark (earlier valid records' max timestamp - grace) it met
 WATERMARK_MS = "_watermark_ms"
 DEFAULT_BATCH_SIZE = 20_000
+#: how the processor reads: bulk fetches, only committed transactions (a replay load or stage 1 that
+#: aborted is never counted), an EOF per partition (a bounded run's end, positions past markers)
+READ_TUNING: dict[str, object] = {
+    **kafka_helpers.BULK_CONSUMER_TUNING,
+    "enable.partition.eof": True,
+    "isolation.level": "read_committed",
+}
 DAY_MS = 86_400_000
 DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
@@ -349,12 +356,10 @@ class Processor:
             # eager: a rolling upgrade must not mix protocols in one group (INCONSISTENT_GROUP_PROTOCOL)
             assignment_strategy="range",
             **{
-                **kafka_helpers.BULK_CONSUMER_TUNING,
+                **READ_TUNING,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                "enable.partition.eof": True,
-                "isolation.level": "read_committed",
             },
         )
 
@@ -579,12 +584,13 @@ class Processor:
                 self.finalize_if_done(state)
 
     def process_partition(self, state: PartitionState, frame: pl.DataFrame, messages: list[Any]) -> None:
-        offsets = frame["offset"]
-        if state.next_offset is not None and offsets.min() < state.next_offset:  # type: ignore[operator]
+        if state.next_offset is not None and frame["offset"].min() < state.next_offset:  # type: ignore[operator]
             frame = frame.filter(pl.col("offset") >= state.next_offset)
-        if self.bounded and offsets.max() >= (end := self.end[state.partition]):  # type: ignore[operator]
-            state.next_offset, state.dirty = end, True
-            frame = frame.filter(pl.col("offset") < end)
+        if self.bounded and frame.height:
+            end = self.end[state.partition]
+            if frame["offset"].max() >= end:  # type: ignore[operator]
+                state.next_offset, state.dirty = end, True
+                frame = frame.filter(pl.col("offset") < end)
         if self.switch is not None and self.switch.covered:
             # handoff: a promoted day's corrected report counts these (EOF still moves the position past them)
             covered = self.switch.covered_rows(state.partition, day_of(pl.col("timestamp_ms")), pl.col("offset"))
