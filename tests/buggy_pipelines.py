@@ -13,6 +13,7 @@ from typing import ClassVar
 import polars as pl
 
 from workers.pipelines import register
+from workers.pipelines.base import FrameT
 from workers.pipelines.orders import OrdersV2
 
 BUGGY_VERSION = 7
@@ -23,6 +24,6 @@ class OrdersRefundsAsPurchases(OrdersV2):
     version: ClassVar[int] = BUGGY_VERSION
     summary: ClassVar[str] = "TEST ONLY: like v2, but refunds are counted as purchases"
 
-    def aggregate(self, rows: pl.DataFrame) -> pl.DataFrame:
+    def aggregate(self, rows: FrameT) -> FrameT:
         wrong = pl.when(pl.col("type") == "refund").then(pl.lit("purchase")).otherwise(pl.col("type"))
         return super().aggregate(rows.with_columns(wrong.alias("type")))

@@ -35,7 +35,7 @@ from workers.dashboard import launch
 from workers.dev.generator import Faults, produce_events
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline, register
-from workers.pipelines.base import REJECT
+from workers.pipelines.base import REJECT, FrameT
 from workers.pipelines.orders import OrdersV2
 from workers.processor import results
 from workers.reports import version_diff
@@ -64,7 +64,7 @@ class OrdersRefundsNegated(OrdersV2):
     summary: ClassVar[str] = "TEST ONLY: like v2, but refund amounts count negative (a deliberate logic change)"
     reference_sql: ClassVar[str | None] = str(NEGATED_SQL)
 
-    def aggregate(self, rows: pl.DataFrame) -> pl.DataFrame:
+    def aggregate(self, rows: FrameT) -> FrameT:
         negated = pl.when(pl.col("type") == "refund").then(-pl.col("amount")).otherwise(pl.col("amount"))
         return super().aggregate(rows.with_columns(negated.alias("amount")))
 

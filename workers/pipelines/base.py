@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import polars as pl
 
 from workers.errors import KappaError
 from workers.keys import MAX_DAY_MS
 
+#: rows or partials, eager or lazy: the engine folds a batch as lazy plans collected together
+FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 #: Column of :meth:`Pipeline.parse` output: why a value was rejected, null when valid.
 REJECT = "reject"
 #: Column the engine and the batch reference add: window start in epoch milliseconds.
@@ -58,12 +60,14 @@ class Pipeline(ABC):
         """One row per value: typed fields plus :data:`REJECT` (reason, null when valid)."""
 
     @abstractmethod
-    def aggregate(self, rows: pl.DataFrame) -> pl.DataFrame:
-        """Counted rows (parsed fields + ``window_start``) -> partials (:attr:`partial_schema`)."""
+    def aggregate(self, rows: FrameT) -> FrameT:
+        """Counted rows (parsed fields + ``window_start``) -> partials (:attr:`partial_schema`).
+
+        Eager or lazy: write it with the methods both frames have (the engine passes a LazyFrame)."""
 
     @abstractmethod
-    def merge(self, partials: pl.DataFrame) -> pl.DataFrame:
-        """Combine partial rows that share a key; associative and commutative."""
+    def merge(self, partials: FrameT) -> FrameT:
+        """Combine partial rows that share a key; associative and commutative (eager or lazy)."""
 
     def finalize(self, partials: pl.DataFrame) -> pl.DataFrame:
         """Merged partials -> output rows, sorted by key. Default: partials are the output."""

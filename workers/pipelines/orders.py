@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import msgspec
 import polars as pl
 
-from workers.pipelines.base import OUTCOME, REJECT, Pipeline
+from workers.pipelines.base import OUTCOME, REJECT, FrameT, Pipeline
 
 EVENT_TYPES = ("page_view", "add_to_cart", "purchase", "refund")
 MAX_ABS_AMOUNT = 1e15
@@ -141,7 +141,7 @@ class OrdersV1(Pipeline):
         read = {*self.group_by, *self.dedup_by, *self.state_key, "amount"}
         return parse_orders(values, [name for name in FIELDS.names() if name in read])
 
-    def aggregate(self, rows: pl.DataFrame) -> pl.DataFrame:
+    def aggregate(self, rows: FrameT) -> FrameT:
         return (
             rows.group_by(self.key_columns)
             .agg(pl.len().cast(pl.Int64).alias("events"), pl.col("amount").cast(AMOUNT_DECIMAL).sum())
@@ -149,7 +149,7 @@ class OrdersV1(Pipeline):
             .cast(self.partial_schema)  # type: ignore[arg-type]
         )
 
-    def merge(self, partials: pl.DataFrame) -> pl.DataFrame:
+    def merge(self, partials: FrameT) -> FrameT:
         return (
             partials.group_by(self.key_columns)
             .agg(pl.col("events").sum(), pl.col("amount").sum())

@@ -43,6 +43,7 @@ from workers.pipelines.base import (
     MIN_TIMESTAMP_MS,
     REJECT,
     WINDOW_MS,
+    FrameT,
     Pipeline,
     reject_missing_timestamp,
 )
@@ -197,31 +198,48 @@ def mark_duplicates(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
 
 
 def apply(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
-    """Fold one partition's records (offset order, all >= next_offset) into its state; returns them classified."""
+    """Fold one partition's records (offset order, all >= next_offset) into its state; returns them classified.
+
+    What the fold derives from the classified records (open partials, dedup keys, day counts, the new
+    timestamp and offset bounds) is one set of plans collected together on polars' in-memory engine:
+    as separate eager steps (or on polars 2's default streaming engine) their fixed cost per call was
+    a fifth of the processor's CPU, and a batch brings one partition's slice of only a few thousand rows.
+    """
     pipeline = state.pipeline
     frame = classify(frame, state)
-    counted = frame.filter(pl.col("outcome") == "counted")
-    if counted.height:
-        state.open = pipeline.merge(pl.concat([state.open, pipeline.aggregate(counted)]))
+    rows = frame.lazy()
+    plans = {
+        "per_day": day_counts(rows),
+        "bounds": rows.select(
+            pl.col("timestamp_ms").filter(pl.col("outcome") != "dlq").max().alias("max_ts"),
+            pl.col("offset").max().alias("last_offset"),
+        ),
+    }
+    if (frame["outcome"] == "counted").any():
+        counted = rows.filter(pl.col("outcome") == "counted")
+        plans["open"] = pipeline.merge(pl.concat([state.open.lazy(), pipeline.aggregate(counted)]))
         if pipeline.dedup_by:
             seen = counted.select(WINDOW_MS, *pipeline.dedup_by).cast(state.seen.schema)  # type: ignore[arg-type]
-            state.seen = pl.concat([state.seen, seen])
-    state.add_stats(day_counts(frame))
-    batch_max = frame.filter(pl.col("outcome") != "dlq")["timestamp_ms"].max()
+            plans["seen"] = pl.concat([state.seen.lazy(), seen])
+    folded = dict(zip(plans, pl.collect_all(plans.values(), engine="in-memory"), strict=True))
+    state.open = folded.get("open", state.open)
+    state.seen = folded.get("seen", state.seen)
+    state.add_stats(folded["per_day"])
+    batch_max, last_offset = folded["bounds"].row(0)
     if batch_max is not None:
-        state.max_ts = batch_max if state.max_ts is None else max(state.max_ts, batch_max)  # type: ignore[type-var,assignment]
-    state.next_offset = int(frame["offset"].max()) + 1  # type: ignore[arg-type]
+        state.max_ts = batch_max if state.max_ts is None else max(state.max_ts, batch_max)
+    state.next_offset = last_offset + 1
     state.dirty = True
     state.close_windows(state.watermark())
     return frame
 
 
-def day_counts(frame: pl.DataFrame) -> pl.DataFrame:
+def day_counts(frame: FrameT) -> FrameT:
     """Outcomes per UTC day; a record whose timestamp has no calendar day (DLQ'd) belongs to no day."""
     in_range = frame.filter(pl.col("timestamp_ms").is_between(MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS))
     # grouped by day number, named after: a date string per record cost more than the grouping
     per_day = in_range.group_by((pl.col("timestamp_ms") // DAY_MS).alias("day"), "outcome").len()
-    return per_day.with_columns(day_of(pl.col("day") * DAY_MS)).sort("day", "outcome")
+    return per_day.with_columns(day_of(pl.col("day") * DAY_MS)).sort("day", "outcome")  # type: ignore[return-value]
 
 
 class Processor:
