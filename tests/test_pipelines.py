@@ -335,3 +335,21 @@ def test_v2_counts_copies_across_partitions_by_the_smallest_timestamp_partition_
         assert (stats["counted"], stats["duplicates"]) == (1, 2)
     report, _ = get_pipeline("orders", 1).batch_report(archive(*map(list, zip(*copies, strict=True))))  # type: ignore[arg-type]
     assert report["events"].sum() == 3
+
+
+def test_a_pipeline_whose_aggregate_needs_an_eager_frame_fails_with_what_to_change() -> None:
+    """The engine folds on lazy plans: an ``aggregate`` that reads ``.height`` is named in one line."""
+
+    class EagerOnly(type(get_pipeline("orders", 1))):  # type: ignore[misc]
+        def aggregate(self, rows):  # type: ignore[no-untyped-def]
+            assert rows.height >= 0
+            return super().aggregate(rows)
+
+    values, timestamps, _ = dataset(50, seed=3)
+    pipeline = EagerOnly()
+    state = PartitionState(pipeline, "t", "g", 0, None)
+    frame = split_batch([consumed(0, i, t, v) for i, (v, t) in enumerate(zip(values, timestamps, strict=True))],
+                        pipeline).frame
+    expected = r"orders v1: aggregate\(\) and merge\(\) must accept a polars LazyFrame.*height"
+    with pytest.raises(KappaError, match=expected):
+        apply(frame, state)

@@ -217,7 +217,7 @@ def apply(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
     }
     if (frame["outcome"] == "counted").any():
         counted = rows.filter(pl.col("outcome") == "counted")
-        plans["open"] = pipeline.merge(pl.concat([state.open.lazy(), pipeline.aggregate(counted)]))
+        plans["open"] = lazy_fold(pipeline, state.open, counted)
         if pipeline.dedup_by:
             seen = counted.select(WINDOW_MS, *pipeline.dedup_by).cast(state.seen.schema)  # type: ignore[arg-type]
             plans["seen"] = pl.concat([state.seen.lazy(), seen])
@@ -232,6 +232,16 @@ def apply(frame: pl.DataFrame, state: PartitionState) -> pl.DataFrame:
     state.dirty = True
     state.close_windows(state.watermark())
     return frame
+
+
+def lazy_fold(pipeline: Pipeline, open_partials: pl.DataFrame, counted: pl.LazyFrame) -> pl.LazyFrame:
+    """The plan of the open partials with ``counted`` merged in; a pipeline written for eager frames
+    only (``.height``, ``frame["col"]``) fails here with what to change, not with polars' traceback."""
+    try:
+        return pipeline.merge(pl.concat([open_partials.lazy(), pipeline.aggregate(counted)]))
+    except (AttributeError, TypeError) as exc:
+        raise KappaError(f"pipeline {pipeline.label}: aggregate() and merge() must accept a polars LazyFrame "
+                         f"(use methods DataFrame and LazyFrame share, see FrameT): {exc}") from None
 
 
 def day_counts(frame: FrameT) -> FrameT:
