@@ -13,7 +13,7 @@ from workers.archive import format as archive_format
 from workers.errors import KappaError
 from workers.pipelines import get_pipeline, known
 from workers.pipelines.base import REJECT
-from workers.pipelines.orders import parse_orders
+from workers.pipelines.orders import OrdersV1, parse_orders
 from workers.processor.engine import apply, split_batch
 from workers.processor.state import PartitionState
 
@@ -340,7 +340,7 @@ def test_v2_counts_copies_across_partitions_by_the_smallest_timestamp_partition_
 def test_a_pipeline_whose_aggregate_needs_an_eager_frame_fails_with_what_to_change() -> None:
     """The engine folds on lazy plans: an ``aggregate`` that reads ``.height`` is named in one line."""
 
-    class EagerOnly(type(get_pipeline("orders", 1))):  # type: ignore[misc]
+    class EagerOnly(OrdersV1):
         def aggregate(self, rows):  # type: ignore[no-untyped-def]
             assert rows.height >= 0
             return super().aggregate(rows)
