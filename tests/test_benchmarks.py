@@ -107,6 +107,21 @@ def test_merge_keeps_the_sections_a_run_did_not_measure() -> None:
     assert {"archiver", "load", "processor"} <= set(merged["scenarios"]) and "e2e" not in merged["scenarios"]
 
 
+def test_a_memory_run_merged_onto_a_bench_run_keeps_the_bench_minutes_check() -> None:
+    """`make bench-memory` after `make bench`: the merged results still check `make bench`'s duration."""
+    old = results()
+    old["meta"].update(duration_s=1500.0, config={"scenarios": ["archiver", "load", "processor"], "quick": False})
+    minutes = "`make bench` minutes"
+    assert minutes in report.verdict(old)["missed"]  # 25 minutes: over the target
+    new = {"meta": {"duration_s": 600.0, "config": {"scenarios": ["memory"], "quick": False}},
+           "scenarios": {"memory": old["scenarios"].pop("memory")}}
+    merged = report.merge(old, new)
+    assert merged["meta"]["bench_run"]["duration_s"] == 1500.0
+    assert minutes in report.verdict(merged)["missed"]
+    alone = {"meta": {"duration_s": 600.0, "config": {"scenarios": ["memory"]}}, "scenarios": new["scenarios"]}
+    assert all(c["name"] != minutes for c in report.checks(alone))  # a memory run alone has no bench duration
+
+
 def test_report_and_chart_render_from_results(tmp_path: Path) -> None:
     data = results()
     text = report.markdown(data)
