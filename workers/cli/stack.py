@@ -1,4 +1,4 @@
-"""`kappa stack up|down|status|logs`: the local Kafka + S3Proxy stack."""
+"""`kappa stack up|down|status|logs|reset`: the local Kafka + S3Proxy stack."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def down(only: list[Service] = typer.Option(None, "--only", help="Stop only this
     """Stop the processes `up` started (by pid file). Data is kept."""
     stopped = _stack().down(_selected(only))
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def reset(yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
+    """Delete every topic and S3 object of the stopped stack (jars, secrets and logs stay)."""
+    stack = _stack()
+    if not yes:
+        typer.confirm(f"Delete all Kafka topics and S3 objects under {stack.layout.root}?", abort=True)
+    removed = stack.reset()
+    console.print(f"removed: {', '.join(map(str, removed))}" if removed else "no data to remove")
 
 
 @app.command()

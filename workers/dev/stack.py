@@ -384,6 +384,20 @@ class Stack:
         # S3 first, Kafka last: nothing else depends on S3 being up during Kafka's shutdown
         return [s for s in reversed(SERVICES) if s in set(services) and stop_service(self.layout, s)]
 
+    def reset(self) -> list[Path]:
+        """Delete Kafka's log dirs and S3Proxy's objects; jars, secrets and logs stay, and the next
+        ``up`` formats a new, empty cluster. Refused while a service runs: removing a live broker's
+        files corrupts it. Returns the folders removed."""
+        running = [s for s in SERVICES if read_pid(self.layout, s)]
+        if running:
+            raise StackError(f"{', '.join(running)} still running in {self.layout.root}: stop the stack first "
+                             "(`kappa stack down`)")
+        removed = [self.layout.service_dir(s) / "data" for s in SERVICES]
+        removed = [folder for folder in removed if folder.exists()]
+        for folder in removed:
+            shutil.rmtree(folder)
+        return removed
+
     def status(self) -> list[dict[str, str]]:
         rows = []
         for service, address in (("kafka", self.bootstrap), ("s3proxy", self.s3_endpoint)):
