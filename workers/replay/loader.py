@@ -11,7 +11,6 @@ import dataclasses
 import datetime as dt
 import logging
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 import polars as pl
 
 from workers import kafka as kafka_helpers
-from workers import keys
+from workers import keys, spill
 from workers import s3 as s3_helpers
 from workers.archive import format as archive_format
 from workers.archive import stats as archive_stats
@@ -507,8 +506,8 @@ def _load_range_exact(
         producer: ReplayProducer | None = None
         per_day: dict[str, tuple[int, dict[str, Any]]] = {}
         for day in spec.day_names:
-            with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
-                runs, stats = _sort_files(client, spec.bucket, listed[day], Path(tmp), memory_rows, reporter)
+            with spill.spill_dir(f"replay-{spec.replay_id}") as tmp:
+                runs, stats = _sort_files(client, spec.bucket, listed[day], tmp, memory_rows, reporter)
                 if producer is None:  # the first day sorted: the topic must exist now
                     ready()
                     producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
@@ -529,8 +528,8 @@ def _load_exact(
     """Sort and produce into a fresh topic until the topic holds exactly what was produced (:func:`_exactly`)."""
 
     def once(ready: Callable[[], None]) -> tuple[int, tuple[int, dict[str, Any]]]:
-        with tempfile.TemporaryDirectory(prefix=f"replay-{spec.replay_id}-") as tmp:
-            runs, stats = _sort_files(client, spec.bucket, files, Path(tmp), memory_rows, reporter)
+        with spill.spill_dir(f"replay-{spec.replay_id}") as tmp:
+            runs, stats = _sort_files(client, spec.bucket, files, tmp, memory_rows, reporter)
             ready()
             producer = ReplayProducer(settings, spec.topic, spec.partitions, spec.throttle)
             _produce_runs(producer, runs, stats["rows_read"], reporter)

@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 
 from workers import s3 as s3_helpers
+from workers import spill
 from workers.archive import format as archive_format
 from workers.archive import layout as archive_layout
 from workers.archive import stats as archive_stats
@@ -78,14 +79,14 @@ def snapshot(client: Any, bucket: str, topic: str, day: str, objects: list | Non
         files = archive_layout.pinned_files(client, bucket, topic, day, objects)
     if not files:
         raise KappaError(f"no raw archive objects for {day}: nothing to compare with")
-    with tempfile.TemporaryDirectory(prefix=f"reference-{day}-") as tmp:
+    with spill.spill_dir(f"reference-{day}") as tmp:
         paths = []
         for index, file in enumerate(files):
             try:
                 body = s3_helpers.get_if(client, bucket, file["key"], file["etag"])
             except s3_helpers.Fenced:
                 raise SnapshotChanged(f"archive object {file['key']} changed while reading {day}: retry") from None
-            path = Path(tmp) / f"{index:06d}.parquet"
+            path = tmp / f"{index:06d}.parquet"
             path.write_bytes(body)
             paths.append(path)
         yield Snapshot(day, archive_stats.files_fingerprint(files), paths)
@@ -110,8 +111,8 @@ def _plain(con: duckdb.DuckDBPyConnection, relation: str, order_by: list[str]) -
 def compute(pipeline: Pipeline, snap: Snapshot) -> Reference:
     """Run the pipeline's SQL over the snapshot (DuckDB's own Parquet reader and JSON functions)."""
     sql = reference_sql(pipeline)
-    with tempfile.TemporaryDirectory(prefix="reference-spill-") as spill:
-        con = _connect(Path(spill))
+    with spill.spill_dir("reference-duckdb") as folder:
+        con = _connect(folder)
         try:
             files = ", ".join(f"'{p}'" for p in snap.paths)
             con.execute(f"CREATE TEMP VIEW archive AS SELECT * FROM read_parquet([{files}])")
