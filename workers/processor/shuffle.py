@@ -78,10 +78,14 @@ ALIGN_RECORDS = 20_000
 STAGE1_COMMIT_SECONDS = 1.0
 #: a killed stage 1 with a random transactional.id holds stage 2 (read_committed) until this expires
 TRANSACTION_TIMEOUT_MS = 10_000
-#: how long a transactional call is retried before the transaction is aborted and redone
-TRANSACTION_RETRY_S = 30.0
-#: a transactional call that has not returned by then is stuck (see ``call_within``)
-CALL_LIMIT_S = 45.0
+#: librdkafka's own timeout for one transactional call, and how long one is retried before the
+#: transaction is aborted and redone: a transaction still open past ``TRANSACTION_TIMEOUT_MS`` has
+#: been aborted by the broker, so waiting or retrying longer gains nothing
+CALL_TIMEOUT_S = TRANSACTION_RETRY_S = TRANSACTION_TIMEOUT_MS / 1000
+#: a transactional call that has not returned by then is stuck: after a broker restart librdkafka
+#: can ignore its own timeout (see ``call_within``). At 45 s, every broker restart that fenced a
+#: static stage 1 stalled the shuffle for 45 s (the broker-restart suite, every run)
+CALL_LIMIT_S = 2 * CALL_TIMEOUT_S
 #: a committed-offsets query: one try's timeout, and how long a coordinator that does not answer is
 #: retried before stage 1 rejoins with new clients (after a broker restart the connection can stay stuck)
 COMMITTED_TIMEOUT_S = 15.0
@@ -873,8 +877,8 @@ class Stage1(Processor):
             for target in range(self.partitions_out):
                 self.produce_internal(body, target, PROGRESS)
             if offsets:
-                self.transact(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, 30))  # type: ignore[union-attr]
-            self.transact(lambda: self.producer.commit_transaction(30))  # type: ignore[union-attr]
+                self.transact(lambda: self.producer.send_offsets_to_transaction(offsets, metadata, CALL_TIMEOUT_S))  # type: ignore[union-attr]
+            self.transact(lambda: self.producer.commit_transaction(CALL_TIMEOUT_S))  # type: ignore[union-attr]
         except KafkaException as exc:
             self.transaction_failed(exc)
             return
@@ -915,16 +919,23 @@ class Stage1(Processor):
         if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
             raise KappaError(f"stage 1 transaction failed ({error.str()}); a restart resumes from the last commit")
         log.warning("stage 1 transaction aborted (%s); redoing from the committed offsets", error.str())
-        self.abort_and_rewind()
+        self.abort_and_rewind(coordinator_silent=error.code() == KafkaError._TIMED_OUT)
 
-    def abort_and_rewind(self) -> None:
+    def abort_and_rewind(self, coordinator_silent: bool = False) -> None:
         """Abort, or (the coordinator does not answer: after a broker restart librdkafka's transaction
         coordinator connection can stay down) replace the producer, whose init aborts the open
-        transaction on the broker. Either way the offsets committed with the last transaction stand."""
+        transaction on the broker. Either way the offsets committed with the last transaction stand.
+        ``coordinator_silent``: a call already timed out on it, so an abort would wait out its
+        timeout too; the producer is replaced at once."""
         assert self.producer is not None
         producer = self.producer
+        if coordinator_silent:
+            log.warning("stage 1: the transaction coordinator does not answer; replacing the transactional producer")
+            self.new_producer()
+            self.rewind()
+            return
         try:
-            kafka_helpers.call_within(lambda: producer.abort_transaction(30), CALL_LIMIT_S)
+            kafka_helpers.call_within(lambda: producer.abort_transaction(CALL_TIMEOUT_S), CALL_LIMIT_S)
         except (KafkaException, kafka_helpers.StuckCall) as exc:
             log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
             self.new_producer(abandon=isinstance(exc, kafka_helpers.StuckCall))
