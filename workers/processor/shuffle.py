@@ -86,6 +86,9 @@ CALL_TIMEOUT_S = TRANSACTION_RETRY_S = TRANSACTION_TIMEOUT_MS / 1000
 #: can ignore its own timeout (see ``call_within``). At 45 s, every broker restart that fenced a
 #: static stage 1 stalled the shuffle for 45 s (the broker-restart suite, every run)
 CALL_LIMIT_S = 2 * CALL_TIMEOUT_S
+#: an abort first waits for the transaction's outstanding deliveries (a broker refusing them keeps
+#: them in flight for a while): it keeps the longer bounds it always had
+ABORT_TIMEOUT_S, ABORT_LIMIT_S = 30.0, 45.0
 #: a committed-offsets query: one try's timeout, and how long a coordinator that does not answer is
 #: retried before stage 1 rejoins with new clients (after a broker restart the connection can stay stuck)
 COMMITTED_TIMEOUT_S = 15.0
@@ -935,7 +938,7 @@ class Stage1(Processor):
             self.rewind()
             return
         try:
-            kafka_helpers.call_within(lambda: producer.abort_transaction(CALL_TIMEOUT_S), CALL_LIMIT_S)
+            kafka_helpers.call_within(lambda: producer.abort_transaction(ABORT_TIMEOUT_S), ABORT_LIMIT_S)
         except (KafkaException, kafka_helpers.StuckCall) as exc:
             log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
             self.new_producer(abandon=isinstance(exc, kafka_helpers.StuckCall))
