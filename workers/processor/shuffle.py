@@ -935,13 +935,12 @@ class Stage1(Processor):
         if coordinator_silent:
             log.warning("stage 1: the transaction coordinator does not answer; replacing the transactional producer")
             self.new_producer()
-            self.rewind()
-            return
-        try:
-            kafka_helpers.call_within(lambda: producer.abort_transaction(ABORT_TIMEOUT_S), ABORT_LIMIT_S)
-        except (KafkaException, kafka_helpers.StuckCall) as exc:
-            log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
-            self.new_producer(abandon=isinstance(exc, kafka_helpers.StuckCall))
+        else:
+            try:
+                kafka_helpers.call_within(lambda: producer.abort_transaction(ABORT_TIMEOUT_S), ABORT_LIMIT_S)
+            except (KafkaException, kafka_helpers.StuckCall) as exc:
+                log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
+                self.new_producer(abandon=isinstance(exc, kafka_helpers.StuckCall))
         self.rewind()
 
     def rewind(self) -> None:
