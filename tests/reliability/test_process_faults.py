@@ -138,7 +138,8 @@ def test_replay_loader_sigkill_then_rerun_replays_each_record_once(
     assert len(landed) == kills
 
     def left_behind() -> list[Path]:
-        return [folder for pid in killed for folder in Path(tempfile.gettempdir()).glob(f"{spill.PREFIX}-*-{pid}-*")]
+        temp = Path(tempfile.gettempdir())
+        return [folder for pid in killed for folder in temp.glob(f"{spill.PREFIX}-*-{pid}-replay-*")]
 
     assert left_behind(), "no killed loader left a spill folder: the kills missed the sort and produce phases"
     workers.run("load-final", *load_args(spec), timeout=300)
