@@ -7,7 +7,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 from confluent_kafka import (
@@ -364,12 +365,98 @@ CLOSE_LIMIT_S = 45.0
 #: default --commit-timeout of the workers: a commit still waiting by then is parked on a stuck
 #: coordinator connection, and the worker rejoins with a new consumer
 COMMIT_LIMIT_S = 30.0
+#: a failed (informational) offset commit is sent again this long after the last retry at the earliest
+COMMIT_RETRY_S = 1.0
 
 
-def commit_within(consumer: Consumer, offsets: list[TopicPartition], seconds: float) -> None:
-    """A synchronous commit that raises :class:`StuckCall` after ``seconds`` (see ``call_within``):
-    after a broker restart librdkafka can park it on a coordinator connection that never comes back."""
-    call_within(lambda: consumer.commit(offsets=offsets, asynchronous=False), seconds)
+class OffsetCommits:
+    """A consumer's offset commits, sent asynchronously and tracked until the broker answers.
+
+    Why not synchronous: during a classic rebalance librdkafka holds a commit until the rebalance
+    completes, and the rebalance waits for this member to poll (to run its revoke callback). A
+    synchronous commit then waits out its whole bound while the group stalls: a member joining an
+    archiver group cost 30 s (``--commit-timeout``) and a re-read of every buffer.
+
+    An asynchronous commit is answered through ``on_commit``, which ``consume()`` serves. One left
+    unanswered longer than ``limit`` while the worker polls is parked on a coordinator connection
+    librdkafka never restores (librdkafka#5511, RELIABILITY F6): ``overdue()`` says so, and the
+    worker rejoins with a new consumer. A failed commit is kept for ``take_failed()`` unless a newer
+    one was sent for its partition since. One tracker per consumer: a replaced consumer's late
+    answers go to its own tracker, not to its successor's.
+    """
+
+    def __init__(self, topic: str, limit: float, carried: dict[int, int] | None = None) -> None:
+        """``carried``: a replaced consumer's ``pending()`` commits, sent again by this one."""
+        self.topic, self.limit = topic, limit
+        self.unanswered: deque[tuple[float, list[TopicPartition]]] = deque()
+        self.latest: dict[int, int] = {}
+        self.failed: dict[int, int] = dict(carried or {})
+        self.retry_at = 0.0
+
+    def config(self) -> dict[str, Any]:
+        """The consumer settings that route commit answers here."""
+        return {"on_commit": self.answered}
+
+    def send(self, consumer: Consumer, offsets: list[TopicPartition], owned: Container[int]) -> None:
+        """Commit ``offsets`` without waiting, with the failed commits of partitions still ``owned``
+        that no newer offset replaces; a commit librdkafka refuses at once is kept as failed."""
+        newer = {tp.partition for tp in offsets}
+        offsets = [*offsets, *(TopicPartition(self.topic, partition, offset)
+                               for partition, offset in self.take_failed().items()
+                               if partition in owned and partition not in newer)]
+        if not offsets:
+            return
+        for tp in offsets:
+            self.latest[tp.partition] = tp.offset
+            self.failed.pop(tp.partition, None)
+        try:
+            consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            self.keep_failed(exc.args[0], offsets)
+            return
+        self.unanswered.append((time.monotonic(), offsets))
+
+    def answered(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """``on_commit``: one coordinator connection answers a consumer's commits in the order sent."""
+        if self.unanswered:
+            self.unanswered.popleft()
+        self.keep_failed(error, partitions)
+
+    def keep_failed(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """Keep each failed partition's offset for a retry, unless a newer one was sent since."""
+        # ``error`` repeats the first partition's error: a partition without one of its own committed
+        failed = [tp for tp in partitions if tp.error is not None] or (partitions if error is not None else [])
+        for tp in failed:
+            if self.latest.get(tp.partition) == tp.offset:
+                self.failed[tp.partition] = tp.offset
+        if failed:
+            cause = error or failed[0].error
+            rebalancing = cause.code() in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION)
+            log.log(logging.INFO if rebalancing else logging.WARNING,
+                    "offset commit of partitions %s failed (informational, sent again while still ours): %s",
+                    sorted(tp.partition for tp in failed), cause)
+
+    def overdue(self, now: float | None = None) -> str | None:
+        """Why the oldest commit counts as stuck, or None; call it right after ``consume()``."""
+        if not self.unanswered:
+            return None
+        waited = (time.monotonic() if now is None else now) - self.unanswered[0][0]
+        return f"an offset commit did not return within {self.limit:g}s" if waited > self.limit else None
+
+    def pending(self) -> dict[int, int]:
+        """The newest offset per partition not yet confirmed: failed, or still unanswered."""
+        offsets = {tp.partition: tp.offset for _, sent in self.unanswered for tp in sent}
+        return {**offsets, **self.failed}
+
+    def take_failed(self, now: float | None = None) -> dict[int, int]:
+        """The failed commits to send again (and forget here), once a second at most: a commit the
+        broker refuses during a rebalance would otherwise be retried on every poll until it ends."""
+        now = time.monotonic() if now is None else now
+        if not self.failed or now < self.retry_at:
+            return {}
+        self.retry_at = now + COMMIT_RETRY_S
+        failed, self.failed = self.failed, {}
+        return failed
 
 
 def close_within(client: Consumer | None, seconds: float = CLOSE_LIMIT_S) -> None:

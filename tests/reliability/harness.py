@@ -114,9 +114,12 @@ class Worker:
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.signal(signal.SIGUSR1)  # its threads' stacks (see ``workers.cli.main``): where it hangs
+            time.sleep(1.0)
             self.process.kill()
             self.process.wait(10)
-            raise AssertionError(f"{self.name} did not exit within {timeout:.0f}s; log tail:\n{self.tail()}") from None
+            raise AssertionError(f"{self.name} did not exit within {timeout:.0f}s; log tail:\n{self.tail(120)}"
+                                 ) from None
 
     def rss_kb(self) -> int:
         """Current resident memory (0 once exited); also tracks the peak seen."""

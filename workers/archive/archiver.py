@@ -401,6 +401,8 @@ class Archiver:
         self.waiting_for: list[int] = []
         self.membership = membership.Membership()
         self.consumer: Consumer | None = None
+        #: the current consumer's offset commits (a new tracker with each consumer)
+        self.commits = kafka_helpers.OffsetCommits(self.topic, self.options.commit_timeout)
         #: why the consumer must be replaced (a commit that did not return); acted on by the loop
         self.stuck: str | None = None
         self.unanswered = membership.UnansweredBudget()
@@ -426,6 +428,7 @@ class Archiver:
             while not self._should_stop():
                 with gc_paused():  # consume + ingest allocate only acyclic per-record objects
                     self._consume_batch(budget)
+                self._check_commits()
                 if self.stuck is None and self._not_joined():
                     self.stuck = f"no group member id {JOIN_LIMIT_S:.0f}s after subscribing"
                 if self.stuck is not None:
@@ -443,6 +446,7 @@ class Archiver:
 
     def _subscribe(self) -> None:
         self.subscribed_at = time.monotonic()
+        self.commits = kafka_helpers.OffsetCommits(self.topic, self.options.commit_timeout)
         self.consumer = Consumer(self._consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
@@ -511,6 +515,7 @@ class Archiver:
             "auto.offset.reset": "error",
             "enable.partition.eof": True,
             "queued.max.messages.kbytes": QUEUE_KBYTES,
+            **self.commits.config(),
         })
 
     def _should_stop(self) -> bool:
@@ -726,19 +731,19 @@ class Archiver:
     def _commit(self, offsets: list[TopicPartition]) -> None:
         """Commit after the S3 checkpoint: informative for lag tools, never needed for correctness.
 
-        Bounded: after a broker restart librdkafka can park the commit on a coordinator connection
-        that never comes back, and a synchronous commit then never returns. The loop replaces the
-        consumer instead (not here: this may run inside a rebalance callback).
+        Asynchronous (``kafka.OffsetCommits``): a synchronous commit during a rebalance waits for
+        the rebalance, which waits for this member to poll. Failed commits go again, for the
+        partitions still ours; the loop rejoins when one stays unanswered (``_check_commits``).
         """
         consumer = self.consumer
-        if not offsets or consumer is None or self.stuck is not None:
+        if consumer is None or self.stuck is not None:
             return
-        try:
-            kafka_helpers.commit_within(consumer, offsets, self.options.commit_timeout)
-        except KafkaException as exc:
-            log.warning("offset commit failed (the S3 checkpoint is the resume point): %s", exc)
-        except kafka_helpers.StuckCall:
-            self.stuck = f"an offset commit did not return within {self.options.commit_timeout:g}s"
+        self.commits.send(consumer, offsets, owned=self.parts)
+
+    def _check_commits(self) -> None:
+        """After a consume(), which serves commit answers: an unanswered commit means a stuck coordinator."""
+        if self.stuck is None:
+            self.stuck = self.commits.overdue()
 
     def _drain(self, deadline: float, partitions: Iterable[int] | None = None) -> None:
         """Flush until nothing is buffered, retrying S3 with backoff until ``deadline``."""
@@ -899,7 +904,10 @@ class Archiver:
     def _forget(self, partitions: list[int]) -> dict[int, int]:
         """Drop what we hold of ``partitions`` unwritten; returns the records dropped per partition."""
         owned = [partition for partition in partitions if partition in self.parts]
-        self.flushes.done(timeout=None, partitions=owned)  # their outcome no longer counts
+        for job in self.flushes.done(timeout=None, partitions=owned):  # their outcome no longer counts
+            if not job.future.cancelled() and isinstance(job.future.exception(), Fenced):
+                log.warning("fenced: partition %d, a flush of %d records in flight when we lost it was refused by the "
+                            "S3 checkpoint its new owner wrote", job.partition, job.records)
         dropped = {partition: self.parts.pop(partition).records for partition in owned}
         for partition in partitions:
             self.store.forget(partition)

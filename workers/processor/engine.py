@@ -314,8 +314,8 @@ class Processor:
         self.fresh_group: bool | None = None
         self.self_fenced = membership.SelfFenceBudget()
         self.unanswered = membership.UnansweredBudget()
-        #: offsets a stuck commit did not commit: committed again for partitions still ours
-        self.uncommitted: dict[int, int] = {}
+        #: the current consumer's offset commits: a replaced consumer's unconfirmed ones carry over
+        self.commits = kafka_helpers.OffsetCommits(topic, commit_timeout)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -370,6 +370,7 @@ class Processor:
         abandoned), and subscribe a new one; the old one's callbacks see it is no longer ours."""
         old, self.consumer = self.consumer, None
         kafka_helpers.close_within(old)
+        self.commits = kafka_helpers.OffsetCommits(self.topic, self.commit_timeout, carried=self.commits.pending())
         self.consumer = Consumer(self.consumer_config())
         self.consumer.subscribe([self.topic], on_assign=self.on_assign, on_revoke=self.on_revoke, on_lost=self.on_lost)
 
@@ -388,6 +389,7 @@ class Processor:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
+                **self.commits.config(),
             },
         )
 
@@ -751,7 +753,7 @@ class Processor:
         targets = [s for p, s in self.states.items() if s.dirty and (partitions is None or p in partitions)]
         targets = [s for s in targets if s.next_offset is not None]
         if not targets:
-            self.commit_offsets([])  # what a stuck commit left, if anything
+            self.commit_offsets([])  # failed commits go again; an unanswered one is caught
             return
         self.flush_dlq()
         committed, superseded = [], []
@@ -774,27 +776,17 @@ class Processor:
     def commit_offsets(self, offsets: list[TP]) -> None:
         """Kafka commit after S3: for lag tools and the replay sensor; S3 stays authoritative.
 
-        Bounded: after a broker restart librdkafka can park a commit on a coordinator connection
-        that never comes back, and a synchronous commit then never returns. A commit still waiting
-        after ``--commit-timeout`` raises a transient error instead, so the loop rejoins with a new
-        consumer (``membership.UnansweredBudget``); its offsets are committed again by a later
-        checkpoint for the partitions still ours.
+        Asynchronous (``kafka.OffsetCommits``): a synchronous commit during a rebalance waits for
+        the rebalance, which waits for this member to poll. A commit still unanswered after
+        ``--commit-timeout`` raises a transient error instead, so the loop rejoins with a new
+        consumer (``membership.UnansweredBudget``), which commits its offsets again for the
+        partitions still ours, as it does for failed commits.
         """
-        consumer = self.consumer
-        assert consumer is not None
-        retried = [TP(self.topic, p, o) for p, o in self.uncommitted.items() if p in self.states]
-        self.uncommitted = {}
-        newer = {tp.partition for tp in offsets}
-        offsets = [*offsets, *(tp for tp in retried if tp.partition not in newer)]
-        if not offsets:
-            return
-        try:
-            kafka_helpers.commit_within(consumer, offsets, self.commit_timeout)
-        except KafkaException:
-            pass  # informational: the next checkpoint commits a newer offset
-        except kafka_helpers.StuckCall as exc:
-            self.uncommitted = {tp.partition: tp.offset for tp in offsets}
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"offset commit: {exc}")) from None
+        assert self.consumer is not None
+        self.commits.send(self.consumer, offsets, owned=self.states)
+        late = self.commits.overdue()
+        if late is not None:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"offset commit: {late}"))
 
     # ---------------------------------------------------------------- bounded mode
 
