@@ -89,8 +89,8 @@ CALL_LIMIT_S = 2 * CALL_TIMEOUT_S
 #: an abort first waits for the transaction's outstanding deliveries (a broker refusing them keeps
 #: them in flight for a while): it keeps the longer bounds it always had
 ABORT_TIMEOUT_S, ABORT_LIMIT_S = 30.0, 45.0
-#: a committed-offsets query: one try's timeout, and how long a coordinator that does not answer is
-#: retried before stage 1 rejoins with new clients (after a broker restart the connection can stay stuck)
+#: a committed-offsets query: one try's timeout (a timed-out try is not repeated: stage 1 rejoins with
+#: new clients), and how long other transient errors (a coordinator moving or loading) are retried
 COMMITTED_TIMEOUT_S = 15.0
 COMMITTED_RETRY_S = 40.0
 INSTANCE_ENV = "KAPPA_INSTANCE_ID"
@@ -1012,18 +1012,24 @@ def committed_offsets(consumer: Consumer, partitions: list[TP]) -> list[TP]:
     timeout then reaches the loop, which rejoins with new clients (``Processor.rejoin_or_raise``)."""
     if not partitions:
         return []
-    return retrying(lambda: consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_S), COMMITTED_RETRY_S)
+    return retrying(lambda: consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_S), COMMITTED_RETRY_S,
+                    timeouts=False)
 
 
-def retrying(call: Callable[[], Any], seconds: float = 120.0) -> Any:
+def retrying(call: Callable[[], Any], seconds: float = 120.0, timeouts: bool = True) -> Any:
     """Retry transient Kafka errors (``kafka.is_transient``: a broker restart, a coordinator moving)
-    for up to ``seconds``."""
+    for up to ``seconds``. ``timeouts=False``: a call that timed out is not tried again on the same
+    client. After a broker restart its coordinator connection can stay stuck (librdkafka#5511), and
+    each retry waited out its whole timeout: a stage 1 spent 45 s on three ``committed()`` calls
+    before it rejoined (RELIABILITY F10). The caller replaces the client instead."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             return call()
         except KafkaException as exc:
-            if not kafka_helpers.is_transient(exc.args[0]) or time.monotonic() > deadline:
+            error = exc.args[0]
+            stuck = not timeouts and error.code() == KafkaError._TIMED_OUT
+            if stuck or not kafka_helpers.is_transient(error) or time.monotonic() > deadline:
                 raise
             log.warning("Kafka: %s; retrying", exc.args[0].str())
             time.sleep(0.5)
