@@ -39,8 +39,8 @@ stack-down: install ## Stop the local stack (data is kept)
 stack-status: install ## Show what runs where
 	$(BIN)/kappa stack status
 
-test: install browser ## Run the full test suite against the real stack
-	$(BIN)/pytest -m "not soak" $(PYTEST_ARGS)
+test: install browser ## Run the full test suite against the real stack (lists its 15 slowest tests)
+	$(BIN)/pytest -m "not soak" --durations=15 $(PYTEST_ARGS)
 
 # Figures only from a fully green run: pytest writes them to a temp file, moved into docs/ only if it
 # exits 0; docs/RELIABILITY.md is then regenerated from the figures JSON (tests/reliability/render_doc.py).
