@@ -11,7 +11,8 @@ the new owner had already superseded.
 The zombie is stopped while its main thread is busy (not waiting inside consume()), so that on
 waking it usually reaches its stale S3 commit before librdkafka reports the expired session (which it
 notices locally, at the next consume()). Either is a correct reaction and both are counted; the
-soak run also requires that at least one stale commit really met the S3 fence.
+soak run also requires that at least one stale commit really met the S3 fence (it adds rounds,
+``EXTRA_ROUNDS`` at most, until one did).
 
 Default run: one round per worker; ``-m soak``: several. Rounds are recorded in the figures JSON as
 ``zombie.<worker>`` faults with the stop duration and the fences / losses the zombie logged.
@@ -163,6 +164,28 @@ def zombie_round(
     return {"stopped_s": round(stopped_s, 1), "stopped_busy": busy, **observed}
 
 
+#: soak: rounds beyond the planned ones, run only until a stale write met the S3 fence
+EXTRA_ROUNDS = 5
+
+
+def rounds_run(count: int, kind: str, seed: int, writes: str, one_round: Callable[[int], dict[str, Any]]) -> int:
+    """``count`` zombie rounds; returns the stale writes the S3 fence refused.
+
+    Whether a woken zombie writes before librdkafka tells it it was replaced is a race. Across 21
+    soak rounds of the live processor the fence was met in 13, and a run of 5 once met it in none.
+    So the soak run (``count >= 5``) goes on, ``EXTRA_ROUNDS`` at most, until the fault landed once.
+    It fails only if it never did."""
+    fenced, point = 0, 0
+    while point < count or (count >= 5 and not fenced and point < count + EXTRA_ROUNDS):
+        landed = one_round(point)
+        record_round(kind, seed, point, landed)
+        fenced += landed["fenced"]
+        point += 1
+    print(f"[reliability] {kind}: {point} rounds, {fenced} fenced {writes}")
+    assert count < 5 or fenced, f"no stale {writes[:-1]} met the S3 fence in {point} rounds"
+    return fenced
+
+
 def record_round(kind: str, seed: int, point: int, landed: dict[str, Any]) -> None:
     FIGURES.fault(kind, seed=seed, point=point, **landed)
     print(f"[reliability] {kind} #{point}: {landed} (seed {seed})")
@@ -180,15 +203,10 @@ def test_live_processor_zombie_is_fenced_and_results_stay_exact(
 
     produce_orders(settings, 3000, seed)
     known: set[str] = set()
-    fenced = 0
     with Traffic(settings, seed):
-        for point in range(count):
-            landed = zombie_round(workers, f"live-{point}", LIVE_ARGS, writers, lambda _w: None,
-                                  PROCESSOR_NOTICES, known)
-            record_round("zombie.processor.live", seed, point, landed)
-            fenced += landed["fenced"]
-    print(f"[reliability] processor zombies: {count} rounds, {fenced} fenced commits")
-    assert count < 5 or fenced, "no stale commit met the S3 fence in any round"
+        rounds_run(count, "zombie.processor.live", seed, "commits",
+                   lambda point: zombie_round(workers, f"live-{point}", LIVE_ARGS, writers, lambda _w: None,
+                                              PROCESSOR_NOTICES, known))
     drain_live(workers, settings, s3)
     archive_all(workers)
     assert_archive_exact(settings, s3)
@@ -213,16 +231,11 @@ def test_archiver_zombie_is_fenced_and_the_archive_stays_exact(
 
     produce_orders(settings, 3000, seed, days=2)
     known: set[str] = set()
-    fenced = 0
     with Traffic(settings, seed):
-        for point in range(count):
-            # flushes of ~100 records: the archiver is mostly between consume() and its checkpoint
-            landed = zombie_round(workers, f"archiver-{point}", ARCHIVER_KILL_ARGS, writers,
-                                  lambda w: f"{socket.gethostname()}:{w.pid}", ARCHIVER_NOTICES, known)
-            record_round("zombie.archiver", seed, point, landed)
-            fenced += landed["fenced"]
-    print(f"[reliability] archiver zombies: {count} rounds, {fenced} fenced flushes")
-    assert count < 5 or fenced, "no stale flush met the S3 fence in any round"
+        # flushes of ~100 records: the archiver is mostly between consume() and its checkpoint
+        rounds_run(count, "zombie.archiver", seed, "flushes",
+                   lambda point: zombie_round(workers, f"archiver-{point}", ARCHIVER_KILL_ARGS, writers,
+                                              lambda w: f"{socket.gethostname()}:{w.pid}", ARCHIVER_NOTICES, known))
     archive_all(workers)
     check = assert_archive_exact(settings, s3)
     assert check.records > 3000
