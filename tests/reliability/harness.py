@@ -114,12 +114,18 @@ class Worker:
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.signal(signal.SIGUSR1)  # its threads' stacks (see ``workers.cli.main``): where it hangs
-            time.sleep(1.0)
+            self.dump_stacks()
             self.process.kill()
             self.process.wait(10)
             raise AssertionError(f"{self.name} did not exit within {timeout:.0f}s; log tail:\n{self.tail(120)}"
                                  ) from None
+
+    def dump_stacks(self) -> None:
+        """A running worker prints its threads' stacks to its log (SIGUSR1, see ``workers.cli.main``):
+        where it waits or hangs."""
+        if self.alive():
+            self.signal(signal.SIGUSR1)
+            time.sleep(1.0)
 
     def rss_kb(self) -> int:
         """Current resident memory (0 once exited); also tracks the peak seen."""
@@ -427,9 +433,7 @@ def last_seen(seen: dict[str, object], worker: Worker | None) -> str:
     still running first prints its threads' stacks (SIGUSR1, see ``workers.cli.main``): where it waits."""
     if worker is None:
         return f"last seen {seen}"
-    if worker.alive():
-        worker.signal(signal.SIGUSR1)
-        time.sleep(1.0)
+    worker.dump_stacks()
     return f"last seen {seen}\n{worker.tail(80)}"
 
 

@@ -1031,7 +1031,7 @@ def retrying(call: Callable[[], Any], seconds: float = 120.0, timeouts: bool = T
             stuck = not timeouts and error.code() == KafkaError._TIMED_OUT
             if stuck or not kafka_helpers.is_transient(error) or time.monotonic() > deadline:
                 raise
-            log.warning("Kafka: %s; retrying", exc.args[0].str())
+            log.warning("Kafka: %s; retrying", error.str())
             time.sleep(0.5)
 
 
