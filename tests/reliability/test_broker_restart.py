@@ -214,6 +214,35 @@ def test_replay_survives_broker_restarts(
     assert_dlq_exact(private_settings, private_s3, spec.dlq_topic, spec.day)
 
 
+#: longer than the dead-letter flush the processor used to wait before it gave up and exited (60 s)
+LONG_DOWN_SECONDS = 75.0
+
+
+@pytest.mark.soak  # over a minute of outage
+def test_live_processor_survives_a_long_broker_outage_with_dead_letters_pending(
+    private_stack: Stack, private_settings: Settings, private_s3: Any, workers: Workers
+) -> None:
+    """Kafka down for longer than a checkpoint waits for its dead-letter records: the checkpoint is
+    deferred, not fatal (RELIABILITY F11: the processor exited 2 after 60 s); it resumes on its own
+    and its results equal the reference. The fault lands: a checkpoint was deferred."""
+    produce_orders(private_settings, 15_000, 13, start=f"{DAY}T00:00:00Z")  # 5 % malformed: dead letters
+    archive_all(workers)
+    live = workers.start("live-v1", *live_args(SINGLE_STAGE, base=LIVE_KILL_ARGS))
+    prefix, topic = keys.live_prefix("orders", SINGLE_STAGE), private_settings.events_topic
+    progress = processor_progress(private_settings, private_s3, prefix, topic)
+    started_some(progress, "the live processor to commit its first records")
+    outage(private_stack, "kafka", LONG_DOWN_SECONDS, "broker_long_outage.processor.live", live, KAFKA_DOWN_LINES,
+           progress)
+    wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240, worker=live)
+    live.signal(signal.SIGTERM)
+    assert live.wait(90) == 0, f"the live processor did not stop cleanly:\n{live.tail()}"
+    deferred = live.output().count("checkpoint deferred")
+    print(f"[reliability] long outage: {deferred} checkpoints deferred")
+    assert deferred, f"no checkpoint met the outage with dead letters pending: it did not land\n{live.tail()}"
+    assert_live_exact(private_settings, private_s3, SINGLE_STAGE)
+    assert_dlq_exact(private_settings, private_s3, private_settings.dlq_topic)
+
+
 # single-stage under make soak: stage 2 of the shuffled run is the same consumer (rejoin, lost session)
 @pytest.mark.parametrize("version", [pytest.param(SINGLE_STAGE, id="single-stage", marks=pytest.mark.soak),
                                      pytest.param(SHUFFLED, id="shuffled")])

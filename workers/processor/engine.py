@@ -89,9 +89,22 @@ DEFAULT_CHECKPOINT_SECONDS = 5.0
 #: classic protocol only (KIP-848 keeps it on the broker); a static member restarted within it
 #: gets its partitions back at once, a dead one's move to the others after it
 DEFAULT_SESSION_TIMEOUT_S = 10.0
+#: a requested stop's last checkpoint waits this long for the dead-letter and late records at most:
+#: during a Kafka outage a supervisor (systemd, Kubernetes, Ctrl-C) must not wait out a retry window
+STOP_FLUSH_S = 5.0
+#: a checkpoint waits this long for its dead-letter and late records, then is deferred to the next
+#: one (``DlqNotFlushed``): a Kafka outage pauses checkpoints instead of ending the worker
+CHECKPOINT_FLUSH_S = 10.0
+#: a finished bounded run's last checkpoint, which its reports wait for, waits longer
+FINAL_FLUSH_S = 60.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
+
+
+class DlqNotFlushed(KappaError):
+    """The checkpoint's dead-letter or late records are not all delivered yet (none failed): the
+    checkpoint waits for a later try, its records are still uncounted, nothing is lost."""
 
 
 @dataclass
@@ -341,7 +354,10 @@ class Processor:
         self.last_checkpoint = time.monotonic()
         try:
             self.loop()
-            self.retry_s3(self.checkpoint, "final checkpoint")
+            if self.summary.complete:
+                self.retry_s3(lambda: self.checkpoint(flush_timeout=FINAL_FLUSH_S), "final checkpoint")
+            else:
+                self.checkpoint_on_stop()
         except BaseException:
             self.crashed = True
             raise
@@ -354,6 +370,16 @@ class Processor:
             self.retry_s3(self.write_reports, "report write")
         self.summary.seconds = round(time.monotonic() - started, 3)
         return self.summary
+
+    def checkpoint_on_stop(self) -> None:
+        """A requested stop saves what it can in one bounded try, without retry windows: what an
+        outage keeps it from writing is redone by the next run from the last checkpoint (S3 stays
+        the truth; an unwritten state leaves its records uncounted, never lost)."""
+        try:
+            self.checkpoint(flush_timeout=STOP_FLUSH_S)
+        except (KappaError, KafkaException, *retry.S3_ERRORS) as exc:
+            log.warning("stopping: the last checkpoint is not complete (%s); the next run redoes the work since "
+                        "the last one that is", retry.describe(exc) if isinstance(exc, retry.S3_ERRORS) else exc)
 
     def rejoin(self, error: KafkaError) -> None:
         """Our static member was fenced by our own re-join (see ``membership.SelfFenceBudget``), or
@@ -440,7 +466,15 @@ class Processor:
         static = self.membership.instance_id is not None
         if not (self.self_fenced.allows(error, now, static=static) or self.unanswered.allows(error, now)):
             raise exc
+        if self.stop.is_set():  # a stop is final: no new clients, the loop ends
+            self.stop_instead_of_rejoining(error)
+            return
         self.rejoin(error)
+
+    def stop_instead_of_rejoining(self, error: KafkaError) -> None:
+        log.warning("group %s %s (%s) while stopping: uncommitted state dropped, not rejoining", self.group,
+                    membership.rejoin_cause(error), error.str())
+        self.states.clear()
 
     def loop(self) -> None:
         assert self.consumer is not None
@@ -453,6 +487,9 @@ class Processor:
                 finished = self.durable_step()
             except retry.S3_ERRORS as exc:
                 self.s3_failed(exc)
+                continue
+            except DlqNotFlushed as exc:
+                log.warning("checkpoint deferred: %s", exc)
                 continue
             except KafkaException as exc:
                 self.rejoin_or_raise(exc)
@@ -541,6 +578,8 @@ class Processor:
                 self.checkpoint(revoked)
         except retry.S3_ERRORS as exc:  # the new owner resumes from the last durable checkpoint: nothing lost
             log.warning("handing over %s without a checkpoint (S3: %s)", sorted(revoked), type(exc).__name__)
+        except DlqNotFlushed as exc:  # the same; a dead-letter record delivered later is a re-send (at least once)
+            log.warning("handing over %s without a checkpoint (%s)", sorted(revoked), exc)
         for partition in revoked:
             self.states.pop(partition, None)
         self.refetch -= revoked
@@ -733,18 +772,22 @@ class Processor:
             return
         self.delivery_errors.append(str(error))
 
-    def flush_dlq(self) -> None:
-        """Every DLQ and late record of the checkpoint must be durable before the checkpoint commits."""
+    def flush_dlq(self, timeout: float = CHECKPOINT_FLUSH_S) -> None:
+        """Every DLQ and late record of the checkpoint must be durable before the checkpoint commits.
+
+        Records not delivered yet (Kafka unavailable) defer the checkpoint (``DlqNotFlushed``);
+        records librdkafka gave up on (``message.timeout.ms``) end the run: the restart redoes them."""
         assert self.producer is not None
-        remaining = self.producer.flush(60)
-        if remaining or self.delivery_errors:
-            errors = "; ".join(self.delivery_errors[:3]) or f"{remaining} not delivered within 60s"
-            raise KappaError(f"could not write to the dead-letter topic {self.dlq_topic} "
-                             f"or the late topic {self.late_topic}: {errors}")
+        remaining = self.producer.flush(timeout)
+        topics = f"the dead-letter topic {self.dlq_topic} or the late topic {self.late_topic}"
+        if self.delivery_errors:
+            raise KappaError(f"could not write to {topics}: {'; '.join(self.delivery_errors[:3])}")
+        if remaining:
+            raise DlqNotFlushed(f"{remaining} records not yet delivered to {topics} within {timeout:.0f}s")
 
     # ---------------------------------------------------------------- checkpoint
 
-    def checkpoint(self, partitions: set[int] | None = None) -> None:
+    def checkpoint(self, partitions: set[int] | None = None, flush_timeout: float = CHECKPOINT_FLUSH_S) -> None:
         """DLQ flush -> per partition outputs + state JSON (commit point) -> Kafka commit -> garbage.
 
         A fenced partition commits nothing (not even its Kafka offset) and its state is dropped.
@@ -755,7 +798,7 @@ class Processor:
         if not targets:
             self.commit_offsets([])  # failed commits go again; an unanswered one is caught
             return
-        self.flush_dlq()
+        self.flush_dlq(flush_timeout)
         committed, superseded = [], []
         for state in targets:
             try:

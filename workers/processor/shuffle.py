@@ -34,6 +34,7 @@ from workers.errors import KappaError
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
 from workers.processor.engine import (
     ALWAYS,
+    CHECKPOINT_FLUSH_S,
     DLQ_PRODUCER_CONFIG,
     Processor,
     RunSummary,
@@ -93,6 +94,8 @@ ABORT_TIMEOUT_S, ABORT_LIMIT_S = 30.0, 45.0
 #: new clients), and how long other transient errors (a coordinator moving or loading) are retried
 COMMITTED_TIMEOUT_S = 15.0
 COMMITTED_RETRY_S = 40.0
+#: one ``init_transactions`` try (timed-out tries are retried): short, so a stop is seen between tries
+INIT_TRY_S = 10.0
 INSTANCE_ENV = "KAPPA_INSTANCE_ID"
 #: a reset of the internals takes seconds; a lock this old was left by a member that died meanwhile
 RESET_LOCK_SECONDS = 180.0
@@ -532,11 +535,11 @@ class Stage2(Processor):
         if state is not None and not state.finalized and (state.next_offset is None or offset > state.next_offset):
             state.next_offset, state.dirty = offset, True
 
-    def checkpoint(self, partitions: set[int] | None = None) -> None:
+    def checkpoint(self, partitions: set[int] | None = None, flush_timeout: float = CHECKPOINT_FLUSH_S) -> None:
         for partition, state in self.states.items():
             if isinstance(state, ShuffleState) and state.dirty and (partitions is None or partition in partitions):
                 state.refresh_open()
-        super().checkpoint(partitions)
+        super().checkpoint(partitions, flush_timeout)
 
     def report_progress(self) -> None:
         if isinstance(self.progress, NoProgress):
@@ -562,6 +565,8 @@ class Stage1(Processor):
         self.source_progress: dict[int, SourceProgress] = {}
         self.committed_progress: dict[int, SourceProgress] = {}
         self.uncommitted = False
+        #: stopping: the open transaction was given up (``abandon_transaction``), none begins again
+        self.abandoned = False
         self.last_done_check = 0.0
         #: source partitions paused by ``align``; per partition (records read, first event time)
         self.held: set[int] = set()
@@ -591,6 +596,9 @@ class Stage1(Processor):
         try:
             self.loop()
             self.commit()
+        except Stopped as exc:  # asked to stop while it recovered from a failure: nothing more is redone
+            log.warning("stage 1 of group %s stopped while it recovered (%s)", self.group, exc)
+            self.abandon_transaction(coordinator_silent=True)
         finally:
             kafka_helpers.close_within(self.consumer)  # bounded, as the single-stage processor's
             self.membership.release()
@@ -604,7 +612,7 @@ class Stage1(Processor):
             with contextlib.suppress(Exception):
                 self.producer.purge()
         self.producer = Producer(self.producer_config())
-        retrying(lambda: self.producer.init_transactions(60))  # type: ignore[union-attr]
+        retrying(lambda: self.producer.init_transactions(INIT_TRY_S), stop=self.stop)  # type: ignore[union-attr]
 
     def consumer_config(self) -> dict[str, object]:
         """A smaller prefetch than the single-stage processor's (both stages): the shuffle runs at
@@ -693,6 +701,12 @@ class Stage1(Processor):
         self.new_producer()  # its init aborts our open transaction, whatever state the old producer is in
         self.delivery_errors.clear()
         self.producer.begin_transaction()  # type: ignore[union-attr]
+
+    def stop_instead_of_rejoining(self, error: KafkaError) -> None:
+        log.warning("stage 1 of group %s: %s (%s) while stopping: not rejoining", self.group,
+                    membership.rejoin_cause(error), error.str())
+        self.forget(set(self.positions))
+        self.abandon_transaction()
 
     def forget(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -886,6 +900,10 @@ class Stage1(Processor):
             self.transaction_failed(exc)
             return
         except kafka_helpers.StuckCall as exc:
+            if self.stop.is_set():
+                log.warning("stage 1: %s", exc)
+                self.abandon_transaction(coordinator_silent=True)
+                return
             log.warning("stage 1: %s; replacing the transactional producer, redoing from the committed offsets", exc)
             self.new_producer(abandon=True)
             self.rewind()
@@ -897,10 +915,9 @@ class Stage1(Processor):
         self.uncommitted = False
         self.producer.begin_transaction()
 
-    @staticmethod
-    def transact(call: Callable[[], Any]) -> None:
-        """A transactional call, retried while retriable, each try bounded by ``CALL_LIMIT_S``."""
-        retrying(lambda: kafka_helpers.call_within(call, CALL_LIMIT_S), TRANSACTION_RETRY_S)
+    def transact(self, call: Callable[[], Any]) -> None:
+        """A transactional call, retried while retriable (not once stopping), each try bounded by ``CALL_LIMIT_S``."""
+        retrying(lambda: kafka_helpers.call_within(call, CALL_LIMIT_S), TRANSACTION_RETRY_S, stop=self.stop)
 
     def rejoin_or_raise(self, exc: KafkaException) -> None:
         """An abortable transaction error that reached the loop (a produce refused in ``process``, see
@@ -921,6 +938,9 @@ class Stage1(Processor):
             raise exc
         if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
             raise KappaError(f"stage 1 transaction failed ({error.str()}); a restart resumes from the last commit")
+        if self.stop.is_set():
+            self.abandon_transaction(coordinator_silent=error.code() == KafkaError._TIMED_OUT)
+            return
         log.warning("stage 1 transaction aborted (%s); redoing from the committed offsets", error.str())
         self.abort_and_rewind(coordinator_silent=error.code() == KafkaError._TIMED_OUT)
 
@@ -929,8 +949,11 @@ class Stage1(Processor):
         coordinator connection can stay down) replace the producer, whose init aborts the open
         transaction on the broker. Either way the offsets committed with the last transaction stand.
         ``coordinator_silent``: a call already timed out on it, so an abort would wait out its
-        timeout too; the producer is replaced at once."""
+        timeout too; the producer is replaced at once. Stopping: nothing is redone (``abandon_transaction``)."""
         assert self.producer is not None
+        if self.stop.is_set():
+            self.abandon_transaction(coordinator_silent)
+            return
         producer = self.producer
         if coordinator_silent:
             log.warning("stage 1: the transaction coordinator does not answer; replacing the transactional producer")
@@ -942,6 +965,27 @@ class Stage1(Processor):
                 log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
                 self.new_producer(abandon=isinstance(exc, kafka_helpers.StuckCall))
         self.rewind()
+
+    def abandon_transaction(self, coordinator_silent: bool = False) -> None:
+        """Stopping: the open transaction is aborted in one try bounded by the transaction timeout
+        (after which the broker aborts it anyway), never redone or replaced by a new producer: the
+        next run starts from the offsets committed with the last transaction. Its counts go too."""
+        if self.abandoned:
+            return
+        self.abandoned, self.uncommitted = True, False
+        self.summary.records, self.summary.dlq_records = self.counted
+        producer = self.producer
+        if coordinator_silent or producer is None:
+            log.warning("stage 1 stopping: its open transaction is left to the broker, which aborts it "
+                        "within %.0f s; the next run redoes it from the committed offsets", CALL_TIMEOUT_S)
+            return
+        try:
+            kafka_helpers.call_within(lambda: producer.abort_transaction(CALL_TIMEOUT_S), CALL_TIMEOUT_S + 1)
+            log.warning("stage 1 stopping: its open transaction is aborted; the next run redoes it from the "
+                        "committed offsets")
+        except (KafkaException, kafka_helpers.StuckCall) as exc:
+            log.warning("stage 1 stopping: its open transaction could not be aborted (%s); the broker aborts it "
+                        "within %.0f s, the next run redoes it from the committed offsets", exc, CALL_TIMEOUT_S)
 
     def rewind(self) -> None:
         """Back to the offsets and source progress of the last committed transaction; a new one begins."""
@@ -1016,12 +1060,20 @@ def committed_offsets(consumer: Consumer, partitions: list[TP]) -> list[TP]:
                     timeouts=False)
 
 
-def retrying(call: Callable[[], Any], seconds: float = 120.0, timeouts: bool = True) -> Any:
+class Stopped(Exception):
+    """A retry given up because the worker was asked to stop (carries the last error)."""
+
+
+def retrying(call: Callable[[], Any], seconds: float = 120.0, timeouts: bool = True,
+             stop: threading.Event | None = None) -> Any:
     """Retry transient Kafka errors (``kafka.is_transient``: a broker restart, a coordinator moving)
     for up to ``seconds``. ``timeouts=False``: a call that timed out is not tried again on the same
     client. After a broker restart its coordinator connection can stay stuck (librdkafka#5511), and
     each retry waited out its whole timeout: a stage 1 spent 45 s on three ``committed()`` calls
-    before it rejoined (RELIABILITY F10). The caller replaces the client instead."""
+    before it rejoined (RELIABILITY F10). The caller replaces the client instead.
+
+    ``stop`` set: no further try (raises :class:`Stopped`); a supervisor stopping the worker during
+    an outage waited out minutes of retries (RELIABILITY F11)."""
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -1031,6 +1083,8 @@ def retrying(call: Callable[[], Any], seconds: float = 120.0, timeouts: bool = T
             stuck = not timeouts and error.code() == KafkaError._TIMED_OUT
             if stuck or not kafka_helpers.is_transient(error) or time.monotonic() > deadline:
                 raise
+            if stop is not None and stop.is_set():
+                raise Stopped(error.str()) from exc
             log.warning("Kafka: %s; retrying", error.str())
             time.sleep(0.5)
 
