@@ -57,6 +57,7 @@ def stack() -> Iterator[Stack | None]:
     try:
         yield local
     finally:
+        kafka_helpers.drop_admin_clients()
         if started and os.environ.get("KAPPA_KEEP_STACK") != "1":
             local.down()
 

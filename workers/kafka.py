@@ -95,6 +95,13 @@ def admin_client(settings: Settings, quiet: bool = False) -> AdminClient:
         return _admins[key]
 
 
+def drop_admin_clients() -> None:
+    """Forget the shared clients, whose handles are then destroyed: for a process that outlives its
+    cluster (the test session stops its stacks; a kept client would reconnect to them until exit)."""
+    with _admins_lock:
+        _admins.clear()
+
+
 def admin_config(settings: Settings, quiet: bool = False, **extra: Any) -> dict[str, Any]:
     """An admin client's settings: never auto-creates a topic it looks up; ``quiet``: no librdkafka logs."""
     return settings.kafka_config(**{"allow.auto.create.topics": False, **({"log_level": 0} if quiet else {}), **extra})

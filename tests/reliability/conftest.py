@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from workers import config as cfg
+from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import Settings, load_settings
 from workers.dev.stack import Layout, Ports, Stack
@@ -70,6 +71,7 @@ def private_stack(stack: Stack | None, tmp_path_factory: pytest.TempPathFactory)
         stack.up()
         yield stack
     finally:
+        kafka_helpers.drop_admin_clients()
         stack.down()
 
 
