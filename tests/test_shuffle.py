@@ -559,3 +559,34 @@ def test_stage1_aborts_and_redoes_a_transaction_librdkafka_made_abortable(
     assert result
     assert_late_only_stale_copies(settings, topic, read_topic(settings, topic), result[0].late_records)
     assert_matches_oracle(live(settings, sorted(expected)), expected)
+
+
+def test_a_fenced_stage1_ends_instead_of_fencing_its_successor(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    """A stage 1 whose transactional id a newer producer took over (a restart with the same
+    ``--instance-id`` while the old process was only paused) must end when its abort fails as
+    fenced: a new producer would init the same id and fence the successor back. The successor's
+    transaction still commits afterwards."""
+    from workers.errors import KappaError
+    from workers.pipelines import get_pipeline
+    from workers.processor.progress import NoProgress
+    from workers.processor.shuffle import Stage1
+
+    topic, group = unique("fenced-out"), unique("g-fenced")
+    kafka_helpers.ensure_topic(settings, topic, 1)
+    stage = Stage1(settings, get_pipeline("orders", 2), topic=topic, group=group, bounded=False, start="latest",
+                   start_offsets=None, end_offsets=None, grace_ms=None, batch_size=10, checkpoint_seconds=1.0,
+                   dlq_topic=f"{topic}.dlq", late_topic=f"{topic}.late", progress=NoProgress(),
+                   stop=threading.Event(), switch=None, repartition=topic, partitions_out=1, instance="i")
+    stage.new_producer()
+    assert stage.producer is not None
+    stage.producer.begin_transaction()
+    stage.producer.produce(topic, b"from the paused one")
+    successor = Producer(stage.producer_config())
+    successor.init_transactions(30)  # takes the transactional id over: the paused one is fenced
+    with pytest.raises(KappaError, match="stage 1 transaction failed"):
+        stage.abort_and_rewind()
+    successor.begin_transaction()
+    successor.produce(topic, b"from the successor")
+    successor.commit_transaction(30)  # raises if the paused one had fenced it back

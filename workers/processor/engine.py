@@ -97,6 +97,10 @@ STOP_FLUSH_S = 5.0
 CHECKPOINT_FLUSH_S = 10.0
 #: a finished bounded run's last checkpoint, which its reports wait for, waits longer
 FINAL_FLUSH_S = 60.0
+#: a requested stop closes the consumer within this: its last checkpoint is written already, so the
+#: close only hands the partitions over; during a Kafka outage it waited 45 s (``kafka.CLOSE_LIMIT_S``)
+#: for answers nobody sends, and the group notices an abandoned member at its session timeout anyway
+STOP_CLOSE_S = 15.0
 NEVER = -(2**62)
 ALWAYS = 2**62
 Start = Literal["earliest", "latest"]
@@ -362,7 +366,7 @@ class Processor:
             self.crashed = True
             raise
         finally:
-            kafka_helpers.close_within(self.consumer)  # its revoke callback runs
+            kafka_helpers.close_within(self.consumer, self.close_limit())  # its revoke callback runs
             self.membership.release()
             self.progress.update(self.summary.records, self.lag, self.summary.late_records, force=True)
             self.progress.close()
@@ -380,6 +384,10 @@ class Processor:
         except (KappaError, KafkaException, *retry.S3_ERRORS) as exc:
             log.warning("stopping: the last checkpoint is not complete (%s); the next run redoes the work since "
                         "the last one that is", retry.describe(exc) if isinstance(exc, retry.S3_ERRORS) else exc)
+
+    def close_limit(self) -> float:
+        """How long the last ``close()`` may take: shorter after a requested stop (see ``STOP_CLOSE_S``)."""
+        return STOP_CLOSE_S if self.stop.is_set() and not self.summary.complete else kafka_helpers.CLOSE_LIMIT_S
 
     def rejoin(self, error: KafkaError) -> None:
         """Our static member was fenced by our own re-join (see ``membership.SelfFenceBudget``), or
@@ -778,7 +786,14 @@ class Processor:
         Records not delivered yet (Kafka unavailable) defer the checkpoint (``DlqNotFlushed``);
         records librdkafka gave up on (``message.timeout.ms``) end the run: the restart redoes them."""
         assert self.producer is not None
-        remaining = self.producer.flush(timeout)
+        stopping = self.stop.is_set()
+        if stopping:  # whichever checkpoint asks (the last one, a revoke's during close): seconds at most
+            timeout = min(timeout, STOP_FLUSH_S)
+        deadline = time.monotonic() + timeout
+        remaining = self.producer.flush(min(timeout, 0.5))
+        # in slices, so that a stop asked meanwhile is seen: it has its own, shorter wait
+        while remaining and time.monotonic() < deadline and (stopping or not self.stop.is_set()):
+            remaining = self.producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
         topics = f"the dead-letter topic {self.dlq_topic} or the late topic {self.late_topic}"
         if self.delivery_errors:
             raise KappaError(f"could not write to {topics}: {'; '.join(self.delivery_errors[:3])}")

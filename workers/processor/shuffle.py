@@ -600,7 +600,7 @@ class Stage1(Processor):
             log.warning("stage 1 of group %s stopped while it recovered (%s)", self.group, exc)
             self.abandon_transaction(coordinator_silent=True)
         finally:
-            kafka_helpers.close_within(self.consumer)  # bounded, as the single-stage processor's
+            kafka_helpers.close_within(self.consumer, self.close_limit())  # bounded, as the single-stage processor's
             self.membership.release()
         self.summary.seconds = round(time.monotonic() - started, 3)
         return self.summary
@@ -937,7 +937,7 @@ class Stage1(Processor):
         if membership.is_fenced_instance(error):  # our static member, fenced by its own re-join
             raise exc
         if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
-            raise KappaError(f"stage 1 transaction failed ({error.str()}); a restart resumes from the last commit")
+            raise unrecoverable(error)
         if self.stop.is_set():
             self.abandon_transaction(coordinator_silent=error.code() == KafkaError._TIMED_OUT)
             return
@@ -962,6 +962,9 @@ class Stage1(Processor):
             try:
                 kafka_helpers.call_within(lambda: producer.abort_transaction(ABORT_TIMEOUT_S), ABORT_LIMIT_S)
             except (KafkaException, kafka_helpers.StuckCall) as exc:
+                if isinstance(exc, KafkaException) and exc.args[0].fatal():
+                    # fenced: a producer with our transactional id took over; a new one would fence it back
+                    raise unrecoverable(exc.args[0]) from None
                 log.warning("stage 1 abort failed (%s); replacing the transactional producer", exc)
                 self.new_producer(abandon=isinstance(exc, kafka_helpers.StuckCall))
         self.rewind()
@@ -1058,6 +1061,11 @@ def committed_offsets(consumer: Consumer, partitions: list[TP]) -> list[TP]:
         return []
     return retrying(lambda: consumer.committed(partitions, timeout=COMMITTED_TIMEOUT_S), COMMITTED_RETRY_S,
                     timeouts=False)
+
+
+def unrecoverable(error: KafkaError) -> KappaError:
+    """A transaction error no abort or new producer mends (fenced, not authorized): the run ends."""
+    return KappaError(f"stage 1 transaction failed ({error.str()}); a restart resumes from the last commit")
 
 
 class Stopped(Exception):
