@@ -602,7 +602,7 @@ class Processor:
             self.states.pop(partition, None)
         self.refetch -= set(lost)
         log.warning("partitions %s of %s lost (session expired): uncommitted state dropped unwritten, "
-                    "their new owner resumes from S3; rejoining", lost, self.group)
+                    "their new owner resumes from S3%s", lost, self.group, "" if self.stop.is_set() else "; rejoining")
 
     def new_state(self, partition: int) -> PartitionState:
         return PartitionState(self.pipeline, self.topic, self.group, partition, self.grace_ms)
