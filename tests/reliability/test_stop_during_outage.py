@@ -43,8 +43,9 @@ from .harness import (
 )
 from .invariants import FIGURES, assert_archive_exact, assert_live_exact
 
-#: how long a worker asked to stop during an outage may take to exit: its bounded consumer close
-#: (``kafka.CLOSE_LIMIT_S``, 45 s) plus a little, never a retry window on top
+#: how long a worker asked to stop during an outage may take to exit: one bounded try of its last
+#: checkpoint or transaction, then its consumer close (``engine.STOP_CLOSE_S``, 15 s), never a retry
+#: window on top
 STOP_BOUND_S = 60.0
 #: orders v2 runs through the shuffle (two stages, both in one process); v1 is single-stage
 SHUFFLED, SINGLE_STAGE = 2, 1
@@ -57,7 +58,9 @@ class Stopping:
     worker: Worker
     progress: Any
     kind: str
+    #: where its log stood, and its (done, total) progress, just before the broker stopped
     mark: int = 0
+    before: tuple[int, int] = (0, 0)
 
     def started(self) -> bool:
         return read_progress(self.progress)[0] > 0
@@ -69,12 +72,10 @@ class Stopping:
 def stop_while_kafka_is_down(stack: Stack, members: list[Stopping]) -> None:
     """Stop the broker while every worker is mid-stream, wait until each saw the outage, SIGTERM them
     together; each must exit 0 within the bound (its time is measured and recorded)."""
-    before = {}
     for member in members:
         worker = member.worker
         wait_until(member.started, 120, f"{worker.name} to commit its first records")
-        before[worker.name] = read_progress(member.progress)
-        done, total = before[worker.name]
+        member.before = done, total = read_progress(member.progress)
         assert done < total, f"{worker.name} finished before the broker stopped ({done}/{total})"
         member.mark = len(worker.output())
     assert stack.down(["kafka"]) == ["kafka"], "kafka was not running"
@@ -92,7 +93,7 @@ def stop_while_kafka_is_down(stack: Stack, members: list[Stopping]) -> None:
         time.sleep(0.1)
     for member in members:
         worker, took = member.worker, exited.get(member.worker.name, math.inf)
-        done, total = before[worker.name]
+        done, total = member.before
         code = worker.wait(1)
         FIGURES.fault(member.kind, service="kafka", done=done, total=total, stop_s=round(took, 1))
         print(f"[reliability] {member.kind}: exited {code} {took:.1f} s after SIGTERM, Kafka down")

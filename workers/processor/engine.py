@@ -376,11 +376,12 @@ class Processor:
         return self.summary
 
     def checkpoint_on_stop(self) -> None:
-        """A requested stop saves what it can in one bounded try, without retry windows: what an
-        outage keeps it from writing is redone by the next run from the last checkpoint (S3 stays
-        the truth; an unwritten state leaves its records uncounted, never lost)."""
+        """A requested stop saves what it can in one bounded try, without retry windows (its DLQ
+        flush waits ``STOP_FLUSH_S``, see ``flush_dlq``): what an outage keeps it from writing is
+        redone by the next run from the last checkpoint (S3 stays the truth; an unwritten state
+        leaves its records uncounted, never lost)."""
         try:
-            self.checkpoint(flush_timeout=STOP_FLUSH_S)
+            self.checkpoint()
         except (KappaError, KafkaException, *retry.S3_ERRORS) as exc:
             log.warning("stopping: the last checkpoint is not complete (%s); the next run redoes the work since "
                         "the last one that is", retry.describe(exc) if isinstance(exc, retry.S3_ERRORS) else exc)

@@ -938,10 +938,8 @@ class Stage1(Processor):
             raise exc
         if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
             raise unrecoverable(error)
-        if self.stop.is_set():
-            self.abandon_transaction(coordinator_silent=error.code() == KafkaError._TIMED_OUT)
-            return
-        log.warning("stage 1 transaction aborted (%s); redoing from the committed offsets", error.str())
+        if not self.stop.is_set():  # stopping, nothing is redone: abort_and_rewind gives the transaction up
+            log.warning("stage 1 transaction aborted (%s); redoing from the committed offsets", error.str())
         self.abort_and_rewind(coordinator_silent=error.code() == KafkaError._TIMED_OUT)
 
     def abort_and_rewind(self, coordinator_silent: bool = False) -> None:
