@@ -39,8 +39,12 @@ stack-down: install ## Stop the local stack (data is kept)
 stack-status: install ## Show what runs where
 	$(BIN)/kappa stack status
 
+# Tests run side by side on one shared stack (each test has its own topics, bucket and group prefix);
+# most of a test's time is waiting for Kafka, S3 and the workers it starts. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+
 test: install browser ## Run the full test suite against the real stack (lists its 15 slowest tests)
-	$(BIN)/pytest -m "not soak" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not soak" -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # Figures only from a fully green run: pytest writes them to a temp file, moved into docs/ only if it
 # exits 0; docs/RELIABILITY.md is then regenerated from the figures JSON (tests/reliability/render_doc.py).

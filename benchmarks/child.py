@@ -89,6 +89,7 @@ def run_loader(options: dict[str, Any]) -> dict[str, Any]:
     spec = replay_loader.ReplaySpec(
         pipeline=options.get("pipeline", "orders"), version=int(options.get("version", 2)), day=options["day"],
         source_topic=options["topic"], bucket=settings.s3_bucket, partitions=int(options.get("partitions", 3)),
+        group_prefix=settings.group_prefix,
     )
     phases: dict[str, float] = {}
 

@@ -40,12 +40,12 @@ if not EXTERNAL_CLUSTER:
         os.environ.setdefault(_name, _value)
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack | None]:
-    """The running local stack (None when the environment names an external cluster)."""
-    if EXTERNAL_CLUSTER:
-        yield None
-        return
+#: the stack the pytest-xdist controller started, and whether it started it
+OWNED_STACK = pytest.StashKey[tuple[Stack, bool]]()
+
+
+def start_test_stack() -> tuple[Stack, bool]:
+    """The suite's stack, running; True when this call started it (empty), False when it ran already."""
     local = Stack(log=lambda message: print(message))
     started = not local.running()
     if started:
@@ -53,13 +53,45 @@ def stack() -> Iterator[Stack | None]:
         if OWN_STACK_DIR:
             local.reset()
     local.up()
+    return local, started
+
+
+def stop_test_stack(local: Stack, started: bool) -> None:
+    kafka_helpers.drop_admin_clients()
+    if started and os.environ.get("KAPPA_KEEP_STACK") != "1":
+        local.down()
+
+
+def runs_xdist_workers(config: pytest.Config) -> bool:
+    """This process is the controller of pytest-xdist workers (``make test`` runs ``-n 2``)."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With pytest-xdist the controller owns the stack: it starts it before any worker and stops it
+    after the last, so no worker stops it under another; each worker finds it running."""
+    if not EXTERNAL_CLUSTER and runs_xdist_workers(config):
+        config.stash[OWNED_STACK] = start_test_stack()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    owned = config.stash.get(OWNED_STACK, None)
+    if owned is not None:
+        stop_test_stack(*owned)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack | None]:
+    """The running local stack (None when the environment names an external cluster)."""
+    if EXTERNAL_CLUSTER:
+        yield None
+        return
+    local, started = start_test_stack()
     apply_stack_env()
     try:
         yield local
     finally:
-        kafka_helpers.drop_admin_clients()
-        if started and os.environ.get("KAPPA_KEEP_STACK") != "1":
-            local.down()
+        stop_test_stack(local, started)
 
 
 @pytest.fixture
@@ -70,9 +102,11 @@ def unique() -> Callable[[str], str]:
 
 @pytest.fixture
 def settings(stack: Stack | None, unique: Callable[[str], str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings with a fresh bucket and fresh topic names, exported to the environment for subprocesses."""
+    """Settings with a fresh bucket, topic names and group prefix, exported to the environment for
+    subprocesses: tests running side by side (pytest-xdist) never share a consumer group."""
     bucket = unique("kappa-test")
     events = unique("events")
+    monkeypatch.setenv("KAPPA_GROUP_PREFIX", unique("kappa"))
     monkeypatch.setenv("KAPPA_S3_BUCKET", bucket)
     monkeypatch.setenv("KAPPA_EVENTS_TOPIC", events)
     monkeypatch.setenv("KAPPA_DLQ_TOPIC", f"{events}.dlq")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from workers import keys
+from workers.archive.archiver import Archiver, ArchiverOptions
 from workers.config import kafka_passthrough, load_settings
 from workers.errors import ConfigError
+from workers.replay.loader import RangeSpec, ReplaySpec
 
 BASE = {"KAPPA_BOOTSTRAP_SERVERS": "broker:9092"}
 
@@ -51,11 +54,30 @@ def test_real_aws_when_endpoint_unset() -> None:
         ({}, "KAPPA_BOOTSTRAP_SERVERS"),
         ({**BASE, "KAPPA_S3_BUCKET": "Bad_Bucket"}, "KAPPA_S3_BUCKET"),
         ({**BASE, "KAPPA_EVENTS_TOPIC": "bad topic!"}, "KAPPA_EVENTS_TOPIC"),
+        ({**BASE, "KAPPA_GROUP_PREFIX": "team a"}, "KAPPA_GROUP_PREFIX"),
+        ({**BASE, "KAPPA_GROUP_PREFIX": "x" * 101}, "KAPPA_GROUP_PREFIX"),
     ],
 )
 def test_bad_config_fails_with_a_message_naming_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(env)
+
+
+def test_every_group_the_workers_name_starts_with_the_group_prefix() -> None:
+    """Two deployments on one cluster (``KAPPA_GROUP_PREFIX``) share no consumer group; the default
+    names stay ``kappa.*``."""
+    assert load_settings(BASE).group_prefix == "kappa"
+    assert keys.archiver_group("kappa") == "kappa.archiver"
+    assert keys.live_group("orders", 1, prefix="kappa") == "kappa.orders.v1.live"
+    settings = load_settings({**BASE, "KAPPA_GROUP_PREFIX": "team-a"})
+    archiver = Archiver(settings, ArchiverOptions())
+    assert archiver.options.group == "team-a.archiver"
+    assert Archiver(settings, ArchiverOptions(group="chosen")).options.group == "chosen"
+    assert keys.live_group("orders", 2, prefix=settings.group_prefix) == "team-a.orders.v2.live"
+    spec = ReplaySpec("orders", 2, "2026-11-20", "events", "kappa", group_prefix=settings.group_prefix)
+    assert spec.group.startswith("team-a.orders.v2.replay.")
+    assert RangeSpec.of(spec, ["2026-11-20", "2026-11-21"]).group.startswith("team-a.orders.v2.replay.")
+    assert keys.shuffle_group(keys.live_group("orders", 2, prefix="team-a")).startswith("team-a.")
 
 
 def test_empty_passthrough_values_are_ignored() -> None:

@@ -49,10 +49,10 @@ def run_live_v1(settings: Settings, frame: Any) -> None:
     produce_records(settings, settings.events_topic, frame)
     live = start_processor("--pipeline", "orders", "--version", "1", "--start", "earliest")
     end = {int(p): int(o) for p, o in kafka_helpers.end_offsets(settings, settings.events_topic).items()}
-    reader = LagReader(settings)
+    reader, group = LagReader(settings), keys.live_group("orders", 1, prefix=settings.group_prefix)
     try:
         wait_for(
-            lambda: reader.group_lag("kappa.orders.v1.live", settings.events_topic, end).lag == 0,
+            lambda: reader.group_lag(group, settings.events_topic, end).lag == 0,
             120,
             "live v1 to catch up",
         )

@@ -30,7 +30,7 @@ def test_diff_uses_the_live_version_that_processed_the_day(settings: Settings, s
     run_live_v1_until_caught_up(settings, s3)
     # the corrected v2 report of the day, archived, replayed and through the gate (only a published
     # report is shown as corrected)
-    archiver = [sys.executable, "-m", "workers.cli", "archiver", "--until-end", "--group", "kappa.archiver.diff"]
+    archiver = [sys.executable, "-m", "workers.cli", "archiver", "--until-end"]
     subprocess.run(archiver, check=True, capture_output=True, timeout=120)
     publish_replay(settings, s3, 2, DAY)
     pointer = {"pipeline": "orders", "version": 2, "reports_prefix": "reports/orders/v2/", "days": [DAY]}

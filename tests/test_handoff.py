@@ -131,7 +131,7 @@ def positions(settings: Settings, s3: Any, version: int) -> tuple[dict[int, int 
     state_key = get_pipeline("orders", version).state_key
     if not state_key:
         return {p: states.get(p, {}).get("next_offset") for p in end}, end
-    group = keys.live_group("orders", version)
+    group = keys.live_group("orders", version, prefix=settings.group_prefix)
     committed = stage1_committed(settings, group)
     if committed != end:
         return dict(committed), end

@@ -350,7 +350,8 @@ def input_position(settings: Settings, version: int, partition: int, s3: Any) ->
     group's committed offset (the shuffle: stage-2 states are per repartition partition)."""
     if not get_pipeline("orders", version).state_key:
         return live_states(s3, settings, version).get(partition, {}).get("next_offset")
-    consumer = Consumer(settings.kafka_config(**{"group.id": keys.live_group("orders", version)}))
+    group = keys.live_group("orders", version, prefix=settings.group_prefix)
+    consumer = Consumer(settings.kafka_config(**{"group.id": group}))
     try:
         [committed] = consumer.committed([TopicPartition(settings.events_topic, partition)], timeout=30)
     finally:

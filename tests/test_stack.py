@@ -132,21 +132,3 @@ def test_cli_reports_unreachable_broker_in_one_line(tmp_path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "every broker is down" in result.stderr
-
-
-@pytest.mark.slow
-def test_down_then_up_keeps_topic_records_and_s3_objects(stack: Stack | None, settings: Settings, topic_factory,
-                                                          unique, s3) -> None:
-    if stack is None:
-        pytest.skip("restarts the local stack")
-    topic = topic_factory("durable", partitions=1)
-    produce(settings, topic, [{"key": b"k", "value": b"kept", "timestamp": TS}])
-    s3.put_object(Bucket=settings.s3_bucket, Key="durable.txt", Body=b"kept")
-
-    stopped = stack.down()
-    assert set(stopped) == {"kafka", "s3proxy"}
-    assert not stack.running()
-    stack.up()
-
-    assert [m.value() for m in consume_all(settings, topic, 1, unique("g"))] == [b"kept"]
-    assert s3_helpers.get_bytes(s3_helpers.s3_client(settings), settings.s3_bucket, "durable.txt") == b"kept"

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.errors import ConfigError
+from workers import keys
+from workers.errors import ConfigError, KappaError
 
 #: Kafka client settings passed through to librdkafka: ``KAPPA_KAFKA_SASL_MECHANISM`` -> ``sasl.mechanism``.
 KAFKA_PASSTHROUGH_PREFIX = "KAPPA_KAFKA_"
@@ -91,6 +92,8 @@ class Settings:
     late_topic: str = "events.late"
     #: replication factor for topics the project creates; -1 = the broker's default
     topic_replication: int = -1
+    #: first part of every consumer group the workers name (``KAPPA_GROUP_PREFIX``, see ``workers.keys``)
+    group_prefix: str = keys.DEFAULT_GROUP_PREFIX
 
     def kafka_config(self, **overrides: object) -> dict[str, object]:
         """librdkafka config: bootstrap + pass-through security settings + per-client overrides."""
@@ -115,6 +118,7 @@ class Settings:
             "dlq_topic": self.dlq_topic,
             "late_topic": self.late_topic,
             "topic_replication": str(self.topic_replication),
+            "group_prefix": self.group_prefix,
         }
 
 
@@ -151,6 +155,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     replication = env.get("KAPPA_TOPIC_REPLICATION_FACTOR", "-1").strip()
     if not replication.lstrip("-").isdigit() or int(replication) == 0 or int(replication) < -1:
         raise ConfigError(f"KAPPA_TOPIC_REPLICATION_FACTOR={replication!r} must be a positive integer or -1")
+    group_prefix = env.get("KAPPA_GROUP_PREFIX", keys.DEFAULT_GROUP_PREFIX).strip()
+    try:
+        keys.valid_group_prefix(group_prefix)
+    except KappaError as exc:
+        raise ConfigError(f"KAPPA_GROUP_PREFIX: {exc}") from None
     return Settings(
         bootstrap_servers=bootstrap,
         kafka_extra=kafka_passthrough(env),
@@ -163,4 +172,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         dlq_topic=dlq_topic,
         late_topic=late_topic,
         topic_replication=int(replication),
+        group_prefix=group_prefix,
     )

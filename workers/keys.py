@@ -154,20 +154,33 @@ def valid_group(group: str) -> str:
 
 # ---------------------------------------------------------------- Kafka topics and consumer groups
 
-#: the archiver's group (``kappa archiver --group`` overrides it)
-ARCHIVER_GROUP = "kappa.archiver"
+#: Every consumer group the workers name starts with this (``KAPPA_GROUP_PREFIX``): two deployments
+#: on one cluster keep apart, and Kafka ACLs can grant a deployment its groups by prefix.
+DEFAULT_GROUP_PREFIX = "kappa"
 #: a group that never joins: only used to read committed offsets and watermarks
 OFFSETS_PROBE_GROUP = "kappa.offsets-probe"
 
 
-def live_group(pipeline: str, version: int) -> str:
-    """The live processor of one pipeline version: ``kappa.<P>.v<V>.live``."""
-    return f"kappa.{valid_name(pipeline)}.v{valid_version(version)}.live"
+def valid_group_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not GROUP_RE.match(prefix) or len(prefix) > 100 or prefix in {".", ".."}:
+        raise KappaError(f"group prefix {prefix!r} must be 1-100 characters of A-Z a-z 0-9 . _ -")
+    return prefix
 
 
-def replay_group(pipeline: str, version: int, replay_id: str) -> str:
-    """The bounded processor of one replay: ``kappa.<P>.v<V>.replay.<id>``."""
-    return f"kappa.{valid_name(pipeline)}.v{valid_version(version)}.replay.{valid_replay_id(replay_id)}"
+def archiver_group(prefix: str) -> str:
+    """The archiver's group: ``<prefix>.archiver`` (``kappa archiver --group`` overrides it)."""
+    return f"{valid_group_prefix(prefix)}.archiver"
+
+
+def live_group(pipeline: str, version: int, *, prefix: str) -> str:
+    """The live processor of one pipeline version: ``<prefix>.<P>.v<V>.live``."""
+    return f"{valid_group_prefix(prefix)}.{valid_name(pipeline)}.v{valid_version(version)}.live"
+
+
+def replay_group(pipeline: str, version: int, replay_id: str, *, prefix: str) -> str:
+    """The bounded processor of one replay: ``<prefix>.<P>.v<V>.replay.<id>``."""
+    return (f"{valid_group_prefix(prefix)}.{valid_name(pipeline)}.v{valid_version(version)}"
+            f".replay.{valid_replay_id(replay_id)}")
 
 
 def replay_topic(source_topic: str, replay_id: str) -> str:

@@ -43,6 +43,7 @@ class ReplayTarget:
             partitions=partitions,
             throttle=throttle,
             run=run,
+            group_prefix=settings.group_prefix,
         )
 
     def slot(self, settings: Settings) -> str:

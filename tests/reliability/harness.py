@@ -72,6 +72,11 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
+#: worker commands that stop on SIGTERM/SIGINT once they log STOP_HANDLED (see Worker.wait_handles_stop)
+STOPPABLE = ("processor", "archiver")
+STOP_HANDLED = "joining group"
+
+
 @dataclass
 class Worker:
     """One CLI process; stdout+stderr go to ``log``."""
@@ -82,11 +87,14 @@ class Worker:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     peak_rss_kb: int = 0
+    #: where this start's output begins in ``log`` (a restart appends to it)
+    log_start: int = 0
 
     def start(self) -> Worker:
         with open(self.log, "ab") as out:
             out.write(f"\n$ {' '.join(self.argv[2:])}\n".encode())
             out.flush()
+            self.log_start = out.tell()
             self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                             stdin=subprocess.DEVNULL)
         return self
@@ -100,8 +108,23 @@ class Worker:
         return self.process is not None and self.process.poll() is None
 
     def signal(self, signum: int) -> None:
+        """Send ``signum``; a stop (SIGTERM, SIGINT) to a processor or archiver only once it handles one."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.wait_handles_stop()
         if self.alive():
             os.kill(self.pid, signum)
+
+    def wait_handles_stop(self, timeout: float = 60) -> None:
+        """Until the worker logged that it joins its group: its stop handlers are installed by then.
+
+        Before that a stop meets Python's default action (exit -15 while it still imports), which
+        is not the stop a test asks about: a test whose wait was already true when it restarted a
+        worker (everything checkpointed) sent SIGTERM into the imports under load."""
+        if not any(command in self.argv for command in STOPPABLE):
+            return
+        deadline = time.monotonic() + timeout
+        while self.alive() and STOP_HANDLED not in self.output_of_this_start() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def kill(self) -> None:
         """SIGKILL and reap."""
@@ -143,6 +166,11 @@ class Worker:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def output_of_this_start(self) -> str:
+        with open(self.log, "rb") as log:
+            log.seek(self.log_start)
+            return log.read().decode(errors="replace")
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.output().splitlines()[-lines:])

@@ -177,7 +177,7 @@ def test_live_processor_rejoins_when_its_commit_hangs(
     freeze(private_stack, "kafka", FREEZE_SECONDS, "broker_freeze.processor.live", live, FROZEN_LINES, progress)
     wait_processor_caught_up(private_settings, private_s3, prefix, topic, timeout=240, worker=live)
     ends = end_offsets(private_settings, topic)
-    group = keys.live_group("orders", SINGLE_STAGE)
+    group = keys.live_group("orders", SINGLE_STAGE, prefix=private_settings.group_prefix)
     wait_until(lambda: group_committed(private_settings, group, topic, sorted(ends)) == ends, 60,
                f"group {group}'s Kafka commits to reach {ends}")
     live.signal(signal.SIGTERM)

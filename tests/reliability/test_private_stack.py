@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_stack import TS, consume_all, produce
 
 from workers import config as cfg
 from workers import kafka as kafka_helpers
@@ -22,6 +23,26 @@ def test_restart_kafka_only_keeps_s3_running(private_stack: Stack, private_setti
     s3_helpers.check_reachable(private_settings, timeout=5)
     private_stack.up(["kafka"])
     assert kafka_helpers.partition_count(private_settings, "kept") == 2
+
+
+@pytest.mark.slow
+def test_down_then_up_keeps_topic_records_and_s3_objects(private_stack: Stack, private_settings: Settings,
+                                                          private_s3, unique) -> None:
+    """What ``kappa stack down`` then ``up`` keeps: a topic's records and S3 objects (on the private
+    stack: the session's shared stack serves tests running side by side)."""
+    topic = unique("durable")
+    kafka_helpers.ensure_topic(private_settings, topic, 1)
+    produce(private_settings, topic, [{"key": b"k", "value": b"kept", "timestamp": TS}])
+    private_s3.put_object(Bucket=private_settings.s3_bucket, Key="durable.txt", Body=b"kept")
+
+    stopped = private_stack.down()
+    assert set(stopped) == {"kafka", "s3proxy"}
+    assert not private_stack.running()
+    private_stack.up()
+
+    assert [m.value() for m in consume_all(private_settings, topic, 1, unique("g"))] == [b"kept"]
+    assert s3_helpers.get_bytes(s3_helpers.s3_client(private_settings), private_settings.s3_bucket,
+                                "durable.txt") == b"kept"
 
 
 def test_reset_empties_a_stopped_stack_and_refuses_a_running_one(tmp_path: Path) -> None:

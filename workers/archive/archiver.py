@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import polars as pl
@@ -69,7 +69,8 @@ JOIN_LIMIT_S = 90.0
 class ArchiverOptions:
     """Tuning knobs; defaults give ~tens of MB Parquet files per partition and day."""
 
-    group: str = keys.ARCHIVER_GROUP
+    #: None: ``<KAPPA_GROUP_PREFIX>.archiver`` (:func:`workers.keys.archiver_group`)
+    group: str | None = None
     topic: str | None = None
     flush_bytes: int = 32 * 1024 * 1024
     flush_records: int = 1_000_000
@@ -116,7 +117,7 @@ class ArchiverOptions:
             raise KappaError(f"--session-timeout must be between 6 and 300 seconds, got {self.session_timeout}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise KappaError(f"--metrics-port {self.metrics_port} is not a TCP port")
-        if not self.group.strip():
+        if self.group is not None and not self.group.strip():
             raise KappaError("--group must not be empty")
         membership.validate(self.instance_id, self.group_protocol)
         return self
@@ -386,7 +387,8 @@ class Archiver:
 
     def __init__(self, settings: Settings, options: ArchiverOptions = ArchiverOptions(),
                  stop: threading.Event | None = None) -> None:
-        self.settings, self.options = settings, options.validate()
+        group = options.group or keys.archiver_group(settings.group_prefix)
+        self.settings, self.options = settings, replace(options, group=group).validate()
         self.topic = keys.valid_topic(options.topic or settings.events_topic)
         self.stop = stop or threading.Event()
         self.store = ArchiveStore(s3_helpers.s3_client(settings, retries=2), settings.s3_bucket, self.topic)

@@ -9,14 +9,15 @@ import threading
 import typer
 
 from workers import kafka as kafka_helpers
-from workers import keys, retry
+from workers import retry
 from workers.archive.archiver import ArchiverOptions, parse_size, run_archiver
 from workers.cli.common import kafka_settings
 
 
 def archiver(
     group: str = typer.Option(
-        keys.ARCHIVER_GROUP, help="Consumer group; run several archivers with one group to scale."
+        None, help="Consumer group; run several archivers with one group to scale "
+                   "(default: <KAPPA_GROUP_PREFIX>.archiver, i.e. kappa.archiver)."
     ),
     topic: str = typer.Option(None, help="Topic to archive (default: KAPPA_EVENTS_TOPIC)."),
     flush_bytes: str = typer.Option("32MiB", help="Flush a partition when its buffer reaches this size."),

@@ -103,7 +103,8 @@ def processor(
     pipeline: str = typer.Option(..., "--pipeline", "-p", help="Pipeline name, e.g. orders."),
     version: int = typer.Option(..., "--version", "-v", help="Pipeline version, e.g. 2."),
     topic: str = typer.Option(None, help="Input topic (default: KAPPA_EVENTS_TOPIC)."),
-    group: str = typer.Option(None, help="Consumer group (default: kappa.<P>.v<V>.live)."),
+    group: str = typer.Option(None, help="Consumer group (default: <KAPPA_GROUP_PREFIX>.<P>.v<V>.live, "
+                                          "i.e. kappa.<P>.v<V>.live)."),
     start: StartAt = typer.Option(StartAt.latest, help="Where a partition without checkpoint starts."),
     start_offsets: str = typer.Option(
         None, help="JSON {partition: offset}; beats a checkpoint made from other start offsets."

@@ -55,6 +55,7 @@ def load(
         partitions=partitions,
         throttle=throttle,
         run=run,
+        group_prefix=settings.group_prefix,
     )
     days = day_range(day, last_day)
     ranged = replay_loader.RangeSpec.of(spec, days) if len(days) > 1 else None

@@ -56,10 +56,10 @@ class View:
         )
 
 
-def live_group(pipeline: Pipeline, states: dict[int, dict[str, Any]]) -> str:
+def live_group(pipeline: Pipeline, states: dict[int, dict[str, Any]], prefix: str) -> str:
     """The live processor's group as its checkpoints name it (``--group``), else the default name."""
     named = next((s["group"] for s in states.values() if s.get("group")), None)
-    return named or keys.live_group(pipeline.name, pipeline.version)
+    return named or keys.live_group(pipeline.name, pipeline.version, prefix=prefix)
 
 
 def _section(build: Callable[[], Any]) -> Any:
@@ -117,7 +117,7 @@ class Collector:
         failed, states = (states, {}) if "error" in states else (None, states)
         stats = sources.day_stats(states)
         day = view.day or (max(stats) if stats else sources.today())
-        group = live_group(pipeline, states)
+        group = live_group(pipeline, states, self.settings.group_prefix)
         view = replace(view, diff_day=view.diff_day or self._diff_day(view.pipeline, day))
         return {
             "view": {**self._view(view, pipeline, current, day), "live_group": group},
@@ -181,9 +181,10 @@ class Collector:
     def _lags(self, selected: str) -> list[dict[str, Any]]:
         """Archiver and live groups on the events topic (the selected one always, others once started)."""
         events = self.settings.events_topic
-        live = dict.fromkeys([selected, *(keys.live_group(n, v) for n, v in known())])
+        prefix = self.settings.group_prefix
+        live = dict.fromkeys([selected, *(keys.live_group(n, v, prefix=prefix) for n, v in known())])
         rows = []
-        for kind, group in [("archiver", keys.ARCHIVER_GROUP), *(("live", g) for g in live)]:
+        for kind, group in [("archiver", keys.archiver_group(prefix)), *(("live", g) for g in live)]:
             lag = self.lag.group_lag(group, events)
             if lag is not None and (lag.started or group == selected):
                 rate = self.rates.observe(f"group:{group}", lag.consumed)

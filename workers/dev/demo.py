@@ -117,7 +117,7 @@ def reset(settings: Settings, stack: Stack) -> None:
     topics = [t for t in admin.list_topics(timeout=10).topics if t == "events" or t.startswith("events.")]
     kafka_helpers.delete_topics(settings, topics)
     groups = [g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid
-              if g.group_id.startswith("kappa.")]
+              if g.group_id.startswith(f"{settings.group_prefix}.")]
     if groups:
         for future in admin.delete_consumer_groups(groups, request_timeout=10).values():
             future.exception()
@@ -259,7 +259,8 @@ def story() -> None:
 
     step(f"3. a day of events ({day}) with duplicates, late and malformed records")
     run(f"kappa produce -n {EVENTS} --start {day} --days 1 --seed 42 {' '.join(FAULTS)}")
-    wait_caught_up(settings, [keys.ARCHIVER_GROUP, keys.live_group("orders", 1)])
+    prefix = settings.group_prefix
+    wait_caught_up(settings, [keys.archiver_group(prefix), keys.live_group("orders", 1, prefix=prefix)])
     wait_archived(settings, day)
 
     step(f"4. live report of {day} (orders v1, first rows)")

@@ -1006,7 +1006,7 @@ def run_processor(
         start_offsets = switch.start
     options: dict[str, Any] = dict(
         topic=keys.valid_topic(topic or settings.events_topic),
-        group=keys.valid_group(group or keys.live_group(pipeline, version)),
+        group=keys.valid_group(group or keys.live_group(pipeline, version, prefix=settings.group_prefix)),
         bounded=bounded,
         start=start,
         start_offsets=start_offsets,

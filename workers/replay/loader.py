@@ -73,12 +73,15 @@ class ReplaySpec:
     #: Unique token of the run that loads (Dagster: its run id): the replay id, topic and group get it,
     #: so two runs never share a topic. None keeps the slot's stable id (the CLI's historical names).
     run: str | None = None
+    #: the consumer group's first part (``Settings.group_prefix``, ``KAPPA_GROUP_PREFIX``)
+    group_prefix: str = keys.DEFAULT_GROUP_PREFIX
 
     def __post_init__(self) -> None:
         if self.run is not None and not re.match(RUN_TOKEN_RE, self.run):
             raise KappaError(f"run token {self.run!r} must match {RUN_TOKEN_RE}")
         keys.valid_day(self.day)
         keys.valid_name(self.pipeline)
+        keys.valid_group_prefix(self.group_prefix)
         keys.valid_version(self.version)
         get_pipeline(self.pipeline, self.version)  # a replay for a version that does not exist is a mistake
         if self.partitions is not None and not 1 <= self.partitions <= 1000:
@@ -100,7 +103,7 @@ class ReplaySpec:
 
     @property
     def group(self) -> str:
-        return keys.replay_group(self.pipeline, self.version, self.replay_id)
+        return keys.replay_group(self.pipeline, self.version, self.replay_id, prefix=self.group_prefix)
 
     @property
     def dlq_topic(self) -> str:
@@ -171,7 +174,8 @@ class RangeSpec:
 
     @property
     def group(self) -> str:
-        return keys.replay_group(self._first().pipeline, self._first().version, self.replay_id)
+        first = self._first()
+        return keys.replay_group(first.pipeline, first.version, self.replay_id, prefix=first.group_prefix)
 
     def shared(self) -> dict[str, Any]:
         """The manifest fields every day of the range shares: where the replay lives and who consumes it."""
