@@ -259,6 +259,7 @@ def test_resource_settings_come_from_fields_then_environment_then_stack_file(
     assert KappaResource().settings().s3_bucket == "from-env"
     configured = KappaResource(s3_bucket="from-field", bootstrap_servers="field:9092")
     assert (configured.settings().s3_bucket, configured.settings().bootstrap_servers) == ("from-field", "field:9092")
+    assert (plain.group_prefix, KappaResource(group_prefix="team-b").settings().group_prefix) == ("kappa", "team-b")
     monkeypatch.setenv("DEPLOYMENT_BUCKET", "from-envvar")  # a deployment may name its own variable
     seen = {}
 

@@ -20,6 +20,7 @@ FIELD_VARIABLES = {
     "s3_endpoint_url": "KAPPA_S3_ENDPOINT_URL",
     "s3_bucket": "KAPPA_S3_BUCKET",
     "events_topic": "KAPPA_EVENTS_TOPIC",
+    "group_prefix": "KAPPA_GROUP_PREFIX",
 }
 
 
@@ -35,6 +36,8 @@ class KappaResource(dg.ConfigurableResource):
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
     events_topic: str | None = None
+    #: first part of the consumer groups the runs name (replay groups): keeps deployments apart
+    group_prefix: str | None = None
 
     def environment(self) -> dict[str, str]:
         """The variables the settings are read from; also the environment of the subprocesses it starts."""
