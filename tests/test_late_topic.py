@@ -109,15 +109,16 @@ def assert_late_topic(settings: Settings, source_topic: str, late_topic: str, la
 
 
 def assert_shuffled_late_topic(settings: Settings, source_topic: str, late_topic: str, late_counter: int,
-                               results: pl.DataFrame) -> int:
+                               results: pl.DataFrame, some: bool = True) -> int:
     """Through the shuffle: each late record was behind the watermark it names, which no source had
-    passed yet; the results count exactly the records not on the late topic. Returns re-sends."""
+    passed yet; the results count exactly the records not on the late topic (with ``some``, at least
+    one is). Returns re-sends."""
     source = consume_all(settings, source_topic)
     found = read_late_topic(settings, source, source_topic, late_topic, 2)
     newest = max(m.timestamp()[1] for m in source)
     for window, watermark, _copies in found.values():
         assert window + WINDOW <= watermark <= newest - GRACE_MS
-    assert found and len(found) == late_counter
+    assert (found or not some) and len(found) == late_counter
     stamps = {(m.partition(), m.offset()): m.timestamp()[1] for m in source}
     expected = Counter(ts - ts % WINDOW for position, ts in stamps.items() if position not in found)
     counted = dict(results.group_by(pl.col("window_start").dt.epoch("ms")).agg(pl.col("events").sum()).iter_rows())
@@ -223,16 +224,24 @@ def check_shuffled(settings: Settings, s3: Any, topic_factory, n: int, kills: in
     resent = assert_shuffled_late_topic(settings, topic, live_late, live_late_counter(s3, settings, 2), live)
     print(f"shuffled live: {kills} SIGKILLs landed mid-stream, {resent} late records re-sent and deduplicated")
 
-    bounded_late = keys.late_topic(f"{topic}.replay.r1")
-    # small batches and frequent stage-1 commits: progress messages interleave with the data, so the
-    # watermark moves during the run and the records stamped 5 minutes back arrive behind it
-    summary = bounded(settings, 2, topic, "g-late-bounded", grace_ms=GRACE_MS, late_topic=bounded_late,
-                      batch_size=100, checkpoint_seconds=0.2)
-    stats_late = sum(day["late"] for day in summary.stats.values())
-    assert stats_late == summary.late_records
-    body = s3.get_object(Bucket=settings.s3_bucket, Key=summary.reports[DAY])["Body"].read()
-    report = pl.read_parquet(io.BytesIO(body))
-    assert assert_shuffled_late_topic(settings, topic, bounded_late, stats_late, report) == 0
+    # Bounded, the same grace. Small batches and frequent stage-1 commits: progress messages interleave
+    # with the data, so the watermark moves during the run and records stamped 5 minutes back arrive
+    # behind it. How many do depends on how the stages interleave (time-based commits, the order
+    # librdkafka serves the partitions), and a run under load once had none: each run is checked
+    # exactly, and the late path must be taken in one of up to three.
+    for attempt in range(1, 4):
+        bounded_late = keys.late_topic(f"{topic}.replay.r{attempt}")
+        summary = bounded(settings, 2, topic, f"g-late-bounded-{attempt}", grace_ms=GRACE_MS,
+                          late_topic=bounded_late, batch_size=100, checkpoint_seconds=0.2)
+        stats_late = sum(day["late"] for day in summary.stats.values())
+        assert stats_late == summary.late_records
+        body = s3.get_object(Bucket=settings.s3_bucket, Key=summary.reports[DAY])["Body"].read()
+        report = pl.read_parquet(io.BytesIO(body))
+        assert assert_shuffled_late_topic(settings, topic, bounded_late, stats_late, report, some=False) == 0
+        print(f"shuffled bounded run {attempt}: {stats_late} late records")
+        if stats_late:
+            break
+    assert stats_late, "no record arrived late in three bounded runs: the late path was not taken"
 
 
 def late_share_check(monkeypatch: pytest.MonkeyPatch, share: str | None) -> dg.AssetCheckEvaluation:
