@@ -221,8 +221,10 @@ def check_shuffled(settings: Settings, s3: Any, topic_factory, n: int, kills: in
     live_late = keys.late_topic(topic)
     assert run_live_with_kills(settings, s3, topic, live_late, len(records), kills, 2) == kills
     live = live_results(s3, settings.s3_bucket, "orders", 2, DAY, include_open=True)
-    resent = assert_shuffled_late_topic(settings, topic, live_late, live_late_counter(s3, settings, 2), live)
-    print(f"shuffled live: {kills} SIGKILLs landed mid-stream, {resent} late records re-sent and deduplicated")
+    late_counter = live_late_counter(s3, settings, 2)
+    resent = assert_shuffled_late_topic(settings, topic, live_late, late_counter, live)
+    print(f"shuffled live: {kills} SIGKILLs landed mid-stream, {late_counter} late records, {resent} re-sent and "
+          "deduplicated")
 
     # Bounded, the same grace. Small batches and frequent stage-1 commits: progress messages interleave
     # with the data, so the watermark moves during the run and records stamped 5 minutes back arrive
