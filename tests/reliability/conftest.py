@@ -82,6 +82,7 @@ def private_settings(private_stack: Stack, unique, monkeypatch: pytest.MonkeyPat
     for name in STACK_VARIABLES:
         monkeypatch.setenv(name, values[name])
     events = unique("events")
+    monkeypatch.setenv("KAPPA_GROUP_PREFIX", unique("kappa"))  # also keys the per-host instance-id slots
     monkeypatch.setenv("KAPPA_S3_BUCKET", unique("kappa-rel"))
     monkeypatch.setenv("KAPPA_EVENTS_TOPIC", events)
     monkeypatch.setenv("KAPPA_DLQ_TOPIC", f"{events}.dlq")

@@ -10,7 +10,6 @@ asserts it landed all the kills it asked for. Default run: a few kill points per
 from __future__ import annotations
 
 import random
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -120,29 +119,34 @@ def test_bounded_processor_sigkill_gives_the_same_report(
 
 @pytest.mark.parametrize("kills", kills(2))
 def test_replay_loader_sigkill_then_rerun_replays_each_record_once(
-    settings: Settings, s3, workers: Workers, seed: int, kills: int
+    settings: Settings, s3, workers: Workers, seed: int, kills: int, tmp_path: Path
 ) -> None:
     """The loader killed while sorting or producing; a plain re-run leaves an exact replay topic and report,
-    and removes the sort spill folders the killed loaders left on local disk."""
+    and removes the sort spill folders the killed loaders left on local disk.
+
+    The loaders spill under this test's own temp dir: any spill on the host sweeps the folders of
+    dead processes, so a loader of a test running alongside once swept these before the check."""
     rng = random.Random(seed)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    own_temp = {"TMPDIR": str(temp)}
     produce_orders(settings, 60_000, seed, start=f"{DAY}T00:00:00Z")
     archive_all(workers)
     spec = replay_spec(settings, version=1)
     progress = topic_progress(settings, spec.topic, len(archive_records(s3, spec.bucket, spec.source_topic, spec.day)))
     landed, killed = [], []
     for point, fraction in enumerate(kill_fractions(rng, kills)):
-        loader = workers.start(f"load-{point}", *load_args(spec), "--throttle", "10000")
+        loader = workers.start(f"load-{point}", *load_args(spec), "--throttle", "10000", env=own_temp)
         landed.append(kill_at(loader, fraction, "sigkill.replay_loader", progress, ready=f"replay {spec.replay_id}",
                               resumes=False, seed=seed, point=point))
         killed.append(loader.pid)
     assert len(landed) == kills
 
     def left_behind() -> list[Path]:
-        temp = Path(tempfile.gettempdir())
         return [folder for pid in killed for folder in temp.glob(f"{spill.PREFIX}-*-{pid}-replay-*")]
 
     assert left_behind(), "no killed loader left a spill folder: the kills missed the sort and produce phases"
-    workers.run("load-final", *load_args(spec), timeout=300)
+    workers.run("load-final", *load_args(spec), timeout=300, env=own_temp)
     assert not left_behind(), f"the re-run did not sweep the killed loaders' spill folders: {left_behind()}"
     assert_archive_exact(settings, s3)
     assert_replay_topic_exact(settings, s3, settings.events_topic, spec.topic, spec.day)
