@@ -7,7 +7,7 @@ import pytest
 from workers import keys
 from workers.archive.archiver import Archiver, ArchiverOptions
 from workers.config import kafka_passthrough, load_settings
-from workers.errors import ConfigError
+from workers.errors import ConfigError, KappaError
 from workers.replay.loader import RangeSpec, ReplaySpec
 
 BASE = {"KAPPA_BOOTSTRAP_SERVERS": "broker:9092"}
@@ -73,6 +73,8 @@ def test_every_group_the_workers_name_starts_with_the_group_prefix() -> None:
     archiver = Archiver(settings, ArchiverOptions())
     assert archiver.options.group == "team-a.archiver"
     assert Archiver(settings, ArchiverOptions(group="chosen")).options.group == "chosen"
+    with pytest.raises(KappaError, match="--group must not be empty"):
+        Archiver(settings, ArchiverOptions(group=""))
     assert keys.live_group("orders", 2, prefix=settings.group_prefix) == "team-a.orders.v2.live"
     spec = ReplaySpec("orders", 2, "2026-11-20", "events", "kappa", group_prefix=settings.group_prefix)
     assert spec.group.startswith("team-a.orders.v2.replay.")

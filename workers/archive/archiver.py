@@ -387,7 +387,8 @@ class Archiver:
 
     def __init__(self, settings: Settings, options: ArchiverOptions = ArchiverOptions(),
                  stop: threading.Event | None = None) -> None:
-        group = options.group or keys.archiver_group(settings.group_prefix)
+        # only None means the default: an empty --group is still refused by validate()
+        group = keys.archiver_group(settings.group_prefix) if options.group is None else options.group
         self.settings, self.options = settings, replace(options, group=group).validate()
         self.topic = keys.valid_topic(options.topic or settings.events_topic)
         self.stop = stop or threading.Event()
