@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import shlex
 import socket
 import subprocess
@@ -39,15 +40,36 @@ STACK_VARIABLES = (
 )
 
 
+#: the suite's own stack (29092-29094, 29000) and the demo's (19092-19094, 19000): never handed out
+STACK_PORTS = range(29000, 29100), range(19000, 19100)
+
+
+def ephemeral_ports() -> range:
+    """The kernel's range for the local side of outgoing connections."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port_block(size: int = 3) -> int:
-    """A base port with ``size`` consecutive free ports after it."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + size < 65535 and all(_free(base + i) for i in range(size)):
+    """A base port with ``size`` consecutive free ports after it, below the kernel's ephemeral range.
+
+    A private stack stops and starts its services on these ports. An ephemeral port, free while its
+    broker was down, was once taken by an outgoing connection of a test running alongside, and the
+    broker could not start again ("Address already in use"). Outgoing connections never get a port
+    outside that range."""
+    ephemeral = ephemeral_ports()
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10_000, min(ephemeral.start, 65_535) - size)
+        block = range(base, base + size)
+        if any(port in ephemeral or any(port in taken for taken in STACK_PORTS) for port in block):
+            continue
+        if all(_free(port) for port in block):
             return base
-    raise RuntimeError("no block of free ports found")
+    raise RuntimeError("no block of free ports found below the ephemeral range")
 
 
 def _free(port: int) -> bool:
