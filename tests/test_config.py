@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from workers import keys
 from workers.archive.archiver import Archiver, ArchiverOptions
 from workers.config import kafka_passthrough, load_settings
+from workers.dev.generator import produce_events
 from workers.errors import ConfigError, KappaError
+from workers.processor.engine import run_processor
 from workers.replay.loader import RangeSpec, ReplaySpec
 
 BASE = {"KAPPA_BOOTSTRAP_SERVERS": "broker:9092"}
@@ -80,6 +86,44 @@ def test_every_group_the_workers_name_starts_with_the_group_prefix() -> None:
     assert spec.group.startswith("team-a.orders.v2.replay.")
     assert RangeSpec.of(spec, ["2026-11-20", "2026-11-21"]).group.startswith("team-a.orders.v2.replay.")
     assert keys.shuffle_group(keys.live_group("orders", 2, prefix="team-a")).startswith("team-a.")
+
+
+def test_an_empty_topic_or_group_is_refused_not_replaced_by_the_default() -> None:
+    """Only a missing name takes the default; an empty one is a mistake. Each check comes before
+    anything connects (the broker here does not exist)."""
+    settings = load_settings(BASE)
+    with pytest.raises(KappaError, match="topic '' is not a valid"):
+        Archiver(settings, ArchiverOptions(topic=""))
+    with pytest.raises(KappaError, match="topic '' is not a valid"):
+        produce_events(settings, 1, topic="")
+    for name in ("topic", "dlq_topic", "late_topic"):
+        with pytest.raises(KappaError, match="topic '' is not a valid"):
+            run_processor(settings, "orders", 1, bounded=True, **{name: ""})
+    with pytest.raises(KappaError, match="consumer group '' must match"):
+        run_processor(settings, "orders", 1, bounded=True, group="")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["processor", "-p", "orders", "-v", "1", "--topic="],
+        ["processor", "-p", "orders", "-v", "1", "--group="],
+        ["processor", "-p", "orders", "-v", "1", "--dlq-topic=a/b"],
+        ["processor", "-p", "orders", "-v", "1", "--late-topic="],
+        ["archiver", "--topic="],
+        ["archiver", "--group="],
+        ["produce", "--topic=a b"],
+    ],
+)
+def test_a_bad_topic_or_group_option_fails_in_one_line_naming_it_before_connecting(arguments: list[str]) -> None:
+    env = {**os.environ, "KAPPA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "KAPPA_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}
+    run = subprocess.run([sys.executable, "-m", "workers.cli", *arguments], capture_output=True, text=True,
+                         env=env, timeout=60)
+    option = arguments[-1].split("=")[0]
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert run.stderr.startswith(f"error: {option}: "), run.stderr
 
 
 def test_empty_passthrough_values_are_ignored() -> None:

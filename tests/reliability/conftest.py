@@ -54,22 +54,27 @@ def ephemeral_ports() -> range:
 
 
 def free_port_block(size: int = 3) -> int:
-    """A base port with ``size`` consecutive free ports after it, below the kernel's ephemeral range.
+    """A base port with ``size`` consecutive free ports after it, outside the kernel's ephemeral range.
 
     A private stack stops and starts its services on these ports. An ephemeral port, free while its
     broker was down, was once taken by an outgoing connection of a test running alongside, and the
     broker could not start again ("Address already in use"). Outgoing connections never get a port
     outside that range."""
     ephemeral = ephemeral_ports()
+    # below the range when there is room (Linux's default starts at 32768), else above it
+    outside = range(10_000, ephemeral.start) if ephemeral.start - 10_000 > 1_000 else range(ephemeral.stop, 65_536)
+    if len(outside) < 1_000:
+        raise RuntimeError(f"the kernel's ephemeral port range {ephemeral.start}-{ephemeral.stop - 1} leaves no "
+                           f"room for a private stack's ports (net.ipv4.ip_local_port_range)")
     rng = random.Random()
     for _ in range(500):
-        base = rng.randrange(10_000, min(ephemeral.start, 65_535) - size)
+        base = rng.randrange(outside.start, outside.stop - size)
         block = range(base, base + size)
         if any(port in ephemeral or any(port in taken for taken in STACK_PORTS) for port in block):
             continue
         if all(_free(port) for port in block):
             return base
-    raise RuntimeError("no block of free ports found below the ephemeral range")
+    raise RuntimeError(f"no block of {size} free ports found in {outside.start}-{outside.stop - 1}")
 
 
 def _free(port: int) -> bool:

@@ -390,7 +390,7 @@ class Archiver:
         # only None means the default: an empty --group is still refused by validate()
         group = keys.archiver_group(settings.group_prefix) if options.group is None else options.group
         self.settings, self.options = settings, replace(options, group=group).validate()
-        self.topic = keys.valid_topic(options.topic or settings.events_topic)
+        self.topic = keys.valid_topic(settings.events_topic if options.topic is None else options.topic)
         self.stop = stop or threading.Event()
         self.store = ArchiveStore(s3_helpers.s3_client(settings, retries=2), settings.s3_bucket, self.topic)
         self.parts: dict[int, PartitionBuffer] = {}

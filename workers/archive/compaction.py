@@ -212,7 +212,8 @@ def compact_day(
     if target_rows < 1:
         raise KappaError(f"target rows per compacted file must be >= 1, got {target_rows}")
     client = client or s3_helpers.s3_client(settings)
-    topic, bucket, hook = topic or settings.events_topic, settings.s3_bucket, hook or (lambda _step: None)
+    topic = settings.events_topic if topic is None else topic
+    bucket, hook = settings.s3_bucket, hook or (lambda _step: None)
     keys.valid_day(day)
     reason = not_closed_reason(settings, client, topic, day, close_after_s)
     if reason:

@@ -11,15 +11,15 @@ import typer
 from workers import kafka as kafka_helpers
 from workers import retry
 from workers.archive.archiver import ArchiverOptions, parse_size, run_archiver
-from workers.cli.common import kafka_settings
+from workers.cli.common import group_name, kafka_settings, topic_name
 
 
 def archiver(
     group: str = typer.Option(
-        None, help="Consumer group; run several archivers with one group to scale "
+        None, callback=group_name, help="Consumer group; run several archivers with one group to scale "
                    "(default: <KAPPA_GROUP_PREFIX>.archiver, i.e. kappa.archiver)."
     ),
-    topic: str = typer.Option(None, help="Topic to archive (default: KAPPA_EVENTS_TOPIC)."),
+    topic: str = typer.Option(None, callback=topic_name, help="Topic to archive (default: KAPPA_EVENTS_TOPIC)."),
     flush_bytes: str = typer.Option("32MiB", help="Flush a partition when its buffer reaches this size."),
     flush_records: int = typer.Option(1_000_000, help="Flush a partition when it buffers this many records."),
     flush_seconds: float = typer.Option(60.0, help="Flush a partition when its oldest buffered record is this old."),

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workers import kafka as kafka_helpers
-from workers.cli.common import kafka_settings
+from workers.cli.common import group_name, kafka_settings, topic_name
 from workers.errors import KappaError
 from workers.processor.engine import (
     DEFAULT_BATCH_SIZE,
@@ -102,9 +102,9 @@ def print_summary(summary: RunSummary) -> None:
 def processor(
     pipeline: str = typer.Option(..., "--pipeline", "-p", help="Pipeline name, e.g. orders."),
     version: int = typer.Option(..., "--version", "-v", help="Pipeline version, e.g. 2."),
-    topic: str = typer.Option(None, help="Input topic (default: KAPPA_EVENTS_TOPIC)."),
-    group: str = typer.Option(None, help="Consumer group (default: <KAPPA_GROUP_PREFIX>.<P>.v<V>.live, "
-                                          "i.e. kappa.<P>.v<V>.live)."),
+    topic: str = typer.Option(None, callback=topic_name, help="Input topic (default: KAPPA_EVENTS_TOPIC)."),
+    group: str = typer.Option(None, callback=group_name, help="Consumer group (default: "
+                              "<KAPPA_GROUP_PREFIX>.<P>.v<V>.live, i.e. kappa.<P>.v<V>.live)."),
     start: StartAt = typer.Option(StartAt.latest, help="Where a partition without checkpoint starts."),
     start_offsets: str = typer.Option(
         None, help="JSON {partition: offset}; beats a checkpoint made from other start offsets."
@@ -120,8 +120,9 @@ def processor(
     ),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="Records per consume() micro-batch."),
     checkpoint_seconds: float = typer.Option(DEFAULT_CHECKPOINT_SECONDS, help="Seconds between S3 checkpoints."),
-    dlq_topic: str = typer.Option(None, help="Dead-letter topic (default: KAPPA_DLQ_TOPIC)."),
-    late_topic: str = typer.Option(None, help="Topic for records later than grace (default: KAPPA_LATE_TOPIC)."),
+    dlq_topic: str = typer.Option(None, callback=topic_name, help="Dead-letter topic (default: KAPPA_DLQ_TOPIC)."),
+    late_topic: str = typer.Option(None, callback=topic_name,
+                                   help="Topic for records later than grace (default: KAPPA_LATE_TOPIC)."),
     progress: ProgressKind = typer.Option(ProgressKind.auto, help="Progress display."),
     instance_id: str = typer.Option(None, help="Static group member id (env KAPPA_INSTANCE_ID; 'auto' = "
                                                 "kappa-processor-<host>-<ordinal>; default 'none': dynamic member)."),

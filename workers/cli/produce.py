@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from workers.cli.common import kafka_settings
+from workers.cli.common import kafka_settings, topic_name
 from workers.dev.generator import Faults, ProduceSummary, parse_start, produce_events
 
 console = Console(stderr=True)
@@ -48,7 +48,7 @@ def produce(
                                   "default partitioner), random, event-id. Values are the same for any keying."),
     rerouted: float = typer.Option(0.0, "--rerouted-duplicates", help="Share of the duplicates re-sent through "
                                    "another path (another key, so usually another partition)."),
-    topic: str = typer.Option(None, help="Topic to write to (default: KAPPA_EVENTS_TOPIC)."),
+    topic: str = typer.Option(None, callback=topic_name, help="Topic to write to (default: KAPPA_EVENTS_TOPIC)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Produce `orders` events (keyed by user_id unless --keying), with Kafka timestamp = event time."""

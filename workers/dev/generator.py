@@ -19,6 +19,7 @@ from typing import NamedTuple
 from confluent_kafka import KafkaError, Producer
 
 from workers import kafka as kafka_helpers
+from workers import keys
 from workers.config import Settings
 from workers.errors import KappaError
 
@@ -402,7 +403,7 @@ def produce_events(
     """
     _check_options(count, days, partitions, rate)
     valid_keying(keying)
-    topic = topic or settings.events_topic
+    topic = keys.valid_topic(settings.events_topic if topic is None else topic)
     start_ms = start if isinstance(start, int) else parse_start(start, days)
     kafka_helpers.ensure_topic(settings, topic, partitions)
     seed = random.randrange(2**32) if seed is None else seed

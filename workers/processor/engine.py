@@ -1005,8 +1005,9 @@ def run_processor(
         switch = handoff_lib.promoted_switch(s3_client(settings), settings.s3_bucket, pipeline, version)
         start_offsets = switch.start
     options: dict[str, Any] = dict(
-        topic=keys.valid_topic(topic or settings.events_topic),
-        group=keys.valid_group(group or keys.live_group(pipeline, version, prefix=settings.group_prefix)),
+        topic=keys.valid_topic(settings.events_topic if topic is None else topic),
+        group=keys.valid_group(keys.live_group(pipeline, version, prefix=settings.group_prefix) if group is None
+                               else group),
         bounded=bounded,
         start=start,
         start_offsets=start_offsets,
@@ -1014,8 +1015,8 @@ def run_processor(
         grace_ms=grace_ms,
         batch_size=batch_size,
         checkpoint_seconds=checkpoint_seconds,
-        dlq_topic=keys.valid_topic(dlq_topic or settings.dlq_topic),
-        late_topic=keys.valid_topic(late_topic or settings.late_topic),
+        dlq_topic=keys.valid_topic(settings.dlq_topic if dlq_topic is None else dlq_topic),
+        late_topic=keys.valid_topic(settings.late_topic if late_topic is None else late_topic),
         switch=switch,
         instance_id=instance_id,
         group_protocol=group_protocol,
