@@ -104,26 +104,33 @@ def test_an_empty_topic_or_group_is_refused_not_replaced_by_the_default() -> Non
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    ("arguments", "message"),
     [
-        ["processor", "-p", "orders", "-v", "1", "--topic="],
-        ["processor", "-p", "orders", "-v", "1", "--group="],
-        ["processor", "-p", "orders", "-v", "1", "--dlq-topic=a/b"],
-        ["processor", "-p", "orders", "-v", "1", "--late-topic="],
-        ["archiver", "--topic="],
-        ["archiver", "--group="],
-        ["produce", "--topic=a b"],
+        (["processor", "-p", "orders", "-v", "1", "--topic="], "--topic: topic '' is not a valid"),
+        (["processor", "-p", "orders", "-v", "1", "--group="], "--group: consumer group '' must match"),
+        (["processor", "-p", "orders", "-v", "1", "--dlq-topic=a/b"], "--dlq-topic: topic 'a/b' is not a valid"),
+        (["processor", "-p", "orders", "-v", "1", "--late-topic="], "--late-topic: topic '' is not a valid"),
+        (["processor", "-p", "orders", "-v", "1", "--instance-id="], "--instance-id / KAPPA_INSTANCE_ID ''"),
+        (["processor", "-p", "orders", "-v", "1", "--batch-size=0"], "batch size must be >= 1"),
+        (["archiver", "--topic="], "--topic: topic '' is not a valid"),
+        (["archiver", "--group="], "--group: consumer group '' must match"),
+        (["archiver", "--group-protocol="], "--group-protocol / KAPPA_GROUP_PROTOCOL must be one of"),
+        (["produce", "--topic=a b"], "--topic: topic 'a b' is not a valid"),
+        (["produce", "--count=-1"], "--count must be >= 0"),
+        (["replay", "load", "--day=2026-11-20", "--last-day="], "day '' is not a date"),
+        (["replay", "consume", "--day=2026-11-20", "--last-day="], "day '' is not a date"),
     ],
 )
-def test_a_bad_topic_or_group_option_fails_in_one_line_naming_it_before_connecting(arguments: list[str]) -> None:
+def test_a_bad_option_fails_in_one_line_before_anything_connects(arguments: list[str], message: str) -> None:
+    """Checked against a broker and an S3 that do not exist: the mistake is reported, not the outage,
+    and an empty name or day is refused rather than read as "the default"."""
     env = {**os.environ, "KAPPA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "KAPPA_S3_ENDPOINT_URL": "http://127.0.0.1:9",
            "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}
     run = subprocess.run([sys.executable, "-m", "workers.cli", *arguments], capture_output=True, text=True,
                          env=env, timeout=60)
-    option = arguments[-1].split("=")[0]
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]
-    assert run.stderr.startswith(f"error: {option}: "), run.stderr
+    assert run.stderr.startswith(f"error: {message}"), run.stderr
 
 
 def test_empty_passthrough_values_are_ignored() -> None:

@@ -95,6 +95,8 @@ def test_the_consumer_protocol_config_leaves_out_what_librdkafka_refuses(setting
 @pytest.mark.parametrize(("option", "message"), [
     (["--group-protocol", "eager"], "must be one of classic, consumer"),
     (["--instance-id", "a/b"], "may only use letters"),
+    (["--group-protocol="], "must be one of classic, consumer"),  # empty is not "the default"
+    (["--instance-id="], "may only use letters"),
 ])
 def test_the_clis_refuse_bad_membership_values_before_touching_kafka(
     command: list[str], option: list[str], message: str

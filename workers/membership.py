@@ -50,13 +50,19 @@ class Membership:
 def validate(instance: str | None = None, protocol: str | None = None) -> tuple[GroupProtocol, str]:
     """Flag > environment > default for both settings; a bad value is one clear error. Returns the
     protocol and the wanted identity (``auto``, ``none`` or an explicit id)."""
-    chosen = (protocol or os.environ.get(PROTOCOL_ENV) or DEFAULT_PROTOCOL).strip().lower()
+    chosen = flag_env_default(protocol, PROTOCOL_ENV, DEFAULT_PROTOCOL).strip().lower()
     if chosen not in PROTOCOLS:
         raise KappaError(f"--group-protocol / {PROTOCOL_ENV} must be one of {', '.join(PROTOCOLS)}, got {chosen!r}")
-    wanted = (instance or os.environ.get(INSTANCE_ENV) or DEFAULT_INSTANCE).strip()
+    wanted = flag_env_default(instance, INSTANCE_ENV, DEFAULT_INSTANCE).strip()
     if wanted.lower() not in (AUTO, NONE) and not INSTANCE_RE.match(wanted):
         raise KappaError(f"--instance-id / {INSTANCE_ENV} {wanted!r} may only use letters, digits, '.', '_', '-'")
     return chosen, wanted  # type: ignore[return-value]
+
+
+def flag_env_default(flag: str | None, variable: str, default: str) -> str:
+    """The flag as given, even empty (a mistake, not a request for the default); else the environment
+    variable, where empty means unset; else the default."""
+    return (os.environ.get(variable) or default) if flag is None else flag
 
 
 def resolve(role: str, group: str, instance: str | None = None, protocol: str | None = None) -> Membership:

@@ -15,7 +15,12 @@ from workers.errors import KappaError
 def kafka_settings() -> Settings:
     """The settings of a command that talks to Kafka, checked first: a wrong address or a stopped
     broker is one clear line at once, not the timeout of whichever call comes first (30 s)."""
-    settings = load_settings()
+    return check_kafka(load_settings())
+
+
+def check_kafka(settings: Settings) -> Settings:
+    """The broker check alone, for a command that checks its own arguments first (a mistake in them
+    is reported even while the broker is down)."""
     kafka_helpers.check_reachable(settings)
     return settings
 

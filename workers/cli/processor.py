@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from workers import kafka as kafka_helpers
-from workers.cli.common import group_name, kafka_settings, topic_name
+from workers.cli.common import group_name, topic_name
+from workers.config import load_settings
 from workers.errors import KappaError
 from workers.processor.engine import (
     DEFAULT_BATCH_SIZE,
@@ -141,7 +142,7 @@ def processor(
     """Run one pipeline version: live (until stopped) or bounded (--until-end) over a replay topic."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    settings = kafka_settings()
+    settings = load_settings()  # run_processor checks the arguments, then the broker
     default_grace = None if until_end else LIVE_GRACE_MS
     grace_ms = default_grace if grace_seconds is None else int(grace_seconds * 1000)
     with pipes_context() as pipes:

@@ -10,8 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from workers.cli.common import kafka_settings, topic_name
-from workers.dev.generator import Faults, ProduceSummary, parse_start, produce_events
+from workers.cli.common import check_kafka, topic_name
+from workers.config import load_settings
+from workers.dev.generator import Faults, ProduceSummary, check_options, parse_start, produce_events
 
 console = Console(stderr=True)
 
@@ -52,12 +53,14 @@ def produce(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Produce `orders` events (keyed by user_id unless --keying), with Kafka timestamp = event time."""
-    settings = kafka_settings()
+    settings = load_settings()
     faults = Faults(
         duplicates=duplicates, late=late, malformed=malformed, null_keys=null_keys, headers=headers, rerouted=rerouted
     )
     faults.validate()
-    start_ms = parse_start(start, days)  # validated before the progress bar shows
+    check_options(count, days, partitions, rate)
+    start_ms = parse_start(start, days)  # validated before the broker check and the progress bar
+    check_kafka(settings)
     columns = (TextColumn("[bold]produce"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=quiet) as bar:
         task = bar.add_task("produce", total=count)

@@ -12,7 +12,8 @@ from rich.console import Console
 
 from workers import keys
 from workers import s3 as s3_helpers
-from workers.cli.common import kafka_settings
+from workers.cli.common import check_kafka, kafka_settings
+from workers.config import load_settings
 from workers.errors import KappaError
 from workers.replay import consume as replay_consume
 from workers.replay import lease as replay_lease
@@ -45,7 +46,7 @@ def load(
     ),
 ) -> None:
     """Publish a day's archive, deduplicated and in event-time order, to events.replay.<replay id>."""
-    settings = kafka_settings()
+    settings = load_settings()
     spec = replay_loader.ReplaySpec(
         pipeline=pipeline,
         version=version,
@@ -59,6 +60,7 @@ def load(
     )
     days = day_range(day, last_day)
     ranged = replay_loader.RangeSpec.of(spec, days) if len(days) > 1 else None
+    check_kafka(settings)  # after the arguments: a mistake in them is reported even while the broker is down
     where = f"dt={day}" if ranged is None else f"dt={days[0]}..{days[-1]} ({len(days)} days)"
     console.print(f"replay {(ranged or spec).replay_id}: s3://{spec.bucket}/raw/{spec.source_topic}/{where} -> "
                   f"{(ranged or spec).topic}")
@@ -109,10 +111,11 @@ def consume(
     gate (Dagster's corrected_report) then checks and publishes each day.
     """
     replay_consume.valid_consumers(consumers)
+    days = day_range(day, last_day)
     settings = kafka_settings()
     client = s3_helpers.s3_client(settings)
     groups: dict[str, replay_manifest.ReplayManifest] = {}
-    for name in day_range(day, last_day):
+    for name in days:
         slot = replay_manifest.replay_id(pipeline, version, name, settings.s3_bucket, settings.events_topic)
         manifest = replay_manifest.read_manifest(client, settings.s3_bucket, slot)
         if manifest is None or manifest.status not in replay_manifest.LOADED_STATES:
@@ -133,7 +136,7 @@ def consume(
 def day_range(first: str, last: str | None) -> list[str]:
     """``first`` .. ``last`` inclusive (UTC days); one line naming the mistake when ``last`` is before ``first``."""
     start = dt.date.fromisoformat(keys.valid_day(first))
-    end = dt.date.fromisoformat(keys.valid_day(last)) if last else start
+    end = start if last is None else dt.date.fromisoformat(keys.valid_day(last))  # '' is a mistake
     if end < start:
         raise KappaError(f"--last-day {last} is before --day {first}")
     return [(start + dt.timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]

@@ -401,7 +401,7 @@ def produce_events(
     the number of records sent since the last call. Raises :class:`KappaError` if any delivery failed.
     ``keying`` none uses librdkafka's default partitioner, random per record; the others murmur2.
     """
-    _check_options(count, days, partitions, rate)
+    check_options(count, days, partitions, rate)
     valid_keying(keying)
     topic = keys.valid_topic(settings.events_topic if topic is None else topic)
     start_ms = start if isinstance(start, int) else parse_start(start, days)
@@ -433,7 +433,8 @@ def produce_events(
     return summary
 
 
-def _check_options(count: int, days: float, partitions: int, rate: float) -> None:
+def check_options(count: int, days: float, partitions: int, rate: float) -> None:
+    """The numeric options, checked before anything connects."""
     if count < 0:
         raise KappaError(f"--count must be >= 0, got {count}")
     if days <= 0:

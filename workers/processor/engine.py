@@ -1023,6 +1023,7 @@ def run_processor(
         session_timeout=session_timeout,
         commit_timeout=commit_timeout,
     )
+    kafka_helpers.check_reachable(settings)  # a stopped broker is one line, not the first call's timeout
     if impl.state_key:
         from workers.processor.shuffle import run_shuffled  # the shuffle builds on this module
 
