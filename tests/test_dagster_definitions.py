@@ -18,7 +18,7 @@ from workers import kafka as kafka_helpers
 from workers import keys, promote
 from workers.archive import stats as archive_stats
 from workers.config import Settings, load_settings
-from workers.errors import KappaError
+from workers.errors import ConfigError, KappaError
 from workers.replay import loader as replay_loader
 from workers.replay import manifest as replay_manifest
 from workers.replay.manifest import ReplayManifest
@@ -260,6 +260,9 @@ def test_resource_settings_come_from_fields_then_environment_then_stack_file(
     configured = KappaResource(s3_bucket="from-field", bootstrap_servers="field:9092")
     assert (configured.settings().s3_bucket, configured.settings().bootstrap_servers) == ("from-field", "field:9092")
     assert (plain.group_prefix, KappaResource(group_prefix="team-b").settings().group_prefix) == ("kappa", "team-b")
+    for field, variable in (("events_topic", "KAPPA_EVENTS_TOPIC"), ("group_prefix", "KAPPA_GROUP_PREFIX")):
+        with pytest.raises(ConfigError, match=variable):  # set empty: a mistake, not "use the default"
+            KappaResource(**{field: ""}).settings()
     monkeypatch.setenv("DEPLOYMENT_BUCKET", "from-envvar")  # a deployment may name its own variable
     seen = {}
 

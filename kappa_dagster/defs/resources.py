@@ -42,7 +42,8 @@ class KappaResource(dg.ConfigurableResource):
     def environment(self) -> dict[str, str]:
         """The variables the settings are read from; also the environment of the subprocesses it starts."""
         fields = {variable: getattr(self, name) for name, variable in FIELD_VARIABLES.items()}
-        return {**environment(), **{variable: value for variable, value in fields.items() if value}}
+        # a field set, even empty, is the setting (an empty topic is refused as in the environment)
+        return {**environment(), **{variable: value for variable, value in fields.items() if value is not None}}
 
     def settings(self) -> Settings:
         return load_settings(self.environment())
