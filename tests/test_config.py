@@ -119,6 +119,13 @@ def test_an_empty_topic_or_group_is_refused_not_replaced_by_the_default() -> Non
         (["produce", "--count=-1"], "--count must be >= 0"),
         (["replay", "load", "--day=2026-11-20", "--last-day="], "day '' is not a date"),
         (["replay", "consume", "--day=2026-11-20", "--last-day="], "day '' is not a date"),
+        (["promote", "--pipeline=", "--version=2"], "pipeline name '' must match"),
+        (["promote", "--version=0"], "version 0 must be a positive integer"),
+        (["promote", "--version=2", "--max-unexplained=-1"], "--max-unexplained must be >= 0"),
+        (["dashboard", "--port=70000"], "--port must be 1..65535"),
+        (["dashboard", "--host="], "--host must not be empty"),
+        (["dashboard", "--interval=0"], "--interval must be > 0"),
+        (["check", "--timeout=0"], "--timeout must be > 0"),
     ],
 )
 def test_a_bad_option_fails_in_one_line_before_anything_connects(arguments: list[str], message: str) -> None:

@@ -40,6 +40,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from dagster_env import dagster_home, fresh_resources  # noqa: F401  (fixture)
 from polars.testing import assert_frame_equal
 
+from tests.committed import committed_offsets
 from workers import kafka as kafka_helpers
 from workers import keys, promote
 from workers.config import Settings
@@ -113,13 +114,8 @@ def run_live(settings: Settings, version: int, stop: threading.Event, **options:
 
 def stage1_committed(settings: Settings, group: str) -> dict[int, int]:
     """The stage-1 group's committed input offsets (what its transactions shipped), read without joining."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
-    try:
-        end = kafka_helpers.end_offsets(settings, settings.events_topic)
-        committed = consumer.committed([TopicPartition(settings.events_topic, p) for p in end], timeout=30)
-        return {tp.partition: tp.offset for tp in committed}
-    finally:
-        consumer.close()
+    end = kafka_helpers.end_offsets(settings, settings.events_topic)
+    return committed_offsets(settings, group, settings.events_topic, sorted(end))
 
 
 def positions(settings: Settings, s3: Any, version: int) -> tuple[dict[int, int | None], dict[int, int]]:

@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from test_pipelines import BASE_MS, MALFORMED, assert_reports_match, event, plain_report
 
+from tests.committed import committed_offsets
 from workers import kafka as kafka_helpers
 from workers import keys
 from workers.archive import format as archive_format
@@ -351,12 +352,8 @@ def input_position(settings: Settings, version: int, partition: int, s3: Any) ->
     if not get_pipeline("orders", version).state_key:
         return live_states(s3, settings, version).get(partition, {}).get("next_offset")
     group = keys.live_group("orders", version, prefix=settings.group_prefix)
-    consumer = Consumer(settings.kafka_config(**{"group.id": group}))
-    try:
-        [committed] = consumer.committed([TopicPartition(settings.events_topic, partition)], timeout=30)
-    finally:
-        consumer.close()
-    return committed.offset if committed.offset >= 0 else None
+    committed = committed_offsets(settings, group, settings.events_topic, [partition])[partition]
+    return committed if committed >= 0 else None
 
 
 # -------------------------------------------------------------------- user mistakes

@@ -30,6 +30,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from test_processor import consume_all
 
+from tests.committed import committed_offsets
 from workers import kafka as kafka_helpers
 from workers import keys
 from workers.config import Settings
@@ -318,13 +319,11 @@ def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, b
     client = s3_client(settings)
 
     ends = kafka_helpers.end_offsets(settings, topic)
-    probe = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
 
     def mid_stream(stage: str) -> bool:
         """Stage 1: some input offsets committed, not all. Stage 2: some results, not all."""
         if stage == "1":
-            committed = probe.committed([TopicPartition(topic, p) for p in ends], timeout=10)
-            done = sum(max(tp.offset, 0) for tp in committed)
+            done = sum(max(offset, 0) for offset in committed_offsets(settings, group, topic, sorted(ends)).values())
             return 0 < done < sum(ends.values())
         if bounded:
             states = list_states(client, settings.s3_bucket, prefix)
@@ -369,7 +368,6 @@ def test_sigkill_of_either_stage_loses_and_doubles_nothing(settings: Settings, b
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
-        probe.close()
     assert kills["1"] >= 1 and kills["2"] >= 1, f"mid-stream kills: {dict(kills)}; make the input larger"
     results = reports(settings, days) if bounded else live(settings, days)
     assert_matches_oracle(results, expected)

@@ -114,8 +114,6 @@ def version_diffs(
     rows than ``max_unexplained`` differ for no known cause (a logic change)."""
     from workers.reports import version_diff  # imported here: the diff reads the dashboard's sources, which read us
 
-    if max_unexplained < 0:
-        raise KappaError(f"--max-unexplained must be >= 0, got {max_unexplained}")
     late = None if settings is None else version_diff.late_topic_source(settings)
     diffs = {day: version_diff.compute(client, bucket, source_topic, pipeline, version, day, late_source=late)
              for day in days}
@@ -129,6 +127,14 @@ def version_diffs(
     return {day: diff.line() for day, diff in diffs.items()}
 
 
+def check_arguments(pipeline: str, version: int, max_unexplained: int | None) -> None:
+    """What a promotion is asked, checked before anything is read (``kappa promote`` calls it before the broker)."""
+    keys.valid_name(pipeline)
+    keys.valid_version(version)
+    if max_unexplained is not None and max_unexplained < 0:
+        raise KappaError(f"--max-unexplained must be >= 0, got {max_unexplained}")
+
+
 def promote(
     client: Any, bucket: str, source_topic: str, pipeline: str, version: int, max_unexplained: int | None = 0,
     settings: Settings | None = None,
@@ -138,8 +144,7 @@ def promote(
     With ``max_unexplained`` set (default 0) the version diff of every day must explain all but that
     many differing rows; None skips the diff. ``settings`` (Kafka) let the diff read the late topic of
     a live baseline with a state key."""
-    keys.valid_name(pipeline)
-    keys.valid_version(version)
+    check_arguments(pipeline, version, max_unexplained)
     refused = refused_days(client, bucket, pipeline, version, source_topic)
     if refused:
         listing = "; ".join(f"{day}: {why}" for day, why in refused.items())

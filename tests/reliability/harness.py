@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from botocore.exceptions import FlexibleChecksumError
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
+from tests.committed import committed_offsets
 from workers import keys
 from workers.config import Settings, load_settings
 from workers.dev.generator import Faults, ProduceSummary, produce_events
@@ -466,17 +467,9 @@ def last_seen(seen: dict[str, object], worker: Worker | None) -> str:
 
 
 def group_committed(settings: Settings, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
-    """``{partition: committed offset}`` of ``group`` on ``topic`` (-1001 where it has none).
-
-    read_uncommitted: the offsets committed so far, not a wait (librdkafka asks the broker for stable
-    offsets otherwise, which blocks while a killed member's transaction holds offsets pending)."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False,
-                                                 "isolation.level": "read_uncommitted"}))
-    try:
-        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-    finally:
-        consumer.close()
-    return {tp.partition: tp.offset for tp in committed}
+    """``{partition: committed offset}`` of ``group`` on ``topic`` (-1001 where it has none): the offsets
+    committed so far, not a wait for a killed member's pending transaction."""
+    return committed_offsets(settings, group, topic, partitions, stable=False)
 
 
 def archived_offsets(client: Any, bucket: str, topic: str) -> dict[int, int]:

@@ -9,12 +9,15 @@ from rich.table import Table
 from workers import kafka as kafka_helpers
 from workers import s3 as s3_helpers
 from workers.config import load_settings
+from workers.errors import KappaError
 
 console = Console()
 
 
 def check(timeout: float = typer.Option(10, help="Seconds to wait for each service.")) -> None:
     """Print the configuration in use and check that Kafka and S3 answer."""
+    if timeout <= 0:
+        raise KappaError(f"--timeout must be > 0 seconds, got {timeout}")
     settings = load_settings()
     table = Table(title="configuration", show_header=False)
     for key, value in settings.redacted().items():

@@ -19,8 +19,9 @@ def dashboard(
     interval: float = typer.Option(2.0, help="Seconds between pushed updates."),
 ) -> None:
     """Serve the live dashboard on http://HOST:PORT (Ctrl-C stops it)."""
-    from workers.dashboard.app import serve  # web stack imported only for this command
+    from workers.dashboard.app import check_options, serve  # web stack imported only for this command
 
+    check_options(host, port, interval)
     settings = load_settings()
     kafka_helpers.check_reachable(settings, timeout=10)
     s3_helpers.check_reachable(settings, timeout=10)

@@ -21,6 +21,7 @@ def promote(
     ),
 ) -> None:
     """Point reports/<P>/CURRENT at VERSION and print how to start its live processor without gap/overlap."""
+    promote_lib.check_arguments(pipeline, version, max_unexplained)  # a mistake is reported even while Kafka is down
     settings = kafka_settings()
     client = s3_helpers.s3_client(settings)
     pointer = promote_lib.promote(

@@ -110,13 +110,20 @@ def check_port_free(host: str, port: int) -> None:
             raise KappaError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
 
 
-def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8050, interval: float = 2.0) -> None:
-    """Run the dashboard until Ctrl-C / SIGTERM."""
+def check_options(host: str, port: int, interval: float) -> None:
+    """The options and ``KAPPA_LATE_RERUN_SHARE``, one line each, before anything connects or binds."""
+    if not host.strip():
+        raise KappaError("--host must not be empty (127.0.0.1 serves this machine only, 0.0.0.0 every address)")
     if not 0 < port < 65536:
         raise KappaError(f"--port must be 1..65535, got {port}")
     if interval <= 0:
         raise KappaError(f"--interval must be > 0 seconds, got {interval}")
-    late.rerun_share()  # a bad KAPPA_LATE_RERUN_SHARE: one line before the server starts
+    late.rerun_share()
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8050, interval: float = 2.0) -> None:
+    """Run the dashboard until Ctrl-C / SIGTERM."""
+    check_options(host, port, interval)
     check_port_free(host, port)
     config = uvicorn.Config(
         create_app(settings, interval), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2
