@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaException
 from takeover import COMMANDS, Worker, takeover_seconds
 
 from workers import kafka as kafka_helpers
@@ -33,9 +34,14 @@ def group_members(settings: Settings, group: str, timeout: float = 20.0) -> list
     admin = AdminClient(settings.kafka_config())
     deadline = time.monotonic() + timeout
     while True:
-        description = admin.describe_consumer_groups([group])[group].result(timeout=30)
-        if description.members or time.monotonic() > deadline:
-            return [(member.client_id, member.group_instance_id) for member in description.members]
+        try:
+            description = admin.describe_consumer_groups([group])[group].result(timeout=30)
+        except KafkaException as exc:  # a coordinator still loading: waited out, as the workers do
+            if not kafka_helpers.is_transient(exc.args[0]) or time.monotonic() > deadline:
+                raise
+        else:
+            if description.members or time.monotonic() > deadline:
+                return [(member.client_id, member.group_instance_id) for member in description.members]
         time.sleep(0.2)
 
 
