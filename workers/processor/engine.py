@@ -99,7 +99,9 @@ CHECKPOINT_FLUSH_S = 10.0
 FINAL_FLUSH_S = 60.0
 #: a requested stop closes the consumer within this: its last checkpoint is written already, so the
 #: close only hands the partitions over; during a Kafka outage it waited 45 s (``kafka.CLOSE_LIMIT_S``)
-#: for answers nobody sends, and the group notices an abandoned member at its session timeout anyway
+#: for answers nobody sends (librdkafka's close waits up to session.timeout.ms for an unavailable
+#: coordinator, and up to socket.timeout.ms for final commits: librdkafka#625, #1002), and the group
+#: notices an abandoned member at its session timeout anyway
 STOP_CLOSE_S = 15.0
 NEVER = -(2**62)
 ALWAYS = 2**62
