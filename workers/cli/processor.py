@@ -171,6 +171,7 @@ def processor(
             commit_timeout=commit_timeout,
             stage=stage.value,
             shuffle_partitions=shuffle_partitions,
+            check_broker=True,
         )
         if pipes is not None:
             pipes.report_custom_message(summary.to_dict())
