@@ -6,8 +6,10 @@ import time
 from dataclasses import replace
 
 import pytest
+from confluent_kafka import KafkaException
 
-from workers.lag import GroupLag
+from workers.config import load_settings
+from workers.lag import GroupLag, LagReader
 from workers.replay.manifest import ReplayManifest
 from workers.replay.status import RateTracker, format_eta, replay_row, replay_state
 
@@ -72,3 +74,13 @@ def test_finished_replay_is_complete_even_without_its_topic() -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(None, "?"), (0, "0s"), (59.6, "1m00s"), (95, "1m35s"), (7380, "2h03m")])
 def test_format_eta(seconds: float | None, text: str) -> None:
     assert format_eta(seconds) == text
+
+
+def test_committed_offsets_kafka_does_not_give_raise_instead_of_reading_as_never_committed() -> None:
+    """A replay's progress must not drop to 0 % because an offsets request failed: the error is raised
+    (the sensor skips that tick, the CLI prints it) once its retries ran out. Here no broker listens."""
+    reader = LagReader(load_settings({"KAPPA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}), timeout=2)
+    started = time.monotonic()
+    with pytest.raises(KafkaException):
+        reader.committed(MANIFEST.group, MANIFEST.replay_topic, [0, 1])
+    assert time.monotonic() - started < 10

@@ -7,6 +7,7 @@ manifest's end offsets. The gate is requested only for a ``consumed`` replay who
 import json
 
 import dagster as dg
+from confluent_kafka import KafkaException
 
 from kappa_dagster.defs.assets.replay import replay_consume
 from kappa_dagster.defs.jobs import corrected_report_job
@@ -81,7 +82,11 @@ def replay_progress_sensor(context: dg.SensorEvaluationContext, kappa: KappaReso
             continue
         if manifest.source_topic != settings.events_topic:
             continue
-        state = replay_status.progress(reader, manifest)
+        try:
+            state = replay_status.progress(reader, manifest)
+        except KafkaException as exc:  # unreadable this tick: no observation rather than a wrong one
+            context.log.warning(f"replay {manifest.replay_id}: progress not readable, next tick tries again: {exc}")
+            continue
         if state is None:  # its topic is gone: nothing to observe, nothing to report
             continue
         if cursor.get(manifest.replay_id) != state.lag:
