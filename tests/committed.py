@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from workers import kafka as kafka_helpers
 from workers.config import Settings
@@ -17,19 +15,14 @@ def committed_offsets(settings: Settings, group: str, topic: str, partitions: li
     ``stable=False`` reads the offsets committed so far instead of waiting for stable ones (librdkafka
     asks the broker for stable offsets, which blocks while a killed member's transaction holds them).
     A coordinator still loading or moving (NOT_COORDINATOR on a freshly started broker: the first group
-    call of a test run) is waited out, as the workers wait it out (``kafka.is_transient``)."""
+    call of a test run) is waited out, as the workers wait it out (``kafka.retrying``)."""
     isolation = "read_committed" if stable else "read_uncommitted"
     consumer = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False,
                                                  "isolation.level": isolation}))
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-                return {tp.partition: tp.offset for tp in found}
-            except KafkaException as exc:
-                if not kafka_helpers.is_transient(exc.args[0]) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.5)
+        found = kafka_helpers.retrying(
+            lambda: consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10), timeout
+        )
     finally:
         consumer.close()
+    return {tp.partition: tp.offset for tp in found}

@@ -258,6 +258,35 @@ def is_transient(error: KafkaError) -> bool:
     return error.retriable() or error.code() in TRANSIENT_ERRORS
 
 
+class Stopped(Exception):
+    """A retry given up because the worker was asked to stop (carries the last error)."""
+
+
+def retrying(call: Callable[[], Any], seconds: float = 120.0, timeouts: bool = True,
+             stop: threading.Event | None = None) -> Any:
+    """Retry transient Kafka errors (``kafka.is_transient``: a broker restart, a coordinator moving)
+    for up to ``seconds``. ``timeouts=False``: a call that timed out is not tried again on the same
+    client. After a broker restart its coordinator connection can stay stuck (librdkafka#5511), and
+    each retry waited out its whole timeout: a stage 1 spent 45 s on three ``committed()`` calls
+    before it rejoined (RELIABILITY F10). The caller replaces the client instead.
+
+    ``stop`` set: no further try (raises :class:`Stopped`); a supervisor stopping the worker during
+    an outage waited out minutes of retries (RELIABILITY F11)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            stuck = not timeouts and error.code() == KafkaError._TIMED_OUT
+            if stuck or not is_transient(error) or time.monotonic() > deadline:
+                raise
+            if stop is not None and stop.is_set():
+                raise Stopped(error.str()) from exc
+            log.warning("Kafka: %s; retrying", error.str())
+            time.sleep(0.5)
+
+
 def read_headers(settings: Settings, topic: str, timeout: float = 60.0) -> Iterator[list[tuple[str, bytes | None]]]:
     """Every record's headers, from the beginning to the end offsets read at the start (nothing for a
     topic that does not exist). No group is joined and nothing is committed."""

@@ -7,14 +7,13 @@ position. Everything here reads metadata; nothing consumes a record or commits a
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from workers.config import Settings
-from workers.kafka import admin_client, is_transient
+from workers.kafka import admin_client, retrying
 
 #: librdkafka's "no committed offset" sentinel (OFFSET_INVALID).
 NO_OFFSET = -1001
@@ -93,19 +92,13 @@ class LagReader:
 
         A group that never committed answers with no offsets, not an error. An error is never read as
         "never committed": that showed a finished replay at 0 % while its coordinator was still loading
-        after a broker start. A transient one (``kafka.is_transient``) is asked again within ``timeout``;
+        after a broker start. A transient one (``kafka.retrying``) is asked again within ``timeout``;
         anything else (a denied group, a broker that stays away) raises."""
         request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
-        deadline = time.monotonic() + self.timeout
-        while True:
-            future = self.admin.list_consumer_group_offsets([request], request_timeout=self.timeout)[group]
-            try:
-                result = future.result()
-                break
-            except KafkaException as exc:
-                if not is_transient(exc.args[0]) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.5)
+        result = retrying(
+            lambda: self.admin.list_consumer_group_offsets([request], request_timeout=self.timeout)[group].result(),
+            self.timeout,
+        )
         return {
             tp.partition: (None if tp.offset < 0 or tp.error is not None else tp.offset)
             for tp in result.topic_partitions

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaException
 from takeover import COMMANDS, Worker, takeover_seconds
 
 from workers import kafka as kafka_helpers
@@ -34,14 +33,10 @@ def group_members(settings: Settings, group: str, timeout: float = 20.0) -> list
     admin = AdminClient(settings.kafka_config())
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            description = admin.describe_consumer_groups([group])[group].result(timeout=30)
-        except KafkaException as exc:  # a coordinator still loading: waited out, as the workers do
-            if not kafka_helpers.is_transient(exc.args[0]) or time.monotonic() > deadline:
-                raise
-        else:
-            if description.members or time.monotonic() > deadline:
-                return [(member.client_id, member.group_instance_id) for member in description.members]
+        # a coordinator still loading is waited out, as the workers do
+        description = kafka_helpers.retrying(lambda: admin.describe_consumer_groups([group])[group].result(30), timeout)
+        if description.members or time.monotonic() > deadline:
+            return [(member.client_id, member.group_instance_id) for member in description.members]
         time.sleep(0.2)
 
 

@@ -25,7 +25,6 @@ def check_kafka(settings: Settings) -> Settings:
     return settings
 
 
-
 def topic_name(param: typer.CallbackParam, value: str | None) -> str | None:
     """Option callback: a topic given on the command line is checked as given, before anything
     connects (``--topic ""`` is a mistake, not a request for the default)."""

@@ -31,6 +31,7 @@ from workers import kafka as kafka_helpers
 from workers import keys, membership
 from workers.config import Settings
 from workers.errors import KappaError
+from workers.kafka import Stopped, retrying
 from workers.pipelines.base import REJECT, WINDOW_MS, Pipeline
 from workers.processor.engine import (
     ALWAYS,
@@ -1064,35 +1065,6 @@ def committed_offsets(consumer: Consumer, partitions: list[TP]) -> list[TP]:
 def unrecoverable(error: KafkaError) -> KappaError:
     """A transaction error no abort or new producer mends (fenced, not authorized): the run ends."""
     return KappaError(f"stage 1 transaction failed ({error.str()}); a restart resumes from the last commit")
-
-
-class Stopped(Exception):
-    """A retry given up because the worker was asked to stop (carries the last error)."""
-
-
-def retrying(call: Callable[[], Any], seconds: float = 120.0, timeouts: bool = True,
-             stop: threading.Event | None = None) -> Any:
-    """Retry transient Kafka errors (``kafka.is_transient``: a broker restart, a coordinator moving)
-    for up to ``seconds``. ``timeouts=False``: a call that timed out is not tried again on the same
-    client. After a broker restart its coordinator connection can stay stuck (librdkafka#5511), and
-    each retry waited out its whole timeout: a stage 1 spent 45 s on three ``committed()`` calls
-    before it rejoined (RELIABILITY F10). The caller replaces the client instead.
-
-    ``stop`` set: no further try (raises :class:`Stopped`); a supervisor stopping the worker during
-    an outage waited out minutes of retries (RELIABILITY F11)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return call()
-        except KafkaException as exc:
-            error = exc.args[0]
-            stuck = not timeouts and error.code() == KafkaError._TIMED_OUT
-            if stuck or not kafka_helpers.is_transient(error) or time.monotonic() > deadline:
-                raise
-            if stop is not None and stop.is_set():
-                raise Stopped(error.str()) from exc
-            log.warning("Kafka: %s; retrying", error.str())
-            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------- both stages
